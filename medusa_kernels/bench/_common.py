@@ -1,0 +1,87 @@
+"""Timing helpers shared by the benchmark sections.
+
+Every section module in this package exposes ``run(ctx: BenchContext) -> list[dict]``: one row
+per (case, implementation), built with ``timed_row``. Times are medians with 20th/80th
+percentiles: ``triton.testing.do_bench`` on CUDA, a wall-clock loop on the CPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class BenchContext:
+    device: torch.device
+    dtype: torch.dtype
+    quick: bool = False
+    shapes: str | None = None  # free-form filter a section may read (e.g. "L=4096")
+    copy_gbps: float | None = None  # measured copy bandwidth of this device, this run
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def measure(fn: Callable[[], object], ctx: BenchContext) -> tuple[float, float, float]:
+    """(median, p20, p80) of ``fn()`` in microseconds."""
+    if ctx.cuda:
+        import triton.testing
+
+        ms = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        return tuple(1e3 * t for t in ms)  # type: ignore[return-value]
+    fn()
+    times = []
+    budget = 0.2 if ctx.quick else 1.0
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e6 * (time.perf_counter() - t0))
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    return statistics.median(times), q[1], q[7]
+
+
+def copy_bandwidth_gbps(ctx: BenchContext, nbytes: int = 1 << 30) -> float:
+    """Achieved bandwidth (GB/s, read + write) of a large device copy, measured now."""
+    if not ctx.cuda:
+        nbytes = 1 << 26
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=ctx.device).uniform_()
+    dst = torch.empty_like(src)
+    median, _, _ = measure(lambda: dst.copy_(src), ctx)
+    return 2 * nbytes / (median * 1e-6) / 1e9
+
+
+def timed_row(
+    ctx: BenchContext,
+    section: str,
+    impl: str,
+    fn: Callable[[], object],
+    bytes_moved: int,
+    **case: object,
+) -> dict:
+    """Time ``fn`` and return a row: times, GB/s and the fraction of the bandwidth floor.
+
+    ``bytes_moved`` is the minimum traffic of the op (what must be read and written once); the
+    floor is ``bytes_moved / copy bandwidth`` and ``frac_floor = floor / median`` (1.0 = at it).
+    """
+    median, p20, p80 = measure(fn, ctx)
+    gbps = bytes_moved / (median * 1e-6) / 1e9
+    floor_us = bytes_moved / (ctx.copy_gbps * 1e9) * 1e6 if ctx.copy_gbps else None
+    return {
+        "section": section,
+        "impl": impl,
+        **case,
+        "median_us": median,
+        "p20_us": p20,
+        "p80_us": p80,
+        "gbps": gbps,
+        "floor_us": floor_us,
+        "frac_floor": floor_us / median if floor_us else None,
+    }

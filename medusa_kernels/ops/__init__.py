@@ -1,0 +1,22 @@
+"""The kernel boundary: every hot op of the Medusa step, each with a ``backend=`` choice.
+
+Each op module holds the plain PyTorch reference (``*_ref``), the fast kernels and the public
+function, registered as a ``torch.library`` custom op so torch.compile and CUDA graphs see it.
+"""
+
+from .acceptance import accept_greedy, accept_typical, sample_tokens
+from .compact_kv import compact_kv_cache, compact_kv_cache_ref
+from .heads_topk import medusa_heads_topk, medusa_heads_topk_ref
+from .tree_attention import tree_attention, tree_attention_ref
+
+__all__ = [
+    "accept_greedy",
+    "accept_typical",
+    "compact_kv_cache",
+    "compact_kv_cache_ref",
+    "medusa_heads_topk",
+    "medusa_heads_topk_ref",
+    "sample_tokens",
+    "tree_attention",
+    "tree_attention_ref",
+]

@@ -1,0 +1,120 @@
+"""Backend selection and argument checks shared by every op.
+
+Each op keeps a table ``{backend name: implementation}``. ``pick_backend`` turns the user's
+``backend=`` ("auto", "torch", "triton", "cuda") into one entry of that table:
+
+- "auto" takes the first usable backend of the op's preference order on CUDA tensors and the
+  plain PyTorch reference ("torch") everywhere else;
+- a named backend that the op does not have, or that cannot run on the tensors' device, raises
+  a ``RuntimeError`` that says why (for example Triton on CPU tensors without
+  ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cuda_extension():
+    """The compiled ``medusa_kernels._C`` module, or None where it was not built."""
+    try:
+        from medusa_kernels import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _C
+
+
+def backend_unusable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device``; None when it can."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not HAS_TRITON:
+            return "triton is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+            return None
+        return (
+            f"Triton kernels need CUDA tensors (got {device.type}); on the CPU set "
+            "TRITON_INTERPRET=1 before importing medusa_kernels to run them in the interpreter"
+        )
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors (got {device.type})"
+        if cuda_extension() is None:
+            return "medusa_kernels._C was not built (install on a machine with nvcc and CUDA torch)"
+        return None
+    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+
+
+def pick_backend(
+    op: str,
+    backend: str,
+    device: torch.device,
+    impls: dict[str, Callable],
+    auto_order: Sequence[str] = ("triton", "torch"),
+) -> str:
+    """Resolve ``backend`` for ``op`` on ``device`` to a key of ``impls``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        for name in auto_order:
+            if name in impls and backend_unusable_reason(name, device) is None:
+                return name
+        return "torch"
+    if backend not in impls:
+        raise RuntimeError(
+            f"{op}: backend {backend!r} is not implemented; available: {sorted(impls)}"
+        )
+    reason = backend_unusable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"{op}: backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor of the given rank, dtype and device; errors name ``name``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in ndims:
+            want = " or ".join(str(n) for n in ndims)
+            raise ValueError(f"{name} must have {want} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} (like the other inputs), got {t.device}")
+    return t
+
+
+def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    """Raise if ``t.shape[dim] != expected``; ``what`` names the expected size."""
+    if t.shape[dim] != expected:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}: dim {dim} must be {what} = {expected}"
+        )
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)

@@ -1,0 +1,125 @@
+"""Verification of the candidate tree: greedy (lossless) and typical acceptance, on the device.
+
+The tree's T nodes carry tokens ``tree_tokens[b, u]`` (node 0 is the root: the base model's own
+next token, always accepted). ``retrieve_indices[p]`` lists the node indices on the path from the
+root to leaf p, padded with -1. After the tree forward, ``tree_logits[b, u]`` is the base model's
+prediction for the token after node u. A path's tokens are accepted while each one is what the
+base model predicts after its parent:
+
+- greedy: ``token == argmax(tree_logits[parent])`` (the output equals plain greedy decoding);
+- typical (Cai et al. 2024): ``p(token) > min(posterior_threshold, posterior_alpha * exp(-H))``
+  where p = softmax(tree_logits[parent] / temperature) and H its entropy.
+
+The longest accepted path wins (greedy: the first such path; typical: the likeliest among the
+longest). The next root token is the base model's choice after the last accepted node (argmax,
+or a sample at ``temperature`` for typical acceptance). Shapes: B batch, T nodes, V vocabulary,
+P paths (leaves), A = max depth + 1. Nothing here syncs with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Argmax (temperature 0) or a sample from softmax(logits / temperature), no host sync.
+
+    logits: [..., V]. Returns [...] int64. Sampling uses the exponential race
+    ``argmax(p / E)`` with E ~ Exp(1), which draws exactly from p.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+def _path_matches(tree_tokens, retrieve_indices):
+    """Path node indices (pad clamped), pad mask, and the child token at each path step."""
+    pad = retrieve_indices < 0  # [P, A]
+    nodes = retrieve_indices.clamp(min=0).to(torch.long)
+    child_tokens = tree_tokens[:, nodes[:, 1:]].masked_fill(pad[:, 1:], -1)  # [B, P, A-1]
+    return nodes, child_tokens
+
+
+def _select_path(ok, score, retrieve_indices, nodes):
+    """From per-step acceptance ``ok`` [B, P, A-1] pick each sequence's best path."""
+    accepted = torch.cumprod(ok.to(torch.int32), dim=-1)  # [B, P, A-1]
+    lengths = 1 + accepted.sum(dim=-1)  # [B, P]
+    longest = lengths.max(dim=-1, keepdim=True).values
+    path_score = torch.where(accepted.bool(), score, 0.0).sum(dim=-1)
+    key = torch.where(lengths == longest, path_score, float("-inf"))
+    best = key.argmax(dim=-1)  # first of the best
+    accept_lengths = lengths.gather(1, best[:, None]).squeeze(1).to(torch.int32)
+    accept_indices = retrieve_indices.to(torch.long)[best]  # [B, A], -1 past the length
+    last_node = nodes[best].gather(1, (accept_lengths.long() - 1)[:, None]).squeeze(1)
+    return accept_lengths, accept_indices, last_node
+
+
+def check_accept_args(tree_logits, tree_tokens, retrieve_indices) -> None:
+    check_tensor("tree_logits", tree_logits, ndim=3, dtypes=FLOAT_DTYPES)
+    B, T, _ = tree_logits.shape
+    dev = tree_logits.device
+    check_tensor("tree_tokens", tree_tokens, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    if tuple(tree_tokens.shape) != (B, T):
+        raise ValueError(f"tree_tokens must be [B, T] = [{B}, {T}], got {tuple(tree_tokens.shape)}")
+    check_tensor("retrieve_indices", retrieve_indices, ndim=2, dtypes=INDEX_DTYPES, device=dev)
+    if retrieve_indices.shape[1] < 1:
+        raise ValueError("retrieve_indices must have at least one column (the root)")
+
+
+def accept_greedy(
+    tree_logits: torch.Tensor, tree_tokens: torch.Tensor, retrieve_indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy verification: the longest path whose every token is the base model's argmax.
+
+    Args:
+        tree_logits: [B, T, V] base-model logits at each tree node.
+        tree_tokens: [B, T] int64 tokens of the tree nodes (node 0 = root).
+        retrieve_indices: [P, A] int node indices of each root-to-leaf path, -1 padded.
+    Returns:
+        accept_lengths [B] int32 (>= 1: the root), accept_indices [B, A] int64 (node indices of
+        the accepted path, -1 padded), next_tokens [B] int64 (argmax after the last accepted node).
+    """
+    check_accept_args(tree_logits, tree_tokens, retrieve_indices)
+    pred = tree_logits.argmax(dim=-1)  # [B, T]
+    nodes, child_tokens = _path_matches(tree_tokens, retrieve_indices)
+    ok = child_tokens == pred[:, nodes[:, :-1]]
+    lengths, indices, last = _select_path(ok, torch.zeros_like(ok, dtype=torch.float32),
+                                          retrieve_indices, nodes)
+    return lengths, indices, pred.gather(1, last[:, None]).squeeze(1)
+
+
+def accept_typical(
+    tree_logits: torch.Tensor,
+    tree_tokens: torch.Tensor,
+    retrieve_indices: torch.Tensor,
+    temperature: float,
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Typical acceptance (see the module doc); temperature 0 is exactly ``accept_greedy``.
+
+    Same arguments and returns as ``accept_greedy``; the next token is sampled from
+    softmax(tree_logits[last] / temperature).
+    """
+    if temperature <= 0:
+        return accept_greedy(tree_logits, tree_tokens, retrieve_indices)
+    check_accept_args(tree_logits, tree_tokens, retrieve_indices)
+    logp = torch.log_softmax(tree_logits.float() / temperature, dim=-1)  # [B, T, V]
+    entropy = -(logp.exp() * logp).sum(dim=-1)  # [B, T]
+    cutoff = torch.clamp(posterior_alpha * torch.exp(-entropy), max=posterior_threshold)
+    nodes, child_tokens = _path_matches(tree_tokens, retrieve_indices)
+    parents = nodes[:, :-1]  # [P, A-1]
+    B = tree_logits.shape[0]
+    batch = torch.arange(B, device=tree_logits.device)[:, None, None]
+    child_logp = logp[batch, parents[None], child_tokens.clamp(min=0)]  # [B, P, A-1]
+    ok = (child_tokens >= 0) & (child_logp.exp() > cutoff[:, parents])
+    lengths, indices, last = _select_path(ok, child_logp, retrieve_indices, nodes)
+    last_logits = tree_logits[torch.arange(B, device=tree_logits.device), last]
+    return lengths, indices, sample_tokens(last_logits, temperature, generator)
