@@ -1,0 +1,76 @@
+"""Medusa heads: K extra decoding heads on the base model's final (normed) hidden state.
+
+Head k = ``num_layers`` ResBlocks ``h <- h + SiLU(W1 h + b1)`` (each its own weights), then its
+own ``Linear(d, V, bias=False)``. Head k (0-based) guesses the token k + 2 positions after the
+hidden state's own position (the base lm_head guesses k + 1 = 1).
+
+Weights are stacked so the fused op reads them directly: w1 [K, L, d, d], b1 [K, L, d],
+w2 [K, V, d]. With one ResBlock layer (the public checkpoints) the top-k goes through
+``ops.medusa_heads_topk``; deeper heads run their extra layers in PyTorch first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import medusa_heads_topk
+from .ops.heads_topk import topk_lower_index_first
+
+
+class MedusaHeads(nn.Module):
+    def __init__(self, num_heads: int, num_layers: int, hidden_size: int, vocab_size: int):
+        super().__init__()
+        if num_heads < 1 or num_layers < 1:
+            raise ValueError(
+                f"MedusaHeads needs num_heads >= 1 and num_layers >= 1, got {num_heads}, "
+                f"{num_layers}"
+            )
+        self.num_heads, self.num_layers = num_heads, num_layers
+        self.w1 = nn.Parameter(torch.zeros(num_heads, num_layers, hidden_size, hidden_size))
+        self.b1 = nn.Parameter(torch.zeros(num_heads, num_layers, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_heads, vocab_size, hidden_size))
+        nn.init.normal_(self.w2, std=hidden_size**-0.5)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w2.shape[2]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.w2.shape[1]
+
+    def init_from_lm_head(self, lm_head_weight: torch.Tensor) -> None:
+        """Medusa's initialisation: ResBlocks zero (identity) and every head's projection a copy
+        of the base lm_head, so a fresh head predicts what the base model predicts."""
+        with torch.no_grad():
+            self.w1.zero_()
+            self.b1.zero_()
+            self.w2.copy_(lm_head_weight[None].expand_as(self.w2))
+
+    def _resblocks(self, hidden: torch.Tensor, layers: range, heads: int) -> torch.Tensor:
+        """hidden [..., d] -> [..., K, d] after ResBlock ``layers`` of the first K heads."""
+        hidden = hidden.unsqueeze(-2).expand(*hidden.shape[:-1], heads, self.hidden_size)
+        for layer in layers:
+            w1, b1 = self.w1[:heads, layer], self.b1[:heads, layer]
+            hidden = hidden + F.silu(torch.einsum("...kd,ked->...ke", hidden, w1) + b1)
+        return hidden
+
+    def forward(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+        """Full logits: hidden [..., d] -> [..., K, V] (training and the reference path)."""
+        heads = num_heads or self.num_heads
+        h = self._resblocks(hidden, range(self.num_layers), heads)
+        return torch.einsum("...kd,kvd->...kv", h, self.w2[:heads])
+
+    def topk(self, hidden: torch.Tensor, k: int, num_heads: int | None = None):
+        """Top-k of the first ``num_heads`` heads: hidden [N, d] -> (values [N, K, k] float32,
+        indices [N, K, k] int64), sorted descending, ties to the lower index."""
+        heads = num_heads or self.num_heads
+        if not 1 <= heads <= self.num_heads:
+            raise ValueError(f"num_heads must lie in [1, {self.num_heads}], got {heads}")
+        if self.num_layers == 1:
+            return medusa_heads_topk(
+                hidden, self.w1[:heads, 0], self.b1[:heads, 0], self.w2[:heads], k
+            )
+        return topk_lower_index_first(self.forward(hidden, heads).float(), k)
