@@ -141,7 +141,9 @@ def load_medusa_heads(path, dtype=None, device="cpu") -> MedusaHeads:
     elif os.path.isfile(pt):
         state = torch.load(pt, map_location="cpu", weights_only=True)
     else:  # layout (b): heads inside the base model's weights
-        state = read_tensors(weight_files(path), keep=lambda n: n.startswith(HEADS_PREFIX))
+        files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+        state = read_tensors(weight_files(path) if files else [],
+                             keep=lambda n: n.startswith(HEADS_PREFIX))
         state = {k[len(HEADS_PREFIX):]: v for k, v in state.items()}
         if not state:
             raise FileNotFoundError(
