@@ -49,7 +49,7 @@ def tree_attention_ref(
     visible = in_prefix[:, None, :] | (in_tree[:, None, :] & tree_visible)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("bhts,bshd->bthd", probs, v).to(q.dtype)
+    return torch.einsum("bhts,bshd->bthd", probs, v).to(q.dtype).contiguous()
 
 
 def check_tree_attention_args(q, k_cache, v_cache, cache_seqlens, tree_mask) -> None:
