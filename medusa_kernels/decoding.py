@@ -106,6 +106,75 @@ class _Stop:
         return new
 
 
+def plain_step(model, tb, cache, root, last_hidden, running, temperature=0.0, generator=None):
+    """One plain decoding step: root [B] goes into the cache, the next token comes out.
+
+    Returns (new_tokens [B, 1], counts [B] int32 (0 for finished sequences), next root [B],
+    hidden [B, d]). Advances ``cache.seqlens`` of running sequences.
+    """
+    h = model.base.step(root[:, None], cache, tb.tree_mask, tb.depths)[:, 0]
+    next_root = sample_tokens(model.base.logits(h), temperature, generator)
+    counts = running.to(torch.int32)
+    cache.seqlens.add_(counts)
+    return next_root[:, None], counts, next_root, h
+
+
+def medusa_step(model, tb, cache, root, last_hidden, running, temperature=0.0,
+                posterior_threshold=0.09, posterior_alpha=0.3, generator=None, guesses=None):
+    """One Medusa step (see the module doc); ``guesses`` [B, K, k] replaces the heads' top-k.
+
+    Returns (new_tokens [B, A]: the first counts[b] are new, counts [B] int32 (0 for finished
+    sequences), next root [B], its hidden state [B, d]). Compacts the cache.
+    """
+    B = root.shape[0]
+    if guesses is None:
+        if tb.depth == 0:  # root-only tree: nothing to guess
+            guesses = root.new_zeros(B, 0, 1)
+        else:
+            _, guesses = model.heads.topk(last_hidden, tb.topk, tb.depth)
+    candidates = tb.candidates(root, guesses)  # [B, T]
+    h = model.base.step(candidates, cache, tb.tree_mask, tb.depths)  # [B, T, d]
+    counts, path, next_root = accept_typical(
+        model.base.logits(h), candidates, tb.retrieve_indices, temperature,
+        posterior_threshold, posterior_alpha, generator,
+    )  # fmt: skip
+    counts = torch.where(running, counts, 0)
+    last = (counts.long() - 1).clamp(min=0)[:, None]
+    next_hidden = h[torch.arange(B, device=h.device), path.gather(1, last)[:, 0]]
+    # new tokens: the accepted path after the root, then the next root
+    new_tokens = candidates.gather(1, path.clamp(min=0)).roll(-1, dims=1)
+    new_tokens.scatter_(1, last, next_root[:, None])
+    compact_kv_cache(cache.k, cache.v, cache.seqlens, path, counts)
+    return new_tokens, counts, next_root, next_hidden
+
+
+class CapturedStep:
+    """A step function on static buffers, captured once in a CUDA graph and replayed.
+
+    ``fn(root, last_hidden, running)`` must only touch device tensors. Warm-up runs (which
+    compile the Triton kernels) use running = False everywhere, so they accept nothing and
+    leave the cache's contents before ``seqlens`` unchanged.
+    """
+
+    def __init__(self, fn, root: torch.Tensor, last_hidden: torch.Tensor, running: torch.Tensor):
+        self.inputs = (root.clone(), last_hidden.clone(), torch.zeros_like(running))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, root, last_hidden, running):
+        for static, value in zip(self.inputs, (root, last_hidden, running), strict=True):
+            static.copy_(value)
+        self.graph.replay()
+        return self.outputs
+
+
 def _decode(
     model: MedusaModel,
     input_ids,
@@ -119,6 +188,7 @@ def _decode(
     seed: int | None,
     max_seq_len: int | None,
     propose: Proposer | None,
+    cuda_graph: bool | None,
     result: GenerationResult,
 ) -> Iterator[list[list[int]]]:
     """Yields the new tokens of every sequence after prefill and after each step."""
@@ -127,6 +197,8 @@ def _decode(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if medusa and model.heads is None and propose is None:
         raise ValueError("medusa=True needs Medusa heads: load_model(..., medusa=DIR)")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on CUDA, not {device.type}")
     tokens, lengths = pad_prompts(input_ids, device)
     _check_tokens(tokens, base.cfg.vocab_size)
     B = tokens.shape[0]
@@ -141,6 +213,9 @@ def _decode(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    # graphs replay greedy steps; sampling (own generator state) and `propose` run eagerly
+    graphable = device.type == "cuda" and temperature == 0 and propose is None
+    use_graph = graphable if cuda_graph is None else bool(cuda_graph) and graphable
     stop = _Stop(B, max_new_tokens, eos_token_id)
     result.tokens = stop.tokens
     start = time.perf_counter()
@@ -148,41 +223,31 @@ def _decode(
     with torch.inference_mode():
         cache = base.new_cache(B, capacity)
         hidden = base.prefill(tokens, lengths, cache)
-        batch = torch.arange(B, device=device)
-        last_hidden = hidden[batch, lengths.long() - 1]  # [B, d]
+        last_hidden = hidden[torch.arange(B, device=device), lengths.long() - 1]  # [B, d]
         root = sample_tokens(base.logits(last_hidden), temperature, generator)
         result.prefill_time = time.perf_counter() - start
         yield stop.take([[t] for t in root.tolist()], [1] * B)
-        running = torch.ones(B, dtype=torch.bool, device=device)
 
+        if medusa:
+            def step(root, last_hidden, running, guesses=None):
+                return medusa_step(model, tb, cache, root, last_hidden, running, temperature,
+                                   posterior_threshold, posterior_alpha, generator, guesses)
+        else:
+            def step(root, last_hidden, running):
+                return plain_step(model, tb, cache, root, last_hidden, running, temperature,
+                                  generator)
+        running = torch.ones(B, dtype=torch.bool, device=device)
+        run = CapturedStep(step, root, last_hidden, running) if use_graph else step
+        done_uploaded = [False] * B
         while not all(stop.done):
-            running.copy_(torch.tensor([not d for d in stop.done]), non_blocking=True)
-            if not medusa:
-                h = base.step(root[:, None], cache, tb.tree_mask, tb.depths)[:, 0]
-                root = sample_tokens(base.logits(h), temperature, generator)
-                cache.seqlens.add_(running.to(torch.int32))
-                new_tokens, counts = root[:, None], running.to(torch.int32)
+            if stop.done != done_uploaded:  # the only host-to-device copy, when a sequence ends
+                running.copy_(torch.tensor([not d for d in stop.done]))
+                done_uploaded = list(stop.done)
+            if propose is not None:
+                guesses = propose(last_hidden, root, [len(t) for t in stop.tokens])
+                new_tokens, counts, root, last_hidden = step(root, last_hidden, running, guesses)
             else:
-                if propose is not None:
-                    guesses = propose(last_hidden, root, [len(t) for t in stop.tokens])
-                elif tb.depth == 0:  # root-only tree: nothing to guess
-                    guesses = root.new_zeros(B, 0, 1)
-                else:
-                    _, guesses = model.heads.topk(last_hidden, tb.topk, tb.depth)
-                candidates = tb.candidates(root, guesses)  # [B, T]
-                h = base.step(candidates, cache, tb.tree_mask, tb.depths)  # [B, T, d]
-                logits = base.logits(h)
-                counts, path, root = accept_typical(
-                    logits, candidates, tb.retrieve_indices, temperature,
-                    posterior_threshold, posterior_alpha, generator,
-                )  # fmt: skip
-                counts = torch.where(running, counts, 0)
-                last_node = path.gather(1, (counts.long() - 1).clamp(min=0)[:, None])[:, 0]
-                last_hidden = h[batch, last_node]
-                # new tokens: the accepted path after the root, then the next root
-                new_tokens = candidates.gather(1, path.clamp(min=0)).roll(-1, dims=1)
-                new_tokens.scatter_(1, (counts.long() - 1).clamp(min=0)[:, None], root[:, None])
-                compact_kv_cache(cache.k, cache.v, cache.seqlens, path, counts)
+                new_tokens, counts, root, last_hidden = run(root, last_hidden, running)
             host = torch.cat([new_tokens, counts[:, None].to(new_tokens.dtype)], 1).tolist()
             result.steps += 1
             result.accepted_per_step.append([row[-1] for row in host])
@@ -204,6 +269,7 @@ def generate(
     seed: int | None = None,
     max_seq_len: int | None = None,
     propose: Proposer | None = None,
+    cuda_graph: bool | None = None,
 ):
     """Decode up to ``max_new_tokens`` new tokens per sequence.
 
@@ -221,13 +287,16 @@ def generate(
         seed: seeds sampling. max_seq_len: refuse up front if the cache would need more.
         propose: replaces the heads' top-k (``(last_hidden, root, num_generated) -> [B, K, k]``
             token ids), e.g. to test with known-good candidates.
+        cuda_graph: replay each step from a CUDA graph (default: on for greedy decoding of a
+            model on CUDA; sampling and ``propose`` run eagerly).
     Returns:
         ``GenerationResult`` (tokens, steps, accepted tokens per step, times), or a
         ``GenerationStream`` when ``stream``.
     """
     result = GenerationResult(tokens=[])
     steps = _decode(model, input_ids, max_new_tokens, medusa, temperature, posterior_threshold,
-                    posterior_alpha, tree, eos_token_id, seed, max_seq_len, propose, result)
+                    posterior_alpha, tree, eos_token_id, seed, max_seq_len, propose, cuda_graph,
+                    result)
     if stream:
         return GenerationStream(steps, result)
     for _ in steps:

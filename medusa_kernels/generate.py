@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-medusa", action="store_true", help="plain decoding (the baseline)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run steps eagerly on CUDA")
     return p.parse_args(argv)
 
 
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         model, [ids], max_new_tokens=args.max_new_tokens, medusa=use_medusa,
         temperature=args.temperature, posterior_threshold=args.posterior_threshold,
         posterior_alpha=args.posterior_alpha, tree=args.tree, eos_token_id=eos, stream=True,
-        seed=args.seed,
+        seed=args.seed, cuda_graph=False if args.no_cuda_graph else None,
     )  # fmt: skip
     out: list[int] = []
     shown = ""
