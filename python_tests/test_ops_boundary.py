@@ -124,3 +124,15 @@ def test_compaction_refuses_an_overflow():
     with pytest.raises(ValueError, match="outside the cache"):
         mk.compact_kv_cache(k, v, torch.tensor([6, 0], dtype=torch.int32),
                             torch.tensor([[0, 3], [0, 1]]), torch.tensor([2, 2], dtype=torch.int32))
+
+
+def test_inputs_on_another_device_are_refused():
+    q = torch.randn(1, 1, 2, 8)
+    k = torch.randn(1, 4, 2, 8, device="meta")
+    with pytest.raises(ValueError, match="k_cache must be on cpu"):
+        mk.tree_attention(q, k, k, torch.tensor([1], dtype=torch.int32),
+                          torch.ones(1, 1, dtype=torch.bool))
+    hidden = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="w2 must be on cpu"):
+        mk.medusa_heads_topk(hidden, torch.randn(1, 8, 8), torch.randn(1, 8),
+                             torch.randn(1, 16, 8, device="meta"), 2)
