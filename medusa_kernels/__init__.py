@@ -14,6 +14,7 @@ from .ops import (
     accept_typical,
     compact_kv_cache,
     medusa_heads_topk,
+    pack_tree_mask,
     sample_tokens,
     tree_attention,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "load_medusa_heads",
     "load_model",
     "medusa_heads_topk",
+    "pack_tree_mask",
     "sample_tokens",
     "save_medusa_heads",
     "tree_attention",

@@ -7,7 +7,12 @@ function, registered as a ``torch.library`` custom op so torch.compile and CUDA 
 from .acceptance import accept_greedy, accept_typical, sample_tokens
 from .compact_kv import compact_kv_cache, compact_kv_cache_ref
 from .heads_topk import medusa_heads_topk, medusa_heads_topk_ref
-from .tree_attention import tree_attention, tree_attention_ref
+from .tree_attention import (
+    pack_tree_mask,
+    tree_attention,
+    tree_attention_ref,
+    unpack_tree_mask,
+)
 
 __all__ = [
     "accept_greedy",
@@ -16,7 +21,9 @@ __all__ = [
     "compact_kv_cache_ref",
     "medusa_heads_topk",
     "medusa_heads_topk_ref",
+    "pack_tree_mask",
     "sample_tokens",
     "tree_attention",
     "tree_attention_ref",
+    "unpack_tree_mask",
 ]

@@ -6,17 +6,98 @@ For batch b, query token t and head h (KV head ``h // (Hq // Hkv)``)::
     over j < L_b (the whole prefix) and j = L_b + u for every tree node u with tree_mask[t, u]
 
 Shapes: B batch, T tree nodes (T = 1 with ``[[True]]`` is plain decode), S cache capacity,
-L_b = cache_seqlens[b] prefix length, Hq/Hkv query/KV heads, D head dim. The T tree tokens'
-keys and values are already stored at positions ``[L_b, L_b + T)`` of the cache.
+L_b = cache_seqlens[b] prefix length, Hq/Hkv query/KV heads, G = Hq / Hkv, D head dim. The T tree
+tokens' keys and values are already stored at positions ``[L_b, L_b + T)`` of the cache.
+
+Caches are contiguous ``[B, S, Hkv, D]`` or paged ``[num_pages, page_size, Hkv, D]`` with a
+``block_table [B, max_pages] int32`` (position p of sequence b lives in page
+``block_table[b, p // page_size]``, slot ``p % page_size``), as ``flash_attn_with_kvcache`` takes
+them. The tree mask is bool ``[T, T]`` or packed int32 ``[T, ceil(T / 32)]``: bit ``u % 32``
+(least significant bit first) of word ``u // 32`` of row t is set when node t sees node u
+(``pack_tree_mask`` makes it).
+
+Triton kernel (flash-decoding over the prefix, the tree mask only on the tree):
+
+- Grid ``(row blocks, B * Hkv, splits)``. The rows of a tile are all ``T * G`` (tree token, query
+  head) pairs of one KV group, ``r = t * G + g``, padded to BLOCK_M, so each K/V tile feeds every
+  query head that uses it (row blocks of one group run side by side and share K/V in L2).
+- Split s walks its share of the prefix blocks ``[0, ceil(L_b / BLOCK_N))`` (computed on the
+  device from cache_seqlens, so the work is balanced for the actual lengths) without any mask
+  loads; only the last partial block bounds-checks. The last split also walks the T tree
+  positions, where scores are masked with the tree mask (never a T x (L+T) mask).
+- Each split writes its normalised partial output and log-sum-exp (base 2, fp32); a second small
+  kernel merges the splits. One split writes the output directly.
+- The split count depends only on static shapes (capacity, B, Hkv, T, G, SM count): no host
+  read of cache_seqlens, so a call can be captured in a CUDA graph.
+
+Launch configuration (``_config``, ``_num_splits``): chosen by reasoning and checked only by
+compiling for sm_90 with Triton 3.9 here (shared memory, registers, no spills, cp.async 16-byte
+loads, wgmma); TO BE TUNED ON THE GPU. fp16/bf16, D = 128 (smem / registers per thread):
+
+- rows = T * G <= 16 (decode): BLOCK_M 16, BLOCK_N 64, 4 warps, 3 stages (70 KB / <= 168):
+  3 programs per SM, memory bound with ~96 KB of K/V in flight per program;
+- rows <= 32: BLOCK_M 32, BLOCK_N 64, 4 warps, 3 stages (76 KB / 248): 2 per SM;
+- rows <= 64: BLOCK_M 64, BLOCK_N 64, 4 warps, 3 stages (112 KB / 251 bool, 165 packed mask):
+  2 per SM;
+- rows > 64: BLOCK_M 128, BLOCK_N 64, 8 warps, 3 stages (128 KB / 218): 1 per SM, two warp
+  groups of wgmma;
+- D = 64: BLOCK_N 128 where rows <= 64; D = 80 / 96 run in the 128-wide tile, D masked;
+- fp32 (interpreter tests; on the GPU only when asked for): BLOCK_M 16, BLOCK_N 32, 2 stages;
+- splits: ``floor(programs per SM * SMs / (B * Hkv * row blocks))``: one wave, 1 split when the
+  batch fills the GPU; at least 2 (decode) or 4 BLOCK_N blocks of the cache capacity per split,
+  at most 128. Partials are fp32: R * D * 4 bytes per split and KV group, mostly L2-resident.
+- The tree loop is not pipelined (num_stages=1) and reads the mask as at most 4 words per row,
+  loaded (bool: packed) before the prefix loop, which keeps registers below the spill point.
+
+Loads are 16-byte vectors along D when D's stride is 1 (Triton specialises it).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 
-from ._backend import FLOAT_DTYPES, check_dim, check_tensor, pick_backend
+from ._backend import FLOAT_DTYPES, HAS_TRITON, check_dim, check_tensor, pick_backend
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+TRITON_HEAD_DIMS = (64, 80, 96, 128)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_TREE = 128
+
+
+def pack_tree_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tree mask [T, T] into int32 [T, ceil(T / 32)].
+
+    Bit ``u % 32`` (LSB first) of word ``u // 32`` of row t is ``mask[t, u]``; bit 31 is the
+    sign bit. Runs on the mask's device without a host sync.
+    """
+    check_tensor("mask", mask, ndim=2, dtypes=(torch.bool,))
+    T, U = mask.shape
+    W = (U + 31) // 32
+    bits = torch.zeros(T, W * 32, dtype=torch.int32, device=mask.device)
+    bits[:, :U] = mask.to(torch.int32)
+    shifts = torch.arange(32, dtype=torch.int32, device=mask.device)
+    # distinct bits: their int32 sum is their OR (bit 31 contributes -2**31, as it should)
+    return (bits.view(T, W, 32) << shifts).sum(-1, dtype=torch.int32)
+
+
+def unpack_tree_mask(packed: torch.Tensor, T: int) -> torch.Tensor:
+    """Inverse of ``pack_tree_mask``: int32 [T, ceil(T / 32)] -> bool [T, T]."""
+    u = torch.arange(T, device=packed.device)
+    return ((packed[:, u // 32] >> (u % 32).to(packed.dtype)) & 1).to(torch.bool)
+
+
+def _gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """Paged [num_pages, page_size, Hkv, D] -> contiguous [B, max_pages * page_size, Hkv, D]."""
+    B, P = block_table.shape
+    pages = cache[block_table.clamp(0, cache.shape[0] - 1).long()]  # [B, P, page_size, Hkv, D]
+    return pages.reshape(B, P * cache.shape[1], *cache.shape[2:])
 
 
 def tree_attention_ref(
@@ -27,14 +108,21 @@ def tree_attention_ref(
     tree_mask: torch.Tensor,
     softmax_scale: float | None = None,
     upcast: bool = True,
+    *,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch tree attention (the ground truth and the ``torch`` backend).
 
-    q: [B, T, Hq, D]; k_cache, v_cache: [B, S, Hkv, D]; cache_seqlens: [B] int;
-    tree_mask: [T, T] bool. Computes in fp32 (or float64 for float64 inputs) when ``upcast``,
-    else in q's dtype. Returns [B, T, Hq, D] in q's dtype. No host sync.
+    q: [B, T, Hq, D]; k_cache, v_cache: [B, S, Hkv, D] (or paged [num_pages, page_size, Hkv, D]
+    with block_table [B, max_pages] int32); cache_seqlens: [B] int; tree_mask: [T, T] bool or
+    packed int32 [T, ceil(T / 32)]. Computes in fp32 (or float64 for float64 inputs) when
+    ``upcast``, else in q's dtype. Returns [B, T, Hq, D] in q's dtype. No host sync.
     """
     B, T, Hq, D = q.shape
+    if block_table is not None:
+        k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
+    if tree_mask.dtype != torch.bool:
+        tree_mask = unpack_tree_mask(tree_mask, T)
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     dtype = (torch.float64 if q.dtype == torch.float64 else torch.float32) if upcast else q.dtype
@@ -45,15 +133,17 @@ def tree_attention_ref(
     rel = torch.arange(S, device=q.device)[None, :] - cache_seqlens.to(torch.long)[:, None]
     in_prefix = rel < 0  # [B, S]
     in_tree = (rel >= 0) & (rel < T)
-    tree_visible = tree_mask.to(torch.bool)[:, rel.clamp(0, T - 1)].permute(1, 0, 2)  # [B, T, S]
+    tree_visible = tree_mask[:, rel.clamp(0, T - 1)].permute(1, 0, 2)  # [B, T, S]
     visible = in_prefix[:, None, :] | (in_tree[:, None, :] & tree_visible)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bhts,bshd->bthd", probs, v).to(q.dtype).contiguous()
 
 
-def check_tree_attention_args(q, k_cache, v_cache, cache_seqlens, tree_mask) -> None:
-    """Validate shapes, dtypes and devices; on CPU also that the tree fits in the cache."""
+def check_tree_attention_args(
+    q, k_cache, v_cache, cache_seqlens, tree_mask, block_table=None
+) -> None:
+    """Validate shapes, dtypes and devices; on CPU also the lengths and page indices."""
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, T, Hq, D = q.shape
     check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=q.device)
@@ -62,27 +152,384 @@ def check_tree_attention_args(q, k_cache, v_cache, cache_seqlens, tree_mask) -> 
         raise ValueError(
             f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must match"
         )
-    check_dim("k_cache", k_cache, 0, B, "batch B of q")
     check_dim("k_cache", k_cache, 3, D, "head dim D of q")
     Hkv = k_cache.shape[2]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"q has {Hq} heads, not a multiple of the cache's {Hkv} KV heads")
+    if block_table is None:
+        check_dim("k_cache", k_cache, 0, B, "batch B of q")
+        capacity = k_cache.shape[1]
+    else:
+        check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=q.device)
+        check_dim("block_table", block_table, 0, B, "batch B of q")
+        if k_cache.shape[1] == 0 or k_cache.shape[0] == 0:
+            raise ValueError(
+                f"paged k_cache must be [num_pages, page_size, Hkv, D] with pages, got "
+                f"{tuple(k_cache.shape)}"
+            )
+        capacity = block_table.shape[1] * k_cache.shape[1]
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
     check_dim("cache_seqlens", cache_seqlens, 0, B, "batch B of q")
-    check_tensor("tree_mask", tree_mask, ndim=2, dtypes=(torch.bool,), device=q.device)
-    if tuple(tree_mask.shape) != (T, T):
-        raise ValueError(f"tree_mask must be [T, T] = [{T}, {T}], got {tuple(tree_mask.shape)}")
-    if T > k_cache.shape[1]:
-        raise ValueError(f"T = {T} tree tokens do not fit a cache of {k_cache.shape[1]} slots")
+    check_tensor("tree_mask", tree_mask, ndim=2, dtypes=(torch.bool, torch.int32),
+                 device=q.device)  # fmt: skip
+    W = (T + 31) // 32
+    want = (T, T) if tree_mask.dtype == torch.bool else (T, W)
+    if tuple(tree_mask.shape) != want:
+        raise ValueError(
+            f"tree_mask must be [T, T] = [{T}, {T}] (bool) or [T, ceil(T/32)] = [{T}, {W}] "
+            f"(packed int32), got {tuple(tree_mask.shape)} {tree_mask.dtype}"
+        )
+    where = "the cache" if block_table is None else "max_pages * page_size of the paged cache"
+    if T > capacity:
+        raise ValueError(f"T = {T} tree tokens do not fit {where} ({capacity} slots)")
     if q.device.type == "cpu":  # value checks cost no sync here
-        if bool((cache_seqlens < 0).any()) or bool((cache_seqlens + T > k_cache.shape[1]).any()):
+        if bool((cache_seqlens < 0).any()) or bool((cache_seqlens + T > capacity).any()):
             raise ValueError(
-                f"cache_seqlens + T must lie in [T, S = {k_cache.shape[1]}] for every sequence; "
+                f"cache_seqlens + T must lie in [T, S = {capacity}] for every sequence; "
                 f"got cache_seqlens = {cache_seqlens.tolist()} with T = {T}"
             )
+        if block_table is not None:
+            page = k_cache.shape[1]
+            used = (cache_seqlens.long() + T + page - 1) // page  # pages each sequence touches
+            needed = torch.arange(block_table.shape[1])[None, :] < used[:, None]
+            bad = needed & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+            if bool(bad.any()):
+                b, p = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"block_table[{b}, {p}] = {int(block_table[b, p])} is not a page index in "
+                    f"[0, {k_cache.shape[0]}) though sequence {b} uses that page"
+                )
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _kv_rows(
+        b, pos, bt_ptr, bt_stride_b, max_pages, kv_stride_b, kv_stride_s,
+        PAGED: tl.constexpr, PAGE: tl.constexpr,
+    ):  # fmt: skip
+        """int64 offsets of cache positions ``pos`` of sequence b (page or batch + slot)."""
+        if PAGED:
+            i_pg = tl.minimum(pos // PAGE, max_pages - 1)  # clamped: always a valid table read
+            page = tl.load(bt_ptr + b.to(tl.int64) * bt_stride_b + i_pg).to(tl.int64)
+            return page * kv_stride_b + (pos % PAGE).to(tl.int64) * kv_stride_s
+        else:
+            return b.to(tl.int64) * kv_stride_b + pos.to(tl.int64) * kv_stride_s
+
+    @triton.jit
+    def _online_softmax(b_acc, b_m, b_l, b_s, b_v, SAFE: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Fold scores b_s [M, N] (log2 domain) and values b_v [N, D] into (acc, max, sum)."""
+        m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        if SAFE:  # rows may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        b_p = tl.math.exp2(b_s - m_sub[:, None])
+        alpha = tl.math.exp2(b_m - m_sub)
+        b_l = b_l * alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * alpha[:, None]
+        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc, input_precision=DOT_PREC)
+        return b_acc, m_new, b_l
+
+    @triton.jit
+    def _mask_word(mask_ptr, o_t, m_r, j, T, mask_stride_t, MASK_PACKED: tl.constexpr):
+        """Word j of the packed tree-mask row of each tile row (bits of nodes 32j..32j+31)."""
+        if MASK_PACKED:
+            return tl.load(mask_ptr + o_t * mask_stride_t + j, mask=m_r, other=0)
+        else:  # pack 32 bools of the row
+            o_c = 32 * j + tl.arange(0, 32)
+            b_c = tl.load(mask_ptr + o_t[:, None] * mask_stride_t + o_c[None, :],
+                          mask=m_r[:, None] & (o_c < T)[None, :], other=0)  # fmt: skip
+            return tl.sum((b_c != 0).to(tl.int32) << tl.arange(0, 32)[None, :], 1)
+
+    @triton.jit
+    def _tree_attention_kernel(
+        q_ptr, k_ptr, v_ptr, seqlens_ptr, mask_ptr, bt_ptr, o_ptr, op_ptr, lse_ptr,
+        qk_scale, T, Hkv, max_pages, num_splits,
+        q_stride_b, q_stride_t, q_stride_h, q_stride_d,
+        k_stride_b, k_stride_s, k_stride_h, k_stride_d,
+        v_stride_b, v_stride_s, v_stride_h, v_stride_d,
+        o_stride_b, o_stride_t, o_stride_h,
+        mask_stride_t, bt_stride_b,
+        G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+        PAGED: tl.constexpr, PAGE: tl.constexpr, MASK_PACKED: tl.constexpr,
+        MASK_WORDS: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):  # fmt: skip
+        i_m, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        i_b, i_kv = i_bh // Hkv, i_bh % Hkv
+        R = T * G
+        o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows r = t * G + g
+        o_t, o_h = o_r // G, i_kv * G + o_r % G
+        m_r = o_r < R
+        o_d = tl.arange(0, BLOCK_D)
+        m_d = o_d < HEAD_DIM
+        o_n = tl.arange(0, BLOCK_N)
+
+        # the tile rows' packed tree-mask words first, while few registers are live (at most 4
+        # words a row; only the last split, which walks the tree, reads them)
+        m_w = o_r < tl.where(i_s == num_splits - 1, R, 0)
+        b_w0 = _mask_word(mask_ptr, o_t, m_w, 0, T, mask_stride_t, MASK_PACKED)
+        b_w1 = b_w0
+        b_w2 = b_w0
+        b_w3 = b_w0
+        if MASK_WORDS > 1:
+            b_w1 = _mask_word(mask_ptr, o_t, m_w, 1, T, mask_stride_t, MASK_PACKED)
+        if MASK_WORDS > 2:
+            b_w2 = _mask_word(mask_ptr, o_t, m_w, 2, T, mask_stride_t, MASK_PACKED)
+        if MASK_WORDS > 3:
+            b_w3 = _mask_word(mask_ptr, o_t, m_w, 3, T, mask_stride_t, MASK_PACKED)
+        p_q = (q_ptr + i_b.to(tl.int64) * q_stride_b + o_t[:, None] * q_stride_t
+               + o_h[:, None] * q_stride_h + o_d[None, :] * q_stride_d)  # fmt: skip
+        b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
+        k_head = k_ptr + i_kv.to(tl.int64) * k_stride_h + o_d[None, :] * k_stride_d
+        v_head = v_ptr + i_kv.to(tl.int64) * v_stride_h + o_d[None, :] * v_stride_d
+
+        b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+        # this split's share of the prefix blocks, from the length on the device
+        L = tl.load(seqlens_ptr + i_b)
+        per_split = tl.cdiv(tl.cdiv(L, BLOCK_N), num_splits) * BLOCK_N
+        lo = i_s * per_split
+        hi = tl.minimum(lo + per_split, L)
+        hi_full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+        for start in range(lo, hi_full, BLOCK_N):  # full prefix blocks: no masks at all
+            pos = start + o_n
+            r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s,
+                           PAGED, PAGE)  # fmt: skip
+            r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, v_stride_b, v_stride_s,
+                           PAGED, PAGE)  # fmt: skip
+            if HEAD_DIM == BLOCK_D:
+                b_k = tl.load(k_head + r_k[:, None])
+                b_v = tl.load(v_head + r_v[:, None])
+            else:
+                b_k = tl.load(k_head + r_k[:, None], mask=m_d[None, :], other=0.0)
+                b_v = tl.load(v_head + r_v[:, None], mask=m_d[None, :], other=0.0)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+            b_acc, b_m, b_l = _online_softmax(b_acc, b_m, b_l, b_s, b_v, False, DOT_PREC)
+        if hi_full < hi:  # the last, partial prefix block (its first key is valid)
+            pos = hi_full + o_n
+            m_n = pos < hi
+            r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s,
+                           PAGED, PAGE)  # fmt: skip
+            r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, v_stride_b, v_stride_s,
+                           PAGED, PAGE)  # fmt: skip
+            m_kv = m_n[:, None] & m_d[None, :]
+            b_k = tl.load(k_head + r_k[:, None], mask=m_kv, other=0.0)
+            b_v = tl.load(v_head + r_v[:, None], mask=m_kv, other=0.0)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+            b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+            b_acc, b_m, b_l = _online_softmax(b_acc, b_m, b_l, b_s, b_v, False, DOT_PREC)
+        if i_s == num_splits - 1:  # the tree: positions L + u, u < T, under the tree mask
+            for u0 in tl.range(0, T, BLOCK_N, num_stages=1):
+                o_u = u0 + o_n
+                m_u = o_u < T
+                pos = L + o_u
+                r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, k_stride_b,
+                               k_stride_s, PAGED, PAGE)  # fmt: skip
+                r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, v_stride_b,
+                               v_stride_s, PAGED, PAGE)  # fmt: skip
+                m_kv = m_u[:, None] & m_d[None, :]
+                b_k = tl.load(k_head + r_k[:, None], mask=m_kv, other=0.0)
+                b_v = tl.load(v_head + r_v[:, None], mask=m_kv, other=0.0)
+                b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+                i_w = o_u // 32
+                sh = o_u % 32
+                seen = (b_w0[:, None] >> sh[None, :]) & 1
+                if MASK_WORDS > 1:
+                    seen = tl.where((i_w == 1)[None, :], (b_w1[:, None] >> sh[None, :]) & 1, seen)
+                if MASK_WORDS > 2:
+                    seen = tl.where((i_w == 2)[None, :], (b_w2[:, None] >> sh[None, :]) & 1, seen)
+                if MASK_WORDS > 3:
+                    seen = tl.where((i_w == 3)[None, :], (b_w3[:, None] >> sh[None, :]) & 1, seen)
+                seen = seen != 0
+                b_s = tl.where(seen & m_u[None, :], b_s, float("-inf"))
+                b_acc, b_m, b_l = _online_softmax(b_acc, b_m, b_l, b_s, b_v, True, DOT_PREC)
+
+        m_out = m_r[:, None] & m_d[None, :]
+        if not SPLIT:
+            b_o = b_acc / tl.where(m_r, b_l, 1.0)[:, None]  # padding rows saw nothing
+            p_o = (o_ptr + i_b.to(tl.int64) * o_stride_b + o_t[:, None] * o_stride_t
+                   + o_h[:, None] * o_stride_h + o_d[None, :])  # fmt: skip
+            tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_out)
+        else:  # partial [B * Hkv, splits, R, D] and its log2-sum-exp2 [B * Hkv, splits, R]
+            l_safe = tl.where(b_l == 0.0, 1.0, b_l)  # an empty split: lse -inf, weight 0
+            b_o = b_acc / l_safe[:, None]
+            lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.math.log2(l_safe))
+            row = (i_bh * num_splits + i_s).to(tl.int64) * R + o_r
+            tl.store(op_ptr + row[:, None] * HEAD_DIM + o_d[None, :], b_o, mask=m_out)
+            tl.store(lse_ptr + row, lse, mask=m_r)
+
+    @triton.jit
+    def _tree_attention_merge_kernel(
+        op_ptr, lse_ptr, o_ptr,
+        T, Hkv, num_splits,
+        o_stride_b, o_stride_t, o_stride_h,
+        G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        i_r, i_bh = tl.program_id(0), tl.program_id(1)
+        i_b, i_kv = i_bh // Hkv, i_bh % Hkv
+        R = T * G
+        o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        m_r = o_r < R
+        o_d = tl.arange(0, BLOCK_D)
+        m_out = m_r[:, None] & (o_d < HEAD_DIM)[None, :]
+        base = i_bh.to(tl.int64) * num_splits * R
+        b_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        for s in range(num_splits):
+            b_max = tl.maximum(b_max, tl.load(lse_ptr + base + s * R + o_r, mask=m_r,
+                                              other=float("-inf")))  # fmt: skip
+        b_max = tl.where(b_max == float("-inf"), 0.0, b_max)
+        b_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        b_den = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for s in range(num_splits):
+            row = base + s * R + o_r
+            w = tl.math.exp2(tl.load(lse_ptr + row, mask=m_r, other=float("-inf")) - b_max)
+            b_o = tl.load(op_ptr + row[:, None] * HEAD_DIM + o_d[None, :], mask=m_out, other=0.0)
+            b_acc += w[:, None] * b_o
+            b_den += w
+        b_out = b_acc / tl.where(m_r, b_den, 1.0)[:, None]
+        o_t, o_h = o_r // G, i_kv * G + o_r % G
+        p_o = (o_ptr + i_b.to(tl.int64) * o_stride_b + o_t[:, None] * o_stride_t
+               + o_h[:, None] * o_stride_h + o_d[None, :])  # fmt: skip
+        tl.store(p_o, b_out.to(o_ptr.dtype.element_ty), mask=m_out)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+class _Config(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    ctas_per_sm: int  # programs resident per SM (shared memory / registers), for the splits
+
+
+def _config(rows: int, D: int, dtype: torch.dtype) -> _Config:
+    """Launch configuration for R = T * G rows (see the module doc; to be tuned on the GPU)."""
+    if dtype == torch.float32:  # correctness path: fp32 dots spill at larger tiles
+        return _Config(16, 32, 4, 2, 2)
+    if rows <= 16:
+        cfg = _Config(16, 64, 4, 3, 3)
+    elif rows <= 32:
+        cfg = _Config(32, 64, 4, 3, 2)
+    elif rows <= 64:
+        cfg = _Config(64, 64, 4, 3, 2)
+    else:
+        cfg = _Config(128, 64, 8, 3, 1)
+    if D <= 64 and rows <= 64:
+        cfg = cfg._replace(block_n=128)
+    return cfg
+
+
+def _num_splits(programs: int, capacity: int, cfg: _Config, rows: int, device) -> int:
+    """Splits of the prefix from static shapes only: one wave of ``ctas_per_sm`` programs per SM,
+    at least 2 (decode) or 4 key blocks of the cache capacity per split, at most 128."""
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+    want = cfg.ctas_per_sm * sms // programs
+    most = max(1, capacity // ((2 if rows <= 16 else 4) * cfg.block_n))
+    return max(1, min(want, most, 128))
+
+
+def tree_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    tree_mask: torch.Tensor,
+    softmax_scale: float | None = None,
+    *,
+    block_table: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Launcher of the split-KV tree attention kernel (arguments as ``tree_attention``, already
+    checked). ``num_splits``, ``block_m`` and ``block_n`` override the static choices (tests,
+    tuning). Returns a new contiguous [B, T, Hq, D] tensor in q's dtype; no host sync.
+    """
+    B, T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    if D not in TRITON_HEAD_DIMS:
+        raise ValueError(
+            f"tree_attention: the triton backend supports head dims {TRITON_HEAD_DIMS}, "
+            f"got D = {D} (use backend='torch')"
+        )
+    if q.dtype not in TRITON_DTYPES:
+        raise ValueError(
+            f"tree_attention: the triton backend supports q dtypes "
+            f"{[str(d) for d in TRITON_DTYPES]}, got {q.dtype} (use backend='torch')"
+        )
+    if T > MAX_TREE:
+        raise ValueError(f"tree_attention: the triton backend supports T <= {MAX_TREE}, got {T}")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+    if B == 0 or T == 0:
+        return out
+    R = T * G
+    cfg = _config(R, D, q.dtype)
+    cfg = cfg._replace(block_m=block_m or cfg.block_m, block_n=block_n or cfg.block_n)
+    bm, bn = cfg.block_m, cfg.block_n
+    row_blocks = triton.cdiv(R, bm)
+    paged = block_table is not None
+    if paged:
+        page, max_pages = k_cache.shape[1], block_table.shape[1]
+        capacity, bt, bt_stride_b = page * max_pages, block_table, block_table.stride(0)
+    else:
+        page, max_pages, capacity = 1, 1, k_cache.shape[1]
+        bt, bt_stride_b = cache_seqlens, 0  # unused
+    if num_splits is None:
+        num_splits = _num_splits(B * Hkv * row_blocks, capacity, cfg, R, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    packed = tree_mask.dtype == torch.int32
+    mask = tree_mask.contiguous() if packed else tree_mask.contiguous().view(torch.uint8)
+    if num_splits > 1:
+        o_part = torch.empty(B * Hkv, num_splits, R, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B * Hkv, num_splits, R, dtype=torch.float32, device=q.device)
+    else:
+        o_part = lse = out  # unused
+    block_d = triton.next_power_of_2(D)
+    _tree_attention_kernel[(row_blocks, B * Hkv, num_splits)](
+        q, k_cache, v_cache, cache_seqlens, mask, bt, out, o_part, lse,
+        scale * math.log2(math.e), T, Hkv, max_pages, num_splits,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        out.stride(0), out.stride(1), out.stride(2),
+        mask.stride(0), bt_stride_b,
+        G=G, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, SPLIT=num_splits > 1,
+        PAGED=paged, PAGE=page, MASK_PACKED=packed, MASK_WORDS=triton.cdiv(T, 32),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        block_r = 16
+        _tree_attention_merge_kernel[(triton.cdiv(R, block_r), B * Hkv)](
+            o_part, lse, out, T, Hkv, num_splits, out.stride(0), out.stride(1), out.stride(2),
+            G=G, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r,
+            num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def triton_supports(q: torch.Tensor) -> bool:
+    """Whether "auto" takes the Triton kernel for q: D in TRITON_HEAD_DIMS, fp16/bf16 (fp32 runs
+    only when asked for: its dots spill registers) and T <= MAX_TREE."""
+    return (
+        q.shape[-1] in TRITON_HEAD_DIMS
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[1] <= MAX_TREE
+    )
 
 
 _IMPLS = {"torch": tree_attention_ref}
+if HAS_TRITON:
+    _IMPLS["triton"] = tree_attention_triton
 
 
 @torch.library.custom_op("medusa_kernels::tree_attention", mutates_args=())
@@ -94,13 +541,16 @@ def _tree_attention_op(
     tree_mask: torch.Tensor,
     softmax_scale: float,
     backend: str,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return _IMPLS[backend](q, k_cache, v_cache, cache_seqlens, tree_mask, softmax_scale)
+    return _IMPLS[backend](
+        q, k_cache, v_cache, cache_seqlens, tree_mask, softmax_scale, block_table=block_table
+    )
 
 
 @_tree_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, tree_mask, softmax_scale, backend):
-    return torch.empty_like(q)
+def _(q, k_cache, v_cache, cache_seqlens, tree_mask, softmax_scale, backend, block_table=None):
+    return q.new_empty(q.shape)
 
 
 def tree_attention(
@@ -111,6 +561,7 @@ def tree_attention(
     tree_mask: torch.Tensor,
     softmax_scale: float | None = None,
     *,
+    block_table: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of T tree tokens over the cached prefix plus the tree nodes each may see.
@@ -119,17 +570,28 @@ def tree_attention(
         q: [B, T, Hq, D] fp16/bf16/fp32 queries of the tree tokens.
         k_cache, v_cache: [B, S, Hkv, D], same dtype; the tree's own keys/values already stored
             at positions [cache_seqlens[b], cache_seqlens[b] + T). Hq must be a multiple of Hkv.
+            With ``block_table``: paged caches [num_pages, page_size, Hkv, D].
         cache_seqlens: [B] int32 prefix lengths, on the device (never read on the host).
-        tree_mask: [T, T] bool; row t says which tree nodes query t sees (itself and its
-            ancestors). The prefix is always visible.
+        tree_mask: [T, T] bool, or packed int32 [T, ceil(T / 32)] (``pack_tree_mask``: bit
+            u % 32, LSB first, of word u // 32 of row t); row t says which tree nodes query t
+            sees (itself and its ancestors). The prefix is always visible.
         softmax_scale: defaults to 1 / sqrt(D).
-        backend: "auto", "torch" (the reference) or "triton".
+        block_table: optional [B, max_pages] int32 page indices of each sequence (paged KV, as
+            ``flash_attn_with_kvcache``); position p is slot p % page_size of page
+            block_table[b, p // page_size].
+        backend: "auto" (Triton on CUDA tensors with D in 64/80/96/128, fp16/bf16 and T <= 128;
+            the reference elsewhere), "torch" (the reference) or "triton" (also fp32; other
+            head dims, float64 or T > 128 raise a ValueError).
     Returns:
         [B, T, Hq, D] in q's dtype.
 
     Example: plain decode is ``tree_attention(q[:, :1], k, v, lens, torch.ones(1, 1, dtype=bool))``.
     """
-    check_tree_attention_args(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    check_tree_attention_args(q, k_cache, v_cache, cache_seqlens, tree_mask, block_table)
     name = pick_backend("tree_attention", backend, q.device, _IMPLS)
+    if backend == "auto" and name == "triton" and not triton_supports(q):
+        name = "torch"
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _tree_attention_op(q, k_cache, v_cache, cache_seqlens, tree_mask, float(scale), name)
+    return _tree_attention_op(
+        q, k_cache, v_cache, cache_seqlens, tree_mask, float(scale), name, block_table
+    )

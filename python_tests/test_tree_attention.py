@@ -1,0 +1,359 @@
+"""Tree attention: the Triton kernel (CPU interpreter at small shapes, GPU at large ones) against
+a float64 reference; packed masks, paged caches, split-KV merges and argument checks."""
+
+import importlib
+import math
+import random
+
+import pytest
+import torch
+from conftest import HAS_CUDA, requires_cuda
+
+import medusa_kernels as mk
+from medusa_kernels.ops.tree_attention import (
+    pack_tree_mask,
+    tree_attention,
+    tree_attention_ref,
+    tree_attention_triton,
+    unpack_tree_mask,
+)
+
+ta = importlib.import_module("medusa_kernels.ops.tree_attention")  # the module, not the op
+DEV = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def random_tree(n_paths: int, seed: int) -> torch.Tensor:
+    """Tree mask of a random prefix-closed choices list with ``n_paths`` non-root nodes."""
+    rng = random.Random(seed)
+    paths: list[tuple[int, ...]] = [()]
+    children: dict[tuple[int, ...], int] = {(): 0}
+    for _ in range(n_paths):
+        parent = rng.choice(paths)
+        child = (*parent, children[parent])
+        children[parent] += 1
+        children[child] = 0
+        paths.append(child)
+    return mk.build_tree([list(p) for p in paths[1:]]).tree_mask
+
+
+def chain(T):
+    return torch.tril(torch.ones(T, T, dtype=torch.bool))
+
+
+def wide(T):
+    mask = torch.eye(T, dtype=torch.bool)
+    mask[:, 0] = True
+    return mask
+
+
+def make_inputs(lens, T, Hq, Hkv, D, dtype, page=None, extra=3, seed=0):
+    """q [B, T, Hq, D] and caches (contiguous [B, S, Hkv, D] or paged with a shuffled table)."""
+    g = torch.Generator().manual_seed(seed)
+    B, S = len(lens), max(lens) + T + extra
+    q = torch.randn(B, T, Hq, D, generator=g)
+    k, v = torch.randn(2, B, S, Hkv, D, generator=g)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    to = dict(dtype=dtype, device=DEV)
+    if page is None:
+        return q.to(**to), k.to(**to), v.to(**to), seqlens.to(DEV), None
+    max_pages = -(-S // page)
+    num_pages = B * max_pages + 2
+    order = torch.randperm(num_pages, generator=g)[: B * max_pages].view(B, max_pages)
+    kp = torch.randn(num_pages, page, Hkv, D, generator=g)  # pages nobody uses stay random
+    vp = torch.randn(num_pages, page, Hkv, D, generator=g)
+    pad = max_pages * page - S
+    kp[order] = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(B, max_pages, page, Hkv, D)
+    vp[order] = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)).view(B, max_pages, page, Hkv, D)
+    bt = order.to(torch.int32)
+    return q.to(**to), kp.to(**to), vp.to(**to), seqlens.to(DEV), bt.to(DEV)
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Every float torch.empty (the output and the split partials) starts as NaN."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.dtype.is_floating_point else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def check(lens, T, Hq, Hkv, D, dtype, mask, page=None, scale=None, **launch):
+    q, k, v, seqlens, bt = make_inputs(lens, T, Hq, Hkv, D, dtype, page)
+    want = tree_attention_ref(q.double(), k.double(), v.double(), seqlens, mask.to(DEV), scale,
+                              block_table=bt)
+    got = tree_attention_triton(q, k, v, seqlens, mask.to(DEV), scale, block_table=bt, **launch)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert torch.isfinite(got).all()
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+    if dtype != torch.float32:  # at most 2x the error of the same-dtype torch reference
+        same = tree_attention_ref(q, k, v, seqlens, mask.to(DEV), scale, upcast=False,
+                                  block_table=bt)
+        err, err_torch = ((x.double() - want).abs().max().item() for x in (got, same))
+        assert err <= 2 * err_torch + 1e-5, (err, err_torch)
+    return got
+
+
+# --- the kernel in the interpreter (CPU) or on the GPU, small shapes --------------------------
+
+SMALL = [  # lens, T, mask, Hq, Hkv, D, dtype, launch overrides
+    pytest.param([0, 1, 37, 15, 16, 17], 1, chain(1), 4, 1, 64, torch.float32,
+                 dict(block_n=16, num_splits=3), id="decode-L0,1,37,bn-1,bn,bn+1-gqa4-split3"),
+    pytest.param([0, 1, 37, 15, 16, 17], 5, chain(5), 2, 2, 64, torch.float32,
+                 dict(block_n=16, block_m=16), id="chain5-mha-lens-mix-1split"),
+    pytest.param([37, 16], 9, wide(9), 8, 1, 64, torch.float32,
+                 dict(block_n=16, block_m=16, num_splits=2), id="wide9-gqa8-rowblocks5"),
+    pytest.param([63, 64, 65], 15, random_tree(14, 1), 4, 1, 64, torch.float32, {},
+                 id="rand15-gqa4-L63,64,65-auto-config"),
+    pytest.param([17, 0], 40, random_tree(39, 2), 2, 2, 64, torch.float32,
+                 dict(block_n=16, block_m=32, num_splits=4), id="rand40-two-words-empty-splits"),
+    pytest.param([5, 33], 9, random_tree(8, 3), 8, 8, 80, torch.float32,
+                 dict(block_n=16, num_splits=2), id="rand9-D80"),
+    pytest.param([21], 7, random_tree(6, 4), 4, 2, 96, torch.float32, dict(block_n=16),
+                 id="rand7-D96-gqa2"),
+    pytest.param([50, 3], 4, random_tree(3, 5), 2, 1, 128, torch.float16,
+                 dict(block_n=16, num_splits=2), id="rand4-D128-fp16"),
+    pytest.param([1, 37, 17], 15, random_tree(14, 6), 4, 1, 64, torch.float16,
+                 dict(block_n=16, num_splits=3), id="rand15-gqa4-fp16"),
+    pytest.param([5, 40], 100, random_tree(99, 10), 1, 1, 64, torch.float32,
+                 dict(block_n=32, block_m=32, num_splits=2), id="rand100-four-mask-words"),
+]
+
+
+@pytest.mark.parametrize("lens,T,mask,Hq,Hkv,D,dtype,launch", SMALL)
+def test_kernel_matches_reference(nan_empty, lens, T, mask, Hq, Hkv, D, dtype, launch):
+    check(lens, T, Hq, Hkv, D, dtype, mask, **launch)
+
+
+@pytest.mark.parametrize(
+    "page,lens,launch",
+    [
+        pytest.param(16, [0, 37, 16], dict(block_n=16, num_splits=2), id="page16=bn"),
+        pytest.param(5, [1, 17, 40], dict(block_n=16, num_splits=3), id="page5-odd"),
+        pytest.param(32, [15, 65], dict(block_n=16), id="page32-1split"),
+    ],
+)
+def test_paged_cache(nan_empty, page, lens, launch):
+    mask = random_tree(8, 7)
+    check(lens, 9, 4, 1, 64, torch.float32, mask, page=page, **launch)
+
+
+def test_packed_mask_equals_bool_mask():
+    mask = random_tree(39, 8)
+    assert torch.equal(unpack_tree_mask(pack_tree_mask(mask), 40), mask)
+    q, k, v, seqlens, _ = make_inputs([20, 3], 40, 2, 1, 64, torch.float32)
+    launch = dict(block_n=16, block_m=32, num_splits=2)
+    a = tree_attention_triton(q, k, v, seqlens, mask.to(DEV), **launch)
+    b = tree_attention_triton(q, k, v, seqlens, pack_tree_mask(mask.to(DEV)), **launch)
+    assert torch.equal(a, b)
+    ref_b = tree_attention_ref(q, k, v, seqlens, mask.to(DEV))
+    ref_p = tree_attention_ref(q, k, v, seqlens, pack_tree_mask(mask.to(DEV)))
+    assert torch.equal(ref_b, ref_p)
+
+
+def test_pack_tree_mask_bit_order():
+    mask = torch.zeros(33, 33, dtype=torch.bool)
+    mask[0, 0] = mask[1, 31] = mask[2, 32] = mask[3, 1] = True
+    packed = pack_tree_mask(mask)
+    assert packed.dtype == torch.int32 and packed.shape == (33, 2)
+    assert packed[0].tolist() == [1, 0] and packed[1].tolist() == [-(2**31), 0]
+    assert packed[2].tolist() == [0, 1] and packed[3].tolist() == [2, 0]
+
+
+def test_split_counts_agree_and_scale_is_used():
+    q, k, v, seqlens, _ = make_inputs([70, 9], 3, 2, 1, 64, torch.float32)
+    mask = chain(3).to(DEV)
+    outs = [tree_attention_triton(q, k, v, seqlens, mask, 0.3, block_n=16, num_splits=s)
+            for s in (1, 2, 7)]
+    want = tree_attention_ref(q.double(), k.double(), v.double(), seqlens, mask, 0.3)
+    for out in outs:
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_split_count_uses_static_shapes_only(monkeypatch):
+    monkeypatch.setattr(ta, "_sm_count", lambda index: 132)
+    h100 = torch.device("cuda", 0)
+
+    def splits(B, T, Hkv, G, S, D=128):
+        R = T * G
+        cfg = ta._config(R, D, torch.float16)
+        programs = B * Hkv * -(-R // cfg.block_m)
+        return ta._num_splits(programs, S, cfg, R, h100)
+
+    assert splits(1, 64, 32, 1, 65600) == 8  # 32 programs x 8 = 256 = 2 per SM
+    assert splits(1, 64, 8, 4, 65600) == 8  # 2 row blocks of 128 rows: 16 x 8 = 128 = 1 per SM
+    assert splits(8, 64, 32, 1, 65600) == 1  # the batch fills the GPU
+    assert splits(1, 1, 8, 4, 4160) == 32  # decode: capped at 2 blocks of 64 keys per split
+    assert splits(1, 1, 1, 8, 1 << 20) == 128
+    assert splits(1, 64, 32, 1, 300) == 1  # a short cache: 4 blocks per split at least
+
+
+def test_strided_q_and_public_entry_point():
+    q, k, v, seqlens, bt = make_inputs([12, 30], 5, 4, 2, 64, torch.float32, page=8)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, head-major strides
+    mask = pack_tree_mask(random_tree(4, 9).to(DEV))
+    got = tree_attention(q, k, v, seqlens, mask, block_table=bt, backend="triton")
+    want = tree_attention(q, k, v, seqlens, mask, block_table=bt, backend="torch")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_auto_takes_the_reference_on_cpu(monkeypatch):
+    q, k, v, seqlens = (t.cpu() for t in make_inputs([4], 2, 2, 1, 64, torch.float32)[:4])
+    monkeypatch.setitem(ta._IMPLS, "triton", None)  # would fail if called
+    out = tree_attention(q, k, v, seqlens, chain(2))
+    assert torch.equal(out, tree_attention_ref(q, k, v, seqlens, chain(2)))
+
+
+def test_opcheck_with_block_table():
+    q, k, v, seqlens, bt = make_inputs([3, 9], 3, 4, 2, 8, torch.float32, page=4)
+    args = (q, k, v, seqlens, chain(3).to(DEV), 0.3, "torch", bt)
+    torch.library.opcheck(torch.ops.medusa_kernels.tree_attention.default, args)
+
+
+# --- argument checks -------------------------------------------------------------------------
+
+
+def _args(**change):
+    """CPU tensors: the value checks (lengths, page indices) run only where they cost no sync."""
+    q, k, v, seqlens = (t.cpu() for t in make_inputs([3, 9], 3, 4, 2, 64, torch.float32)[:4])
+    args = dict(q=q, k_cache=k, v_cache=v, cache_seqlens=seqlens, tree_mask=chain(3))
+    args.update(change)
+    return args
+
+
+def _paged(slots, block_table, pages=1):
+    """A paged cache of ``pages`` pages x ``slots`` slots with ``block_table`` (int list or tensor)."""
+    cache = torch.randn(pages, slots, 2, 64)
+    bt = block_table if isinstance(block_table, torch.Tensor) else torch.tensor(block_table)
+    return dict(k_cache=cache, v_cache=cache.clone(), block_table=bt)
+
+
+@pytest.mark.parametrize(
+    "change,err,match",
+    [
+        (dict(tree_mask=torch.ones(3, 2, dtype=torch.int32)), ValueError,
+         r"tree_mask must be \[T, T\] = \[3, 3\] \(bool\) or \[T, ceil\(T/32\)\] = \[3, 1\]"),
+        (dict(tree_mask=torch.ones(3, 3)), TypeError, "tree_mask must have dtype"),
+        (_paged(15, torch.zeros(2, 4, dtype=torch.int64)), TypeError,
+         "block_table must have dtype"),
+        (_paged(15, torch.zeros(3, 4, dtype=torch.int32)), ValueError,
+         "block_table has shape .* batch B of q"),
+        (_paged(15, torch.zeros(4, dtype=torch.int32)), ValueError,
+         "block_table must have 2 dims"),
+        (_paged(2, torch.zeros(2, 1, dtype=torch.int32)), ValueError,
+         "T = 3 tree tokens do not fit max_pages"),
+        (_paged(15, torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)), ValueError,
+         r"block_table\[1, 0\] = 1 is not a page index in \[0, 1\)"),
+        (dict(k_cache=torch.randn(3, 15, 2, 64), v_cache=torch.randn(3, 15, 2, 64)), ValueError,
+         "k_cache has shape .* batch B of q"),
+    ],
+)
+def test_bad_arguments(change, err, match):
+    with pytest.raises(err, match=match):
+        tree_attention(**_args(**change), backend="torch")
+
+
+def test_paged_page_index_error_names_the_entry():
+    args = _args(**_paged(8, torch.tensor([[0, 2], [1, 7]], dtype=torch.int32), pages=3))
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = 7"):
+        tree_attention(**args)
+    args["block_table"][1, 1] = 2  # sequence 0 needs 1 page (3 + 3 <= 8): its page 1 is free
+    args["block_table"][0, 1] = -1
+    tree_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(D=32), "head dims .* got D = 32"),
+        (dict(dtype=torch.float64), "supports q dtypes"),
+        (dict(T=129), "T <= 128"),
+    ],
+)
+def test_triton_refuses_unsupported_shapes(change, match):
+    shape = dict(T=3, D=64, dtype=torch.float32) | change
+    q, k, v, seqlens, _ = make_inputs([1], shape["T"], 2, 1, shape["D"], shape["dtype"])
+    with pytest.raises(ValueError, match=match):
+        tree_attention(q, k, v, seqlens, chain(shape["T"]).to(DEV), backend="triton")
+
+
+# --- GPU: larger shapes, fp16 / bf16, error at most 2x the same-dtype torch reference ---------
+
+
+def _gpu_case(lens, T, Hq, Hkv, D, dtype, mask, page=None):
+    q, k, v, seqlens, bt = make_inputs(lens, T, Hq, Hkv, D, dtype, page)
+    mask = mask.to(DEV)
+    ref32 = tree_attention_ref(q.float(), k.float(), v.float(), seqlens, mask, block_table=bt)
+    same = tree_attention_ref(q, k, v, seqlens, mask, upcast=False, block_table=bt)
+    got = tree_attention(q, k, v, seqlens, mask, block_table=bt)  # "auto" must take triton
+    err = (got.float() - ref32).abs().max().item()
+    err_torch = (same.float() - ref32).abs().max().item()
+    assert err <= 2 * err_torch + 1e-4, (err, err_torch)
+
+
+GPU_TREE = mk.build_tree(mk.TREES["mc_sim_7b_63"]).tree_mask
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "lens,Hkv,D,page",
+    [
+        pytest.param([4000], 32, 128, None, id="B1-L4000-mha"),
+        pytest.param([4097, 1, 0, 2500], 8, 128, None, id="B4-unequal-gqa4"),
+        pytest.param([3000, 777], 4, 80, None, id="B2-D80-gqa8"),
+        pytest.param([1500, 333], 8, 96, 256, id="B2-D96-paged256"),
+        pytest.param([2049, 64], 8, 128, 16, id="B2-paged16"),
+        pytest.param([5000, 120, 7], 8, 64, None, id="B3-D64"),
+    ],
+)
+def test_gpu_tree(dtype, lens, Hkv, D, page):
+    _gpu_case(lens, 64, 32, Hkv, D, dtype, GPU_TREE, page)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("lens,T,Hkv", [([8191, 5], 1, 8), ([3, 17000], 1, 32),
+                                        ([1000, 2000], 128, 8), ([6000], 31, 1)])
+def test_gpu_decode_and_big_trees(dtype, lens, T, Hkv):
+    mask = torch.ones(1, 1, dtype=torch.bool) if T == 1 else random_tree(T - 1, T)
+    _gpu_case(lens, T, 32, Hkv, 128, dtype, mask)
+
+
+@requires_cuda
+def test_gpu_auto_picks_triton_and_falls_back_for_small_heads(monkeypatch):
+    calls = []
+    monkeypatch.setitem(ta._IMPLS, "triton",
+                        lambda *a, **kw: calls.append(1) or tree_attention_triton(*a, **kw))
+    q, k, v, seqlens, _ = make_inputs([10], 4, 4, 2, 128, torch.float16)
+    tree_attention(q, k, v, seqlens, chain(4).cuda())
+    assert calls == [1]
+    q, k, v, seqlens, _ = make_inputs([10], 4, 4, 2, 16, torch.float16)
+    tree_attention(q, k, v, seqlens, chain(4).cuda())
+    assert calls == [1]
+
+
+@requires_cuda
+def test_gpu_cuda_graph_capture_reads_lengths_on_the_device():
+    q, k, v, seqlens, _ = make_inputs([300, 1000], 64, 32, 8, 128, torch.float16, extra=2000)
+    mask = GPU_TREE.cuda()
+    tree_attention(q, k, v, seqlens, mask)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tree_attention(q, k, v, seqlens, mask)
+    for lens in ([300, 1000], [2900, 0], [1, 2500]):
+        seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        want = tree_attention_ref(q, k, v, seqlens, mask)
+        torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
+
+
+def test_reference_scale_default():
+    q, k, v, seqlens, _ = make_inputs([5], 2, 2, 1, 64, torch.float64)
+    a = tree_attention_ref(q, k, v, seqlens, chain(2).to(DEV))
+    b = tree_attention_ref(q, k, v, seqlens, chain(2).to(DEV), 1 / math.sqrt(64))
+    assert torch.equal(a, b)
