@@ -14,13 +14,22 @@ The longest accepted path wins (greedy: the first such path; typical: the likeli
 longest). The next root token is the base model's choice after the last accepted node (argmax,
 or a sample at ``temperature`` for typical acceptance). Shapes: B batch, T nodes, V vocabulary,
 P paths (leaves), A = max depth + 1. Nothing here syncs with the host.
+
+Backends: greedy acceptance has a Triton kernel (``_accept_greedy_kernel``, one program per
+sequence, after a torch argmax over V) that replaces the ~15 small torch ops of path selection.
+Typical acceptance stays torch only: its cost is the softmax/entropy over V, which torch already
+does in a few large kernels; the path selection after it is the same small graph.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._backend import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from ._backend import FLOAT_DTYPES, HAS_TRITON, INDEX_DTYPES, check_tensor, pick_backend
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
 
 
 def sample_tokens(
@@ -72,8 +81,93 @@ def check_accept_args(tree_logits, tree_tokens, retrieve_indices) -> None:
         raise ValueError("retrieve_indices must have at least one column (the root)")
 
 
+def accept_greedy_ids_ref(
+    pred: torch.Tensor, tree_tokens: torch.Tensor, retrieve_indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy verification from the argmax ids ``pred`` [B, T] (the ``torch`` backend)."""
+    nodes, child_tokens = _path_matches(tree_tokens, retrieve_indices)
+    ok = child_tokens == pred[:, nodes[:, :-1]]
+    lengths, indices, last = _select_path(ok, torch.zeros_like(ok, dtype=torch.float32),
+                                          retrieve_indices, nodes)
+    return lengths, indices, pred.gather(1, last[:, None]).squeeze(1)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _accept_greedy_kernel(
+        pred_ptr, tokens_ptr, ri_ptr, len_ptr, idx_ptr, next_ptr,
+        P, A,
+        pred_stride_b, tokens_stride_b, ri_stride_p, idx_stride_b,
+        P_PAD: tl.constexpr, A_PAD: tl.constexpr,
+    ):  # fmt: skip
+        i_b = tl.program_id(0)
+        o_p = tl.arange(0, P_PAD)
+        o_a = tl.arange(0, A_PAD)
+        # step j of path p: parent node ri[p, j], child node ri[p, j + 1] (-1 = padding)
+        m_step = (o_p < P)[:, None] & (o_a < A - 1)[None, :]
+        p_ri = ri_ptr + o_p[:, None] * ri_stride_p + o_a[None, :]
+        parent = tl.maximum(tl.load(p_ri, mask=m_step, other=0), 0)
+        child = tl.load(p_ri + 1, mask=m_step, other=-1)
+        b_pred = tl.load(pred_ptr + i_b * pred_stride_b + parent, mask=m_step, other=-1)
+        b_tok = tl.load(tokens_ptr + i_b * tokens_stride_b + child, mask=m_step & (child >= 0),
+                        other=-1)
+        rejected = m_step & ((child < 0) | (b_tok != b_pred))  # padding is never accepted
+        # accepted length of each path: 1 (the root) + steps before the first rejection
+        first_bad = tl.min(tl.where(rejected, o_a[None, :], A - 1), axis=1)  # [P_PAD]
+        lengths = tl.where(o_p < P, 1 + first_bad, 0)
+        longest = tl.max(lengths, axis=0)
+        best = tl.min(tl.where(lengths == longest, o_p, P_PAD), axis=0)  # first longest path
+        path = tl.load(ri_ptr + best * ri_stride_p + o_a, mask=o_a < A, other=-1)
+        tl.store(idx_ptr + i_b * idx_stride_b + o_a, path.to(tl.int64), mask=o_a < A)
+        tl.store(len_ptr + i_b, longest.to(tl.int32))
+        last = tl.maximum(tl.sum(tl.where(o_a == longest - 1, path, 0), axis=0), 0)
+        tl.store(next_ptr + i_b, tl.load(pred_ptr + i_b * pred_stride_b + last).to(tl.int64))
+
+
+def accept_greedy_ids_triton(
+    pred: torch.Tensor, tree_tokens: torch.Tensor, retrieve_indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launcher of ``_accept_greedy_kernel``: pred [B, T] int, tree_tokens [B, T] int,
+    retrieve_indices [P, A] int -> (accept_lengths [B] int32, accept_indices [B, A] int64,
+    next_tokens [B] int64), exactly as ``accept_greedy_ids_ref``."""
+    B, A = pred.shape[0], retrieve_indices.shape[1]
+    P = retrieve_indices.shape[0]
+    if P < 1:
+        raise ValueError("retrieve_indices must have at least one row (a path)")
+    if tree_tokens.stride(1) != 1:
+        tree_tokens = tree_tokens.contiguous()
+    if pred.stride(1) != 1:
+        pred = pred.contiguous()
+    if retrieve_indices.stride(1) != 1:
+        retrieve_indices = retrieve_indices.contiguous()
+    dev = pred.device
+    lengths = torch.empty(B, dtype=torch.int32, device=dev)
+    indices = torch.empty(B, A, dtype=torch.int64, device=dev)
+    next_tokens = torch.empty(B, dtype=torch.int64, device=dev)
+    if B == 0:
+        return lengths, indices, next_tokens
+    p_pad = max(2, triton.next_power_of_2(P))
+    a_pad = max(2, triton.next_power_of_2(A))
+    _accept_greedy_kernel[(B,)](
+        pred, tree_tokens, retrieve_indices, lengths, indices, next_tokens,
+        P, A, pred.stride(0), tree_tokens.stride(0), retrieve_indices.stride(0), indices.stride(0),
+        P_PAD=p_pad, A_PAD=a_pad, num_warps=1 if p_pad * a_pad <= 512 else 4,
+    )  # fmt: skip
+    return lengths, indices, next_tokens
+
+
+_GREEDY_IMPLS = {"torch": accept_greedy_ids_ref}
+if HAS_TRITON:
+    _GREEDY_IMPLS["triton"] = accept_greedy_ids_triton
+
+
 def accept_greedy(
-    tree_logits: torch.Tensor, tree_tokens: torch.Tensor, retrieve_indices: torch.Tensor
+    tree_logits: torch.Tensor,
+    tree_tokens: torch.Tensor,
+    retrieve_indices: torch.Tensor,
+    *,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Greedy verification: the longest path whose every token is the base model's argmax.
 
@@ -81,17 +175,17 @@ def accept_greedy(
         tree_logits: [B, T, V] base-model logits at each tree node.
         tree_tokens: [B, T] int64 tokens of the tree nodes (node 0 = root).
         retrieve_indices: [P, A] int node indices of each root-to-leaf path, -1 padded.
+        backend: "auto" (Triton on CUDA tensors, torch elsewhere), "torch", "triton". Both
+            take the argmax over V with torch, then select the path.
     Returns:
-        accept_lengths [B] int32 (>= 1: the root), accept_indices [B, A] int64 (node indices of
-        the accepted path, -1 padded), next_tokens [B] int64 (argmax after the last accepted node).
+        accept_lengths [B] int32 (>= 1: the root), accept_indices [B, A] int64 (the node indices
+        of the chosen path: retrieve_indices[best], so -1 padded only where the path is),
+        next_tokens [B] int64 (argmax after the last accepted node).
     """
     check_accept_args(tree_logits, tree_tokens, retrieve_indices)
+    name = pick_backend("accept_greedy", backend, tree_logits.device, _GREEDY_IMPLS)
     pred = tree_logits.argmax(dim=-1)  # [B, T]
-    nodes, child_tokens = _path_matches(tree_tokens, retrieve_indices)
-    ok = child_tokens == pred[:, nodes[:, :-1]]
-    lengths, indices, last = _select_path(ok, torch.zeros_like(ok, dtype=torch.float32),
-                                          retrieve_indices, nodes)
-    return lengths, indices, pred.gather(1, last[:, None]).squeeze(1)
+    return _GREEDY_IMPLS[name](pred, tree_tokens, retrieve_indices)
 
 
 def accept_typical(
@@ -102,15 +196,19 @@ def accept_typical(
     posterior_threshold: float = 0.09,
     posterior_alpha: float = 0.3,
     generator: torch.Generator | None = None,
+    *,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Typical acceptance (see the module doc); temperature 0 is exactly ``accept_greedy``.
 
     Same arguments and returns as ``accept_greedy``; the next token is sampled from
-    softmax(tree_logits[last] / temperature).
+    softmax(tree_logits[last] / temperature). ``backend`` goes to ``accept_greedy`` at
+    temperature 0; above it only "torch" exists ("auto" picks it).
     """
     if temperature <= 0:
-        return accept_greedy(tree_logits, tree_tokens, retrieve_indices)
+        return accept_greedy(tree_logits, tree_tokens, retrieve_indices, backend=backend)
     check_accept_args(tree_logits, tree_tokens, retrieve_indices)
+    pick_backend("accept_typical", backend, tree_logits.device, {"torch": None})
     logp = torch.log_softmax(tree_logits.float() / temperature, dim=-1)  # [B, T, V]
     entropy = -(logp.exp() * logp).sum(dim=-1)  # [B, T]
     cutoff = torch.clamp(posterior_alpha * torch.exp(-entropy), max=posterior_threshold)

@@ -1,0 +1,136 @@
+"""Greedy acceptance: the Triton kernel (CPU interpreter here) against the torch reference,
+exactly, on random trees/logits built without argmax ties and on hand-made cases."""
+
+import pytest
+import torch
+from conftest import HAS_CUDA, requires_cuda
+
+from medusa_kernels import accept_greedy, accept_typical, build_tree
+from medusa_kernels.ops.acceptance import accept_greedy_ids_ref, accept_greedy_ids_triton
+from medusa_kernels.tree import TREES
+
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def parents(retrieve_indices: torch.Tensor, T: int) -> list[int]:
+    par = [-1] * T
+    for row in retrieve_indices.tolist():
+        for a, b in zip(row, row[1:], strict=False):
+            if b >= 0:
+                par[b] = a
+    return par
+
+
+def random_case(tree, B, V, p_agree, seed, device=DEV, index_dtype=torch.long):
+    """Tree tokens that agree with the base model's (unique) argmax with probability p_agree."""
+    g = torch.Generator().manual_seed(seed)
+    ri = tree.retrieve_indices
+    T = int(tree.tree_mask.shape[0])
+    par = parents(ri, T)
+    pred = torch.randint(0, V, (B, T), generator=g)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    agree = torch.rand(B, T, generator=g) < p_agree
+    for u in range(1, T):
+        tokens[:, u] = torch.where(agree[:, u], pred[:, par[u]], tokens[:, u])
+    logits = torch.randn(B, T, V, generator=g)
+    logits.scatter_(2, pred[..., None], 10.0)  # a unique argmax at pred
+    return (logits.to(device), tokens.to(index_dtype).to(device), ri.to(index_dtype).to(device),
+            pred.to(device))
+
+
+def assert_same(got, want):
+    for name, a, b in zip(("accept_lengths", "accept_indices", "next_tokens"), got, want,
+                          strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), f"{name}: {a.tolist()} != {b.tolist()}"
+
+
+@pytest.mark.parametrize("tree_name", ["mc_sim_7b_63", "small_15", "chain_4", "wide_8",
+                                       "root_only"])
+@pytest.mark.parametrize("p_agree", [0.0, 0.6, 0.95, 1.0])
+def test_kernel_matches_torch_on_random_trees(tree_name, p_agree):
+    tree = build_tree(TREES[tree_name])
+    logits, tokens, ri, pred = random_case(tree, 5, 37, p_agree, seed=len(tree_name))
+    want = accept_greedy(logits, tokens, ri, backend="torch")
+    assert_same(accept_greedy_ids_triton(pred, tokens, ri), want)
+    if DEV.type == "cuda" or p_agree == 0.6:
+        assert_same(accept_greedy(logits, tokens, ri, backend="triton"), want)
+    if p_agree == 1.0:  # every path fully accepted: the first longest one wins
+        depth = int((ri >= 0).sum(1).max())
+        assert want[0].tolist() == [depth] * 5
+
+
+def test_int32_indices_and_odd_path_count():
+    tree = build_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]])  # P = 4, A = 4
+    logits, tokens, ri, pred = random_case(tree, 3, 11, 0.8, seed=5, index_dtype=torch.int32)
+    assert_same(accept_greedy_ids_triton(pred, tokens, ri), accept_greedy_ids_ref(pred, tokens, ri))
+
+
+CHAIN = build_tree([[0], [0, 0]])  # nodes 0 -> 1 -> 2
+
+
+@pytest.mark.parametrize(
+    "tokens,length,nxt",
+    [([0, 3, 1], 3, 2), ([0, 3, 2], 2, 1), ([0, 2, 1], 1, 3), ([0, 0, 0], 1, 3)],
+)
+def test_hand_made_chain(tokens, length, nxt):
+    # argmax after node 0 is 3, after node 1 is 1, after node 2 is 2
+    logits = torch.full((1, 3, 4), -1.0)
+    logits[0, 0, 3] = logits[0, 1, 1] = logits[0, 2, 2] = 5.0
+    args = (logits.to(DEV), torch.tensor([tokens], device=DEV), CHAIN.retrieve_indices.to(DEV))
+    got = accept_greedy(*args, backend="triton")
+    assert_same(got, accept_greedy(*args, backend="torch"))
+    assert got[0].tolist() == [length] and got[2].tolist() == [nxt]
+    assert got[1].tolist() == [[0, 1, 2]]
+
+
+def test_first_of_equally_long_paths_and_short_path_padding():
+    wide = build_tree([[0], [1], [1, 0]])  # paths [0, 1, -1] and [0, 2, 3]
+    logits = torch.full((2, 4, 5), -1.0)
+    logits[:, 0, 4] = 5.0  # both depth-1 children must be token 4
+    logits[:, 2, 0] = logits[:, 1, 0] = logits[:, 3, 0] = 5.0
+    tokens = torch.tensor([[0, 4, 4, 1], [0, 4, 4, 0]])
+    args = (logits.to(DEV), tokens.to(DEV), wide.retrieve_indices.to(DEV))
+    got = accept_greedy(*args, backend="triton")
+    assert_same(got, accept_greedy(*args, backend="torch"))
+    assert got[0].tolist() == [2, 3]
+    assert got[1].tolist() == [[0, 1, -1], [0, 2, 3]]  # the first longest path, -1 padded
+
+
+def test_typical_backends():
+    tree = build_tree(TREES["small_15"])
+    logits, tokens, ri, _ = random_case(tree, 2, 13, 0.7, seed=2)
+    assert_same(accept_typical(logits, tokens, ri, 0.0, backend="triton"),
+                accept_greedy(logits, tokens, ri, backend="torch"))
+    with pytest.raises(RuntimeError, match="accept_typical: backend 'triton' is not implemented"):
+        accept_typical(logits, tokens, ri, 0.7, backend="triton")
+    accept_typical(logits, tokens, ri, 0.7, backend="auto")
+
+
+def test_bad_input():
+    tree = build_tree(TREES["chain_4"])
+    logits, tokens, ri, _ = random_case(tree, 2, 13, 0.7, seed=2, device="cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        accept_greedy(logits, tokens, ri, backend="fast")
+    with pytest.raises(ValueError, match="tree_tokens must be"):
+        accept_greedy(logits, tokens[:, :2], ri, backend="triton")
+    with pytest.raises(ValueError, match="retrieve_indices must have at least one row"):
+        accept_greedy(logits, tokens, ri[:0], backend="triton")
+
+
+@requires_cuda
+def test_gpu_auto_is_triton_and_graph_capturable():
+    tree = build_tree(TREES["mc_sim_7b_63"])
+    logits, tokens, ri, _ = random_case(tree, 4, 32000, 0.7, seed=9)
+    want = accept_greedy(logits, tokens, ri, backend="torch")
+    accept_greedy(logits, tokens, ri)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            got = accept_greedy(logits, tokens, ri, backend="auto")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph.replay()
+    assert_same(got, want)
