@@ -1,5 +1,6 @@
 """``python -m medusa_kernels.generate``: stream Medusa (or plain) decoding to the terminal.
 
+    python -m medusa_kernels.generate                      # the bundled demo model
     python -m medusa_kernels.generate --model DIR [--medusa DIR] --prompt "def "
     python -m medusa_kernels.generate --model DIR --input-ids 1,2,3 --no-medusa
 
@@ -24,7 +25,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m medusa_kernels.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="base model dir (HF layout)")
+    p.add_argument("--model", default=None,
+                   help="base model dir (HF layout); default: the bundled demo model")
     p.add_argument("--medusa", default=None, help="Medusa heads dir (default: heads in --model)")
     p.add_argument("--prompt", default=None, help="prompt text (needs tokenizer.json)")
     p.add_argument("--input-ids", default=None, help="comma-separated prompt token ids")
@@ -44,6 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.model is None:
+        from .demo import path as demo_path
+
+        args.model, demo_heads = demo_path()
+        args.medusa = args.medusa or demo_heads
+        if args.prompt is None and args.input_ids is None:
+            args.prompt = "def "
     model = load_model(args.model, medusa=args.medusa, dtype=dtype, device=args.device)
     tokenizer = model.tokenizer()
     if args.input_ids is not None:

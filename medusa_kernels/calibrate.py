@@ -1,0 +1,229 @@
+"""Tree calibration: grow a Medusa tree from measured per-head top-k accuracies.
+
+    python -m medusa_kernels.tree calibrate --model DIR --medusa DIR --prompts FILE --nodes 63
+
+1. ``measure_accuracies``: plain greedy decoding of the prompts; at every generated position,
+   head k's rank-r token is a hit when it equals the base model's token k + 2 ahead.
+   ``acc[k][r]`` = hit rate (K heads x R ranks).
+2. ``grow_tree``: a node (path of ranks ``[r0, r1, ...]``) is accepted with probability
+   ``prod_i acc[i][r_i]`` (heads taken independent, as in the paper's mc_sim trees); the tree
+   grows by the best frontier node until it holds ``nodes`` nodes.
+3. ``expected_accepted``: 1 (the root, always kept) + the sum of the node values: nodes of one
+   depth are mutually exclusive, so the expected accepted depth is the sum of their values.
+
+Output JSON: {"choices": [...], "expected_accepted": x, "accuracies": [[...]]}, which
+``generate --tree FILE`` takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import sys
+from collections.abc import Sequence
+
+import torch
+
+
+def path_value(path: Sequence[int], acc: Sequence[Sequence[float]]) -> float:
+    """Probability that every token on ``path`` is accepted: prod_i acc[i][path[i]]."""
+    return math.prod(acc[i][r] for i, r in enumerate(path))
+
+
+def expected_accepted(choices: Sequence[Sequence[int]], acc: Sequence[Sequence[float]]) -> float:
+    """Expected tokens gained per step with tree ``choices``: 1 + sum of node values."""
+    return 1.0 + sum(path_value(p, acc) for p in choices)
+
+
+def grow_tree(acc: Sequence[Sequence[float]], nodes: int, max_depth: int | None = None
+              ) -> list[list[int]]:
+    """Greedy tree of ``nodes`` paths (root excluded) maximising ``expected_accepted``.
+
+    acc: [K][R] hit rates of head k's rank-r token. Frontier = children of the tree's nodes;
+    the best-valued one joins (ties: shallower, then smaller ranks). Since a child's value is
+    at most its parent's, the result is the top-``nodes`` paths by value: optimal for its size.
+    Paths are returned in (depth, path) order.
+    """
+    K = len(acc) if max_depth is None else min(max_depth, len(acc))
+    R = len(acc[0]) if K else 0
+    if nodes < 0:
+        raise ValueError(f"nodes must be >= 0, got {nodes}")
+    if nodes > 0 and K == 0:
+        raise ValueError("accuracies must hold at least one head")
+    frontier: list[tuple[float, int, tuple[int, ...]]] = []
+
+    def push(path: tuple[int, ...]) -> None:
+        heapq.heappush(frontier, (-path_value(path, acc), len(path), path))
+
+    for r in range(R):
+        push((r,))
+    tree: list[tuple[int, ...]] = []
+    while len(tree) < nodes and frontier:
+        _, _, path = heapq.heappop(frontier)
+        tree.append(path)
+        if len(path) < K:
+            for r in range(R):
+                push(path + (r,))
+    if len(tree) < nodes:
+        raise ValueError(f"only {len(tree)} nodes fit {K} heads x top-{R}, asked for {nodes}")
+    return [list(p) for p in sorted(tree, key=lambda p: (len(p), p))]
+
+
+@torch.no_grad()
+def measure_accuracies(
+    model, prompts: Sequence[Sequence[int]], topk: int = 10, max_new_tokens: int = 128,
+    eos_token_id=None,
+) -> tuple[list[list[float]], int]:
+    """Head k's rank-r hit rate against the base model's greedy token k + 2 ahead.
+
+    model: ``MedusaModel`` with heads. prompts: token id lists. Returns (acc [K][topk], number
+    of positions counted per head).
+    """
+    from .decoding import generate
+
+    if model.heads is None:
+        raise ValueError("model has no Medusa heads: load_model(..., medusa=DIR)")
+    base, heads, device = model.base, model.heads, model.device
+    K = heads.num_heads
+    hits = torch.zeros(K, topk, dtype=torch.float64)
+    counts = torch.zeros(K, dtype=torch.float64)
+    for prompt in prompts:
+        r = generate(model, [list(prompt)], max_new_tokens=max_new_tokens, medusa=False,
+                     eos_token_id=eos_token_id)
+        seq = torch.tensor(list(prompt) + r.tokens[0], device=device)
+        P, L = len(prompt), len(seq)
+        cache = base.new_cache(1, L)
+        hidden = base.prefill(seq[None], torch.tensor([L], dtype=torch.int32, device=device),
+                              cache)[0]
+        pos = torch.arange(P - 1, L, device=device)  # hidden whose next token is generated
+        _, idx = heads.topk(hidden[pos], topk)  # [N, K, topk]
+        for k in range(K):
+            tgt = pos + k + 2
+            ok = tgt < L
+            if ok.any():
+                hit = idx[ok, k] == seq[tgt[ok]][:, None]  # [n, topk]
+                hits[k] += hit.double().sum(0).cpu()
+                counts[k] += int(ok.sum())
+    acc = hits / counts.clamp(min=1)[:, None]
+    return acc.tolist(), int(counts.min())
+
+
+def read_prompts(path: str, tokenizer) -> list[list[int]]:
+    """A JSON list (of strings or token id lists), or a text file with one prompt per line
+    (``\\n`` in a line stands for a newline)."""
+    if path.endswith(".json"):
+        with open(path) as f:
+            items = json.load(f)
+    else:
+        with open(path) as f:
+            items = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ValueError(f"{path} holds text prompts but the model has no tokenizer.json")
+            out.append(tokenizer.encode(item).ids)
+        else:
+            out.append([int(t) for t in item])
+    return out
+
+
+def demo_prompts(model, n: int = 16, length: int = 24) -> list[list[int]]:
+    """Prompts cut from the demo's held-out stdlib files (never seen in training)."""
+    from .demo.build import EOS, corpus, encode_all, prompts_from
+
+    _, held = corpus(10**6)
+    tok = model.tokenizer()
+    return prompts_from(encode_all(tok, held), n, length, seed=11, eos=tok.token_to_id(EOS))
+
+
+def measured_accepted(model, prompts, tree, max_new_tokens: int, eos_token_id=None) -> float:
+    """Mean accepted tokens per step of greedy Medusa decoding over all prompts' steps."""
+    from .decoding import generate
+
+    counts = []
+    for p in prompts:
+        r = generate(model, [list(p)], max_new_tokens=max_new_tokens, medusa=True, tree=tree,
+                     eos_token_id=eos_token_id)
+        counts += [n for step in r.accepted_per_step for n in step if n > 0]
+    return sum(counts) / max(len(counts), 1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m medusa_kernels.tree calibrate",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="base model dir (default: the demo model)")
+    p.add_argument("--medusa", default=None, help="heads dir (default: heads in --model/demo)")
+    p.add_argument("--prompts", default=None,
+                   help="JSON list or text file, one prompt per line (default with the demo: "
+                        "held-out stdlib prompts)")
+    p.add_argument("--nodes", type=int, default=63, help="tree nodes besides the root")
+    p.add_argument("--topk", type=int, default=10, help="ranks measured per head")
+    p.add_argument("--max-depth", type=int, default=None, help="deepest path (default: heads)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="JSON file to write (default: print)")
+    p.add_argument("--measure", action="store_true",
+                   help="also decode with the calibrated and the default tree and record the "
+                        "measured mean accepted tokens per step")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "calibrate":
+        argv = argv[1:]
+    args = parse_args(argv)
+    from .checkpoint import load_model
+    from .tree import DEFAULT_TREE
+
+    medusa = args.medusa
+    if args.model is None:
+        from .demo import path
+
+        args.model, demo_heads = path()
+        medusa = medusa or demo_heads
+    model = load_model(args.model, medusa=medusa, device=args.device)
+    eos = model.eos_token_id()
+    if args.prompts is not None:
+        prompts = read_prompts(args.prompts, model.tokenizer())
+    elif args.medusa is None and medusa is not None:
+        prompts = demo_prompts(model)
+    else:
+        sys.exit("give --prompts FILE (a JSON list or one prompt per line)")
+    acc, positions = measure_accuracies(model, prompts, args.topk, args.max_new_tokens, eos)
+    choices = grow_tree(acc, args.nodes, args.max_depth)
+    out = {
+        "choices": choices,
+        "expected_accepted": round(expected_accepted(choices, acc), 4),
+        "accuracies": [[round(a, 4) for a in row] for row in acc],
+        "positions": positions,
+        "prompts": len(prompts),
+        "model": args.model,
+    }
+    if args.measure:
+        from .tree import TREES
+
+        default = [p for p in TREES[DEFAULT_TREE] if len(p) <= len(acc) and max(p) < args.topk]
+        out["measured_accepted"] = round(
+            measured_accepted(model, prompts, choices, args.max_new_tokens, eos), 4)
+        out["default_tree"] = DEFAULT_TREE
+        out["default_expected_accepted"] = round(expected_accepted(default, acc), 4)
+        out["default_measured_accepted"] = round(
+            measured_accepted(model, prompts, DEFAULT_TREE, args.max_new_tokens, eos), 4)
+    text = json.dumps(out, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {args.out}: {len(choices)} nodes, expected accepted "
+              f"{out['expected_accepted']}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

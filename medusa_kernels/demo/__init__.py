@@ -1,0 +1,28 @@
+"""The built-in demo model: a small Llama trained on the Python standard library's sources,
+with Medusa-1 heads trained on its own greedy outputs. Built by ``python -m
+medusa_kernels.demo.build``; shipped in ``medusa_kernels/assets/demo``."""
+
+from __future__ import annotations
+
+import os
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
+
+
+def path(root: str | os.PathLike | None = None) -> tuple[str, str]:
+    """(base model dir, heads dir) of the demo checkpoint under ``root`` (default: shipped)."""
+    root = str(root or ASSETS)
+    model_dir, heads_dir = os.path.join(root, "model"), os.path.join(root, "heads")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(
+            f"no demo checkpoint in {root}: build it with python -m medusa_kernels.demo.build"
+        )
+    return model_dir, heads_dir
+
+
+def report(root: str | os.PathLike | None = None) -> dict:
+    """The build report (settings, held-out loss, head accuracies, mean accepted)."""
+    import json
+
+    with open(os.path.join(str(root or ASSETS), "build_report.json")) as f:
+        return json.load(f)

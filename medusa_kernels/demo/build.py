@@ -1,0 +1,343 @@
+"""Build the demo checkpoint from nothing: ``python -m medusa_kernels.demo.build [--quick]``.
+
+1. corpus: the standard library's top-level ``*.py`` files, sorted; every 10th is held out.
+2. tokenizer: byte-level BPE (``tokenizers``) trained on the training files, eos ``<|endoftext|>``.
+3. base model: a small Llama (tied embeddings, GQA) pretrained with the causal LM loss.
+4. self-distillation: greedy continuations of prompts cut from the training files.
+5. Medusa-1 heads: frozen backbone, head k learns token t + k + 2 of the distilled text,
+   loss weight 0.8**k, heads initialised from the lm_head.
+6. evaluation on held-out prompts (from the saved checkpoint): held-out loss, head top-1
+   accuracy, mean accepted tokens per step of greedy Medusa decoding (checked equal to plain).
+
+Writes ``OUT/model`` (HF layout + tokenizer.json), ``OUT/heads`` (public heads layout) and
+``OUT/build_report.json``. Default OUT is the shipped ``medusa_kernels/assets/demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import platform
+import random
+import sys
+import sysconfig
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import load_model, save_base_model, save_medusa_heads
+from ..decoding import generate
+from ..heads import MedusaHeads
+from ..model import ModelConfig, Transformer
+from . import ASSETS
+
+EOS = "<|endoftext|>"
+FULL = dict(vocab=2048, d=256, layers=4, heads=4, kv_heads=2, ffn=704, seq=128, batch=16,
+            lr=3e-3, pretrain_s=420.0, pretrain_steps=4000, distil_prompts=384, prompt_len=24,
+            gen_len=96, heads_s=180.0, heads_steps=3000, heads_batch=1024, heads_lr=1e-3,
+            eval_prompts=24, eval_new=96, num_heads=4, max_files=10**6)
+QUICK = dict(FULL, vocab=384, d=64, layers=2, heads=2, kv_heads=1, ffn=128, seq=64, batch=8,
+             pretrain_s=20.0, pretrain_steps=40, distil_prompts=16, gen_len=24, heads_s=10.0,
+             heads_steps=30, heads_batch=256, eval_prompts=4, eval_new=24, max_files=12)
+
+
+def log(msg: str) -> None:
+    print(f"[demo.build {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def corpus(max_files: int) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts) from the stdlib's own sources, deterministic."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:max_files]
+    texts = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            texts.append(fh.read())
+    train = [t for i, t in enumerate(texts) if i % 10 != 5]
+    held = [t for i, t in enumerate(texts) if i % 10 == 5] or texts[-1:]
+    return train, held
+
+
+def train_tokenizer(texts: list[str], vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def encode_all(tok, texts: list[str]) -> torch.Tensor:
+    eos = tok.token_to_id(EOS)
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts):
+        ids.extend(enc.ids)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def hf_config(s: dict, eos: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": s["vocab"], "hidden_size": s["d"], "intermediate_size": s["ffn"],
+        "num_hidden_layers": s["layers"], "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv_heads"], "head_dim": s["d"] // s["heads"],
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+        "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": eos,
+        "torch_dtype": "float16", "hidden_act": "silu", "attention_bias": False,
+    }  # fmt: skip
+
+
+def hidden_states(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [B, T] -> final normed hidden [B, T, d] (causal; works under autograd)."""
+    B, T = tokens.shape
+    cache = model.new_cache(B, T)
+    lengths = torch.full((B,), T, dtype=torch.int32, device=tokens.device)
+    return model.prefill(tokens, lengths, cache)
+
+
+def lm_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
+    hidden = hidden_states(model, batch[:, :-1])
+    return F.cross_entropy(model.logits(hidden).flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
+def windows(data: torch.Tensor, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(data) - length, (n,), generator=gen)
+    return torch.stack([data[s:s + length] for s in starts.tolist()])
+
+
+def lr_at(step: int, frac: float, lr: float, warmup: int = 30) -> float:
+    return lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def pretrain(model: Transformer, data: torch.Tensor, s: dict, device) -> int:
+    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    start, step = time.perf_counter(), 0
+    model.train()
+    while step < s["pretrain_steps"]:
+        frac = max(step / s["pretrain_steps"], (time.perf_counter() - start) / s["pretrain_s"])
+        if frac >= 1:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, frac, s["lr"])
+        batch = windows(data, s["batch"], s["seq"] + 1, gen).to(device)
+        loss = lm_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            elapsed = time.perf_counter() - start
+            log(f"pretrain step {step} loss {loss.item():.3f} ({elapsed:.0f} s)")
+        step += 1
+    model.eval()
+    return step
+
+
+@torch.no_grad()
+def eval_loss(model: Transformer, data: torch.Tensor, s: dict, device, n: int = 64) -> float:
+    gen = torch.Generator().manual_seed(2)
+    batch = windows(data, n, s["seq"] + 1, gen).to(device)
+    return sum(lm_loss(model, b).item() * len(b) for b in batch.split(16)) / n
+
+
+def prompts_from(data: torch.Tensor, n: int, length: int, seed: int, eos: int) -> list[list[int]]:
+    """``n`` prompt windows of ``length`` tokens containing no eos."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[list[int]] = []
+    while len(out) < n:
+        w = windows(data, 1, length, gen)[0]
+        if not (w == eos).any():
+            out.append(w.tolist())
+    return out
+
+
+class _Wrap:
+    """The minimal MedusaModel surface ``generate`` needs, around an in-memory model."""
+
+    def __init__(self, base: Transformer, heads: MedusaHeads | None = None):
+        self.base, self.heads = base, heads
+
+    @property
+    def device(self):
+        return self.base.lm_head.weight.device
+
+
+@torch.no_grad()
+def distil(model: Transformer, prompts: list[list[int]], gen_len: int) -> torch.Tensor:
+    """prompt + greedy continuation (eos ignored) [N, P + gen_len]."""
+    rows = []
+    for i in range(0, len(prompts), 64):
+        chunk = prompts[i:i + 64]
+        r = generate(_Wrap(model), chunk, max_new_tokens=gen_len, medusa=False)
+        rows += [p + t for p, t in zip(chunk, r.tokens, strict=True)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def heads_loss(heads: MedusaHeads, hidden: torch.Tensor, seqs: torch.Tensor, first: int):
+    """Medusa-1 loss on hidden [B, T, d] of seqs [B, T] from position ``first`` on; returns
+    (loss, top-1 accuracy per head)."""
+    K = heads.num_heads
+    T = seqs.shape[1]
+    span = T - first - K - 1  # positions whose targets t + k + 2 exist for every head
+    h = hidden[:, first:first + span]
+    logits = heads(h)  # [B, span, K, V]
+    loss, accs = 0.0, []
+    for k in range(K):
+        tgt = seqs[:, first + k + 2:first + k + 2 + span]
+        lk = logits[:, :, k].float()
+        loss = loss + 0.8**k * F.cross_entropy(lk.flatten(0, 1), tgt.flatten())
+        accs.append((lk.argmax(-1) == tgt).float().mean().item())
+    return loss, accs
+
+
+def train_heads(model: Transformer, seqs: torch.Tensor, s: dict, device) -> tuple[MedusaHeads, int]:
+    cfg = model.cfg
+    heads = MedusaHeads(s["num_heads"], 1, cfg.hidden_size, cfg.vocab_size).to(device)
+    heads.init_from_lm_head(model.lm_head.weight.detach())
+    first = s["prompt_len"] - 1
+    with torch.no_grad():
+        hidden = torch.cat([hidden_states(model, b.to(device)) for b in seqs.split(32)])
+    seqs = seqs.to(device)
+    opt = torch.optim.AdamW(heads.parameters(), lr=s["heads_lr"], weight_decay=0.0)
+    rows = max(1, s["heads_batch"] // (seqs.shape[1] - first))
+    gen = torch.Generator().manual_seed(3)
+    start, step = time.perf_counter(), 0
+    while step < s["heads_steps"]:
+        frac = max(step / s["heads_steps"], (time.perf_counter() - start) / s["heads_s"])
+        if frac >= 1:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, frac, s["heads_lr"], warmup=10)
+        idx = torch.randint(0, len(seqs), (rows,), generator=gen).to(device)
+        loss, accs = heads_loss(heads, hidden[idx], seqs[idx], first)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            log(f"heads step {step} loss {loss.item():.3f} top-1 "
+                f"{[round(a, 3) for a in accs]} ({time.perf_counter() - start:.0f} s)")
+        step += 1
+    return heads.eval(), step
+
+
+def evaluate(out: str, held: torch.Tensor, s: dict, eos: int) -> dict:
+    """Held-out numbers from the saved checkpoint (float32 on CPU)."""
+    model_dir, heads_dir = os.path.join(out, "model"), os.path.join(out, "heads")
+    m = load_model(model_dir, medusa=heads_dir, dtype=torch.float32, device="cpu")
+    loss = eval_loss(m.base, held, s, "cpu")
+    prompts = prompts_from(held, s["eval_prompts"], s["prompt_len"], seed=7, eos=eos)
+    seqs = distil(m.base, prompts, s["gen_len"])
+    with torch.no_grad():
+        hidden = hidden_states(m.base, seqs)
+        _, accs = heads_loss(m.heads, hidden, seqs, s["prompt_len"] - 1)
+    res: dict = {"held_out_loss": round(loss, 4), "held_out_head_top1": [round(a, 4) for a in accs]}
+    plain = [generate(m, [p], max_new_tokens=s["eval_new"], medusa=False).tokens[0]
+             for p in prompts]
+    for tree in ("mc_sim_7b_63", "small_15"):
+        outs = [generate(m, [p], max_new_tokens=s["eval_new"], medusa=True, tree=tree)
+                for p in prompts]  # one at a time: mean over steps of every prompt
+        counts = [n for r in outs for step in r.accepted_per_step for n in step if n > 0]
+        res[f"mean_accepted_{tree}"] = round(sum(counts) / len(counts), 4)
+        res[f"identical_to_plain_{tree}"] = [r.tokens[0] for r in outs] == plain
+    tok = m.tokenizer()
+    res["sample"] = {"prompt": tok.decode(prompts[0]), "continuation": tok.decode(plain[0])}
+    return res
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m medusa_kernels.demo.build", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=ASSETS, help="output dir (default: the shipped assets)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke build (seconds)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: larger builds)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help=f"override a setting, e.g. pretrain_s=1200 d=384 ({sorted(FULL)})")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    s = dict(QUICK if args.quick else FULL)
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        if k not in s:
+            raise SystemExit(f"--set: unknown setting {k!r}; known: {sorted(s)}")
+        s[k] = type(s[k])(float(v)) if isinstance(s[k], (int, float)) else v
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    train_texts, held_texts = corpus(s["max_files"])
+    log(f"corpus: {len(train_texts)} training files, {len(held_texts)} held out")
+    tok = train_tokenizer(train_texts, s["vocab"])
+    eos = tok.token_to_id(EOS)
+    data, held = encode_all(tok, train_texts), encode_all(tok, held_texts)
+    log(f"tokenizer: vocab {tok.get_vocab_size()}, {len(data)} training tokens, {len(held)} held")
+    s["vocab"] = tok.get_vocab_size()
+    cfg_json = hf_config(s, eos)
+    model = Transformer(ModelConfig.from_hf(cfg_json))
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            std = 0.02 / math.sqrt(2 * s["layers"]) if name.endswith(("wo.weight", "w2.weight")) \
+                else 0.02
+            torch.nn.init.normal_(p, std=std)
+    model = model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f} M parameters")
+    pre_steps = pretrain(model, data, s, device)
+    t_pre = time.perf_counter() - t0
+    prompts = prompts_from(data, s["distil_prompts"], s["prompt_len"], seed=5, eos=eos)
+    seqs = distil(model, prompts, s["gen_len"])
+    log(f"distilled {len(seqs)} sequences of {seqs.shape[1]} tokens")
+    heads, head_steps = train_heads(model, seqs.cpu(), s, device)
+
+    out = os.path.abspath(args.out)
+    model_dir, heads_dir = os.path.join(out, "model"), os.path.join(out, "heads")
+    save_base_model(model.to("cpu", torch.float16), model_dir, cfg_json)
+    tok.save(os.path.join(model_dir, "tokenizer.json"))
+    with open(os.path.join(model_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": eos}, f, indent=2)
+    save_medusa_heads(heads.to("cpu", torch.float16), heads_dir, base_model_name_or_path="../model")
+    log(f"saved to {out}; evaluating on held-out prompts")
+    results = evaluate(out, held, s, eos)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d in (model_dir, heads_dir)
+               for f in os.listdir(d))
+    report = {
+        "results": results,
+        "settings": s,
+        "quick": args.quick,
+        "device": str(device),
+        "threads": args.threads,
+        "parameters": n_params,
+        "heads_parameters": sum(p.numel() for p in heads.parameters()),
+        "pretrain_steps": pre_steps,
+        "pretrain_tokens": pre_steps * s["batch"] * s["seq"],
+        "heads_steps": head_steps,
+        "training_tokens": len(data),
+        "held_out_tokens": len(held),
+        "checkpoint_bytes": size,
+        "pretrain_seconds": round(t_pre, 1),
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "stdlib": sysconfig.get_paths()["stdlib"],
+    }
+    with open(os.path.join(out, "build_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    log(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Tree calibration: greedy growth equals brute force, the expected-length formula, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from medusa_kernels.calibrate import expected_accepted, grow_tree, main, path_value
+from medusa_kernels.tree import build_tree
+
+
+def hand_table(K: int, R: int, seed: int = 0) -> list[list[float]]:
+    """Accuracies falling with rank and depth, no ties among path products (random jitter)."""
+    rng = random.Random(seed)
+    return [[0.8 * 0.75**k * 0.45**r * (1 + 0.05 * rng.random()) for r in range(R)]
+            for k in range(K)]
+
+
+def all_trees(K: int, R: int, n: int) -> set[frozenset]:
+    """Every prefix-closed set of exactly n paths (depth <= K, ranks < R)."""
+    trees = {frozenset()}
+    for _ in range(n):
+        grown = set()
+        for t in trees:
+            parents = [()] + [p for p in t if len(p) < K]
+            for par in parents:
+                for r in range(R):
+                    c = par + (r,)
+                    if c not in t:
+                        grown.add(t | {c})
+        trees = grown
+    return trees
+
+
+@pytest.mark.parametrize("K,R,n", [(3, 3, 1), (3, 3, 3), (3, 3, 5), (3, 3, 6), (2, 4, 6),
+                                   (4, 2, 6)], ids=lambda v: str(v))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grow_tree_equals_brute_force(K, R, n, seed):
+    acc = hand_table(K, R, seed)
+    best = max(all_trees(K, R, n), key=lambda t: expected_accepted(t, acc))
+    got = grow_tree(acc, n)
+    assert {tuple(p) for p in got} == set(best)
+    assert expected_accepted(got, acc) == pytest.approx(expected_accepted(best, acc))
+    build_tree(got, num_heads=K, topk=R)  # a valid tree
+
+
+def test_grow_tree_order_depth_and_errors():
+    acc = hand_table(4, 10)
+    tree = grow_tree(acc, 63)
+    assert len(tree) == 63
+    assert tree == sorted(tree, key=lambda p: (len(p), p))
+    assert max(len(p) for p in grow_tree(acc, 63, max_depth=2)) == 2
+    with pytest.raises(ValueError, match="nodes"):
+        grow_tree(acc, -1)
+    with pytest.raises(ValueError, match="nodes fit"):
+        grow_tree(hand_table(1, 2), 3)
+
+
+def test_expected_accepted_formula():
+    acc = hand_table(3, 3)
+    chain = [[0], [0, 0], [0, 0, 0]]
+    a = [row[0] for row in acc]
+    assert expected_accepted(chain, acc) == pytest.approx(1 + a[0] + a[0] * a[1]
+                                                          + a[0] * a[1] * a[2])
+    assert expected_accepted([], acc) == 1.0
+    assert path_value([2, 1], acc) == pytest.approx(acc[0][2] * acc[1][1])
+
+
+def test_expected_accepted_matches_simulation():
+    """Independent heads, each rank r right with probability acc[k][r]: mean longest accepted
+    path of the tree + 1 equals the formula."""
+    acc = [[0.6 * a for a in row] for row in hand_table(3, 4, seed=3)]  # rows sum below 1
+    tree = grow_tree(acc, 12)
+    paths = {tuple(p) for p in tree}
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    probs = torch.tensor([row + [1 - sum(row)] for row in acc], dtype=torch.float64)
+    right = torch.stack([torch.multinomial(probs[k], n, replacement=True, generator=g)
+                         for k in range(3)], 1).tolist()  # rank that is right (R = none)
+    total = 0
+    for draw in right:
+        depth = 0
+        while depth < 3 and tuple(draw[:depth + 1]) in paths:
+            depth += 1
+        total += 1 + depth
+    assert total / n == pytest.approx(expected_accepted(tree, acc), abs=0.02)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    from medusa_kernels.demo.build import main as build
+
+    out = tmp_path_factory.mktemp("demo_quick")
+    assert build(["--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_cli_calibrate(quick_demo, tmp_path):
+    from medusa_kernels.checkpoint import load_model
+    from medusa_kernels.decoding import generate
+    from medusa_kernels.demo import path
+
+    model_dir, heads_dir = path(quick_demo)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["def f(x):\n    return", "import os\n"]))
+    out = tmp_path / "tree.json"
+    rc = main(["calibrate", "--model", model_dir, "--medusa", heads_dir, "--prompts",
+               str(prompts), "--nodes", "7", "--topk", "4", "--max-new-tokens", "16",
+               "--device", "cpu", "--out", str(out), "--measure"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert len(data["choices"]) == 7
+    acc = data["accuracies"]
+    assert all(0 <= a <= 1 for row in acc for a in row)
+    assert all(sum(row) <= 1 + 1e-6 for row in acc)  # ranks are distinct tokens
+    assert data["expected_accepted"] == pytest.approx(
+        expected_accepted(data["choices"], acc), abs=1e-3)
+    assert data["measured_accepted"] >= 1
+    m = load_model(model_dir, medusa=heads_dir, dtype=torch.float32)
+    ids = m.tokenizer().encode("class A:\n").ids
+    plain = generate(m, [ids], max_new_tokens=12, medusa=False).tokens
+    assert generate(m, [ids], max_new_tokens=12, tree=str(out)).tokens == plain
