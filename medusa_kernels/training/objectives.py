@@ -1,0 +1,135 @@
+"""Training forward and losses: a cache-free causal forward of the decoder, Medusa head losses,
+the backbone's LM / distillation losses and per-rank head accuracies.
+
+Losses are returned as sums over positions; the trainer divides by the global (all ranks, all
+micro-batches) count so that any sharding of a global batch gives the same gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..heads import MedusaHeads
+from ..model import Transformer, apply_rope
+from .data import shifted_targets
+
+
+def causal_hidden(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                  segments: torch.Tensor | None = None, frozen_layers: int = 0) -> torch.Tensor:
+    """Final normed hidden [B, T, d] of tokens [B, T], causal, no KV cache, autograd-friendly.
+
+    positions [B, T] (default 0..T-1); segments [B, T]: tokens attend only to earlier tokens of
+    their own segment (packed rows; padding = -1 attends among itself and is ignored). The
+    embedding and the first ``frozen_layers`` layers run without autograd (frozen prefix).
+    """
+    B, T = tokens.shape
+    if positions is None:
+        positions = torch.arange(T, device=tokens.device).expand(B, T)
+    mask = None
+    if segments is not None:
+        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # [B,1,T,T]
+    with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_layers == 0):
+        x = model.embed(tokens)
+    cos, sin = model._rope(positions, x.dtype)
+    for i, layer in enumerate(model.layers):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= frozen_layers):
+            h = x + _attention(layer.attention, layer.attention_norm(x), cos, sin, mask)
+            x = h + layer.mlp(layer.ffn_norm(h))
+    return model.norm(x)
+
+
+def _attention(attn, x, cos, sin, mask):
+    cfg = attn.cfg
+    B, T, _ = x.shape
+    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    q, k, v = attn.wqkv(x).split([q_out, kv_out, kv_out], dim=-1)
+    q = apply_rope(q.view(B, T, cfg.num_heads, cfg.head_dim), cos, sin).transpose(1, 2)
+    k = apply_rope(k.view(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+    v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
+    group = cfg.num_heads // cfg.num_kv_heads
+    k = k.repeat_interleave(group, dim=2).transpose(1, 2)
+    v = v.repeat_interleave(group, dim=2).transpose(1, 2)
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return attn.wo(out.transpose(1, 2).reshape(B, T, q_out))
+
+
+def head_logits(heads: MedusaHeads, hidden: torch.Tensor, k: int) -> torch.Tensor:
+    """Head k's logits for hidden [N, d] -> [N, V] (the math of ``MedusaHeads.forward``)."""
+    h = hidden
+    for layer in range(heads.num_layers):
+        h = h + F.silu(F.linear(h, heads.w1[k, layer], heads.b1[k, layer]))
+    return F.linear(h, heads.w2[k])
+
+
+def heads_loss_sums(heads: MedusaHeads, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-head cross-entropy sums [K]: head k at position t against token t + k + 2.
+
+    Runs every head even when it has no valid position (an empty selection), so every
+    parameter takes part in the graph (DDP needs that).
+    """
+    sums = []
+    for k in range(heads.num_heads):
+        valid, labels = shifted_targets(batch, k + 2)
+        logits = upcast(head_logits(heads, hidden[valid], k))
+        sums.append(F.cross_entropy(logits, labels[valid], reduction="sum"))
+    return torch.stack(sums)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Losses in fp32 at least (fp64 stays fp64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def topk_kl_sum(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
+                teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Sum over N positions of KL(teacher || student) on the teacher's top-k tokens plus one
+    "rest of the vocabulary" bucket: an exact KL of the two coarsened distributions, zero when
+    they agree, the full KL when k = V.
+
+    student_logits [N, V]; teacher_ids [N, k]; teacher_logprobs [N, k] (log-probabilities over
+    the full vocabulary; -inf marks an unused slot).
+    """
+    lq = upcast(student_logits).log_softmax(-1).gather(-1, teacher_ids)
+    lp = teacher_logprobs.to(lq.dtype)
+    p = lp.exp()
+    top = torch.where(p > 0, p * (lp - lq), 0.0).sum(-1)
+    p_rest = (1 - p.sum(-1)).clamp(min=0)
+    q_rest = (1 - lq.exp().sum(-1)).clamp(min=1e-30)
+    rest = torch.where(p_rest > 1e-6, p_rest * (p_rest.clamp(min=1e-30).log() - q_rest.log()),
+                       0.0)
+    return (top + rest).sum()
+
+
+def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over N positions of KL(softmax(teacher) || softmax(student)); [N, V] each."""
+    return F.kl_div(upcast(student_logits).log_softmax(-1),
+                    upcast(teacher_logits).log_softmax(-1), log_target=True, reduction="sum")
+
+
+@torch.no_grad()
+def rank_hits(heads: MedusaHeads, base: Transformer, hidden: torch.Tensor, batch: dict,
+              topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hit counts: (hits [K + 1, topk], counts [K + 1], loss sums [K + 1]).
+
+    Row 0 is the base lm_head (token t + 1), row k + 1 is head k (token t + k + 2); hits[j, r]
+    counts positions whose rank-r token (descending logits) is the label.
+    """
+    K = heads.num_heads
+    hits = torch.zeros(K + 1, topk, dtype=torch.float64, device=hidden.device)
+    counts = torch.zeros(K + 1, dtype=torch.float64, device=hidden.device)
+    losses = torch.zeros(K + 1, dtype=torch.float64, device=hidden.device)
+    for j in range(K + 1):
+        valid, labels = shifted_targets(batch, j + 1)
+        h = hidden[valid]
+        logits = (base.logits(h) if j == 0 else head_logits(heads, h, j - 1)).float()
+        y = labels[valid]
+        idx = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices
+        hits[j, :idx.shape[1]] = (idx == y[:, None]).double().sum(0)
+        counts[j] = y.numel()
+        losses[j] = F.cross_entropy(logits, y, reduction="sum").double()
+    return hits, counts, losses
