@@ -66,6 +66,8 @@ def load_base_model(model_dir, dtype=None, device="cpu") -> Transformer:
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device="cpu")
+    if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
+        model.lm_head.weight = model.embed.weight
     state = read_tensors(weight_files(model_dir), keep=lambda n: not n.startswith(HEADS_PREFIX))
     model.load_hf_state_dict(state)
     return model.to(device=device, dtype=dtype or default_dtype(device)).eval()

@@ -204,11 +204,15 @@ def _decode(
     B = tokens.shape[0]
     num_heads = model.heads.num_heads if model.heads is not None else None
     tb: TreeBuffers = build_tree(resolve_choices(tree) if medusa else [], num_heads, None, device)
-    capacity = tokens.shape[1] + max_new_tokens + tb.num_nodes
+    # Before its last step a sequence holds < P + max_new - 1 cached tokens; that step may
+    # accept up to depth + 1 (overshooting max_new), and finished rows still get the tree
+    # written (T nodes) at their seqlens while other rows run on.
+    capacity = tokens.shape[1] + max_new_tokens + tb.depth + tb.num_nodes
     if max_seq_len is not None and capacity > max_seq_len:
         raise ValueError(
-            f"prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) + tree nodes "
-            f"({tb.num_nodes}) = {capacity} exceeds max_seq_len = {max_seq_len}"
+            f"prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) + tree depth "
+            f"({tb.depth}) + tree nodes ({tb.num_nodes}) = {capacity} exceeds max_seq_len = "
+            f"{max_seq_len}"
         )
     generator = None
     if seed is not None:

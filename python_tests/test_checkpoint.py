@@ -99,3 +99,9 @@ def test_fresh_heads_predict_what_the_base_predicts(tmp_path):
     hidden = torch.randn(5, 64)
     _, top = heads.topk(hidden, 1)
     assert (top[:, :, 0] == model.base.logits(hidden).argmax(-1)[:, None]).all()
+
+
+def test_tied_embeddings_stay_one_tensor(tmp_path):
+    make_hf_model("qwen2", path=tmp_path)  # tie_word_embeddings=True
+    base = load_model(tmp_path, dtype=torch.float32).base
+    assert base.lm_head.weight is base.embed.weight

@@ -140,3 +140,16 @@ def test_cli_streams_and_reports(tmp_path):
     assert "accepted tokens per step" in out.stderr
     plain = subprocess.run(cmd + ["--no-medusa"], capture_output=True, text=True, timeout=120)
     assert plain.stdout.split() == out.stdout.split()
+
+
+def test_finished_sequence_that_overshot_does_not_overflow_the_cache(model):
+    # sequence 0 (the longest prompt) accepts 5 tokens a step and overshoots max_new_tokens in
+    # its last step; sequence 1 accepts 1 a step, so the tree is still written for sequence 0
+    # at its advanced seqlens: the cache must hold that (an overflow raises on the CPU)
+    ids = prompts(2, seed=9)[::-1]
+    plain = generate(model, ids, max_new_tokens=7, medusa=False)
+    longer = generate(model, ids, max_new_tokens=20, medusa=False)
+    fast = generate(model, ids, max_new_tokens=7, medusa=True,
+                    propose=oracle([longer.tokens[0], []]))
+    assert fast.tokens == plain.tokens
+    assert max(step[0] for step in fast.accepted_per_step) == 5
