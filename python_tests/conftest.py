@@ -19,3 +19,4 @@ def poison(shape, dtype, device):
     if dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.full(shape, -1, dtype=dtype, device=device)
+
