@@ -11,6 +11,7 @@ from .heads import MedusaHeads
 from .model import ModelConfig, Transformer
 from .ops import (
     accept_greedy,
+    accept_greedy_ids,
     accept_typical,
     compact_kv_cache,
     medusa_heads_topk,
@@ -31,6 +32,7 @@ __all__ = [
     "Transformer",
     "TreeBuffers",
     "accept_greedy",
+    "accept_greedy_ids",
     "accept_typical",
     "build_tree",
     "compact_kv_cache",

@@ -21,6 +21,10 @@ install_capture(sys.argv[1])
 
 from medusa_kernels.ops.acceptance import accept_greedy_ids_triton  # noqa: E402
 from medusa_kernels.ops.compact_kv import compact_kv_cache_triton  # noqa: E402
+from medusa_kernels.ops.heads_topk import (  # noqa: E402
+    lm_head_topk_triton,
+    medusa_heads_topk_triton,
+)
 from medusa_kernels.ops.tree_attention import pack_tree_mask, tree_attention_triton  # noqa: E402
 from medusa_kernels.tree import TREES, build_tree  # noqa: E402
 
@@ -77,20 +81,16 @@ def acceptance_launches():
 
 
 def heads_launches():
-    try:
-        from medusa_kernels.ops import heads_topk
-    except ImportError:
-        return
-    launch = getattr(heads_topk, "medusa_heads_topk_triton", None)
-    if launch is None:
-        return
-    for N in (1, 8):
-        for K in (1, 5):
-            for k in (1, 10):
-                d, V = 256, 3000
-                h = torch.randn(N, d, dtype=DT)
-                launch(h, 0.05 * torch.randn(K, d, d, dtype=DT), torch.randn(K, d, dtype=DT),
-                       0.05 * torch.randn(K, V, d, dtype=DT), k)
+    # the launch config depends on the token-block bucket of N (1 = GEMV, 2-32, 33-64, > 64)
+    d, V = 128, 300
+    for N, ks in ((1, (1, 10, 32)), (8, (1, 10, 32)), (33, (10,)), (70, (10,))):
+        for k in ks:
+            K = 2
+            h = torch.randn(N, d, dtype=DT)
+            medusa_heads_topk_triton(h, 0.05 * torch.randn(K, d, d, dtype=DT),
+                                     torch.randn(K, d, dtype=DT),
+                                     0.05 * torch.randn(K, V, d, dtype=DT), k)
+        lm_head_topk_triton(torch.randn(N, d, dtype=DT), 0.05 * torch.randn(V, d, dtype=DT), 1)
 
 
 if __name__ == "__main__":

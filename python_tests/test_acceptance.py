@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import HAS_CUDA, requires_cuda
 
-from medusa_kernels import accept_greedy, accept_typical, build_tree
+from medusa_kernels import accept_greedy, accept_greedy_ids, accept_typical, build_tree
 from medusa_kernels.ops.acceptance import accept_greedy_ids_ref, accept_greedy_ids_triton
 from medusa_kernels.tree import TREES
 
@@ -55,6 +55,8 @@ def test_kernel_matches_torch_on_random_trees(tree_name, p_agree):
     assert_same(accept_greedy_ids_triton(pred, tokens, ri), want)
     if DEV.type == "cuda" or p_agree == 0.6:
         assert_same(accept_greedy(logits, tokens, ri, backend="triton"), want)
+    for backend in ("torch", "triton"):
+        assert_same(accept_greedy_ids(pred, tokens, ri, backend=backend), want)
     if p_agree == 1.0:  # every path fully accepted: the first longest one wins
         depth = int((ri >= 0).sum(1).max())
         assert want[0].tolist() == [depth] * 5
@@ -134,3 +136,12 @@ def test_gpu_auto_is_triton_and_graph_capturable():
         torch.cuda.set_sync_debug_mode("default")
     graph.replay()
     assert_same(got, want)
+
+
+def test_accept_greedy_ids_checks_its_arguments():
+    tree = build_tree(TREES["chain_4"])
+    logits, tokens, ri, pred = random_case(tree, 2, 11, 0.5, seed=1)
+    with pytest.raises(ValueError, match="tree_pred"):
+        accept_greedy_ids(logits, tokens, ri)  # logits, not ids
+    with pytest.raises(ValueError, match="tree_tokens"):
+        accept_greedy_ids(pred, tokens[:1], ri)

@@ -4,9 +4,9 @@ Each op module holds the plain PyTorch reference (``*_ref``), the fast kernels a
 function, registered as a ``torch.library`` custom op so torch.compile and CUDA graphs see it.
 """
 
-from .acceptance import accept_greedy, accept_typical, sample_tokens
+from .acceptance import accept_greedy, accept_greedy_ids, accept_typical, sample_tokens
 from .compact_kv import compact_kv_cache, compact_kv_cache_ref
-from .heads_topk import medusa_heads_topk, medusa_heads_topk_ref
+from .heads_topk import lm_head_topk, lm_head_topk_ref, medusa_heads_topk, medusa_heads_topk_ref
 from .tree_attention import (
     pack_tree_mask,
     tree_attention,
@@ -16,9 +16,12 @@ from .tree_attention import (
 
 __all__ = [
     "accept_greedy",
+    "accept_greedy_ids",
     "accept_typical",
     "compact_kv_cache",
     "compact_kv_cache_ref",
+    "lm_head_topk",
+    "lm_head_topk_ref",
     "medusa_heads_topk",
     "medusa_heads_topk_ref",
     "pack_tree_mask",

@@ -69,9 +69,12 @@ def _select_path(ok, score, retrieve_indices, nodes):
     return accept_lengths, accept_indices, last_node
 
 
-def check_accept_args(tree_logits, tree_tokens, retrieve_indices) -> None:
-    check_tensor("tree_logits", tree_logits, ndim=3, dtypes=FLOAT_DTYPES)
-    B, T, _ = tree_logits.shape
+def check_accept_args(tree_logits, tree_tokens, retrieve_indices, *, ids: bool = False) -> None:
+    if ids:
+        check_tensor("tree_pred", tree_logits, ndim=2, dtypes=INDEX_DTYPES)
+    else:
+        check_tensor("tree_logits", tree_logits, ndim=3, dtypes=FLOAT_DTYPES)
+    B, T = tree_logits.shape[:2]
     dev = tree_logits.device
     check_tensor("tree_tokens", tree_tokens, ndim=2, dtypes=INDEX_DTYPES, device=dev)
     if tuple(tree_tokens.shape) != (B, T):
@@ -186,6 +189,21 @@ def accept_greedy(
     name = pick_backend("accept_greedy", backend, tree_logits.device, _GREEDY_IMPLS)
     pred = tree_logits.argmax(dim=-1)  # [B, T]
     return _GREEDY_IMPLS[name](pred, tree_tokens, retrieve_indices)
+
+
+def accept_greedy_ids(
+    tree_pred: torch.Tensor,
+    tree_tokens: torch.Tensor,
+    retrieve_indices: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``accept_greedy`` from the base model's argmax ids ``tree_pred`` [B, T] int instead of
+    logits (e.g. from ``lm_head_topk(..., k=1)``, so no [B, T, V] row is ever written).
+    Same returns as ``accept_greedy``."""
+    check_accept_args(tree_pred, tree_tokens, retrieve_indices, ids=True)
+    name = pick_backend("accept_greedy", backend, tree_pred.device, _GREEDY_IMPLS)
+    return _GREEDY_IMPLS[name](tree_pred, tree_tokens, retrieve_indices)
 
 
 def accept_typical(

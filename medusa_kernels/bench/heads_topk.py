@@ -1,0 +1,244 @@
+"""Benchmark section: Medusa heads + top-k (``medusa_heads_topk``) and lm_head + top-k
+(``lm_head_topk``).
+
+CUDA (bf16 unless the context says fp16): K = 5 heads, d = 4096, V = 32000 (Vicuna-7B) and
+128256 (Llama-3), N = 1 and 8 tokens, top-10 (quick: V = 32000 with N = 1 and 8, V = 128256
+with N = 1):
+- ``triton``: our three-stage kernel (ResBlock, vocabulary tiles with a running top-k, merge);
+  no logits in memory;
+- ``torch_loop``: per head ``x = h + SiLU(linear(h, W1, b1))``, ``linear(x, W2)``, ``topk``
+  (what the Medusa reference does);
+- ``bmm_topk``: all heads batched: ``baddbmm`` ResBlock, ``bmm`` to [K, N, V] logits, one topk.
+lm_head rows (k = 1, the greedy root token; quick: V = 128256, N = 1): ``triton``
+(``lm_head_topk``) against ``linear_topk`` = ``torch.topk(F.linear(h, W), k)``.
+Every function is captured in a CUDA graph and the replay is timed (``mode`` "graph"); ``triton``
+is also timed as plain calls (``mode`` "eager"). ``triton`` rows carry ``check`` ("ok" or
+"FAIL: ...") against fp32 logits computed from the same weights, tie-tolerant: every index's
+logit within tolerance of its value and not below the k-th logit by more than the tolerance.
+bytes_moved = W1 + b1 + W2 (heads) or W (lm_head) + the hidden states, in the weights' dtype.
+
+CPU: tiny shapes (d = 64, V = 1000, K = 3, N = 1 and 4, top-10, fp32); times the torch paths and,
+with TRITON_INTERPRET=1, checks the Triton kernels in the interpreter against a float64 reference
+(``check``; otherwise "skipped (no TRITON_INTERPRET)").
+``ctx.shapes`` filters cases by ``key=value`` words, e.g. "V=32000 N=1 op=heads".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from medusa_kernels.ops._backend import triton_interpreted
+from medusa_kernels.ops.heads_topk import (
+    lm_head_topk,
+    lm_head_topk_ref,
+    medusa_heads_topk,
+    medusa_heads_topk_ref,
+)
+
+from ._common import BenchContext, timed_row
+
+SECTION = "heads_topk"
+
+
+def _wanted(ctx: BenchContext, case: dict) -> bool:
+    """Whether ``case`` passes the ``key=value`` words of ``ctx.shapes``."""
+    for word in (ctx.shapes or "").replace(",", " ").split():
+        key, _, value = word.partition("=")
+        if key in case and str(case[key]) != value:
+            return False
+    return True
+
+
+def _graphed(fn):
+    """Capture ``fn`` (warmed up on a side stream) into a CUDA graph; return its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _inputs(N, K, d, V, dtype, device, seed=0):
+    """Random heads at the scale of trained ones: logits of order 1."""
+    gen = torch.Generator(device).manual_seed(seed)
+    hidden = torch.randn(N, d, generator=gen, device=device).to(dtype)
+    w1 = (0.5 / d**0.5 * torch.randn(K, d, d, generator=gen, device=device)).to(dtype)
+    b1 = (0.1 * torch.randn(K, d, generator=gen, device=device)).to(dtype)
+    w2 = (d**-0.5 * torch.randn(K, V, d, generator=gen, device=device)).to(dtype)
+    return hidden, w1, b1, w2
+
+
+def torch_loop(hidden, w1, b1, w2, k):
+    """The Medusa reference's heads: one ResBlock + linear + topk per head."""
+    out = []
+    for i in range(w1.shape[0]):
+        x = hidden + F.silu(F.linear(hidden, w1[i], b1[i]))
+        out.append(torch.topk(F.linear(x, w2[i]), k, dim=-1))
+    return torch.stack([o.values for o in out], 1), torch.stack([o.indices for o in out], 1)
+
+
+def bmm_topk(hidden, w1, b1, w2, k):
+    """All heads batched: [K, N, d] ResBlock, [K, N, V] logits, one topk."""
+    K, (N, d) = w1.shape[0], hidden.shape
+    hk = hidden[None].expand(K, N, d)
+    x = hk + F.silu(torch.baddbmm(b1[:, None], hk, w1.transpose(1, 2)))
+    top = torch.topk(torch.bmm(x, w2.transpose(1, 2)), k, dim=-1)
+    return top.values.transpose(0, 1), top.indices.transpose(0, 1)
+
+
+def _head_logits(hidden, w1, b1, w2, dtype) -> torch.Tensor:
+    """[N, K, V] logits in ``dtype`` from the inputs as given, one head at a time."""
+    h = hidden.to(dtype)
+    out = []
+    for i in range(w1.shape[0]):
+        x = h + F.silu(h @ w1[i].to(dtype).T + b1[i].to(dtype))
+        out.append(x @ w2[i].to(dtype).T)
+    return torch.stack(out, 1)
+
+
+def check_topk(values, indices, logits, k, atol, rtol) -> str:
+    """Tie-tolerant check of a top-k against full logits: "ok" or "FAIL: why"."""
+    logits = logits.to(values.device, torch.float64)
+    tol = atol + rtol * logits.abs().max().item()
+    if values.shape != indices.shape or values.shape[-1] != k:
+        return f"FAIL: shapes {tuple(values.shape)} / {tuple(indices.shape)}"
+    if not torch.isfinite(values).all():
+        return "FAIL: non-finite values"
+    if (indices < 0).any() or (indices >= logits.shape[-1]).any():
+        return "FAIL: index out of range"
+    if (values[..., 1:] > values[..., :-1]).any():
+        return "FAIL: values not sorted"
+    if k > 1 and (indices.sort(-1).values.diff(dim=-1) == 0).any():
+        return "FAIL: repeated indices"
+    at = logits.gather(-1, indices)
+    err = (values.double() - at).abs().max().item()
+    if err > tol:
+        return f"FAIL: values differ from the logits by {err:.3g} > {tol:.3g}"
+    short = (logits.topk(k, dim=-1).values[..., -1:] - at).max().item()
+    if short > 2 * tol:
+        return f"FAIL: an index's logit is {short:.3g} below the k-th"
+    return "ok"
+
+
+def _time(ctx, impl, fn, nbytes, case, mode="graph") -> dict | None:
+    try:
+        run = _graphed(fn) if mode == "graph" else fn
+        return timed_row(ctx, SECTION, impl, run, nbytes, mode=mode, **case)
+    except torch.cuda.OutOfMemoryError:
+        ctx.notes.append(f"{SECTION}: {impl} {case} ran out of memory; no row")
+        torch.cuda.empty_cache()
+        return None
+
+
+def _cuda_heads(ctx: BenchContext, N, V, dtype) -> list[dict]:
+    K, d, k = 5, 4096, 10
+    case = dict(op="heads", N=N, K=K, d=d, V=V, k=k, dtype=str(dtype).removeprefix("torch."))
+    if not _wanted(ctx, case):
+        return []
+    hidden, w1, b1, w2 = _inputs(N, K, d, V, dtype, ctx.device, seed=N)
+    nbytes = sum(t.numel() * t.element_size() for t in (hidden, w1, b1, w2))
+    ours = lambda: medusa_heads_topk(hidden, w1, b1, w2, k, backend="triton")
+    values, indices = ours()
+    check = check_topk(values, indices, _head_logits(hidden, w1, b1, w2, torch.float32), k,
+                       3e-2, 3e-3)  # fmt: skip
+    rows = []
+    for mode in ("graph", "eager"):
+        row = _time(ctx, "triton", ours, nbytes, case, mode)
+        if row is not None:
+            rows.append(row | {"check": check})
+    peers = {
+        "torch_loop": lambda: torch_loop(hidden, w1, b1, w2, k),
+        "bmm_topk": lambda: bmm_topk(hidden, w1, b1, w2, k),
+    }
+    for impl, fn in peers.items():
+        row = _time(ctx, impl, fn, nbytes, case)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def _cuda_lm_head(ctx: BenchContext, N, V, dtype) -> list[dict]:
+    d, k = 4096, 1
+    case = dict(op="lm_head", N=N, K=1, d=d, V=V, k=k, dtype=str(dtype).removeprefix("torch."))
+    if not _wanted(ctx, case):
+        return []
+    hidden, _, _, w = _inputs(N, 1, d, V, dtype, ctx.device, seed=V + N)
+    weight = w[0]
+    nbytes = (hidden.numel() + weight.numel()) * weight.element_size()
+    ours = lambda: lm_head_topk(hidden, weight, k, backend="triton")
+    values, indices = ours()
+    check = check_topk(values, indices, hidden.float() @ weight.float().T, k, 3e-2, 3e-3)
+    rows = []
+    for mode in ("graph", "eager"):
+        row = _time(ctx, "triton", ours, nbytes, case, mode)
+        if row is not None:
+            rows.append(row | {"check": check})
+    row = _time(ctx, "linear_topk", lambda: torch.topk(F.linear(hidden, weight), k), nbytes, case)
+    if row is not None:
+        rows.append(row)
+    return rows
+
+
+def _cuda_rows(ctx: BenchContext) -> list[dict]:
+    dtype = ctx.dtype if ctx.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if ctx.quick:
+        heads, lm = ((32000, 1), (32000, 8), (128256, 1)), ((128256, 1),)
+    else:
+        heads = lm = tuple((V, N) for V in (32000, 128256) for N in (1, 8))
+    rows = []
+    for V, N in heads:
+        rows += _cuda_heads(ctx, N, V, dtype)
+        torch.cuda.empty_cache()
+    for V, N in lm:
+        rows += _cuda_lm_head(ctx, N, V, dtype)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _interpreted_check(fn, values_ref_logits, k) -> str:
+    if not triton_interpreted():
+        return "skipped (no TRITON_INTERPRET)"
+    try:
+        values, indices = fn()
+        return check_topk(values, indices, values_ref_logits, k, 1e-4, 1e-5)
+    except Exception as e:  # reported in the row
+        return f"FAIL: {type(e).__name__}: {e}"
+
+
+def _cpu_case(ctx: BenchContext, N: int) -> list[dict]:
+    K, d, V, k = 3, 64, 1000, 10
+    rows = []
+    case = dict(op="heads", N=N, K=K, d=d, V=V, k=k, dtype="float32")
+    if _wanted(ctx, case):
+        hidden, w1, b1, w2 = _inputs(N, K, d, V, torch.float32, ctx.device, seed=N)
+        nbytes = sum(t.numel() * t.element_size() for t in (hidden, w1, b1, w2))
+        ref = lambda: medusa_heads_topk_ref(hidden, w1, b1, w2, k)
+        row = timed_row(ctx, SECTION, "torch", ref, nbytes, mode="eager", **case)
+        ours = lambda: medusa_heads_topk(hidden, w1, b1, w2, k, backend="triton")
+        row["check"] = _interpreted_check(ours, _head_logits(hidden, w1, b1, w2, torch.float64), k)
+        loop = lambda: torch_loop(hidden, w1, b1, w2, k)
+        rows += [row, timed_row(ctx, SECTION, "torch_loop", loop, nbytes, mode="eager", **case)]
+    case = dict(op="lm_head", N=N, K=1, d=d, V=V, k=k, dtype="float32")
+    if _wanted(ctx, case):
+        hidden, _, _, w = _inputs(N, 1, d, V, torch.float32, ctx.device, seed=V + N)
+        weight = w[0]
+        nbytes = (hidden.numel() + weight.numel()) * 4
+        ref = lambda: lm_head_topk_ref(hidden, weight, k)
+        row = timed_row(ctx, SECTION, "torch", ref, nbytes, mode="eager", **case)
+        ours = lambda: lm_head_topk(hidden, weight, k, backend="triton")
+        row["check"] = _interpreted_check(ours, hidden.double() @ weight.double().T, k)
+        rows.append(row)
+    return rows
+
+
+def _cpu_rows(ctx: BenchContext) -> list[dict]:
+    return [row for N in (1, 4) for row in _cpu_case(ctx, N)]
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    return _cuda_rows(ctx) if ctx.cuda else _cpu_rows(ctx)

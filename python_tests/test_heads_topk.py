@@ -1,0 +1,395 @@
+"""Medusa heads top-k and lm_head top-k: the Triton kernels (CPU interpreter at small shapes, GPU
+at 7B shapes) against a float64 reference; ties, strides, token blocks and argument checks."""
+
+import importlib
+
+import pytest
+import torch
+from conftest import HAS_CUDA, requires_cuda
+
+import medusa_kernels as mk
+from medusa_kernels.ops import lm_head_topk
+from medusa_kernels.ops.heads_topk import (
+    lm_head_topk_ref,
+    lm_head_topk_triton,
+    medusa_heads_topk,
+    medusa_heads_topk_ref,
+    medusa_heads_topk_triton,
+)
+
+ht = importlib.import_module("medusa_kernels.ops.heads_topk")  # the module, not the op
+DEV = "cuda" if HAS_CUDA else "cpu"
+# absolute / relative tolerance of the values against the float64 logits (|logits| <~ 10 here)
+TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (5e-3, 1e-3), torch.bfloat16: (3e-2, 3e-3)}
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every torch.empty (outputs, h', partial keys) starts as NaN (floats) or -1 (ints)."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.dtype.is_floating_point else -1)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def heads_logits(hidden, w1, b1, w2) -> torch.Tensor:
+    """[N, K, V] logits in float64 (CPU) or fp32 (GPU) from the inputs as given."""
+    dtype = torch.float64 if hidden.device.type == "cpu" else torch.float32
+    h = hidden.to(dtype)
+    z = torch.einsum("nd,ked->nke", h, w1.to(dtype)) + b1.to(dtype)
+    return torch.einsum("nkd,kvd->nkv", h[:, None] + torch.nn.functional.silu(z), w2.to(dtype))
+
+
+def planted(N, K, d, V, dtype, seed=0, device=DEV):
+    """Inputs whose logits have no near-ties: row v of W2[k] is a[k, v] * u plus small noise,
+    a[k] a random permutation of linspace(-1, 1, V), u = 1/sqrt(d); h' has a large positive
+    component along u (hidden ~ 1 + noise), so head k ranks v by a[k, v] with logit gaps of
+    about 2 * |u.h'| / V. The ResBlock weights are generic."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = 1.0 + 0.5 * torch.randn(N, d, generator=g)
+    w1 = torch.randn(K, d, d, generator=g) / d**0.5
+    b1 = 0.5 * torch.randn(K, d, generator=g)
+    a = torch.stack([torch.linspace(-1, 1, V)[torch.randperm(V, generator=g)] for _ in range(K)])
+    w2 = a[..., None] / d**0.5 + (0.2 / V) * torch.randn(K, V, d, generator=g)
+    return tuple(t.to(dtype=dtype, device=device) for t in (hidden, w1, b1, w2))
+
+
+def assert_tie_free(logits: torch.Tensor, k: int, margin: float) -> None:
+    """The premise of an exact index check: the top k + 1 logits are at least ``margin`` apart."""
+    top = logits.topk(min(k + 1, logits.shape[-1]), dim=-1).values
+    gap = (top[..., :-1] - top[..., 1:]).min().item() if top.shape[-1] > 1 else float("inf")
+    assert gap > margin, f"inputs have near-ties: gap {gap:.3g} <= {margin:.3g}"
+
+
+def assert_topk_exact(values, indices, logits, k, dtype):
+    """Indices equal the reference's; values within the dtype's tolerance of its logits."""
+    atol, rtol = TOL[dtype]
+    assert_tie_free(logits, k, 2 * (atol + rtol * logits.abs().max().item()))
+    want_v, want_i = (t.to(values.device) for t in ht.topk_lower_index_first(logits, k))
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64
+    assert torch.equal(indices, want_i)
+    torch.testing.assert_close(values.double(), want_v.double(), atol=atol, rtol=rtol)
+
+
+def assert_topk_close(values, indices, logits, k, atol, rtol):
+    """Tie-tolerant: distinct indices whose reference logits are within tolerance of the values
+    and not below the reference's k-th logit by more than the tolerance; values sorted."""
+    logits = logits.to(values.device).double()
+    tol = atol + rtol * logits.abs().max().item()
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    at = logits.gather(-1, indices)
+    assert torch.isfinite(values).all()
+    assert (values[..., 1:] <= values[..., :-1]).all(), "values not sorted descending"
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all(), "repeated indices"
+    assert ((values.double() - at).abs() <= tol).all(), (values.double() - at).abs().max()
+    assert (at >= kth - 2 * tol).all(), (kth - at).max()
+
+
+# --- the kernels in the interpreter (CPU) or on the GPU, small shapes --------------------------
+
+F32, F16 = torch.float32, torch.float16
+SMALL = [  # N, K, d, V, k, dtype, launch overrides
+    pytest.param(1, 1, 40, 300, 1, F32, {}, id="N1-K1-V300-k1-gemv"),
+    pytest.param(1, 5, 48, 257, 10, F32, dict(chunks=3), id="N1-K5-V257-k10-3chunks"),
+    pytest.param(3, 2, 40, 300, 20, F32, dict(chunks=4, block_v=16), id="N3-k20>tile16-unaligned"),
+    pytest.param(5, 5, 32, 100, 5, F16, dict(chunks=2), id="N5-K5-fp16-dot"),
+    pytest.param(1, 3, 64, 130, 20, F16, dict(chunks=2, block_v=16), id="N1-fp16-gemv-k20>tile"),
+    pytest.param(1, 2, 32, 77, 4, F16, dict(gemv=False), id="N1-fp16-dot-path"),
+    pytest.param(17, 1, 24, 90, 3, F32, dict(block_d=16), id="N17-bn32-d24-odd-d"),
+    pytest.param(2, 2, 16, 7, 7, F32, {}, id="V7<tile-k=V"),
+]
+
+
+@pytest.mark.parametrize("N,K,d,V,k,dtype,launch", SMALL)
+def test_heads_kernel_matches_reference(poisoned_empty, N, K, d, V, k, dtype, launch):
+    hidden, w1, b1, w2 = planted(N, K, d, V, dtype, seed=N * 100 + V)
+    values, indices = medusa_heads_topk_triton(hidden, w1, b1, w2, k, **launch)
+    assert values.shape == indices.shape == (N, K, k)
+    assert_topk_exact(values, indices, heads_logits(hidden, w1, b1, w2), k, dtype)
+
+
+@pytest.mark.parametrize(
+    "N,d,V,k,dtype,launch",
+    [
+        pytest.param(1, 40, 301, 7, torch.float32, dict(chunks=3), id="N1-gemv"),
+        pytest.param(4, 32, 200, 32, torch.float16, dict(chunks=2, block_v=32), id="N4-fp16-k32"),
+    ],
+)
+def test_lm_head_kernel_matches_reference(poisoned_empty, N, d, V, k, dtype, launch):
+    hidden, _, _, w2 = planted(N, 1, d, V, dtype, seed=V)
+    values, indices = lm_head_topk_triton(hidden, w2[0], k, **launch)
+    assert values.shape == indices.shape == (N, k)
+    logits = hidden.double() @ w2[0].double().T
+    assert_topk_exact(values, indices, logits, k, dtype)
+
+
+def test_random_inputs_tie_tolerant():
+    g = torch.Generator().manual_seed(5)
+    N, K, d, V, k = 2, 2, 32, 150, 8
+    hidden, b1 = torch.randn(N, d, generator=g), torch.randn(K, d, generator=g)
+    w1, w2 = torch.randn(K, d, d, generator=g) / d**0.5, torch.randn(K, V, d, generator=g)
+    args = tuple(t.to(DEV) for t in (hidden, w1, b1, w2))
+    values, indices = medusa_heads_topk_triton(*args, k, chunks=3, block_v=16)
+    assert_topk_close(values, indices, heads_logits(*args), k, *TOL[torch.float32])
+
+
+def test_more_than_64_tokens_run_two_token_blocks():
+    N, K, d, V, k = 65, 1, 16, 40, 2
+    hidden, w1, b1, w2 = planted(N, K, d, V, torch.float32, seed=65)
+    values, indices = medusa_heads_topk_triton(hidden, w1, b1, w2, k)
+    assert_topk_exact(values, indices, heads_logits(hidden, w1, b1, w2), k, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("N", [1, 3])
+def test_ties_go_to_the_lower_index(dtype, N):
+    """Integer inputs (exact in every path) with many equal logits, duplicated W2 rows across
+    tiles and chunks: the result equals a stable descending sort of the exact logits."""
+    g = torch.Generator().manual_seed(N)
+    K, d, V, k = 2, 16, 96, 24
+    hidden = torch.randint(-2, 3, (N, d), generator=g).float()
+    w1, b1 = torch.zeros(K, d, d), torch.zeros(K, d)  # SiLU(0) = 0: h' = h exactly
+    w2 = torch.randint(-2, 3, (K, V, d), generator=g).float()
+    w2[:, 50] = w2[:, 3]  # another chunk
+    w2[:, 7] = w2[:, 5]  # the same tile
+    w2[1, 60:] = w2[1, 0]  # one head: a long run of equal rows
+    args = tuple(t.to(dtype=dtype, device=DEV) for t in (hidden, w1, b1, w2))
+    got = medusa_heads_topk_triton(*args, k, chunks=3, block_v=16)
+    want = medusa_heads_topk_ref(*(t.double() for t in args), k)
+    assert torch.equal(got[1], want[1].to(DEV))
+    assert torch.equal(got[0], want[0].to(DEV))
+    lm = lm_head_topk_triton(args[0], args[3][1], k, chunks=2, block_v=16)
+    lm_want = lm_head_topk_ref(args[0].double(), args[3][1].double(), k)
+    assert torch.equal(lm[1], lm_want[1].to(DEV)) and torch.equal(lm[0], lm_want[0].to(DEV))
+
+
+def test_all_equal_logits_give_the_first_indices():
+    """Identical rows and integer hidden states (exact logits, whatever the summation order)."""
+    weight = torch.ones(70, 8, device=DEV)
+    hidden = torch.tensor([[1.0, -2, 3, 0, 1, 1, -1, 2], [0, 0, 0, 0, 0, 0, 0, 0]], device=DEV)
+    values, indices = lm_head_topk_triton(hidden, weight, 5, chunks=3, block_v=16)
+    assert indices.tolist() == [[0, 1, 2, 3, 4]] * 2
+    assert values.tolist() == [[5.0] * 5, [0.0] * 5]
+
+
+@pytest.mark.parametrize("N", [1, 2])
+def test_nan_logits_sort_first_as_in_torch_sort(N):
+    g = torch.Generator().manual_seed(N)
+    hidden = torch.randint(-3, 4, (N, 8), generator=g).float().to(DEV)
+    weight = torch.randint(-3, 4, (50, 8), generator=g).float().to(DEV)
+    weight[40, 3] = weight[5, 0] = float("nan")
+    values, indices = lm_head_topk_triton(hidden, weight, 6, chunks=3, block_v=16)
+    want_v, want_i = lm_head_topk_ref(hidden.double(), weight.double(), 6)
+    assert indices[:, :2].tolist() == [[5, 40]] * N
+    assert torch.equal(indices, want_i.to(DEV))
+    torch.testing.assert_close(values, want_v.to(DEV), equal_nan=True)
+
+
+def test_strided_inputs_and_public_entry_points():
+    """w1 / b1 sliced from stacked [K, L, ...] parameters (as MedusaHeads passes them), hidden a
+    strided view: no copies needed."""
+    N, K, d, V, k = 3, 2, 32, 120, 6
+    hidden, w1, b1, w2 = planted(N, K, d, V, torch.float32, seed=7)
+    w1_stack = torch.randn(K, 2, d, d, device=DEV)
+    w1_stack[:, 1] = w1
+    b1_stack = torch.randn(K, 2, d, device=DEV)
+    b1_stack[:, 1] = b1
+    wide = torch.randn(N, 2 * d, device=DEV)
+    wide[:, ::2] = hidden
+    args = (wide[:, ::2], w1_stack[:, 1], b1_stack[:, 1], w2)
+    assert not args[0].is_contiguous() and not args[1].is_contiguous()
+    got = medusa_heads_topk(*args, k, backend="triton")
+    want = medusa_heads_topk(*args, k, backend="torch")
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-5)
+    got = lm_head_topk(args[0], w2[1], k, backend="triton")
+    want = lm_head_topk(args[0], w2[1], k, backend="torch")
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-5)
+
+
+def test_empty_batch():
+    hidden, w1, b1, w2 = planted(1, 2, 16, 20, torch.float32)
+    values, indices = medusa_heads_topk_triton(hidden[:0], w1, b1, w2, 3)
+    assert values.shape == indices.shape == (0, 2, 3)
+    values, indices = lm_head_topk_triton(hidden[:0], w2[0], 3)
+    assert values.shape == indices.shape == (0, 3)
+
+
+def test_auto_takes_the_reference_on_cpu(monkeypatch):
+    hidden, w1, b1, w2 = (t.cpu() for t in planted(2, 2, 16, 30, torch.float32))
+    monkeypatch.setitem(ht._IMPLS, "triton", None)  # would fail if called
+    monkeypatch.setitem(ht._LM_IMPLS, "triton", None)
+    got = medusa_heads_topk(hidden, w1, b1, w2, 4)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(got, medusa_heads_topk_ref(hidden, w1, b1, w2, 4), strict=True)
+    )
+    got = lm_head_topk(hidden, w2[0], 4)
+    assert all(
+        torch.equal(a, b) for a, b in zip(got, lm_head_topk_ref(hidden, w2[0], 4), strict=True)
+    )
+
+
+def test_opcheck_both_ops():
+    hidden, w1, b1, w2 = (t.cpu() for t in planted(3, 2, 8, 20, torch.float32))
+    torch.library.opcheck(
+        torch.ops.medusa_kernels.medusa_heads_topk.default, (hidden, w1, b1, w2, 4, "torch")
+    )
+    torch.library.opcheck(
+        torch.ops.medusa_kernels.lm_head_topk.default, (hidden, w2[0], 4, "torch")
+    )
+    assert mk.ops.lm_head_topk is lm_head_topk
+
+
+def test_reference_lm_head_equals_a_naive_loop():
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = (
+        torch.randn(2, 6, generator=g, dtype=torch.float64),
+        torch.randn(30, 6, generator=g, dtype=torch.float64),
+    )
+    values, indices = lm_head_topk_ref(hidden, weight, 4)
+    for n in range(2):
+        logits = weight @ hidden[n]
+        order = sorted(range(30), key=lambda j: -logits[j].item())[:4]
+        assert indices[n].tolist() == order
+        torch.testing.assert_close(values[n].double(), logits[order], atol=1e-6, rtol=0)
+
+
+# --- argument checks -------------------------------------------------------------------------
+
+
+def _heads_args(**change):
+    hidden, w1, b1, w2 = (t.cpu() for t in planted(2, 3, 8, 20, torch.float32))
+    args = dict(hidden=hidden, w1=w1, b1=b1, w2=w2, k=4)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change,err,match",
+    [
+        (dict(hidden=torch.randn(8)), ValueError, "hidden must have 2 dims"),
+        (dict(hidden=torch.randn(2, 8, dtype=torch.float64)), TypeError, "w1 must have dtype"),
+        (dict(w1=torch.randn(3, 8, 7)), ValueError, r"w1 must be \[K, d, d\] with d = 8"),
+        (dict(b1=torch.randn(2, 8)), ValueError, r"b1 must be \[K, d\] = \[3, 8\]"),
+        (dict(w2=torch.randn(2, 20, 8)), ValueError, "w2 has shape .* number of heads K"),
+        (dict(w2=torch.randn(3, 20, 9)), ValueError, "w2 has shape .* hidden size d"),
+        (dict(w2=torch.randn(3, 20, 8).half()), TypeError, "w2 must have dtype"),
+        (dict(k=0), ValueError, r"k must be an int in \[1, V = 20\], got 0"),
+        (dict(k=21), ValueError, r"k must be an int in \[1, V = 20\], got 21"),
+        (dict(k=2.0), ValueError, "k must be an int"),
+        (dict(k=True), ValueError, "k must be an int"),
+    ],
+)
+def test_heads_bad_arguments(change, err, match):
+    with pytest.raises(err, match=match):
+        medusa_heads_topk(**_heads_args(**change))
+
+
+@pytest.mark.parametrize(
+    "change,err,match",
+    [
+        (dict(hidden=torch.randn(2, 3, 8)), ValueError, "hidden must have 2 dims"),
+        (dict(weight=torch.randn(20, 9)), ValueError, "weight has shape .* hidden size d"),
+        (dict(weight=torch.randn(20)), ValueError, "weight must have 2 dims"),
+        (dict(weight=torch.randn(20, 8).half()), TypeError, "weight must have dtype"),
+        (dict(weight=torch.randn(20, 8, device="meta")), ValueError, "weight must be on cpu"),
+        (dict(k=25), ValueError, r"k must be an int in \[1, V = 20\], got 25"),
+    ],
+)
+def test_lm_head_bad_arguments(change, err, match):
+    args = dict(hidden=torch.randn(2, 8), weight=torch.randn(20, 8), k=3) | change
+    with pytest.raises(err, match=match):
+        lm_head_topk(**args)
+
+
+def test_triton_refuses_what_it_does_not_support():
+    hidden, w1, b1, w2 = planted(2, 2, 8, 40, torch.float64)
+    with pytest.raises(ValueError, match="supports dtypes .* got torch.float64"):
+        medusa_heads_topk(hidden, w1, b1, w2, 3, backend="triton")
+    hidden, w1, b1, w2 = planted(2, 2, 8, 40, torch.float32)
+    with pytest.raises(ValueError, match="k <= 32, got k = 33"):
+        lm_head_topk(hidden, w2[0], 33, backend="triton")
+    with pytest.raises(ValueError, match="gemv=True needs N = 1"):
+        medusa_heads_topk_triton(hidden, w1, b1, w2, 3, gemv=True)
+    with pytest.raises(ValueError, match="chunks must be >= 1"):
+        lm_head_topk_triton(hidden, w2[0], 3, chunks=0)
+
+
+def test_chunking_uses_static_shapes_only(monkeypatch):
+    monkeypatch.setattr(ht, "_sm_count", lambda index: 132)
+    h100 = torch.device("cuda", 0)
+    gemv, dot = ht._config(1, torch.bfloat16), ht._config(16, torch.bfloat16)
+    assert ht._chunks(32000, 5, gemv, h100, None) == (100, 320)  # 500 programs <= 4 x 132
+    assert ht._chunks(32000, 5, dot, h100, None) == (52, 624)  # 260 programs <= 2 x 132
+    assert ht._chunks(128256, 5, dot, h100, None) == (52, 2480)
+    assert ht._chunks(100, 5, dot, h100, None) == (1, 128)  # at least one tile per chunk
+    assert ht._chunks(300, 1, dot, h100, 7) == (7, 43)
+
+
+# --- GPU: 7B shapes in bf16 ----------------------------------------------------------------------
+
+
+def _gpu_inputs(N, K, d, V, dtype, seed=0):
+    g = torch.Generator("cuda").manual_seed(seed)
+    hidden = torch.randn(N, d, generator=g, device="cuda", dtype=dtype)
+    w1 = (torch.randn(K, d, d, generator=g, device="cuda") * 0.5 / d**0.5).to(dtype)
+    b1 = (0.1 * torch.randn(K, d, generator=g, device="cuda")).to(dtype)
+    w2 = (torch.randn(K, V, d, generator=g, device="cuda") / d**0.5).to(dtype)
+    return hidden, w1, b1, w2
+
+
+@requires_cuda
+@pytest.mark.parametrize("N", [1, 8])
+def test_gpu_heads_7b_bf16(N):
+    hidden, w1, b1, w2 = _gpu_inputs(N, 5, 4096, 32000, torch.bfloat16, seed=N)
+    values, indices = medusa_heads_topk(hidden, w1, b1, w2, 10)  # "auto" takes triton
+    assert_topk_close(values, indices, heads_logits(hidden, w1, b1, w2), 10, 3e-2, 3e-3)
+
+
+@requires_cuda
+@pytest.mark.parametrize("N,V", [(1, 32000), (8, 32000), (1, 128256), (3, 128256)])
+def test_gpu_lm_head_bf16(N, V):
+    hidden, _, _, w2 = _gpu_inputs(N, 1, 4096, V, torch.bfloat16, seed=V + N)
+    values, indices = lm_head_topk(hidden, w2[0], 10)
+    logits = hidden.float() @ w2[0].float().T
+    assert_topk_close(values, indices, logits, 10, 3e-2, 3e-3)
+
+
+@requires_cuda
+@pytest.mark.parametrize(
+    "N,K,k,dtype",
+    [
+        (64, 8, 32, torch.float16),
+        (33, 3, 1, torch.bfloat16),
+        (2, 1, 32, torch.float16),
+        (70, 2, 5, torch.bfloat16),
+    ],
+)
+def test_gpu_other_shapes(N, K, k, dtype):
+    hidden, w1, b1, w2 = _gpu_inputs(N, K, 1024, 10007, dtype, seed=N)
+    values, indices = medusa_heads_topk(hidden, w1, b1, w2, k)
+    assert_topk_close(values, indices, heads_logits(hidden, w1, b1, w2), k, 3e-2, 3e-3)
+
+
+@requires_cuda
+def test_gpu_auto_picks_triton_and_cuda_graph_capture(monkeypatch):
+    calls = []
+    monkeypatch.setitem(
+        ht._IMPLS, "triton", lambda *a: calls.append(1) or medusa_heads_topk_triton(*a)
+    )
+    hidden, w1, b1, w2 = _gpu_inputs(2, 3, 512, 5000, torch.float16)
+    eager = medusa_heads_topk(hidden, w1, b1, w2, 10)
+    assert calls == [1]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = medusa_heads_topk(hidden, w1, b1, w2, 10)
+    hidden.copy_(torch.randn_like(hidden))
+    graph.replay()
+    want = medusa_heads_topk(hidden, w1, b1, w2, 10)
+    assert torch.equal(out[1], want[1]) and torch.equal(out[0], want[0])
+    assert not torch.equal(eager[1], want[1])
