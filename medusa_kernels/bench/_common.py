@@ -23,10 +23,23 @@ class BenchContext:
     shapes: str | None = None  # free-form filter a section may read (e.g. "L=4096")
     copy_gbps: float | None = None  # measured copy bandwidth of this device, this run
     notes: list[str] = field(default_factory=list)
+    model_dir: str | None = None  # e2e: a real base model (HF layout); None = the demo model
+    medusa_dir: str | None = None  # e2e: its Medusa heads (None = heads inside model_dir)
+    tree: str | None = None  # e2e: tree name or JSON file (None = mc_sim_7b_63)
+    on_row: Callable[[dict], None] | None = None  # progress hook, called by ``timed_row``
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+
+def case_wanted(ctx: BenchContext, case: dict) -> bool:
+    """Whether ``case`` passes the ``key=value`` words of ``ctx.shapes`` (keys it lacks pass)."""
+    for word in (ctx.shapes or "").replace(",", " ").split():
+        key, _, value = word.partition("=")
+        if key in case and str(case[key]) != value:
+            return False
+    return True
 
 
 def measure(fn: Callable[[], object], ctx: BenchContext) -> tuple[float, float, float]:
@@ -44,7 +57,7 @@ def measure(fn: Callable[[], object], ctx: BenchContext) -> tuple[float, float, 
         t0 = time.perf_counter()
         fn()
         times.append(1e6 * (time.perf_counter() - t0))
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else times * 9
     return statistics.median(times), q[1], q[7]
 
 
@@ -74,7 +87,7 @@ def timed_row(
     median, p20, p80 = measure(fn, ctx)
     gbps = bytes_moved / (median * 1e-6) / 1e9
     floor_us = bytes_moved / (ctx.copy_gbps * 1e9) * 1e6 if ctx.copy_gbps else None
-    return {
+    row = {
         "section": section,
         "impl": impl,
         **case,
@@ -85,3 +98,6 @@ def timed_row(
         "floor_us": floor_us,
         "frac_floor": floor_us / median if floor_us else None,
     }
+    if ctx.on_row is not None:
+        ctx.on_row(row)
+    return row

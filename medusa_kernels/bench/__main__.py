@@ -1,0 +1,287 @@
+"""``python -m medusa_kernels.bench``: every kernel against its peers, then the whole loop.
+
+    python -m medusa_kernels.bench                   # everything, results in bench_out/
+    python -m medusa_kernels.bench --quick           # fewer shapes (CI: a CPU, < 3 minutes)
+    python -m medusa_kernels.bench --only tree_attention,compact_kv --shapes "L=4096 B=1"
+    python -m medusa_kernels.bench --only e2e --model vicuna-7b/ --medusa medusa-vicuna-7b/
+
+Sections: tree_attention, heads_topk, compact_kv, e2e (in this order). The copy bandwidth is
+measured first: each row's ``frac_floor`` is its minimum traffic over that bandwidth divided by
+its median time. A section that cannot be imported, raises, or whose kernel check fails is
+recorded as failed in the JSON and the command exits with status 1 once everything has run.
+
+Without a CUDA GPU this is the CPU mode: TRITON_INTERPRET=1 is set (the command restarts itself
+once when medusa_kernels was already imported without it), the Triton kernels are checked in
+the interpreter at tiny shapes, the PyTorch paths are timed, and the bundled demo model is
+decoded end to end. GPU numbers need a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+from . import SECTIONS
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+    "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32,
+}  # fmt: skip
+_CHILD = "MEDUSA_KERNELS_BENCH_CHILD"  # set in the restarted process: never restart twice
+
+
+def _sections(values: list[str] | None, parser: argparse.ArgumentParser) -> list[str]:
+    if not values:
+        return list(SECTIONS)
+    wanted = {name.strip() for v in values for name in v.split(",") if name.strip()}
+    unknown = sorted(wanted - set(SECTIONS))
+    if unknown:
+        parser.error(f"--only: unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    return [s for s in SECTIONS if s in wanted]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m medusa_kernels.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="KERNEL",
+        help=f"run only these sections (repeat or comma-separate): {list(SECTIONS)}",
+    )
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help='keep cases matching key=value words, e.g. "L=4096 B=1" or "model=tiny"',
+    )
+    p.add_argument("--quick", action="store_true", help="fewer shapes and shorter timings")
+    p.add_argument("--out", default="bench_out", help="output directory (created)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        metavar="{bf16,fp16,fp32}",
+        help="default bf16 on CUDA, fp32 on the CPU",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default=None,
+        help="default cuda when available (cpu forces the CPU mode)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="e2e: a real base model dir (HF layout); default the bundled demo model",
+    )
+    p.add_argument("--medusa", default=None, help="e2e: its Medusa heads dir")
+    p.add_argument("--tree", default=None, help="e2e: tree name or JSON file (mc_sim_7b_63)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (CPU mode default 1: the shapes are tiny, and one "
+        "thread keeps timings steady on a busy machine)",
+    )
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    args = p.parse_args(argv)
+    args.sections = _sections(args.only, p)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def _interpreter_ready(device: torch.device) -> bool | None:
+    """CPU mode: make Triton kernels run in the interpreter. Returns False when the process
+    must restart for it (the kernels were already decorated without TRITON_INTERPRET=1)."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    from medusa_kernels.ops._backend import HAS_TRITON
+
+    if not HAS_TRITON:
+        return None  # nothing to interpret: checks report "not run"
+    os.environ["TRITON_INTERPRET"] = "1"
+    already = any(m.startswith("medusa_kernels.ops") for m in sys.modules)
+    return not already or os.environ.get(_CHILD) == "1"
+
+
+class _Progress:
+    """A bar over the sections whose text follows the rows as they come (rich, else tqdm)."""
+
+    def __init__(self, total: int, console):
+        self.rows = 0
+        self._rich = console is not None
+        if self._rich:
+            from rich import progress as rp
+
+            columns = (rp.TextColumn("[bold]{task.description}"), rp.BarColumn(),
+                       rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
+                       rp.TextColumn("{task.fields[case]}"))  # fmt: skip
+            # a live bar only on a terminal; logs (CI) get the one line per section below
+            self.bar = rp.Progress(*columns, console=console, disable=not console.is_terminal)
+            self.task = self.bar.add_task("bench", total=total, case="")
+        else:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="section", file=sys.stderr)
+
+    def __enter__(self):
+        if self._rich:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._rich:
+            self.bar.stop()
+        else:
+            self.bar.close()
+
+    def section(self, name: str) -> None:
+        if self._rich:
+            self.bar.update(self.task, description=name, case="")
+        else:
+            self.bar.set_description(name)
+
+    def row(self, row: dict) -> None:
+        from .report import case_label
+
+        self.rows += 1
+        text = f"{row.get('impl')} {row.get('mode', '')} {case_label(row)}"[:60]
+        if self._rich:
+            self.bar.update(self.task, case=f"{self.rows} rows, {text}")
+        else:
+            self.bar.set_postfix_str(text)
+
+    def done(self, line: str) -> None:
+        if self._rich:
+            self.bar.console.print(line, highlight=False, markup=False)
+            self.bar.advance(self.task)
+        else:
+            self.bar.write(line)
+            self.bar.update()
+
+
+def _console():
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 160))
+
+
+def _run_section(name: str, ctx) -> dict:
+    from .report import check_problems
+
+    start = time.perf_counter()
+    out: dict = {"status": "ok", "rows": []}
+    try:
+        module = importlib.import_module(f"medusa_kernels.bench.{name}")
+        out["rows"] = list(module.run(ctx))
+        problems = check_problems(out["rows"])
+        if problems:
+            out["status"] = f"check failed: {len(problems)} row(s)"
+            out["problems"] = problems
+    except Exception as e:  # recorded; the run goes on and exits non-zero at the end
+        out["status"] = f"error: {type(e).__name__}: {e}"
+        out["traceback"] = traceback.format_exc()
+    if ctx.cuda:
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except RuntimeError as e:  # a sticky CUDA error: later sections will report it too
+            out["status"] = f"error: {type(e).__name__}: {e}"
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ready = _interpreter_ready(device)
+    if ready is False:  # restart with TRITON_INTERPRET=1 in place before any kernel import
+        env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
+        cmd = [sys.executable, "-m", "medusa_kernels.bench", *argv]
+        return subprocess.call(cmd, env=env)
+
+    from . import report
+    from ._common import BenchContext, copy_bandwidth_gbps
+
+    t0 = time.perf_counter()
+    if args.threads is not None or device.type == "cpu":
+        torch.set_num_threads(max(args.threads or 1, 1))
+    dtype = DTYPES[args.dtype] if args.dtype else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)  # fmt: skip
+    ctx = BenchContext(device=device, dtype=dtype, quick=args.quick, shapes=args.shapes,
+                       model_dir=args.model, medusa_dir=args.medusa, tree=args.tree)  # fmt: skip
+    console = _console()
+
+    def say(text: str, markup: bool = True) -> None:
+        if console is None:
+            print(text, flush=True)
+        else:
+            console.print(text, highlight=False, markup=markup)
+
+    meta = report.metadata(device, dtype, args.quick, argv)
+    meta["sections"] = args.sections
+    say(f"medusa_kernels bench on {meta['device_name']} ({device.type}, {meta['dtype']}), "
+        f"torch {meta['torch']}, triton {meta['triton']}", markup=False)  # fmt: skip
+    if device.type != "cuda":
+        say(f"[yellow]{report.CPU_NOTE}[/yellow]" if console else report.CPU_NOTE)
+        if ready is None:
+            ctx.notes.append("triton is not installed: Triton kernel checks not run")
+
+    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        ctx.notes.append("TRITON_INTERPRET=1 on a GPU: Triton rows time the interpreter")
+        say("[bold red]TRITON_INTERPRET=1 is set: Triton timings are the interpreter's[/]")
+    ctx.copy_gbps = copy_bandwidth_gbps(ctx)
+    say(f"copy bandwidth {ctx.copy_gbps:.1f} GB/s (the floor of every frac_floor)")
+    sections: dict[str, dict] = {}
+    with _Progress(len(args.sections), console) as progress:
+        ctx.on_row = progress.row
+        for name in args.sections:
+            progress.section(name)
+            sections[name] = _run_section(name, ctx)
+            sec = sections[name]
+            progress.done(f"{name}: {sec['status']}, {len(sec['rows'])} rows, "
+                          f"{sec['seconds']:.1f} s")  # fmt: skip
+    ctx.on_row = None
+
+    failed = [n for n, s in sections.items() if s["status"] != "ok"]
+    meta["seconds"] = time.perf_counter() - t0
+    result = {
+        "meta": meta,
+        "copy_gbps": ctx.copy_gbps,
+        "sections": sections,
+        "notes": ctx.notes,
+        "status": "failed" if failed else "ok",
+    }
+    report.print_tables(result, console)
+    paths = report.write_all(result, args.out, make_plot=not args.no_plot)
+    for kind, path in paths.items():
+        say(f"wrote {kind}: {path}", markup=False)
+    for name in failed:
+        sec = sections[name]
+        say(f"FAILED {name}: {sec['status']}", markup=False)
+        for problem in sec.get("problems", [])[:10]:
+            say(f"  {problem}", markup=False)
+    if device.type != "cuda":
+        say("CPU mode: these are CPU times at tiny shapes. GPU numbers need a GPU.")
+    say(f"done in {meta['seconds']:.1f} s: " + ("all sections ok" if not failed else
+        f"{len(failed)} section(s) failed: {', '.join(failed)}"), markup=False)  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

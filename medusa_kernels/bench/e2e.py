@@ -1,0 +1,349 @@
+"""Benchmark section: the whole decode step and real generation, plain vs Medusa (``e2e``).
+
+1. Step timing, random weights (``impl`` "plain_step" / "medusa_step"): one plain decode step
+   (1 token per sequence) against one Medusa step (heads' top-k, the tree forward of T nodes,
+   acceptance, KV compaction) with the cache holding L tokens (random K/V, ``seqlens`` reset to
+   L before every call, inside the timing: one tiny copy for both). CUDA (``ctx.dtype``, bf16 by
+   default): Vicuna-7B (32 layers, d 4096, MHA, V 32000) and a Llama-3.2-1B shape (16 layers,
+   d 2048, GQA 32/8, V 128256), B 1, L 1024 (full: also 4096), each step captured in a CUDA
+   graph (``mode`` "graph", what ``generate`` replays) and as plain calls ("eager"); 7B is
+   skipped with a note when the GPU lacks the memory. CPU: a tiny model (2 layers, d 128),
+   fp32, L 64 and 256 (full: also 1024).
+   bytes_moved = the weights a step must read (base, plus the heads the tree uses for Medusa)
+   + the K/V prefix, so ``frac_floor`` is the fraction of the weight-streaming floor.
+   ``ratio_vs_plain`` (Medusa step time / plain step time, same mode) is the break-even: Medusa
+   wins when the mean accepted tokens per step exceed it. (Random heads accept ~nothing: these
+   rows time the step, whatever it accepts.)
+2. Real generation (``impl`` "plain_generate" / "medusa_generate"): greedy decoding of a few
+   prompts with the model given by ``ctx.model_dir``/``ctx.medusa_dir`` or, by default, the
+   bundled demo model (held-out prompts; CPU quick: 4 prompts x 64 tokens, CUDA: 4 x 128, 8 x
+   256 for a real checkpoint without --quick). Tokens/s leave out prefill and the first step (CUDA
+   graph capture, warm-up); ``mean_accepted``, the acceptance-length histogram ``accept_hist``
+   (accepted tokens per step -> steps) and ``identical``: Medusa's output equals plain greedy
+   decoding token for token (``check`` "ok"; in bf16/fp16 a divergence is reported as a note,
+   since the tree forward and the one-token forward round differently on near-ties).
+
+``ctx.shapes`` filters by ``key=value`` words (``model=llama-1b``, ``L=1024``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+
+import torch
+
+from medusa_kernels.checkpoint import MedusaModel, load_model
+from medusa_kernels.decoding import generate, medusa_step, plain_step
+from medusa_kernels.heads import MedusaHeads
+from medusa_kernels.model import ModelConfig, Transformer
+from medusa_kernels.tree import DEFAULT_TREE, TREES, build_tree, resolve_choices
+
+from ._common import BenchContext, case_wanted, timed_row
+
+SECTION = "e2e"
+
+SHAPES: dict[str, dict] = {
+    "vicuna-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                     num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                     rope_theta=500000.0, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=32),
+}  # fmt: skip
+
+# Vicuna's chat template (the MT-bench setting of the Medusa paper), for real checkpoints.
+CHAT = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions. USER: {} ASSISTANT:"
+)
+QUESTIONS = [
+    "Write a Python function that checks whether a string is a palindrome, and explain it.",
+    "Explain how a hash table works and when its lookups become slow.",
+    "Give three tips for writing clear technical documentation.",
+    "Summarise the causes of the French Revolution in a short paragraph.",
+    "What is the difference between a process and a thread?",
+    "Write a haiku about autumn rain, then explain its imagery.",
+    "Describe how to make a simple tomato sauce, step by step.",
+    "Why is the sky blue? Answer for a ten-year-old.",
+]
+
+
+def _tree_label(ctx: BenchContext) -> str:
+    return os.path.basename(str(ctx.tree)) if ctx.tree is not None else DEFAULT_TREE
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def random_model(cfg: ModelConfig, num_heads: int, dtype, device, seed: int = 0) -> MedusaModel:
+    """A base model and one-layer Medusa heads with random weights, built on ``device``."""
+    with torch.device("meta"):
+        base, heads = Transformer(cfg), MedusaHeads(num_heads, 1, cfg.hidden_size, cfg.vocab_size)
+    base = base.to(dtype=dtype).to_empty(device=device)
+    heads = heads.to(dtype=dtype).to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
+        base.lm_head.weight = base.embed.weight
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for module in (base, heads):
+            for name, p in module.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif p.dim() == 1 or name == "b1":
+                    p.zero_()
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+    return MedusaModel(base.eval(), heads.eval())
+
+
+def _param_count(cfg: ModelConfig, num_heads: int) -> int:
+    with torch.device("meta"):
+        base, heads = Transformer(cfg), MedusaHeads(num_heads, 1, cfg.hidden_size, cfg.vocab_size)
+    return sum(p.numel() for m in (base, heads) for p in m.parameters())
+
+
+def _graphed(fn):
+    """Capture ``fn`` (warmed up on a side stream) into a CUDA graph; return its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 1) -> list[dict]:
+    """plain_step vs medusa_step of a random ``SHAPES[name]`` model at each context length."""
+    cfg = ModelConfig(**SHAPES[name])
+    dtype = ctx.dtype if ctx.cuda else torch.float32
+    choices = resolve_choices(ctx.tree)
+    depth = max((len(p) for p in choices), default=0)
+    num_heads = max(depth, 1)
+    cases = [
+        dict(model=name, B=B, L=L, tree=_tree_label(ctx), tree_nodes=len(choices) + 1,
+             dtype=_dtype_name(dtype))
+        for L in lengths
+    ]  # fmt: skip
+    cases = [c for c in cases if case_wanted(ctx, c)]
+    if not cases:
+        return []
+    elsize = torch.finfo(dtype).bits // 8
+    if ctx.cuda:
+        kv_max = 2 * cfg.num_layers * B * (max(lengths) + 128) * cfg.num_kv_heads * cfg.head_dim
+        need = (_param_count(cfg, num_heads) + kv_max) * elsize + (3 << 30)
+        free = torch.cuda.mem_get_info(ctx.device)[0]
+        if free < need:
+            ctx.notes.append(
+                f"{SECTION}: {name} skipped: needs ~{need / 2**30:.1f} GiB, "
+                f"{free / 2**30:.1f} GiB free"
+            )
+            return []
+    model = random_model(cfg, num_heads, dtype, ctx.device)
+    base = model.base
+    tree, plain_tree = (
+        build_tree(choices, num_heads, None, ctx.device),
+        build_tree([], None, None, ctx.device),
+    )
+    weights = sum(p.numel() for p in base.parameters()) * elsize
+    if not cfg.tie_word_embeddings:  # the embedding table is only gathered from
+        weights -= base.embed.weight.numel() * elsize
+    heads = model.heads
+    heads_bytes = sum(t[:depth].numel() for t in (heads.w1, heads.b1, heads.w2)) * elsize
+    rows = []
+    for case in cases:
+        L = case["L"]
+        gen = torch.Generator(ctx.device).manual_seed(L)
+        cache = base.new_cache(B, L + tree.num_nodes + 8)
+        cache.k.normal_(generator=gen)
+        cache.v.normal_(generator=gen)
+        lens0 = torch.full((B,), L, dtype=torch.int32, device=ctx.device)
+        root = torch.randint(cfg.vocab_size, (B,), generator=gen, device=ctx.device)
+        last_hidden = torch.randn(B, cfg.hidden_size, generator=gen, device=ctx.device,
+                                  dtype=dtype)  # fmt: skip
+        running = torch.ones(B, dtype=torch.bool, device=ctx.device)
+        kv = 2 * cfg.num_layers * B * L * cfg.num_kv_heads * cfg.head_dim * elsize
+
+        def plain(cache=cache, lens0=lens0, root=root, last_hidden=last_hidden, running=running):
+            cache.seqlens.copy_(lens0)
+            return plain_step(model, plain_tree, cache, root, last_hidden, running)
+
+        def medusa(cache=cache, lens0=lens0, root=root, last_hidden=last_hidden, running=running):
+            cache.seqlens.copy_(lens0)
+            return medusa_step(model, tree, cache, root, last_hidden, running)
+
+        for mode in ("graph", "eager") if ctx.cuda else ("eager",):
+            try:
+                rows += _time_pair(ctx, case, mode, plain, medusa, weights + kv,
+                                   weights + heads_bytes + kv)  # fmt: skip
+            except torch.cuda.OutOfMemoryError:
+                ctx.notes.append(f"{SECTION}: {name} L={L} {mode} ran out of GPU memory")
+                torch.cuda.empty_cache()
+        del cache, plain, medusa
+    return rows
+
+
+def _time_pair(ctx, case, mode, plain, medusa, plain_bytes, medusa_bytes) -> list[dict]:
+    """Rows for plain_step and medusa_step in ``mode``; the Medusa row gets the time ratio."""
+    rows = []
+    with torch.inference_mode():
+        for impl, fn, nbytes in (("plain_step", plain, plain_bytes),
+                                 ("medusa_step", medusa, medusa_bytes)):  # fmt: skip
+            run = _graphed(fn) if mode == "graph" else fn
+            rows.append(timed_row(ctx, SECTION, impl, run, nbytes, mode=mode, **case))
+            del run  # frees a graph's memory pool before the next capture
+    rows[1]["ratio_vs_plain"] = rows[1]["median_us"] / rows[0]["median_us"]
+    return rows
+
+
+def _step_section(ctx: BenchContext) -> list[dict]:
+    if not ctx.cuda:
+        return _step_rows(ctx, "tiny", (64, 256) if ctx.quick else (64, 256, 1024))
+    rows = []
+    lengths = (1024,) if ctx.quick else (1024, 4096)
+    for name in ("llama-1b", "vicuna-7b"):
+        try:
+            rows += _step_rows(ctx, name, lengths)
+        except torch.cuda.OutOfMemoryError:
+            ctx.notes.append(f"{SECTION}: {name} ran out of GPU memory building the model")
+        torch.cuda.empty_cache()  # the model and its graphs are gone with _step_rows' frame
+    return rows
+
+
+def _prompts(ctx: BenchContext, model: MedusaModel, n: int, demo: bool) -> list[list[int]]:
+    """Held-out stdlib prompts for the demo; chat prompts (or random ids) for a checkpoint."""
+    if demo:
+        try:
+            from medusa_kernels.calibrate import demo_prompts
+
+            return demo_prompts(model, n=n)
+        except Exception as e:  # e.g. no stdlib sources: fall back to the sample prompt
+            ctx.notes.append(f"{SECTION}: demo prompts unavailable ({e}); built-in questions")
+    tok = model.tokenizer()
+    if tok is not None:
+        text = [CHAT.format(q) if not demo else q for q in QUESTIONS]
+        return [tok.encode(t).ids for t in (text * n)[:n]]
+    ctx.notes.append(f"{SECTION}: {model.model_dir} has no tokenizer.json: random prompt ids")
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(model.base.cfg.vocab_size, (n, 32), generator=gen).tolist()
+
+
+def _decode_timed(
+    model, prompt, medusa, max_new, eos, tree
+) -> tuple[list[int], list[int], int, float]:
+    """(tokens, accepted per step, tokens after the first step, seconds after the first step)."""
+    stream = generate(model, [prompt], max_new_tokens=max_new, medusa=medusa, tree=tree,
+                      eos_token_id=eos, stream=True)  # fmt: skip
+    t_first = t_last = None
+    tokens_after = 0
+    for i, new in enumerate(stream):
+        now = time.perf_counter()
+        if i == 1:  # after prefill (0) and the first step (capture, warm-up)
+            t_first = now
+        elif i > 1:
+            tokens_after += len(new[0])
+            t_last = now
+    r = stream.result
+    counts = [step[0] for step in r.accepted_per_step]
+    if t_last is None:  # one step only: nothing after the first step to time
+        return r.tokens[0], counts, 0, 0.0
+    return r.tokens[0], counts, tokens_after, t_last - t_first
+
+
+def _first_difference(a: list, b: list) -> int:
+    """Index of the first element where ``a`` and ``b`` differ (or the shorter length)."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def _generation_rows(ctx: BenchContext) -> list[dict]:
+    demo = ctx.model_dir is None
+    dtype = ctx.dtype if ctx.cuda else torch.float32
+    if demo:
+        from medusa_kernels.demo import path as demo_path
+
+        model_dir, heads_dir = demo_path()
+        label = "demo"
+    else:
+        model_dir, heads_dir = ctx.model_dir, ctx.medusa_dir
+        label = os.path.basename(os.path.normpath(model_dir))
+    if ctx.cuda:
+        n, max_new = (4, 128) if ctx.quick or demo else (8, 256)
+    else:
+        n, max_new = (4, 64) if ctx.quick else (8, 128)
+    case = dict(model=label, tree=_tree_label(ctx), dtype=_dtype_name(dtype), prompts=n,
+                max_new_tokens=max_new, mode="graph" if ctx.cuda else "eager")  # fmt: skip
+    if not case_wanted(ctx, case):
+        return []
+    model = load_model(model_dir, medusa=heads_dir, dtype=dtype, device=ctx.device)
+    if model.heads is None:
+        ctx.notes.append(
+            f"{SECTION}: {model_dir} has no Medusa heads: generation skipped (give --medusa DIR)"
+        )
+        return []
+    prompts = _prompts(ctx, model, n, demo)
+    eos, tree = model.eos_token_id(), ctx.tree
+    for medusa in (False, True):  # warm-up: first-call costs, kernel compilation
+        generate(model, [prompts[0]], max_new_tokens=8, medusa=medusa, tree=tree, eos_token_id=eos)
+
+    stats = {False: ([], [], 0, 0.0), True: ([], [], 0, 0.0)}  # outputs, counts, tokens, s
+    for p in prompts:  # plain and Medusa interleaved: background load hits both alike
+        for medusa in (False, True):
+            out, c, t, s = _decode_timed(model, p, medusa, max_new, eos, tree)
+            outs, counts, tokens, seconds = stats[medusa]
+            stats[medusa] = (
+                outs + [out],
+                counts + [k for k in c if k > 0],
+                tokens + t,
+                seconds + s,
+            )
+
+    rows = []
+    for medusa in (False, True):
+        outs, counts, tokens, seconds = stats[medusa]
+        tps = tokens / seconds if seconds > 0 else float("nan")
+        row = dict(section=SECTION, impl="medusa_generate" if medusa else "plain_generate",
+                   **case, tokens=sum(len(o) for o in outs), steps=len(counts),
+                   tokens_per_s=tps, us_per_token=1e6 / tps if tps > 0 else float("nan"),
+                   mean_accepted=sum(counts) / max(len(counts), 1))  # fmt: skip
+        rows.append(row)
+    plain_outs, medusa_row = stats[False][0], rows[1]
+    medusa_outs, counts = stats[True][0], stats[True][1]
+    medusa_row["accept_hist"] = {str(k): v for k, v in sorted(Counter(counts).items())}
+    medusa_row["speedup"] = medusa_row["tokens_per_s"] / rows[0]["tokens_per_s"]
+    tok = model.tokenizer()
+    if tok is not None:  # show what the model generates (prompt | Medusa continuation)
+        sample = tok.decode(prompts[0]) + " | " + tok.decode(medusa_outs[0])
+        medusa_row["sample"] = sample
+        ctx.notes.append(f"{SECTION}: {label} sample (prompt | Medusa output): {sample[:400]!r}")
+    identical = medusa_outs == plain_outs
+    medusa_row["identical"] = identical
+    if identical:
+        medusa_row["check"] = "ok"
+    else:
+        seq = _first_difference(plain_outs, medusa_outs)
+        where = f"prompt {seq}, token {_first_difference(plain_outs[seq], medusa_outs[seq])}"
+        if dtype in (torch.float32, torch.float64):
+            medusa_row["check"] = f"FAIL: Medusa greedy output differs from plain at {where}"
+        else:
+            medusa_row["check"] = (
+                f"note: differs from plain at {where} ({_dtype_name(dtype)} rounding on a near-tie)"
+            )
+    if ctx.on_row is not None:
+        for row in rows:
+            ctx.on_row(row)
+    return rows
+
+
+def run(ctx: BenchContext) -> list[dict]:
+    if ctx.tree is not None and str(ctx.tree) not in TREES and not os.path.isfile(ctx.tree):
+        raise ValueError(f"tree {ctx.tree!r} is neither a known tree {sorted(TREES)} nor a file")
+    return _step_section(ctx) + _generation_rows(ctx)

@@ -1,0 +1,196 @@
+"""The benchmark driver: the CPU ``--quick`` run end to end (what CI runs after install), its
+JSON/Markdown/PNG, failure reporting, and the report helpers."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from medusa_kernels.bench import SECTIONS, report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``python -m medusa_kernels.bench --quick --device cpu`` in a fresh process, without
+    TRITON_INTERPRET in its environment (so the restart into the interpreter is exercised)."""
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "medusa_kernels.bench", "--quick", "--device", "cpu",
+           "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
+    files = {ext: glob.glob(str(out / f"*.{ext}")) for ext in ("json", "md", "png")}
+    result = json.loads(open(files["json"][0]).read()) if files["json"] else None
+    return proc, files, result
+
+
+def test_quick_cli_succeeds_and_writes_outputs(quick_run):
+    proc, files, result = quick_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "GPU numbers need a GPU" in proc.stdout
+    for ext in ("json", "md", "png"):
+        assert len(files[ext]) == 1, (ext, files)
+    with open(files["png"][0], "rb") as f:
+        head = f.read(8)
+    assert head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(files["png"][0]) > 5000
+    assert os.path.basename(files["json"][0]).endswith("-cpu-quick.json")
+    meta = result["meta"]
+    assert meta["device"] == "cpu" and meta["quick"] and meta["triton_interpret"]
+    for key in ("date", "dtype", "torch", "triton", "python", "argv", "commit", "device_name"):
+        assert key in meta
+    assert result["status"] == "ok" and result["copy_gbps"] > 0
+
+
+def test_quick_json_has_every_section_with_sane_values(quick_run):
+    _, _, result = quick_run
+    assert list(result["sections"]) == list(SECTIONS)
+    for name, sec in result["sections"].items():
+        assert sec["status"] == "ok", (name, sec["status"], sec.get("traceback"))
+        assert sec["rows"], name
+        for row in sec["rows"]:
+            assert row["section"] == name
+            if "median_us" in row:
+                assert 0 < row["p20_us"] <= row["median_us"] <= row["p80_us"], row
+                assert row["gbps"] > 0
+            if row.get("frac_floor") is not None:
+                assert 0 < row["frac_floor"] <= 1.5, row
+            for key, value in row.items():
+                if key.startswith("check"):
+                    assert value == "ok", row
+    checked = [r for s in result["sections"].values() for r in s["rows"] if "check" in r]
+    assert {r["section"] for r in checked} >= {"tree_attention", "compact_kv"}
+
+
+def test_quick_e2e_lossless_and_accepting(quick_run):
+    _, _, result = quick_run
+    rows = {r["impl"]: r for r in result["sections"]["e2e"]["rows"]}
+    assert {"plain_step", "medusa_step", "plain_generate", "medusa_generate"} <= set(rows)
+    assert rows["medusa_step"]["ratio_vs_plain"] > 0
+    medusa, plain = rows["medusa_generate"], rows["plain_generate"]
+    assert medusa["identical"] is True
+    assert medusa["mean_accepted"] >= 1 and plain["mean_accepted"] == 1
+    assert medusa["tokens"] == plain["tokens"] > 0
+    assert medusa["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0
+    hist = {int(k): v for k, v in medusa["accept_hist"].items()}
+    assert sum(hist.values()) == medusa["steps"] and min(hist) >= 1
+    assert math.isclose(sum(k * v for k, v in hist.items()) / medusa["steps"],
+                        medusa["mean_accepted"])  # fmt: skip
+
+
+def test_failed_section_recorded_and_exit_status(tmp_path, monkeypatch):
+    """A section that cannot be imported is an error in the JSON and makes the exit status 1;
+    the sections after it still run."""
+    import medusa_kernels.bench.__main__ as cli
+
+    monkeypatch.setattr(cli, "SECTIONS", ("no_such_section", "compact_kv"))
+    threads = torch.get_num_threads()
+    try:
+        rc = cli.main(["--only", "no_such_section,compact_kv", "--device", "cpu", "--quick",
+                       "--out", str(tmp_path), "--no-plot"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 1
+    (path,) = glob.glob(str(tmp_path / "*.json"))
+    result = json.loads(open(path).read())
+    assert result["status"] == "failed"
+    bad = result["sections"]["no_such_section"]
+    assert bad["status"].startswith("error: ModuleNotFoundError") and bad["rows"] == []
+    assert result["sections"]["compact_kv"]["status"] == "ok"
+    assert not glob.glob(str(tmp_path / "*.png"))
+
+
+def test_only_rejects_unknown_section():
+    import medusa_kernels.bench.__main__ as cli
+
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--only", "tree_attention,warp_drive"])
+    args = cli.parse_args(["--only", "e2e", "--only", "compact_kv,tree_attention"])
+    assert args.sections == ["tree_attention", "compact_kv", "e2e"]  # the fixed order
+
+
+# --- report helpers --------------------------------------------------------------------------
+
+
+def _row(impl, L, median, floor=None, **case):
+    return dict(
+        section="tree_attention",
+        impl=impl,
+        mode="graph",
+        L=L,
+        B=1,
+        dtype="bfloat16",
+        **case,
+        median_us=median,
+        p20_us=0.9 * median,
+        p80_us=1.1 * median,
+        gbps=1.0,
+        floor_us=floor,
+        frac_floor=floor / median if floor else None,
+    )
+
+
+def test_jsonable_and_fmt():
+    data = {"a": float("nan"), "b": [1.5, float("inf")], "c": torch.tensor(2.5), "d": True,
+            "e": torch.float16, 3: None}  # fmt: skip
+    assert report.jsonable(data) == {"a": None, "b": [1.5, None], "c": 2.5, "d": True,
+                                     "e": "torch.float16", "3": None}  # fmt: skip
+    json.dumps(report.jsonable(data), allow_nan=False)
+    assert report.fmt(None) == "-" and report.fmt(float("nan")) == "-"
+    assert report.fmt(123456.7) == "123457" and report.fmt(0.1234567) == "0.1235"
+    assert report.fmt({"1": 2, "3": 4}) == "1:2 3:4" and report.fmt(False) == "NO"
+
+
+def test_table_columns_caption_and_checks():
+    rows = [_row("triton", 1024, 10.0, 5.0, check="ok", max_err=1e-3),
+            _row("sdpa", 4096, 30.0, 20.0)]  # fmt: skip
+    cols, caption = report.table_columns(rows)
+    assert caption == "B=1 dtype=bfloat16"  # one value across rows: caption, not columns
+    assert cols[:3] == ["impl", "mode", "L"]
+    assert cols.index("p20-p80") == cols.index("median_us") + 1
+    assert "floor_us" not in cols and "check" in cols
+    assert report.cell(rows[0], "p20-p80") == "9-11"
+    assert report.check_problems(rows) == []
+    bad = rows + [dict(rows[0], check="mismatch"), dict(rows[0], check_paged="not run: x"),
+                  dict(rows[0], check="note: bf16 near-tie")]  # fmt: skip
+    problems = report.check_problems(bad)
+    assert len(problems) == 1 and "mismatch" in problems[0]
+
+
+def test_plot_groups_and_png(tmp_path):
+    rows = [_row("triton", 4096, 30.0, 20.0), _row("triton", 1024, 10.0, 5.0),
+            _row("sdpa", 1024, 12.0, 6.0), _row("triton", 1024, 50.0, 40.0, T=1),
+            dict(section="compact_kv", impl="torch", median_us=3.0, NL=2)]  # fmt: skip
+    groups = report.plot_groups(rows)
+    assert len(groups) == 2  # T=1 is its own panel; compact_kv has no context length
+    (main,) = [g for title, g in groups.items() if "T=1" not in title]
+    assert [p[0] for p in main["lines"]["triton/graph"]] == [1024, 4096]  # sorted by L
+    assert main["floor"] == [(1024, 5.0), (4096, 20.0)]  # the smallest floor per L
+    meta = {"device": "cpu", "device_name": "test cpu", "dtype": "float32", "quick": True,
+            "date": "2025-01-02T03:04:05+00:00"}  # fmt: skip
+    result = {
+        "meta": meta,
+        "copy_gbps": 10.0,
+        "notes": [],
+        "sections": {"tree_attention": {"status": "ok", "seconds": 1.0, "rows": rows}},
+    }
+    paths = report.write_all(result, str(tmp_path / "out"))
+    assert os.path.basename(paths["json"]) == "2025-01-02-cpu-quick.json"
+    assert os.path.getsize(paths["png"]) > 5000
+    assert "| impl |" in open(paths["md"]).read()
+    # no row with a context length: a bar chart instead
+    result["sections"] = {"compact_kv": {"status": "ok", "seconds": 1.0, "rows": rows[-1:]}}
+    assert os.path.getsize(report.plot(result, str(tmp_path / "bars.png"))) > 2000
+
+
+def test_result_stem_slugs_gpu_names():
+    meta = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "quick": False,
+            "date": "2025-06-01T00:00:00+00:00"}  # fmt: skip
+    assert report.result_stem(meta) == "2025-06-01-nvidia-h100-80gb-hbm3"
