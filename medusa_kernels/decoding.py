@@ -4,8 +4,10 @@ Medusa step, for a batch of B sequences (state: each sequence's root token, alre
 not yet in the cache, and the hidden state that produced it)::
 
     heads' top-k on the hidden state  ->  tree candidates [B, T] (root + guesses)
-    one tree forward (KV written at [len, len + T))  ->  tree logits [B, T, V]
+    one tree forward (KV written at [len, len + T))  ->  tree hidden states [B, T, d]
     acceptance: longest path the base model agrees with  ->  accepted nodes, next root
+      (greedy: the base argmax per node from the fused lm_head top-1, no [B, T, V] logits;
+       typical: full logits)
     compaction: accepted KV moved to [len, len + accepted), len += accepted
 
 Greedy acceptance makes the output identical to plain greedy decoding. Everything stays on the
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import MedusaModel
-from .ops import accept_typical, compact_kv_cache, sample_tokens
+from .ops import accept_greedy_ids, accept_typical, compact_kv_cache, sample_tokens
 from .tree import TreeBuffers, build_tree, resolve_choices
 
 # propose(last_hidden [B, d], root [B], num_generated per sequence) -> top-k token ids [B, K, k]
@@ -106,6 +108,13 @@ class _Stop:
         return new
 
 
+def next_token(base, hidden, temperature=0.0, generator=None) -> torch.Tensor:
+    """hidden [B, d] -> the next token [B]: the argmax (without full logits) or a sample."""
+    if temperature <= 0:
+        return base.greedy(hidden)
+    return sample_tokens(base.logits(hidden), temperature, generator)
+
+
 def plain_step(model, tb, cache, root, last_hidden, running, temperature=0.0, generator=None):
     """One plain decoding step: root [B] goes into the cache, the next token comes out.
 
@@ -113,7 +122,7 @@ def plain_step(model, tb, cache, root, last_hidden, running, temperature=0.0, ge
     hidden [B, d]). Advances ``cache.seqlens`` of running sequences.
     """
     h = model.base.step(root[:, None], cache, tb.tree_mask, tb.depths)[:, 0]
-    next_root = sample_tokens(model.base.logits(h), temperature, generator)
+    next_root = next_token(model.base, h, temperature, generator)
     counts = running.to(torch.int32)
     cache.seqlens.add_(counts)
     return next_root[:, None], counts, next_root, h
@@ -134,10 +143,14 @@ def medusa_step(model, tb, cache, root, last_hidden, running, temperature=0.0,
             _, guesses = model.heads.topk(last_hidden, tb.topk, tb.depth)
     candidates = tb.candidates(root, guesses)  # [B, T]
     h = model.base.step(candidates, cache, tb.tree_mask, tb.depths)  # [B, T, d]
-    counts, path, next_root = accept_typical(
-        model.base.logits(h), candidates, tb.retrieve_indices, temperature,
-        posterior_threshold, posterior_alpha, generator,
-    )  # fmt: skip
+    if temperature <= 0:  # greedy: argmax ids straight from the fused lm_head top-1
+        counts, path, next_root = accept_greedy_ids(
+            model.base.greedy(h), candidates, tb.retrieve_indices)
+    else:
+        counts, path, next_root = accept_typical(
+            model.base.logits(h), candidates, tb.retrieve_indices, temperature,
+            posterior_threshold, posterior_alpha, generator,
+        )  # fmt: skip
     counts = torch.where(running, counts, 0)
     last = (counts.long() - 1).clamp(min=0)[:, None]
     next_hidden = h[torch.arange(B, device=h.device), path.gather(1, last)[:, 0]]
@@ -228,7 +241,7 @@ def _decode(
         cache = base.new_cache(B, capacity)
         hidden = base.prefill(tokens, lengths, cache)
         last_hidden = hidden[torch.arange(B, device=device), lengths.long() - 1]  # [B, d]
-        root = sample_tokens(base.logits(last_hidden), temperature, generator)
+        root = next_token(base, last_hidden, temperature, generator)
         result.prefill_time = time.perf_counter() - start
         yield stop.take([[t] for t in root.tolist()], [1] * B)
 

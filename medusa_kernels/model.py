@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import tree_attention
+from .ops import lm_head_topk, tree_attention
 
 
 @dataclass
@@ -235,6 +235,12 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """argmax of ``logits(hidden)`` [..., d] -> [...] int64 (ties: lower id), without
+        writing the logits (``lm_head_topk`` with k = 1: fused on the GPU)."""
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return lm_head_topk(flat, self.lm_head.weight, 1)[1].view(hidden.shape[:-1])
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights named as in transformers' LlamaForCausalLM (and Mistral, Qwen2)."""

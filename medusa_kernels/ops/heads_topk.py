@@ -123,6 +123,9 @@ def lm_head_topk_ref(
     indices [N, k] int64). Computes in fp32 (float64 for float64 inputs)."""
     dtype = _compute_dtype(hidden)
     logits = hidden.to(dtype) @ weight.to(dtype).T
+    if k == 1:  # argmax returns the first maximum: the same tie rule, without a sort over V
+        values, indices = logits.max(dim=-1, keepdim=True)
+        return values.float(), logits.argmax(dim=-1, keepdim=True)
     values, indices = topk_lower_index_first(logits, k)
     return values.float(), indices
 
