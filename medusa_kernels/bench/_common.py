@@ -42,6 +42,20 @@ def case_wanted(ctx: BenchContext, case: dict) -> bool:
     return True
 
 
+def graphed(fn: Callable[[], object], warmup: int = 2) -> Callable[[], None]:
+    """Capture ``fn`` (warmed up on a side stream) into a CUDA graph; return its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def measure(fn: Callable[[], object], ctx: BenchContext) -> tuple[float, float, float]:
     """(median, p20, p80) of ``fn()`` in microseconds."""
     if ctx.cuda:

@@ -23,7 +23,7 @@ import torch
 from medusa_kernels.ops._backend import cuda_extension, triton_interpreted
 from medusa_kernels.ops.compact_kv import compact_kv_cache, compact_kv_cache_ref
 
-from ._common import BenchContext, timed_row
+from ._common import BenchContext, graphed, timed_row
 
 SECTION = "compact_kv"
 REPS = 20  # calls per timed function (amortises the length reset)
@@ -37,19 +37,6 @@ def _per_call(row: dict, calls: int) -> dict:
     if row.get("frac_floor") is not None:
         row["frac_floor"] *= calls
     return row
-
-
-def _graphed(fn):
-    """Capture ``fn`` (warmed up on a side stream) into a CUDA graph; return its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def _check(backend, k, v, lens, idx, acc, block_table=None) -> tuple[str, float]:
@@ -89,7 +76,7 @@ def _cuda_case(ctx: BenchContext, H: int, impls: list[str]) -> list[dict]:
                 compact_kv_cache(k, v, lens[r], node_ids, acc, backend=impl)
             lens.copy_(lens0)
 
-        for mode, fn in (("eager", ours), ("graph", _graphed(ours))):
+        for mode, fn in (("eager", ours), ("graph", graphed(ours))):
             row = timed_row(ctx, SECTION, impl, fn, REPS * nbytes, mode=mode, **case)
             rows.append(_per_call(row, REPS) | {"check": check, "max_err": err})
 
@@ -107,10 +94,10 @@ def _cuda_case(ctx: BenchContext, H: int, impls: list[str]) -> list[dict]:
             for layer in range(NL):
                 cache[layer, :, L : L + A].copy_(cache[layer, :, select])
 
-    for mode, fn in (("eager", medusa_ref), ("graph", _graphed(medusa_ref))):
+    for mode, fn in (("eager", medusa_ref), ("graph", graphed(medusa_ref))):
         row = timed_row(ctx, SECTION, "medusa_ref", fn, REPS * nbytes, mode=mode, **case)
         rows.append(_per_call(row, REPS))
-    for mode, fn in (("eager", per_layer), ("graph", _graphed(per_layer))):
+    for mode, fn in (("eager", per_layer), ("graph", graphed(per_layer))):
         rows.append(timed_row(ctx, SECTION, "per_layer", fn, nbytes, mode=mode, **case))
     return rows
 

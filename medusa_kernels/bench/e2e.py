@@ -40,7 +40,7 @@ from medusa_kernels.heads import MedusaHeads
 from medusa_kernels.model import ModelConfig, Transformer
 from medusa_kernels.tree import DEFAULT_TREE, TREES, build_tree, resolve_choices
 
-from ._common import BenchContext, case_wanted, timed_row
+from ._common import BenchContext, case_wanted, graphed, timed_row
 
 SECTION = "e2e"
 
@@ -104,20 +104,6 @@ def _param_count(cfg: ModelConfig, num_heads: int) -> int:
     with torch.device("meta"):
         base, heads = Transformer(cfg), MedusaHeads(num_heads, 1, cfg.hidden_size, cfg.vocab_size)
     return sum(p.numel() for m in (base, heads) for p in m.parameters())
-
-
-def _graphed(fn):
-    """Capture ``fn`` (warmed up on a side stream) into a CUDA graph; return its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 1) -> list[dict]:
@@ -196,7 +182,7 @@ def _time_pair(ctx, case, mode, plain, medusa, plain_bytes, medusa_bytes) -> lis
     with torch.inference_mode():
         for impl, fn, nbytes in (("plain_step", plain, plain_bytes),
                                  ("medusa_step", medusa, medusa_bytes)):  # fmt: skip
-            run = _graphed(fn) if mode == "graph" else fn
+            run = graphed(fn) if mode == "graph" else fn
             rows.append(timed_row(ctx, SECTION, impl, run, nbytes, mode=mode, **case))
             del run  # frees a graph's memory pool before the next capture
     rows[1]["ratio_vs_plain"] = rows[1]["median_us"] / rows[0]["median_us"]

@@ -36,31 +36,9 @@ from medusa_kernels.ops.heads_topk import (
     medusa_heads_topk_ref,
 )
 
-from ._common import BenchContext, timed_row
+from ._common import BenchContext, case_wanted, graphed, timed_row
 
 SECTION = "heads_topk"
-
-
-def _wanted(ctx: BenchContext, case: dict) -> bool:
-    """Whether ``case`` passes the ``key=value`` words of ``ctx.shapes``."""
-    for word in (ctx.shapes or "").replace(",", " ").split():
-        key, _, value = word.partition("=")
-        if key in case and str(case[key]) != value:
-            return False
-    return True
-
-
-def _graphed(fn):
-    """Capture ``fn`` (warmed up on a side stream) into a CUDA graph; return its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def _inputs(N, K, d, V, dtype, device, seed=0):
@@ -127,7 +105,7 @@ def check_topk(values, indices, logits, k, atol, rtol) -> str:
 
 def _time(ctx, impl, fn, nbytes, case, mode="graph") -> dict | None:
     try:
-        run = _graphed(fn) if mode == "graph" else fn
+        run = graphed(fn) if mode == "graph" else fn
         return timed_row(ctx, SECTION, impl, run, nbytes, mode=mode, **case)
     except torch.cuda.OutOfMemoryError:
         ctx.notes.append(f"{SECTION}: {impl} {case} ran out of memory; no row")
@@ -138,7 +116,7 @@ def _time(ctx, impl, fn, nbytes, case, mode="graph") -> dict | None:
 def _cuda_heads(ctx: BenchContext, N, V, dtype) -> list[dict]:
     K, d, k = 5, 4096, 10
     case = dict(op="heads", N=N, K=K, d=d, V=V, k=k, dtype=str(dtype).removeprefix("torch."))
-    if not _wanted(ctx, case):
+    if not case_wanted(ctx, case):
         return []
     hidden, w1, b1, w2 = _inputs(N, K, d, V, dtype, ctx.device, seed=N)
     nbytes = sum(t.numel() * t.element_size() for t in (hidden, w1, b1, w2))
@@ -165,7 +143,7 @@ def _cuda_heads(ctx: BenchContext, N, V, dtype) -> list[dict]:
 def _cuda_lm_head(ctx: BenchContext, N, V, dtype) -> list[dict]:
     d, k = 4096, 1
     case = dict(op="lm_head", N=N, K=1, d=d, V=V, k=k, dtype=str(dtype).removeprefix("torch."))
-    if not _wanted(ctx, case):
+    if not case_wanted(ctx, case):
         return []
     hidden, _, _, w = _inputs(N, 1, d, V, dtype, ctx.device, seed=V + N)
     weight = w[0]
@@ -214,7 +192,7 @@ def _cpu_case(ctx: BenchContext, N: int) -> list[dict]:
     K, d, V, k = 3, 64, 1000, 10
     rows = []
     case = dict(op="heads", N=N, K=K, d=d, V=V, k=k, dtype="float32")
-    if _wanted(ctx, case):
+    if case_wanted(ctx, case):
         hidden, w1, b1, w2 = _inputs(N, K, d, V, torch.float32, ctx.device, seed=N)
         nbytes = sum(t.numel() * t.element_size() for t in (hidden, w1, b1, w2))
         ref = lambda: medusa_heads_topk_ref(hidden, w1, b1, w2, k)
@@ -224,7 +202,7 @@ def _cpu_case(ctx: BenchContext, N: int) -> list[dict]:
         loop = lambda: torch_loop(hidden, w1, b1, w2, k)
         rows += [row, timed_row(ctx, SECTION, "torch_loop", loop, nbytes, mode="eager", **case)]
     case = dict(op="lm_head", N=N, K=1, d=d, V=V, k=k, dtype="float32")
-    if _wanted(ctx, case):
+    if case_wanted(ctx, case):
         hidden, _, _, w = _inputs(N, 1, d, V, torch.float32, ctx.device, seed=V + N)
         weight = w[0]
         nbytes = (hidden.numel() + weight.numel()) * 4

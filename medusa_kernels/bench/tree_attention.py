@@ -33,31 +33,9 @@ from medusa_kernels.ops._backend import triton_interpreted
 from medusa_kernels.ops.tree_attention import tree_attention, tree_attention_ref
 from medusa_kernels.tree import TREES, build_tree
 
-from ._common import BenchContext, timed_row
+from ._common import BenchContext, case_wanted, graphed, timed_row
 
 SECTION = "tree_attention"
-
-
-def _wanted(ctx: BenchContext, case: dict) -> bool:
-    """Whether ``case`` passes the ``key=value`` words of ``ctx.shapes``."""
-    for word in (ctx.shapes or "").replace(",", " ").split():
-        key, _, value = word.partition("=")
-        if key in case and str(case[key]) != value:
-            return False
-    return True
-
-
-def _graphed(fn):
-    """Capture ``fn`` (warmed up on a side stream) into a CUDA graph; return its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def _inputs(B, L, T, Hq, Hkv, D, dtype, device, seed=0):
@@ -109,7 +87,7 @@ def _bytes(B, L, T, Hq, Hkv, D, elsize) -> int:
 
 def _time(ctx, impl, fn, nbytes, case, mode="graph") -> dict | None:
     try:
-        run = _graphed(fn) if mode == "graph" else fn
+        run = graphed(fn) if mode == "graph" else fn
         return timed_row(ctx, SECTION, impl, run, nbytes, mode=mode, **case)
     except torch.cuda.OutOfMemoryError:
         ctx.notes.append(f"{SECTION}: {impl} {case} ran out of memory; no row")
@@ -121,7 +99,7 @@ def _cuda_case(ctx: BenchContext, B, L, T, Hkv) -> list[dict]:
     Hq, D = 32, 128
     dtype = ctx.dtype if ctx.dtype in (torch.float16, torch.bfloat16) else torch.float16
     case = dict(L=L, B=B, T=T, Hq=Hq, Hkv=Hkv, D=D, dtype=str(dtype).removeprefix("torch."))
-    if not _wanted(ctx, case):
+    if not case_wanted(ctx, case):
         return []
     q, k, v, lens, mask = _inputs(B, L, T, Hq, Hkv, D, dtype, ctx.device)
     nbytes = _bytes(B, L, T, Hq, Hkv, D, q.element_size())
@@ -178,7 +156,7 @@ def _cpu_case(ctx: BenchContext, B, L, Hkv) -> list[dict]:
     tree = build_tree(TREES["small_15"])
     T, Hq, D = tree.num_nodes, 4, 64
     case = dict(L=L, B=B, T=T, Hq=Hq, Hkv=Hkv, D=D, dtype="float32")
-    if not _wanted(ctx, case):
+    if not case_wanted(ctx, case):
         return []
     q, k, v, lens, _ = _inputs(B, L, T, Hq, Hkv, D, torch.float32, ctx.device)
     mask = tree.tree_mask
