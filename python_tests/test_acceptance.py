@@ -6,6 +6,7 @@ import torch
 from conftest import HAS_CUDA, requires_cuda
 
 from medusa_kernels import accept_greedy, accept_greedy_ids, accept_typical, build_tree
+from medusa_kernels.ops import acceptance
 from medusa_kernels.ops.acceptance import accept_greedy_ids_ref, accept_greedy_ids_triton
 from medusa_kernels.tree import TREES
 
@@ -121,11 +122,15 @@ def test_bad_input():
 
 
 @requires_cuda
-def test_gpu_auto_is_triton_and_graph_capturable():
+def test_gpu_auto_is_triton_and_graph_capturable(monkeypatch):
+    calls = []
+    greedy = lambda *a: calls.append(1) or accept_greedy_ids_triton(*a)
+    monkeypatch.setitem(acceptance._GREEDY_IMPLS, "triton", greedy)
     tree = build_tree(TREES["mc_sim_7b_63"])
     logits, tokens, ri, _ = random_case(tree, 4, 32000, 0.7, seed=9)
     want = accept_greedy(logits, tokens, ri, backend="torch")
     accept_greedy(logits, tokens, ri)  # compile outside the capture
+    assert calls == [1], "auto did not take the Triton kernel on CUDA"
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     torch.cuda.set_sync_debug_mode("error")

@@ -196,7 +196,8 @@ def test_bad_input(change, match):
 
 
 def test_kernels_need_contiguous_rows_and_cuda_needs_the_gpu():
-    args = _args()
+    # on DEV: on a GPU machine Triton refuses CPU tensors (no interpreter) before the layout check
+    args = {name: t.to(DEV) for name, t in _args().items()}
     args["k_cache"] = args["k_cache"].transpose(-1, -2).contiguous().transpose(-1, -2)
     with pytest.raises(ValueError, match="k_cache must have contiguous"):
         mk.compact_kv_cache(**args, backend="triton")
@@ -230,10 +231,14 @@ def test_gpu_paged_and_no_host_sync_in_a_graph(backend):
     lens, acc = [3, 40], [5, 2]
     k, v, idx, table = make_paged(4, 2, 8, 16, 8, 128, lens, acc, 5, 30, torch.float16, seed=5)
     run_and_compare(backend, k, v, idx, lens, acc, table)  # also warms up (counters, compile)
+    # fresh contents: a second compaction of the already compacted cache barely moves anything
+    k.copy_(random_cache(k.shape, k.dtype, DEV, 50))
+    v.copy_(random_cache(v.shape, v.dtype, DEV, 51))
     lens_t = torch.tensor(lens, dtype=torch.int32, device=DEV)
     acc_t = torch.tensor(acc, dtype=torch.int32, device=DEV)
     want_k, want_v, want_l = k.clone(), v.clone(), lens_t.clone()
     compact_kv_cache_ref(want_k, want_v, want_l, idx, acc_t, table)
+    assert not torch.equal(bits(k), bits(want_k)), "the compaction must move rows"
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     torch.cuda.set_sync_debug_mode("error")

@@ -1,6 +1,7 @@
 """On the GPU: CUDA-graph steps give the same tokens as eager steps and as plain greedy, with at
-most one host sync per step."""
+most one host sync per step (plus one upload of the running mask when a sequence ends)."""
 
+import importlib
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ from tiny_models import VOCAB, make_hf_model, save_random_heads
 
 from medusa_kernels import generate, load_model
 
+ta = importlib.import_module("medusa_kernels.ops.tree_attention")  # the module, not the op
 pytestmark = requires_cuda
 
 
@@ -50,15 +52,48 @@ def test_at_most_one_host_sync_per_step(dirs, cuda_graph):
     model = load_model(*dirs, dtype=torch.bfloat16, device="cuda")
     generate(model, prompts(), 8, cuda_graph=cuda_graph)  # warm up the kernels
     stream = generate(model, prompts(), 32, stream=True, cuda_graph=cuda_graph)
-    next(iter(stream))  # prefill (its sync is outside the steps)
+    steps_iter = iter(stream)
+    next(steps_iter)  # prefill (its syncs are outside the steps)
+    next(steps_iter)  # the first step; with cuda_graph it also captures the graph
+    first = stream.result.steps
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            for _ in stream:
+            for _ in steps_iter:
                 pass
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    steps = stream.result.steps
-    assert steps > 0 and len(syncs) <= steps + 1  # one per step; + one when a sequence ends
+    steps = stream.result.steps - first
+    # one per step (the new tokens), plus one upload of the running mask before each step where
+    # the set of finished sequences has changed (count 0: finished before that step)
+    rows = stream.result.accepted_per_step[first - 1 :]
+    uploads = len({tuple(n == 0 for n in row) for row in rows}) - 1
+    assert steps > 0 and len(syncs) <= steps + uploads, (len(syncs), steps, uploads)
+
+
+@pytest.fixture(scope="module")
+def dirs_d64(tmp_path_factory):
+    """hidden 256, 4 heads: head dim 64, which "auto" runs with the Triton tree attention."""
+    base, heads = tmp_path_factory.mktemp("base_d64"), tmp_path_factory.mktemp("heads_d64")
+    make_hf_model("llama-gqa-llama3rope", path=base, hidden=256)
+    save_random_heads(heads, d=256)
+    return base, heads
+
+
+def test_triton_tree_attention_in_graphs(dirs_d64, monkeypatch):
+    """The Triton tree attention inside captured decode steps (bf16, the default on CUDA)."""
+    calls = []
+    triton_impl = ta._IMPLS["triton"]
+    monkeypatch.setitem(
+        ta._IMPLS, "triton", lambda *a, **kw: calls.append(1) or triton_impl(*a, **kw)
+    )
+    model = load_model(*dirs_d64, dtype=torch.bfloat16, device="cuda")
+    eager = generate(model, prompts(), 24, cuda_graph=False)
+    assert calls, "auto did not take the Triton tree attention"
+    graph = generate(model, prompts(), 24, cuda_graph=True)
+    plain_eager = generate(model, prompts(), 24, medusa=False, cuda_graph=False)
+    plain_graph = generate(model, prompts(), 24, medusa=False, cuda_graph=True)
+    assert eager.tokens == graph.tokens
+    assert plain_eager.tokens == plain_graph.tokens

@@ -36,8 +36,9 @@ def poisoned_empty(monkeypatch):
 
 
 def heads_logits(hidden, w1, b1, w2) -> torch.Tensor:
-    """[N, K, V] logits in float64 (CPU) or fp32 (GPU) from the inputs as given."""
-    dtype = torch.float64 if hidden.device.type == "cpu" else torch.float32
+    """[N, K, V] logits in float64 from the inputs as given (also on the GPU: an fp32 einsum
+    there could run in TF32 if a global matmul-precision setting allows it)."""
+    dtype = torch.float64
     h = hidden.to(dtype)
     z = torch.einsum("nd,ked->nke", h, w1.to(dtype)) + b1.to(dtype)
     return torch.einsum("nkd,kvd->nkv", h[:, None] + torch.nn.functional.silu(z), w2.to(dtype))
@@ -356,7 +357,7 @@ def test_gpu_heads_7b_bf16(N):
 def test_gpu_lm_head_bf16(N, V):
     hidden, _, _, w2 = _gpu_inputs(N, 1, 4096, V, torch.bfloat16, seed=V + N)
     values, indices = lm_head_topk(hidden, w2[0], 10)
-    logits = hidden.float() @ w2[0].float().T
+    logits = hidden.double() @ w2[0].double().T
     assert_topk_close(values, indices, logits, 10, 3e-2, 3e-3)
 
 

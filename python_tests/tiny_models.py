@@ -25,12 +25,16 @@ ARCHS = {
 }
 
 
-def make_hf_model(arch: str, seed: int = 0, layers: int = 2, max_shard_size=None, path=None):
-    """A random transformers model of ``arch`` (fp32, eval); saved to ``path`` when given."""
+def make_hf_model(
+    arch: str, seed: int = 0, layers: int = 2, max_shard_size=None, path=None, hidden: int = 64
+):
+    """A random transformers model of ``arch`` (fp32, eval); saved to ``path`` when given.
+    4 attention heads: head dim ``hidden // 4`` (16 by default; 256 gives 64, a Triton size)."""
     config_cls, extra = ARCHS[arch]
     torch.manual_seed(seed)
     config = config_cls(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden // 2,
+        num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=512, eos_token_id=None,
         bos_token_id=None, pad_token_id=None, **extra,
     )  # fmt: skip

@@ -12,6 +12,7 @@ Each op keeps a table ``{backend name: implementation}``. ``pick_backend`` turns
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
@@ -27,8 +28,10 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def cuda_extension():
-    """The compiled ``medusa_kernels._C`` module, or None where it was not built."""
+    """The compiled ``medusa_kernels._C`` module, or None where it was not built (looked up
+    once: a failed import is not cached by Python and would search the disk on every call)."""
     try:
         from medusa_kernels import _C  # type: ignore[attr-defined]
     except ImportError:

@@ -82,6 +82,8 @@ def check_accept_args(tree_logits, tree_tokens, retrieve_indices, *, ids: bool =
     check_tensor("retrieve_indices", retrieve_indices, ndim=2, dtypes=INDEX_DTYPES, device=dev)
     if retrieve_indices.shape[1] < 1:
         raise ValueError("retrieve_indices must have at least one column (the root)")
+    if retrieve_indices.shape[0] < 1:
+        raise ValueError("retrieve_indices must have at least one row (a path)")
 
 
 def accept_greedy_ids_ref(
