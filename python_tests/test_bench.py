@@ -194,3 +194,70 @@ def test_result_stem_slugs_gpu_names():
     meta = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "quick": False,
             "date": "2025-06-01T00:00:00+00:00"}  # fmt: skip
     assert report.result_stem(meta) == "2025-06-01-nvidia-h100-80gb-hbm3"
+
+
+# --- GPU-only code paths, checked on the CPU -------------------------------------------------
+
+
+def test_per_call_rescales_times_and_floor_but_not_ratios(monkeypatch):
+    """compact_kv times REPS calls with REPS times the bytes: per call, times and the floor
+    divide by REPS while GB/s and the fraction of the floor (ratios of the two) stay."""
+    from medusa_kernels.bench import _common
+    from medusa_kernels.bench.compact_kv import _per_call
+
+    ctx = _common.BenchContext(device=torch.device("cpu"), dtype=torch.float32, copy_gbps=100.0)
+    monkeypatch.setattr(_common, "measure", lambda fn, ctx: (20.0, 18.0, 22.0))  # 20 calls
+    row = _per_call(_common.timed_row(ctx, "compact_kv", "triton", lambda: None, 20 * 1000), 20)
+    assert (row["median_us"], row["p20_us"], row["p80_us"]) == pytest.approx((1.0, 0.9, 1.1))
+    assert row["gbps"] == pytest.approx(1.0)  # 1000 bytes in 1 us
+    assert row["floor_us"] == pytest.approx(0.01)  # 1000 bytes at 100 GB/s
+    assert row["frac_floor"] == pytest.approx(0.01)
+
+
+def test_failure_row_keeps_the_other_rows(monkeypatch):
+    """On the GPU a capture or kernel that raises becomes a row (FAIL for ours, "not run" for a
+    peer) and the section's other rows survive: the CUDA branch, faked on the CPU."""
+    from medusa_kernels.bench import _common, heads_topk
+
+    ctx = _common.BenchContext(device=torch.device("cpu"), dtype=torch.float32)
+    seen = []
+    ctx.on_row = seen.append
+    monkeypatch.setattr(_common, "measure", lambda fn, ctx: (1.0, 0.9, 1.1))
+
+    def graphed(fn, warmup=2):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(heads_topk, "graphed", graphed)
+    case = dict(op="heads", N=1)
+    ours = heads_topk._time(ctx, "triton", lambda: None, 8, case, "graph")
+    peer = heads_topk._time(ctx, "bmm_topk", lambda: None, 8, case, "graph")
+    timed = heads_topk._time(ctx, "triton", lambda: None, 8, case, "eager")
+    assert ours["check"].startswith("FAIL: RuntimeError") and "median_us" not in ours
+    assert peer["check"].startswith("not run: RuntimeError")
+    assert timed["median_us"] == 1.0 and "check" not in timed
+    assert [r["impl"] for r in seen] == ["triton", "bmm_topk", "triton"]
+    assert len(report.check_problems([ours, peer, timed])) == 1
+    assert len(ctx.notes) == 2 and "stream is capturing" in ctx.notes[0]
+
+
+def test_cuda_usable_stops_a_section_after_a_sticky_error(monkeypatch):
+    from medusa_kernels.bench import _common
+
+    ctx = _common.BenchContext(device=torch.device("cuda"), dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    assert _common.cuda_usable(ctx) and ctx.notes == []
+
+    def broken(device=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", broken)
+    assert not _common.cuda_usable(ctx) and "illegal memory access" in ctx.notes[0]
+
+
+def test_commit_from_the_environment_without_git(monkeypatch):
+    """The lent GPU machine gets a copy of the tree without .git: MEDUSA_KERNELS_COMMIT."""
+    monkeypatch.setattr(report, "_git", lambda *args: None)
+    monkeypatch.setenv("MEDUSA_KERNELS_COMMIT", "0123456789ab")
+    meta = report.metadata(torch.device("cpu"), torch.float32, True, [])
+    assert meta["commit"] == "0123456789ab" and meta["dirty"] is None

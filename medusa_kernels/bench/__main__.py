@@ -9,6 +9,9 @@ Sections: tree_attention, heads_topk, compact_kv, e2e (in this order). The copy 
 measured first: each row's ``frac_floor`` is its minimum traffic over that bandwidth divided by
 its median time. A section that cannot be imported, raises, or whose kernel check fails is
 recorded as failed in the JSON and the command exits with status 1 once everything has run.
+On the GPU a case, capture or peer that raises becomes a row ("FAIL: ..." for ours, "not run:
+..." for a peer) and the other rows are kept; the JSON is rewritten after every section, so a
+run stopped by a time limit keeps what it measured.
 
 Without a CUDA GPU this is the CPU mode: TRITON_INTERPRET=1 is set (the command restarts itself
 once when medusa_kernels was already imported without it), the Triton kernels are checked in
@@ -248,6 +251,9 @@ def main(argv=None) -> int:
     ctx.copy_gbps = copy_bandwidth_gbps(ctx)
     say(f"copy bandwidth {ctx.copy_gbps:.1f} GB/s (the floor of every frac_floor)")
     sections: dict[str, dict] = {}
+    # the JSON so far after every section: a run stopped by a time limit keeps what it measured
+    os.makedirs(args.out, exist_ok=True)
+    partial_path = os.path.join(args.out, report.result_stem(meta) + ".json")
     with _Progress(len(args.sections), console) as progress:
         ctx.on_row = progress.row
         for name in args.sections:
@@ -256,6 +262,10 @@ def main(argv=None) -> int:
             sec = sections[name]
             progress.done(f"{name}: {sec['status']}, {len(sec['rows'])} rows, "
                           f"{sec['seconds']:.1f} s")  # fmt: skip
+            report.write_json(partial_path, {
+                "meta": meta, "copy_gbps": ctx.copy_gbps, "sections": sections,
+                "notes": ctx.notes, "status": f"partial: {len(sections)} of "
+                f"{len(args.sections)} sections"})  # fmt: skip
     ctx.on_row = None
 
     failed = [n for n, s in sections.items() if s["status"] != "ok"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -115,3 +116,36 @@ def timed_row(
     if ctx.on_row is not None:
         ctx.on_row(row)
     return row
+
+
+def failure_row(
+    ctx: BenchContext, section: str, impl: str, exc: BaseException, ours: bool, **case: object
+) -> dict:
+    """A row for a run that raised, so one failure does not cost the section its other rows.
+
+    Our own kernels/steps get ``check`` "FAIL: ..." (the section fails); a peer that cannot run
+    gets "not run: ..." (noted, the section stays ok). Call it inside the ``except`` block: the
+    traceback's last frames go to the notes. Out-of-memory is not a failure: handle it first.
+    """
+    message = f"{type(exc).__name__}: {exc}".strip()[:300]
+    where = " ".join(f"{k}={v}" for k, v in case.items())
+    tail = traceback.format_exc(limit=-3).strip().splitlines()[-6:]
+    ctx.notes.append(f"{section}: {impl} {where} raised {message} | " + " | ".join(tail))
+    row = {"section": section, "impl": impl, **case,
+           "check": f"FAIL: {message}" if ours else f"not run: {message}"}  # fmt: skip
+    if ctx.on_row is not None:
+        ctx.on_row(row)
+    return row
+
+
+def cuda_usable(ctx: BenchContext) -> bool:
+    """Between cases on the GPU: synchronize and return the cached memory; False (noted) when
+    CUDA is broken by a sticky error (an illegal address, say), so the section stops there
+    and keeps the rows it has instead of raising from here and losing them."""
+    try:
+        torch.cuda.synchronize(ctx.device)
+        torch.cuda.empty_cache()
+    except RuntimeError as e:
+        ctx.notes.append(f"CUDA unusable after an error, the section stops: {e}"[:400])
+        return False
+    return True

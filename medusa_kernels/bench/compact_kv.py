@@ -23,19 +23,19 @@ import torch
 from medusa_kernels.ops._backend import cuda_extension, triton_interpreted
 from medusa_kernels.ops.compact_kv import compact_kv_cache, compact_kv_cache_ref
 
-from ._common import BenchContext, graphed, timed_row
+from ._common import BenchContext, cuda_usable, failure_row, graphed, timed_row
 
 SECTION = "compact_kv"
 REPS = 20  # calls per timed function (amortises the length reset)
 
 
 def _per_call(row: dict, calls: int) -> dict:
-    """Rescale a row that timed ``calls`` calls to one call."""
-    for key in ("median_us", "p20_us", "p80_us"):
-        row[key] /= calls
-    row["gbps"] *= calls
-    if row.get("frac_floor") is not None:
-        row["frac_floor"] *= calls
+    """Rescale a row that timed ``calls`` calls (with ``calls`` times the bytes) to one call:
+    times and the floor divide by ``calls``; GB/s and the fraction of the floor are ratios of
+    the two and stay as they are."""
+    for key in ("median_us", "p20_us", "p80_us", "floor_us"):
+        if row.get(key) is not None:
+            row[key] /= calls
     return row
 
 
@@ -46,8 +46,10 @@ def _check(backend, k, v, lens, idx, acc, block_table=None) -> tuple[str, float]
         kr, vr, lr = k.clone(), v.clone(), lens.clone()
         compact_kv_cache(ks, vs, ls, idx, acc, block_table=block_table, backend=backend)
         compact_kv_cache_ref(kr, vr, lr, idx, acc, block_table)
-        err = max((ks.float() - kr.float()).abs().max().item(),
-                  (vs.float() - vr.float()).abs().max().item())
+        err = max(
+            (ks.float() - kr.float()).abs().max().item(),
+            (vs.float() - vr.float()).abs().max().item(),
+        )
         ok = torch.equal(ks, kr) and torch.equal(vs, vr) and torch.equal(ls, lr)
         return ("ok" if ok else "mismatch"), err
     except Exception as e:  # reported in the row
@@ -68,6 +70,18 @@ def _cuda_case(ctx: BenchContext, H: int, impls: list[str]) -> list[dict]:
     lens0 = torch.full((REPS, B), L, dtype=torch.int32, device=dev)
     lens = lens0.clone()
     rows = []
+
+    def time_modes(impl, fn, calls, extra=None) -> None:
+        """Rows of ``fn`` (``calls`` calls of the op) in both modes; a failure is a row."""
+        for mode in ("eager", "graph"):
+            try:
+                run = graphed(fn) if mode == "graph" else fn
+                row = timed_row(ctx, SECTION, impl, run, calls * nbytes, mode=mode, **case)
+                rows.append(_per_call(row, calls) | (extra or {}))
+            except Exception as e:  # recorded (FAIL for ours), the other rows still run
+                ours = impl in ("triton", "cuda")
+                rows.append(failure_row(ctx, SECTION, impl, e, ours, mode=mode, **case))
+
     for impl in impls:
         check, err = _check(impl, k, v, lens0[0].clone(), node_ids, acc)
 
@@ -76,9 +90,7 @@ def _cuda_case(ctx: BenchContext, H: int, impls: list[str]) -> list[dict]:
                 compact_kv_cache(k, v, lens[r], node_ids, acc, backend=impl)
             lens.copy_(lens0)
 
-        for mode, fn in (("eager", ours), ("graph", graphed(ours))):
-            row = timed_row(ctx, SECTION, impl, fn, REPS * nbytes, mode=mode, **case)
-            rows.append(_per_call(row, REPS) | {"check": check, "max_err": err})
+        time_modes(impl, ours, REPS, {"check": check, "max_err": err})
 
     # Medusa's layout: one [2 * NL, B, Hkv, S, D] buffer, K layers then V layers
     data = torch.randn(2 * NL, B, H, S, D, generator=gen, device=dev, dtype=dtype)
@@ -94,11 +106,8 @@ def _cuda_case(ctx: BenchContext, H: int, impls: list[str]) -> list[dict]:
             for layer in range(NL):
                 cache[layer, :, L : L + A].copy_(cache[layer, :, select])
 
-    for mode, fn in (("eager", medusa_ref), ("graph", graphed(medusa_ref))):
-        row = timed_row(ctx, SECTION, "medusa_ref", fn, REPS * nbytes, mode=mode, **case)
-        rows.append(_per_call(row, REPS))
-    for mode, fn in (("eager", per_layer), ("graph", graphed(per_layer))):
-        rows.append(timed_row(ctx, SECTION, "per_layer", fn, nbytes, mode=mode, **case))
+    time_modes("medusa_ref", medusa_ref, REPS)
+    time_modes("per_layer", per_layer, 1)
     return rows
 
 
@@ -106,8 +115,12 @@ def _cuda_rows(ctx: BenchContext) -> list[dict]:
     impls = ["triton"] + (["cuda"] if cuda_extension() is not None else [])
     rows = []
     for H in (32, 8):
-        rows += _cuda_case(ctx, H, impls)
-        torch.cuda.empty_cache()
+        try:
+            rows += _cuda_case(ctx, H, impls)
+        except Exception as e:  # inputs raised (out of memory included): the next case runs
+            rows.append(failure_row(ctx, SECTION, impls[0], e, True, Hkv=H))
+        if not cuda_usable(ctx):
+            return rows
     return rows
 
 

@@ -40,7 +40,14 @@ from medusa_kernels.heads import MedusaHeads
 from medusa_kernels.model import ModelConfig, Transformer
 from medusa_kernels.tree import DEFAULT_TREE, TREES, build_tree, resolve_choices
 
-from ._common import BenchContext, case_wanted, graphed, timed_row
+from ._common import (
+    BenchContext,
+    case_wanted,
+    cuda_usable,
+    failure_row,
+    graphed,
+    timed_row,
+)
 
 SECTION = "e2e"
 
@@ -172,6 +179,10 @@ def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 
             except torch.cuda.OutOfMemoryError:
                 ctx.notes.append(f"{SECTION}: {name} L={L} {mode} ran out of GPU memory")
                 torch.cuda.empty_cache()
+            except Exception as e:  # a step that fails (or cannot be captured): recorded
+                if not ctx.cuda:
+                    raise
+                rows.append(failure_row(ctx, SECTION, "step", e, True, mode=mode, **case))
         del cache, plain, medusa
     return rows
 
@@ -182,10 +193,18 @@ def _time_pair(ctx, case, mode, plain, medusa, plain_bytes, medusa_bytes) -> lis
     with torch.inference_mode():
         for impl, fn, nbytes in (("plain_step", plain, plain_bytes),
                                  ("medusa_step", medusa, medusa_bytes)):  # fmt: skip
-            run = graphed(fn) if mode == "graph" else fn
-            rows.append(timed_row(ctx, SECTION, impl, run, nbytes, mode=mode, **case))
-            del run  # frees a graph's memory pool before the next capture
-    rows[1]["ratio_vs_plain"] = rows[1]["median_us"] / rows[0]["median_us"]
+            try:
+                run = graphed(fn) if mode == "graph" else fn
+                rows.append(timed_row(ctx, SECTION, impl, run, nbytes, mode=mode, **case))
+                del run  # frees a graph's memory pool before the next capture
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # GPU: a failure row, the other step is still timed
+                if not ctx.cuda:
+                    raise
+                rows.append(failure_row(ctx, SECTION, impl, e, True, mode=mode, **case))
+    if all("median_us" in r for r in rows):
+        rows[1]["ratio_vs_plain"] = rows[1]["median_us"] / rows[0]["median_us"]
     return rows
 
 
@@ -199,7 +218,10 @@ def _step_section(ctx: BenchContext) -> list[dict]:
             rows += _step_rows(ctx, name, lengths)
         except torch.cuda.OutOfMemoryError:
             ctx.notes.append(f"{SECTION}: {name} ran out of GPU memory building the model")
-        torch.cuda.empty_cache()  # the model and its graphs are gone with _step_rows' frame
+        except Exception as e:  # building or a case raised: the next model still runs
+            rows.append(failure_row(ctx, SECTION, "step", e, True, model=name))
+        if not cuda_usable(ctx):  # the model and its graphs went with _step_rows' frame
+            return rows
     return rows
 
 
@@ -332,4 +354,11 @@ def _generation_rows(ctx: BenchContext) -> list[dict]:
 def run(ctx: BenchContext) -> list[dict]:
     if ctx.tree is not None and str(ctx.tree) not in TREES and not os.path.isfile(ctx.tree):
         raise ValueError(f"tree {ctx.tree!r} is neither a known tree {sorted(TREES)} nor a file")
-    return _step_section(ctx) + _generation_rows(ctx)
+    rows = _step_section(ctx)
+    try:
+        return rows + _generation_rows(ctx)
+    except Exception as e:  # on the GPU keep the step rows; the CPU run raises as before
+        if not ctx.cuda:
+            raise
+        label = os.path.basename(os.path.normpath(ctx.model_dir)) if ctx.model_dir else "demo"
+        return rows + [failure_row(ctx, SECTION, "generate", e, True, model=label)]

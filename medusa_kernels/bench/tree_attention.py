@@ -33,7 +33,14 @@ from medusa_kernels.ops._backend import triton_interpreted
 from medusa_kernels.ops.tree_attention import tree_attention, tree_attention_ref
 from medusa_kernels.tree import TREES, build_tree
 
-from ._common import BenchContext, case_wanted, graphed, timed_row
+from ._common import (
+    BenchContext,
+    case_wanted,
+    cuda_usable,
+    failure_row,
+    graphed,
+    timed_row,
+)
 
 SECTION = "tree_attention"
 
@@ -86,13 +93,20 @@ def _bytes(B, L, T, Hq, Hkv, D, elsize) -> int:
 
 
 def _time(ctx, impl, fn, nbytes, case, mode="graph") -> dict | None:
+    """A timed row; out of memory: a note and no row; another error: a failure row (FAIL for
+    ours, "not run" for a peer), so the other rows of the section survive."""
     try:
         run = graphed(fn) if mode == "graph" else fn
-        return timed_row(ctx, SECTION, impl, run, nbytes, mode=mode, **case)
+        row = timed_row(ctx, SECTION, impl, run, nbytes, mode=mode, **case)
+        del run  # the graph and its private pool (the eager peer's: ~17 GB at B 8, L 64k)
+        torch.cuda.empty_cache()  # go back now, so the peers' pools do not add up
+        return row
     except torch.cuda.OutOfMemoryError:
         ctx.notes.append(f"{SECTION}: {impl} {case} ran out of memory; no row")
         torch.cuda.empty_cache()
         return None
+    except Exception as e:  # e.g. a capture that fails: recorded, the run goes on
+        return failure_row(ctx, SECTION, impl, e, impl == "triton", mode=mode, **case)
 
 
 def _cuda_case(ctx: BenchContext, B, L, T, Hkv) -> list[dict]:
@@ -120,7 +134,7 @@ def _cuda_case(ctx: BenchContext, B, L, T, Hkv) -> list[dict]:
     for mode in ("graph", "eager"):
         row = _time(ctx, "triton", ours, nbytes, case, mode)
         if row is not None:
-            rows.append(row | {"check": check, "max_err": err})
+            rows.append(row if "check" in row else row | {"check": check, "max_err": err})
     del got, want
     peers = {"sdpa_nomask": lambda: _sdpa(q, k, v)}
     if T > 1:
@@ -147,8 +161,16 @@ def _cuda_rows(ctx: BenchContext) -> list[dict]:
         for B in Bs:
             for Hkv in (32, 8):
                 for L in lengths:
-                    rows += _cuda_case(ctx, B, L, T, Hkv)
-                    torch.cuda.empty_cache()
+                    try:
+                        rows += _cuda_case(ctx, B, L, T, Hkv)
+                    except torch.cuda.OutOfMemoryError:
+                        ctx.notes.append(f"{SECTION}: B={B} L={L} T={T} Hkv={Hkv} ran out of "
+                                         "memory; no rows")  # fmt: skip
+                    except Exception as e:  # inputs or the check raised: the next case runs
+                        rows.append(failure_row(ctx, SECTION, "triton", e, True, L=L, B=B, T=T,
+                                                Hkv=Hkv))  # fmt: skip
+                    if not cuda_usable(ctx):
+                        return rows
     return rows
 
 
