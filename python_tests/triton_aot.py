@@ -46,16 +46,22 @@ def _spec(fn, args, kwargs) -> dict:
     bound = dict(zip((p.name for p in params), args, strict=False))
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     bound.update(kwargs)
-    signature, constexprs = {}, {}
+    signature, constexprs, div16 = {}, {}, []
     for p in params:
         value = bound[p.name] if p.name in bound else p.default
-        if "constexpr" in str(p.annotation):
-            signature[p.name] = "constexpr"
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if "constexpr" in str(p.annotation) or (is_int and value == 1):
+            signature[p.name] = "constexpr"  # Triton's launcher turns ints equal to 1 into these
             constexprs[p.name] = value
         else:
             signature[p.name] = _arg_type(value)
+            # and specialises on 16-byte aligned pointers and ints divisible by 16
+            aligned = (value.data_ptr() % 16 == 0 if signature[p.name].startswith("*")
+                       else is_int and value % 16 == 0)
+            if aligned:
+                div16.append(p.name)
     return dict(module=fn.__module__, kernel=fn.__name__, signature=signature,
-                constexprs=constexprs, options=options)
+                constexprs=constexprs, options=options, div16=div16)
 
 
 def install_capture(path: str) -> None:
@@ -86,6 +92,21 @@ def variants(spec: dict):
         yield dict(spec, signature=sig)
 
 
+def _resources(cubin: bytes) -> str:
+    """Registers / spills / shared memory of a kernel's cubin (cuobjdump -res-usage)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+    os.unlink(f.name)
+    return " ".join(x.strip() for x in out.stdout.splitlines() if "REG" in x) or out.stderr[-200:]
+
+
 def compile_one(variant: dict) -> list[str]:
     """Compile one launch spec for every target; the failures as lines."""
     import triton
@@ -93,13 +114,19 @@ def compile_one(variant: dict) -> list[str]:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(variant["module"]), variant["kernel"])
+    names = list(variant["signature"])
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in variant.get("div16", [])}
     failures = []
     for arch in TARGETS:
-        src = ASTSource(fn=fn, signature=variant["signature"], constexprs=variant["constexprs"])
+        src = ASTSource(fn=fn, signature=variant["signature"], constexprs=variant["constexprs"],
+                        attrs=attrs)
         try:
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                       options=variant["options"])
             assert compiled.asm.get("cubin"), "no cubin"
+            if os.environ.get("MEDUSA_AOT_RESOURCES"):
+                print(variant["kernel"], f"sm_{arch}", variant["constexprs"], variant["options"],
+                      _resources(compiled.asm["cubin"]), flush=True)
         except Exception as e:  # noqa: BLE001 - report every failure, then fail
             first = str(e).strip().splitlines()[:3]
             failures.append(f"{variant['kernel']} sm_{arch} {variant['signature']} "
