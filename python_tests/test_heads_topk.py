@@ -322,7 +322,7 @@ def test_triton_refuses_what_it_does_not_support():
 
 
 def test_chunking_uses_static_shapes_only(monkeypatch):
-    monkeypatch.setattr(ht, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(ht, "sm_count", lambda device: 132)
     h100 = torch.device("cuda", 0)
     gemv, dot = ht._config(1, torch.bfloat16), ht._config(16, torch.bfloat16)
     assert ht._chunks(32000, 5, gemv, h100, None) == (100, 320)  # 500 programs <= 4 x 132

@@ -175,7 +175,7 @@ def test_split_counts_agree_and_scale_is_used():
 
 
 def test_split_count_uses_static_shapes_only(monkeypatch):
-    monkeypatch.setattr(ta, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(ta, "sm_count", lambda device: 132)
     h100 = torch.device("cuda", 0)
 
     def splits(B, T, Hkv, G, S, D=128):

@@ -31,10 +31,10 @@ def triton_calls(monkeypatch):
     """Route "auto" to Triton for every op and count each op's Triton calls."""
     pick = _backend.pick_backend
 
-    def prefer_triton(op, backend, device, impls, auto_order=("triton", "torch")):
-        if backend == "auto" and "triton" in impls:
+    def prefer_triton(op, backend, device, impls, auto_order=("triton", "torch"), **kwargs):
+        if backend == "auto" and "triton" in impls and kwargs.get("triton_ok", True):
             return "triton"
-        return pick(op, backend, device, impls, auto_order)
+        return pick(op, backend, device, impls, auto_order, **kwargs)
 
     calls = dict.fromkeys(TABLES, 0)
     for op, (module_name, table_name) in TABLES.items():

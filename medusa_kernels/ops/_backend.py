@@ -61,20 +61,39 @@ def backend_unusable_reason(backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}; expected one of {BACKENDS}"
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: a stand-in for the interpreter),
+    for launch sizes that fill the GPU from static shapes only."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_sm_count(index)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def pick_backend(
     op: str,
     backend: str,
     device: torch.device,
     impls: dict[str, Callable],
     auto_order: Sequence[str] = ("triton", "torch"),
+    *,
+    triton_ok: bool = True,
 ) -> str:
-    """Resolve ``backend`` for ``op`` on ``device`` to a key of ``impls``."""
+    """Resolve ``backend`` for ``op`` on ``device`` to a key of ``impls``. ``triton_ok=False``
+    (the op's Triton kernel does not cover these arguments) keeps "auto" off Triton."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
         for name in auto_order:
+            if name == "triton" and not triton_ok:
+                continue
             if name in impls and backend_unusable_reason(name, device) is None:
                 return name
         return "torch"

@@ -133,13 +133,11 @@ if HAS_TRITON:
 def accept_greedy_ids_triton(
     pred: torch.Tensor, tree_tokens: torch.Tensor, retrieve_indices: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher of ``_accept_greedy_kernel``: pred [B, T] int, tree_tokens [B, T] int,
-    retrieve_indices [P, A] int -> (accept_lengths [B] int32, accept_indices [B, A] int64,
-    next_tokens [B] int64), exactly as ``accept_greedy_ids_ref``."""
+    """Launcher of ``_accept_greedy_kernel`` (arguments already checked): pred [B, T] int,
+    tree_tokens [B, T] int, retrieve_indices [P >= 1, A] int -> (accept_lengths [B] int32,
+    accept_indices [B, A] int64, next_tokens [B] int64), exactly as ``accept_greedy_ids_ref``."""
     B, A = pred.shape[0], retrieve_indices.shape[1]
     P = retrieve_indices.shape[0]
-    if P < 1:
-        raise ValueError("retrieve_indices must have at least one row (a path)")
     if tree_tokens.stride(1) != 1:
         tree_tokens = tree_tokens.contiguous()
     if pred.stride(1) != 1:
@@ -188,9 +186,8 @@ def accept_greedy(
         next_tokens [B] int64 (argmax after the last accepted node).
     """
     check_accept_args(tree_logits, tree_tokens, retrieve_indices)
-    name = pick_backend("accept_greedy", backend, tree_logits.device, _GREEDY_IMPLS)
-    pred = tree_logits.argmax(dim=-1)  # [B, T]
-    return _GREEDY_IMPLS[name](pred, tree_tokens, retrieve_indices)
+    return accept_greedy_ids(tree_logits.argmax(dim=-1), tree_tokens, retrieve_indices,
+                             backend=backend)
 
 
 def accept_greedy_ids(

@@ -38,10 +38,6 @@ if HAS_TRITON:
     import triton.language as tl
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def compact_kv_cache_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -138,8 +134,9 @@ def check_compact_args(
                 )
 
 
-def _check_kernel_layout(k_cache, v_cache) -> None:
-    """The kernels move Hkv * D rows as one contiguous run per position."""
+def _kernel_indices(k_cache, v_cache, accept_indices) -> torch.Tensor:
+    """Checks the layout the kernels need (Hkv * D rows as one contiguous run per position);
+    returns accept_indices with unit stride along A."""
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         H, D = t.shape[-2], t.shape[-1]
         if (t.stride(-1) != 1 and D > 1) or (t.stride(-2) != D and H > 1):
@@ -147,6 +144,7 @@ def _check_kernel_layout(k_cache, v_cache) -> None:
                 f"{name} must have contiguous (Hkv, D) = ({H}, {D}) rows for the kernels, got "
                 f"strides {t.stride()}"
             )
+    return accept_indices if accept_indices.stride(1) == 1 else accept_indices.contiguous()
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -233,7 +231,7 @@ if HAS_TRITON:
 def _triton_config(programs_per_row: int, hd: int, elsize: int, a_pad: int) -> tuple[int, int]:
     """(BLOCK, num_warps): 16-byte vectors, >= ~512 programs, <= 16 KiB of tile per tensor."""
     vec = max(1, 16 // elsize)
-    block = _next_pow2(hd)
+    block = triton.next_power_of_2(hd)
     while block > vec * 32 and (
         programs_per_row * triton.cdiv(hd, block) < 512 or a_pad * block * elsize > 16384
     ):
@@ -250,15 +248,13 @@ def compact_kv_cache_triton(
     block_table: torch.Tensor | None = None,
 ) -> None:
     """One Triton launch for all layers (same arguments as ``compact_kv_cache_ref``)."""
-    _check_kernel_layout(k_cache, v_cache)
+    accept_indices = _kernel_indices(k_cache, v_cache, accept_indices)
     B, A = accept_indices.shape
     if B == 0:
         return
     if A == 0 or k_cache.numel() == 0:
         cache_seqlens.add_(accept_lengths)
         return
-    if accept_indices.stride(1) != 1:
-        accept_indices = accept_indices.contiguous()
     NL, k_sl, k_sb, k_ss = _layer_view(k_cache)
     _, v_sl, v_sb, v_ss = _layer_view(v_cache)
     HD = k_cache.shape[-2] * k_cache.shape[-1]
@@ -270,7 +266,7 @@ def compact_kv_cache_triton(
     else:
         page, num_blocks, S = 1, 1, k_cache.shape[-3]
         table, table_stride = cache_seqlens, 0  # unused
-    a_pad = _next_pow2(A)
+    a_pad = triton.next_power_of_2(A)
     block, num_warps = _triton_config(NL * B, HD, k_cache.element_size(), a_pad)
     chunks = triton.cdiv(HD, block)
     if B > 65535 or NL > 65535:
@@ -294,12 +290,10 @@ def compact_kv_cache_cuda(
     block_table: torch.Tensor | None = None,
 ) -> None:
     """One CUDA C++ launch (``medusa_kernels._C``, csrc/compact_kv.cu); same arguments."""
-    _check_kernel_layout(k_cache, v_cache)
+    accept_indices = _kernel_indices(k_cache, v_cache, accept_indices)
     B = accept_indices.shape[0]
     if B == 0:
         return
-    if accept_indices.stride(1) != 1:
-        accept_indices = accept_indices.contiguous()
     ext = cuda_extension()
     ext.compact_kv_cache(
         k_cache, v_cache, cache_seqlens, accept_indices, accept_lengths, block_table,

@@ -67,12 +67,11 @@ TO BE TUNED ON THE GPU (block sizes, warps, stages, resident programs per SM):
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
 
-from ._backend import FLOAT_DTYPES, HAS_TRITON, check_dim, check_tensor, pick_backend
+from ._backend import FLOAT_DTYPES, HAS_TRITON, check_dim, check_tensor, pick_backend, sm_count
 
 if HAS_TRITON:
     import triton
@@ -340,11 +339,6 @@ if HAS_TRITON:
         tl.store(oi_ptr + p, _key_index(r_key), mask=o_j < TOPK)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 class _Config(NamedTuple):
     block_v: int  # vocabulary rows per tile (stage 2)
     block_d: int  # hidden columns per step (stage 2)
@@ -375,8 +369,7 @@ def _chunks(V: int, programs: int, cfg: _Config, device: torch.device, chunks: i
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         rows = -(-V // chunks)
     else:
-        sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
-        want = max(1, cfg.ctas_per_sm * sms // programs)
+        want = max(1, cfg.ctas_per_sm * sm_count(device) // programs)
         rows = max(-(-V // want), cfg.block_v)
         rows = -(-rows // 16) * 16
     return -(-V // rows), rows
@@ -582,9 +575,8 @@ def medusa_heads_topk(
     Example: ``values, tokens = medusa_heads_topk(h[:, -1], w1, b1, w2, 10)``.
     """
     check_heads_topk_args(hidden, w1, b1, w2, k)
-    name = pick_backend("medusa_heads_topk", backend, hidden.device, _IMPLS)
-    if backend == "auto" and name == "triton" and not triton_supports(hidden, k):
-        name = "torch"
+    name = pick_backend("medusa_heads_topk", backend, hidden.device, _IMPLS,
+                        triton_ok=triton_supports(hidden, k))
     return _medusa_heads_topk_op(hidden, w1, b1, w2, k, name)
 
 
@@ -622,7 +614,6 @@ def lm_head_topk(
     Example: ``next_token = lm_head_topk(h[:, -1], model.lm_head.weight, 1)[1][:, 0]``.
     """
     check_lm_head_topk_args(hidden, weight, k)
-    name = pick_backend("lm_head_topk", backend, hidden.device, _LM_IMPLS)
-    if backend == "auto" and name == "triton" and not triton_supports(hidden, k):
-        name = "torch"
+    name = pick_backend("lm_head_topk", backend, hidden.device, _LM_IMPLS,
+                        triton_ok=triton_supports(hidden, k))
     return _lm_head_topk_op(hidden, weight, k, name)

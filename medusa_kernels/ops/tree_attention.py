@@ -54,13 +54,12 @@ Loads are 16-byte vectors along D when D's stride is 1 (Triton specialises it).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import torch
 
-from ._backend import FLOAT_DTYPES, HAS_TRITON, check_dim, check_tensor, pick_backend
+from ._backend import FLOAT_DTYPES, HAS_TRITON, check_dim, check_tensor, pick_backend, sm_count
 
 if HAS_TRITON:
     import triton
@@ -397,11 +396,6 @@ if HAS_TRITON:
         tl.store(p_o, b_out.to(o_ptr.dtype.element_ty), mask=m_out)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 class _Config(NamedTuple):
     block_m: int
     block_n: int
@@ -430,8 +424,7 @@ def _config(rows: int, D: int, dtype: torch.dtype) -> _Config:
 def _num_splits(programs: int, capacity: int, cfg: _Config, rows: int, device) -> int:
     """Splits of the prefix from static shapes only: one wave of ``ctas_per_sm`` programs per SM,
     at least 2 (decode) or 4 key blocks of the cache capacity per split, at most 128."""
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
-    want = cfg.ctas_per_sm * sms // programs
+    want = cfg.ctas_per_sm * sm_count(device) // programs
     most = max(1, capacity // ((2 if rows <= 16 else 4) * cfg.block_n))
     return max(1, min(want, most, 128))
 
@@ -588,9 +581,7 @@ def tree_attention(
     Example: plain decode is ``tree_attention(q[:, :1], k, v, lens, torch.ones(1, 1, dtype=bool))``.
     """
     check_tree_attention_args(q, k_cache, v_cache, cache_seqlens, tree_mask, block_table)
-    name = pick_backend("tree_attention", backend, q.device, _IMPLS)
-    if backend == "auto" and name == "triton" and not triton_supports(q):
-        name = "torch"
+    name = pick_backend("tree_attention", backend, q.device, _IMPLS, triton_ok=triton_supports(q))
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _tree_attention_op(
         q, k_cache, v_cache, cache_seqlens, tree_mask, float(scale), name, block_table
