@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .training import data
+
 
 def path_value(path: Sequence[int], acc: Sequence[Sequence[float]]) -> float:
     """Probability that every token on ``path`` is accepted: prod_i acc[i][path[i]]."""
@@ -110,33 +112,9 @@ def measure_accuracies(
     return acc.tolist(), int(counts.min())
 
 
-def read_prompts(path: str, tokenizer) -> list[list[int]]:
-    """A JSON list (of strings or token id lists), or a text file with one prompt per line
-    (``\\n`` in a line stands for a newline)."""
-    if path.endswith(".json"):
-        with open(path) as f:
-            items = json.load(f)
-    else:
-        with open(path) as f:
-            items = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            if tokenizer is None:
-                raise ValueError(f"{path} holds text prompts but the model has no tokenizer.json")
-            out.append(tokenizer.encode(item).ids)
-        else:
-            out.append([int(t) for t in item])
-    return out
-
-
-def demo_prompts(model, n: int = 16, length: int = 24) -> list[list[int]]:
+def demo_prompts(model, n: int = 16) -> list[list[int]]:
     """Prompts cut from the demo's held-out stdlib files (never seen in training)."""
-    from .demo.build import EOS, corpus, encode_all, prompts_from
-
-    _, held = corpus(10**6)
-    tok = model.tokenizer()
-    return prompts_from(encode_all(tok, held), n, length, seed=11, eos=tok.token_to_id(EOS))
+    return data.demo_prompts(model.tokenizer(), n, split="held")
 
 
 def measured_accepted(model, prompts, tree, max_new_tokens: int, eos_token_id=None) -> float:
@@ -158,7 +136,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="base model dir (default: the demo model)")
     p.add_argument("--medusa", default=None, help="heads dir (default: heads in --model/demo)")
     p.add_argument("--prompts", default=None,
-                   help="JSON list or text file, one prompt per line (default with the demo: "
+                   help=".jsonl/.json prompts or a text file, one a line (default with the demo: "
                         "held-out stdlib prompts)")
     p.add_argument("--nodes", type=int, default=63, help="tree nodes besides the root")
     p.add_argument("--topk", type=int, default=10, help="ranks measured per head")
@@ -189,7 +167,7 @@ def main(argv=None) -> int:
     model = load_model(args.model, medusa=medusa, device=args.device)
     eos = model.eos_token_id()
     if args.prompts is not None:
-        prompts = read_prompts(args.prompts, model.tokenizer())
+        prompts = data.read_prompts(args.prompts, model.tokenizer())
     elif args.medusa is None and medusa is not None:
         prompts = demo_prompts(model)
     else:

@@ -84,10 +84,14 @@ def read_prompts(path: str, tokenizer=None) -> list[list[int]]:
 
 
 def demo_prompts(tokenizer, n: int, split: str = "train", length: int = 24,
-                 seed: int = 5) -> list[list[int]]:
+                 seed: int | None = None) -> list[list[int]]:
     """``n`` prompts of ``length`` tokens cut from the demo model's corpus (the standard
-    library's sources; ``split`` "train" or "held" out), for the shipped demo model."""
+    library's sources; ``split`` "train" or "held" out), for the shipped demo model. The
+    default seed is 5 for "train" and 11 for "held" (the held-out prompts every tool uses)."""
     from ..demo.build import EOS, corpus, encode_all, prompts_from
+
+    if seed is None:
+        seed = 5 if split == "train" else 11
 
     train, held = corpus(10**6)
     data = encode_all(tokenizer, train if split == "train" else held)

@@ -47,7 +47,7 @@ def resolve_prompts(spec: str, tokenizer, split: str = "train") -> list[list[int
         if tokenizer is None:
             raise ValueError("--prompts demo needs the model's tokenizer.json (the demo model)")
         n = int(spec.split(":", 1)[1]) if ":" in spec else 512
-        return demo_prompts(tokenizer, n, split=split, seed=5 if split == "train" else 11)
+        return demo_prompts(tokenizer, n, split=split)
     return read_prompts(spec, tokenizer)
 
 
