@@ -217,21 +217,23 @@ def test_per_call_rescales_times_and_floor_but_not_ratios(monkeypatch):
 def test_failure_row_keeps_the_other_rows(monkeypatch):
     """On the GPU a capture or kernel that raises becomes a row (FAIL for ours, "not run" for a
     peer) and the section's other rows survive: the CUDA branch, faked on the CPU."""
-    from medusa_kernels.bench import _common, heads_topk
+    from medusa_kernels.bench import _common
 
-    ctx = _common.BenchContext(device=torch.device("cpu"), dtype=torch.float32)
+    ctx = _common.BenchContext(device=torch.device("cuda"), dtype=torch.bfloat16)
     seen = []
     ctx.on_row = seen.append
     monkeypatch.setattr(_common, "measure", lambda fn, ctx: (1.0, 0.9, 1.1))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
 
     def graphed(fn, warmup=2):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(heads_topk, "graphed", graphed)
+    monkeypatch.setattr(_common, "graphed", graphed)
     case = dict(op="heads", N=1)
-    ours = heads_topk._time(ctx, "triton", lambda: None, 8, case, "graph")
-    peer = heads_topk._time(ctx, "bmm_topk", lambda: None, 8, case, "graph")
-    timed = heads_topk._time(ctx, "triton", lambda: None, 8, case, "eager")
+    row = _common.timed_mode_row
+    ours = row(ctx, "heads_topk", "triton", lambda: None, 8, True, "graph", **case)
+    peer = row(ctx, "heads_topk", "bmm_topk", lambda: None, 8, False, "graph", **case)
+    timed = row(ctx, "heads_topk", "triton", lambda: None, 8, True, "eager", **case)
     assert ours["check"].startswith("FAIL: RuntimeError") and "median_us" not in ours
     assert peer["check"].startswith("not run: RuntimeError")
     assert timed["median_us"] == 1.0 and "check" not in timed

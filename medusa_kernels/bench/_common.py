@@ -149,3 +149,29 @@ def cuda_usable(ctx: BenchContext) -> bool:
         ctx.notes.append(f"CUDA unusable after an error, the section stops: {e}"[:400])
         return False
     return True
+
+
+def timed_mode_row(
+    ctx: BenchContext, section: str, impl: str, fn: Callable[[], object], bytes_moved: int,
+    ours: bool, mode: str = "graph", **case: object,
+) -> dict | None:
+    """``timed_row`` of ``fn`` called eagerly or replayed from a CUDA graph (``mode``), the
+    graph's memory given back afterwards (so the pools of several implementations do not add
+    up). Out of memory: a note and None. Another error: on the GPU a ``failure_row`` (the
+    section's other rows survive), on the CPU it propagates."""
+    try:
+        run = graphed(fn) if mode == "graph" else fn
+        row = timed_row(ctx, section, impl, run, bytes_moved, mode=mode, **case)
+    except torch.cuda.OutOfMemoryError:
+        ctx.notes.append(f"{section}: {impl} {mode} {case} ran out of memory; no row")
+        torch.cuda.empty_cache()
+        return None
+    except Exception as e:  # e.g. a capture that fails: recorded, the run goes on
+        if not ctx.cuda:
+            raise
+        return failure_row(ctx, section, impl, e, ours, mode=mode, **case)
+    del run
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+    return row
+

@@ -23,7 +23,7 @@ import torch
 from medusa_kernels.ops._backend import cuda_extension, triton_interpreted
 from medusa_kernels.ops.compact_kv import compact_kv_cache, compact_kv_cache_ref
 
-from ._common import BenchContext, cuda_usable, failure_row, graphed, timed_row
+from ._common import BenchContext, cuda_usable, failure_row, timed_mode_row, timed_row
 
 SECTION = "compact_kv"
 REPS = 20  # calls per timed function (amortises the length reset)
@@ -74,13 +74,10 @@ def _cuda_case(ctx: BenchContext, H: int, impls: list[str]) -> list[dict]:
     def time_modes(impl, fn, calls, extra=None) -> None:
         """Rows of ``fn`` (``calls`` calls of the op) in both modes; a failure is a row."""
         for mode in ("eager", "graph"):
-            try:
-                run = graphed(fn) if mode == "graph" else fn
-                row = timed_row(ctx, SECTION, impl, run, calls * nbytes, mode=mode, **case)
-                rows.append(_per_call(row, calls) | (extra or {}))
-            except Exception as e:  # recorded (FAIL for ours), the other rows still run
-                ours = impl in ("triton", "cuda")
-                rows.append(failure_row(ctx, SECTION, impl, e, ours, mode=mode, **case))
+            ours = impl in ("triton", "cuda")
+            row = timed_mode_row(ctx, SECTION, impl, fn, calls * nbytes, ours, mode, **case)
+            if row is not None:
+                rows.append(row if "check" in row else _per_call(row, calls) | (extra or {}))
 
     for impl in impls:
         check, err = _check(impl, k, v, lens0[0].clone(), node_ids, acc)

@@ -40,14 +40,7 @@ from medusa_kernels.heads import MedusaHeads
 from medusa_kernels.model import ModelConfig, Transformer
 from medusa_kernels.tree import DEFAULT_TREE, TREES, build_tree, resolve_choices
 
-from ._common import (
-    BenchContext,
-    case_wanted,
-    cuda_usable,
-    failure_row,
-    graphed,
-    timed_row,
-)
+from ._common import BenchContext, case_wanted, cuda_usable, failure_row, timed_mode_row
 
 SECTION = "e2e"
 
@@ -193,17 +186,10 @@ def _time_pair(ctx, case, mode, plain, medusa, plain_bytes, medusa_bytes) -> lis
     with torch.inference_mode():
         for impl, fn, nbytes in (("plain_step", plain, plain_bytes),
                                  ("medusa_step", medusa, medusa_bytes)):  # fmt: skip
-            try:
-                run = graphed(fn) if mode == "graph" else fn
-                rows.append(timed_row(ctx, SECTION, impl, run, nbytes, mode=mode, **case))
-                del run  # frees a graph's memory pool before the next capture
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as e:  # GPU: a failure row, the other step is still timed
-                if not ctx.cuda:
-                    raise
-                rows.append(failure_row(ctx, SECTION, impl, e, True, mode=mode, **case))
-    if all("median_us" in r for r in rows):
+            row = timed_mode_row(ctx, SECTION, impl, fn, nbytes, True, mode, **case)
+            if row is not None:
+                rows.append(row)
+    if len(rows) == 2 and all("median_us" in r for r in rows):
         rows[1]["ratio_vs_plain"] = rows[1]["median_us"] / rows[0]["median_us"]
     return rows
 

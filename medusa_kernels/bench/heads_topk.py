@@ -36,14 +36,7 @@ from medusa_kernels.ops.heads_topk import (
     medusa_heads_topk_ref,
 )
 
-from ._common import (
-    BenchContext,
-    case_wanted,
-    cuda_usable,
-    failure_row,
-    graphed,
-    timed_row,
-)
+from ._common import BenchContext, case_wanted, cuda_usable, failure_row, timed_mode_row, timed_row
 
 SECTION = "heads_topk"
 
@@ -111,20 +104,6 @@ def check_topk(values, indices, logits, k, atol, rtol) -> str:
     return "ok"
 
 
-def _time(ctx, impl, fn, nbytes, case, mode="graph") -> dict | None:
-    """A timed row; out of memory: a note and no row; another error: a failure row (FAIL for
-    ours, "not run" for a peer), so the other rows of the section survive."""
-    try:
-        run = graphed(fn) if mode == "graph" else fn
-        return timed_row(ctx, SECTION, impl, run, nbytes, mode=mode, **case)
-    except torch.cuda.OutOfMemoryError:
-        ctx.notes.append(f"{SECTION}: {impl} {case} ran out of memory; no row")
-        torch.cuda.empty_cache()
-        return None
-    except Exception as e:  # e.g. a capture that fails: recorded, the run goes on
-        return failure_row(ctx, SECTION, impl, e, impl == "triton", mode=mode, **case)
-
-
 def _cuda_heads(ctx: BenchContext, N, V, dtype) -> list[dict]:
     K, d, k = 5, 4096, 10
     case = dict(op="heads", N=N, K=K, d=d, V=V, k=k, dtype=str(dtype).removeprefix("torch."))
@@ -138,7 +117,7 @@ def _cuda_heads(ctx: BenchContext, N, V, dtype) -> list[dict]:
                        3e-2, 3e-3)  # fmt: skip
     rows = []
     for mode in ("graph", "eager"):
-        row = _time(ctx, "triton", ours, nbytes, case, mode)
+        row = timed_mode_row(ctx, SECTION, "triton", ours, nbytes, True, mode, **case)
         if row is not None:
             rows.append(row if "check" in row else row | {"check": check})  # FAIL stays
     peers = {
@@ -146,7 +125,7 @@ def _cuda_heads(ctx: BenchContext, N, V, dtype) -> list[dict]:
         "bmm_topk": lambda: bmm_topk(hidden, w1, b1, w2, k),
     }
     for impl, fn in peers.items():
-        row = _time(ctx, impl, fn, nbytes, case)
+        row = timed_mode_row(ctx, SECTION, impl, fn, nbytes, False, **case)
         if row is not None:
             rows.append(row)
     return rows
@@ -165,10 +144,11 @@ def _cuda_lm_head(ctx: BenchContext, N, V, dtype) -> list[dict]:
     check = check_topk(values, indices, hidden.float() @ weight.float().T, k, 3e-2, 3e-3)
     rows = []
     for mode in ("graph", "eager"):
-        row = _time(ctx, "triton", ours, nbytes, case, mode)
+        row = timed_mode_row(ctx, SECTION, "triton", ours, nbytes, True, mode, **case)
         if row is not None:
             rows.append(row if "check" in row else row | {"check": check})  # FAIL stays
-    row = _time(ctx, "linear_topk", lambda: torch.topk(F.linear(hidden, weight), k), nbytes, case)
+    row = timed_mode_row(ctx, SECTION, "linear_topk",
+                         lambda: torch.topk(F.linear(hidden, weight), k), nbytes, False, **case)
     if row is not None:
         rows.append(row)
     return rows

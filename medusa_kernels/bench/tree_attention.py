@@ -33,14 +33,7 @@ from medusa_kernels.ops._backend import triton_interpreted
 from medusa_kernels.ops.tree_attention import tree_attention, tree_attention_ref
 from medusa_kernels.tree import TREES, build_tree
 
-from ._common import (
-    BenchContext,
-    case_wanted,
-    cuda_usable,
-    failure_row,
-    graphed,
-    timed_row,
-)
+from ._common import BenchContext, case_wanted, cuda_usable, failure_row, timed_mode_row, timed_row
 
 SECTION = "tree_attention"
 
@@ -92,23 +85,6 @@ def _bytes(B, L, T, Hq, Hkv, D, elsize) -> int:
     return (2 * B * L * Hkv * D + 2 * B * T * Hq * D) * elsize
 
 
-def _time(ctx, impl, fn, nbytes, case, mode="graph") -> dict | None:
-    """A timed row; out of memory: a note and no row; another error: a failure row (FAIL for
-    ours, "not run" for a peer), so the other rows of the section survive."""
-    try:
-        run = graphed(fn) if mode == "graph" else fn
-        row = timed_row(ctx, SECTION, impl, run, nbytes, mode=mode, **case)
-        del run  # the graph and its private pool (the eager peer's: ~17 GB at B 8, L 64k)
-        torch.cuda.empty_cache()  # go back now, so the peers' pools do not add up
-        return row
-    except torch.cuda.OutOfMemoryError:
-        ctx.notes.append(f"{SECTION}: {impl} {case} ran out of memory; no row")
-        torch.cuda.empty_cache()
-        return None
-    except Exception as e:  # e.g. a capture that fails: recorded, the run goes on
-        return failure_row(ctx, SECTION, impl, e, impl == "triton", mode=mode, **case)
-
-
 def _cuda_case(ctx: BenchContext, B, L, T, Hkv) -> list[dict]:
     Hq, D = 32, 128
     dtype = ctx.dtype if ctx.dtype in (torch.float16, torch.bfloat16) else torch.float16
@@ -132,7 +108,7 @@ def _cuda_case(ctx: BenchContext, B, L, T, Hkv) -> list[dict]:
     check = "ok" if err <= 2e-2 else f"max_err {err:.3g} > 2e-2"
     rows = []
     for mode in ("graph", "eager"):
-        row = _time(ctx, "triton", ours, nbytes, case, mode)
+        row = timed_mode_row(ctx, SECTION, "triton", ours, nbytes, True, mode, **case)
         if row is not None:
             rows.append(row if "check" in row else row | {"check": check, "max_err": err})
     del got, want
@@ -146,7 +122,7 @@ def _cuda_case(ctx: BenchContext, B, L, T, Hkv) -> list[dict]:
             **peers,
         }
     for impl, fn in peers.items():
-        row = _time(ctx, impl, fn, nbytes, case)
+        row = timed_mode_row(ctx, SECTION, impl, fn, nbytes, False, **case)
         if row is not None:
             rows.append(row)
     return rows
