@@ -50,14 +50,15 @@ Weight reads: W1 and W2 each read once per call for N <= 64 (one token block; la
 is 1 and d a multiple of 8 (Triton specialises both).
 
 Launch configuration (``_config``, ``_chunks``): chosen by reasoning and checked only by
-compiling for sm_90 with Triton 3.9 here (registers, spills, shared memory, load widths);
-TO BE TUNED ON THE GPU (block sizes, warps, stages, resident programs per SM):
+compiling for sm_90 (registers and spills of every config under Triton 3.6:
+bench/results/2026-11-23-sm90-triton3.6-registers.txt; no spills); TO BE TUNED ON THE GPU
+(block sizes, warps, stages, resident programs per SM):
 
-- N = 1 (GEMV): stage 2 BLOCK_V 64 x BLOCK_D 64, 4 warps (78 registers, no spills: 4 programs
-  per SM assumed, 6 fit); stage 1 BLOCK_O 32 x BLOCK_I 128 (77 registers);
+- N = 1 (GEMV): stage 2 BLOCK_V 64 x BLOCK_D 64, 4 warps (96-115 registers: 4 programs per
+  SM assumed); stage 1 BLOCK_O 32 x BLOCK_I 128;
 - 2 <= N <= 32 (dot): BLOCK_V 128, BLOCK_D 64, BLOCK_N max(16, next_pow2(N)), 4 warps, 4
-  stages (72-80 KB shared memory, 165-240 registers: 2 programs per SM); stage 1 BLOCK_O 32;
-- 32 < N (dot, BLOCK_N 64): BLOCK_V 64, 8 warps, 4 stages (64 KB, 198 registers: 1 per SM);
+  stages (72-80 KB shared memory, 128-168 registers: 2 programs per SM); stage 1 BLOCK_O 32;
+- 32 < N (dot, BLOCK_N 64): BLOCK_V 64, 8 warps, 4 stages (about 200 registers: 1 per SM);
 - fp32 (interpreter tests; on the GPU when asked for): small tiles, IEEE dots;
 - chunks per head: ``floor(programs per SM * SMs / (K * token blocks))`` (one full wave), with
   at least one BLOCK_V tile per chunk, R rounded up to a multiple of 16 rows (Vicuna-7B heads:
