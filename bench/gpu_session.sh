@@ -5,7 +5,7 @@
 # Each stage ends within BUDGET seconds (default 570, under the device tool's 600 s per call):
 # every step's timeout is its own cap or what is left of the budget, whichever is smaller.
 # Results land in $OUT (the device tool brings back at most 8 files; each stage writes at most
-# 7); commit them under bench/results/. The CPU-only tests (decoder parity, training, demo,
+# 8); commit them under bench/results/. The CPU-only tests (decoder parity, training, demo,
 # calibration, AOT compile, csrc build, bench --quick) are not rerun here: CI runs them.
 # The copy of the tree sent to the GPU may lack .git: give the commit (typed in, from `git
 # rev-parse HEAD` here) for the bench JSON, e.g. `MEDUSA_KERNELS_COMMIT=1a2b3c4 bash
@@ -88,6 +88,11 @@ elif [ "$stage" = bench ]; then
   log bench
   timeout "$(cap 330)" "$PY" -m medusa_kernels.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" \
     | tail -80
+  log "tree calibration of the demo on the GPU: calibrated vs default tree, measured"
+  timeout "$(cap 60)" "$PY" -m medusa_kernels.tree calibrate --nodes 63 --measure \
+    --out "$OUT/calibrated_tree_gpu.json" 2>&1 | tail -5
+  grep -E '"(expected|measured|default_[a-z_]+)_accepted"|measured_on' \
+    "$OUT/calibrated_tree_gpu.json"
   log "Medusa-1 training check on the demo model"
   timeout "$(cap 150)" "$PY" -m medusa_kernels.train medusa1 \
     --model medusa_kernels/assets/demo/model --prompts demo:512 --max-new-tokens 96 \

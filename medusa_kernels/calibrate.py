@@ -112,9 +112,13 @@ def measure_accuracies(
     return acc.tolist(), int(counts.min())
 
 
-def demo_prompts(model, n: int = 16) -> list[list[int]]:
+# the demo: held-out prompts to calibrate on and other held-out prompts to measure on
+CALIBRATION_SEED, CALIBRATION_PROMPTS, MEASURE_SEED, MEASURE_PROMPTS = 11, 64, 13, 64
+
+
+def demo_prompts(model, n: int = 16, seed: int = CALIBRATION_SEED) -> list[list[int]]:
     """Prompts cut from the demo's held-out stdlib files (never seen in training)."""
-    return data.demo_prompts(model.tokenizer(), n, split="held")
+    return data.demo_prompts(model.tokenizer(), n, split="held", seed=seed)
 
 
 def measured_accepted(model, prompts, tree, max_new_tokens: int, eos_token_id=None) -> float:
@@ -147,6 +151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--measure", action="store_true",
                    help="also decode with the calibrated and the default tree and record the "
                         "measured mean accepted tokens per step")
+    p.add_argument("--measure-prompts", default=None,
+                   help="prompts to measure on (default with the demo: other held-out prompts "
+                        "than the calibration's; else --prompts)")
     return p.parse_args(argv)
 
 
@@ -158,8 +165,9 @@ def main(argv=None) -> int:
     from .checkpoint import load_model
     from .tree import DEFAULT_TREE
 
-    medusa = args.medusa
+    medusa, label = args.medusa, args.model
     if args.model is None:
+        label = "demo (medusa_kernels/assets/demo)"
         from .demo import path
 
         args.model, demo_heads = path()
@@ -169,7 +177,7 @@ def main(argv=None) -> int:
     if args.prompts is not None:
         prompts = data.read_prompts(args.prompts, model.tokenizer())
     elif args.medusa is None and medusa is not None:
-        prompts = demo_prompts(model)
+        prompts = demo_prompts(model, CALIBRATION_PROMPTS)
     else:
         sys.exit("give --prompts FILE (a JSON list or one prompt per line)")
     acc, positions = measure_accuracies(model, prompts, args.topk, args.max_new_tokens, eos)
@@ -180,18 +188,27 @@ def main(argv=None) -> int:
         "accuracies": [[round(a, 4) for a in row] for row in acc],
         "positions": positions,
         "prompts": len(prompts),
-        "model": args.model,
+        "model": label,
     }
     if args.measure:
         from .tree import TREES
 
+        if args.measure_prompts is not None:
+            measure_on, source = data.read_prompts(args.measure_prompts, model.tokenizer()), \
+                args.measure_prompts
+        elif args.prompts is None:  # the demo: held-out prompts the calibration did not see
+            measure_on = demo_prompts(model, MEASURE_PROMPTS, seed=MEASURE_SEED)
+            source = f"demo held-out prompts (seed {MEASURE_SEED})"
+        else:
+            measure_on, source = prompts, "the calibration prompts"
         default = [p for p in TREES[DEFAULT_TREE] if len(p) <= len(acc) and max(p) < args.topk]
+        out["measured_on"], out["measured_prompts"] = source, len(measure_on)
         out["measured_accepted"] = round(
-            measured_accepted(model, prompts, choices, args.max_new_tokens, eos), 4)
+            measured_accepted(model, measure_on, choices, args.max_new_tokens, eos), 4)
         out["default_tree"] = DEFAULT_TREE
         out["default_expected_accepted"] = round(expected_accepted(default, acc), 4)
         out["default_measured_accepted"] = round(
-            measured_accepted(model, prompts, DEFAULT_TREE, args.max_new_tokens, eos), 4)
+            measured_accepted(model, measure_on, DEFAULT_TREE, args.max_new_tokens, eos), 4)
     text = json.dumps(out, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -106,10 +106,13 @@ def test_cli_calibrate(quick_demo, tmp_path):
     model_dir, heads_dir = path(quick_demo)
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["def f(x):\n    return", "import os\n"]))
+    measure_on = tmp_path / "measure.json"
+    measure_on.write_text(json.dumps(["class B(object):\n", "for i in range("]))
     out = tmp_path / "tree.json"
     rc = main(["calibrate", "--model", model_dir, "--medusa", heads_dir, "--prompts",
                str(prompts), "--nodes", "7", "--topk", "4", "--max-new-tokens", "16",
-               "--device", "cpu", "--out", str(out), "--measure"])
+               "--device", "cpu", "--out", str(out), "--measure",
+               "--measure-prompts", str(measure_on)])
     assert rc == 0
     data = json.loads(out.read_text())
     assert len(data["choices"]) == 7
@@ -118,7 +121,8 @@ def test_cli_calibrate(quick_demo, tmp_path):
     assert all(sum(row) <= 1 + 1e-6 for row in acc)  # ranks are distinct tokens
     assert data["expected_accepted"] == pytest.approx(
         expected_accepted(data["choices"], acc), abs=1e-3)
-    assert data["measured_accepted"] >= 1
+    assert data["measured_accepted"] >= 1 and data["default_measured_accepted"] >= 1
+    assert data["measured_on"] == str(measure_on)
     m = load_model(model_dir, medusa=heads_dir, dtype=torch.float32)
     ids = m.tokenizer().encode("class A:\n").ids
     plain = generate(m, [ids], max_new_tokens=12, medusa=False).tokens

@@ -3,19 +3,25 @@
 1. corpus: the standard library's top-level ``*.py`` files, sorted; every 10th is held out.
 2. tokenizer: byte-level BPE (``tokenizers``) trained on the training files, eos ``<|endoftext|>``.
 3. base model: a small Llama (tied embeddings, GQA) pretrained with the causal LM loss.
-4. self-distillation: greedy continuations of prompts cut from the training files.
-5. Medusa-1 heads: frozen backbone, head k learns token t + k + 2 of the distilled text,
-   loss weight 0.8**k, heads initialised from the lm_head.
+4-5. the training package (``medusa_kernels.training.train``, what ``python -m
+   medusa_kernels.train medusa1`` runs) on the saved base: self-distillation of prompts cut
+   from the training files (greedy, the package's decoder), then Medusa-1 heads (frozen
+   backbone, head k learns token t + k + 2 with weight 0.8**k, heads initialised from the
+   lm_head), with its own held-out head accuracies and accepted tokens per step of the trained
+   vs untrained heads.
 6. evaluation on held-out prompts (from the saved checkpoint): held-out loss, head top-1
    accuracy, mean accepted tokens per step of greedy Medusa decoding (checked equal to plain).
 
 Writes ``OUT/model`` (HF layout + tokenizer.json), ``OUT/heads`` (public heads layout) and
-``OUT/build_report.json``. Default OUT is the shipped ``medusa_kernels/assets/demo``.
+``OUT/build_report.json``. Default OUT is the shipped ``medusa_kernels/assets/demo``. The
+training run's own files (distilled data, head_accuracy.json, train_report.json) go to a
+temporary directory, or to ``--run-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -24,6 +30,7 @@ import platform
 import random
 import sys
 import sysconfig
+import tempfile
 import time
 
 import torch
@@ -31,18 +38,19 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_model, save_base_model, save_medusa_heads
 from ..decoding import generate
-from ..heads import MedusaHeads
 from ..model import ModelConfig, Transformer
+from ..training import Sample, TrainConfig, TrainResult, causal_hidden, collate, pack, train
+from ..training.trainer import evaluate as head_accuracies
 from . import ASSETS
 
 EOS = "<|endoftext|>"
 FULL = dict(vocab=2048, d=256, layers=4, heads=4, kv_heads=2, ffn=704, seq=128, batch=16,
-            lr=3e-3, pretrain_s=420.0, pretrain_steps=4000, distil_prompts=384, prompt_len=24,
-            gen_len=96, heads_s=180.0, heads_steps=3000, heads_batch=1024, heads_lr=1e-3,
-            eval_prompts=24, eval_new=96, num_heads=4, max_files=10**6)
+            lr=3e-3, pretrain_s=360.0, pretrain_steps=4000, distil_prompts=1024, prompt_len=24,
+            gen_len=96, heads_steps=1200, heads_rows=1, heads_seq=1024, heads_lr=1e-3,
+            accept_prompts=16, eval_prompts=24, eval_new=96, num_heads=4, max_files=10**6)
 QUICK = dict(FULL, vocab=384, d=64, layers=2, heads=2, kv_heads=1, ffn=128, seq=64, batch=8,
-             pretrain_s=20.0, pretrain_steps=40, distil_prompts=16, gen_len=24, heads_s=10.0,
-             heads_steps=30, heads_batch=256, eval_prompts=4, eval_new=24, max_files=12)
+             pretrain_s=20.0, pretrain_steps=40, distil_prompts=16, gen_len=24, heads_steps=30,
+             heads_seq=256, accept_prompts=2, eval_prompts=4, eval_new=24, max_files=12)
 
 
 def log(msg: str) -> None:
@@ -94,16 +102,9 @@ def hf_config(s: dict, eos: int) -> dict:
     }  # fmt: skip
 
 
-def hidden_states(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    """tokens [B, T] -> final normed hidden [B, T, d] (causal; works under autograd)."""
-    B, T = tokens.shape
-    cache = model.new_cache(B, T)
-    lengths = torch.full((B,), T, dtype=torch.int32, device=tokens.device)
-    return model.prefill(tokens, lengths, cache)
-
-
 def lm_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
-    hidden = hidden_states(model, batch[:, :-1])
+    """Next-token cross-entropy of windows batch [B, T + 1]."""
+    hidden = causal_hidden(model, batch[:, :-1])
     return F.cross_entropy(model.logits(hidden).flatten(0, 1).float(), batch[:, 1:].flatten())
 
 
@@ -159,73 +160,23 @@ def prompts_from(data: torch.Tensor, n: int, length: int, seed: int, eos: int) -
     return out
 
 
-class _Wrap:
-    """The minimal MedusaModel surface ``generate`` needs, around an in-memory model."""
-
-    def __init__(self, base: Transformer, heads: MedusaHeads | None = None):
-        self.base, self.heads = base, heads
-
-    @property
-    def device(self):
-        return self.base.lm_head.weight.device
-
-
-@torch.no_grad()
-def distil(model: Transformer, prompts: list[list[int]], gen_len: int) -> torch.Tensor:
-    """prompt + greedy continuation (eos ignored) [N, P + gen_len]."""
-    rows = []
-    for i in range(0, len(prompts), 64):
-        chunk = prompts[i:i + 64]
-        r = generate(_Wrap(model), chunk, max_new_tokens=gen_len, medusa=False)
-        rows += [p + t for p, t in zip(chunk, r.tokens, strict=True)]
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def heads_loss(heads: MedusaHeads, hidden: torch.Tensor, seqs: torch.Tensor, first: int):
-    """Medusa-1 loss on hidden [B, T, d] of seqs [B, T] from position ``first`` on; returns
-    (loss, top-1 accuracy per head)."""
-    K = heads.num_heads
-    T = seqs.shape[1]
-    span = T - first - K - 1  # positions whose targets t + k + 2 exist for every head
-    h = hidden[:, first:first + span]
-    logits = heads(h)  # [B, span, K, V]
-    loss, accs = 0.0, []
-    for k in range(K):
-        tgt = seqs[:, first + k + 2:first + k + 2 + span]
-        lk = logits[:, :, k].float()
-        loss = loss + 0.8**k * F.cross_entropy(lk.flatten(0, 1), tgt.flatten())
-        accs.append((lk.argmax(-1) == tgt).float().mean().item())
-    return loss, accs
-
-
-def train_heads(model: Transformer, seqs: torch.Tensor, s: dict, device) -> tuple[MedusaHeads, int]:
-    cfg = model.cfg
-    heads = MedusaHeads(s["num_heads"], 1, cfg.hidden_size, cfg.vocab_size).to(device)
-    heads.init_from_lm_head(model.lm_head.weight.detach())
-    first = s["prompt_len"] - 1
-    with torch.no_grad():
-        hidden = torch.cat([hidden_states(model, b.to(device)) for b in seqs.split(32)])
-    seqs = seqs.to(device)
-    opt = torch.optim.AdamW(heads.parameters(), lr=s["heads_lr"], weight_decay=0.0)
-    rows = max(1, s["heads_batch"] // (seqs.shape[1] - first))
-    gen = torch.Generator().manual_seed(3)
-    start, step = time.perf_counter(), 0
-    while step < s["heads_steps"]:
-        frac = max(step / s["heads_steps"], (time.perf_counter() - start) / s["heads_s"])
-        if frac >= 1:
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, frac, s["heads_lr"], warmup=10)
-        idx = torch.randint(0, len(seqs), (rows,), generator=gen).to(device)
-        loss, accs = heads_loss(heads, hidden[idx], seqs[idx], first)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0:
-            log(f"heads step {step} loss {loss.item():.3f} top-1 "
-                f"{[round(a, 3) for a in accs]} ({time.perf_counter() - start:.0f} s)")
-        step += 1
-    return heads.eval(), step
+def train_heads(model_dir: str, run_dir: str, prompts: list[list[int]], s: dict, device,
+                seed: int) -> TrainResult:
+    """Self-distil ``prompts`` with the base in ``model_dir`` and train Medusa-1 heads on the
+    result: the training package, as ``python -m medusa_kernels.train medusa1`` runs it."""
+    os.makedirs(run_dir, exist_ok=True)
+    prompt_file = os.path.join(run_dir, "prompts.jsonl")
+    with open(prompt_file, "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in prompts)
+    cfg = TrainConfig(
+        model=model_dir, out=run_dir, mode="medusa1", prompts=prompt_file,
+        max_new_tokens=s["gen_len"], distill_batch_size=64, num_heads=s["num_heads"],
+        num_layers=1, seq_len=s["heads_seq"], batch_size=s["heads_rows"],
+        steps=s["heads_steps"], lr=s["heads_lr"], warmup_steps=10, min_lr_ratio=0.1,
+        measure_accept=s["accept_prompts"], seed=seed, device=str(device), progress=False,
+        log_every=50,
+    )  # fmt: skip
+    return train(cfg)
 
 
 def evaluate(out: str, held: torch.Tensor, s: dict, eos: int) -> dict:
@@ -234,13 +185,16 @@ def evaluate(out: str, held: torch.Tensor, s: dict, eos: int) -> dict:
     m = load_model(model_dir, medusa=heads_dir, dtype=torch.float32, device="cpu")
     loss = eval_loss(m.base, held, s, "cpu")
     prompts = prompts_from(held, s["eval_prompts"], s["prompt_len"], seed=7, eos=eos)
-    seqs = distil(m.base, prompts, s["gen_len"])
-    with torch.no_grad():
-        hidden = hidden_states(m.base, seqs)
-        _, accs = heads_loss(m.heads, hidden, seqs, s["prompt_len"] - 1)
-    res: dict = {"held_out_loss": round(loss, 4), "held_out_head_top1": [round(a, 4) for a in accs]}
     plain = [generate(m, [p], max_new_tokens=s["eval_new"], medusa=False).tokens[0]
              for p in prompts]
+    samples = [Sample(torch.tensor(p + t, dtype=torch.int32), len(p))
+               for p, t in zip(prompts, plain, strict=True)]
+    rows = pack([len(x) for x in samples], s["heads_seq"], True)
+    batch = collate(samples, rows, s["heads_seq"])
+    acc = head_accuracies(m.base, m.heads, [batch], topk=5, world=1,
+                          autocast=contextlib.nullcontext)
+    res: dict = {"held_out_loss": round(loss, 4), "held_out_head_top1": acc["top1"],
+                 "held_out_head_top5": acc["top5"]}
     for tree in ("mc_sim_7b_63", "small_15"):
         outs = [generate(m, [p], max_new_tokens=s["eval_new"], medusa=True, tree=tree)
                 for p in prompts]  # one at a time: mean over steps of every prompt
@@ -260,6 +214,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: larger builds)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", default=None,
+                   help="keep the heads' training run (data, accuracies, report) here")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help=f"override a setting, e.g. pretrain_s=1200 d=384 ({sorted(FULL)})")
     return p.parse_args(argv)
@@ -297,10 +253,6 @@ def main(argv=None) -> int:
     log(f"model: {n_params / 1e6:.2f} M parameters")
     pre_steps = pretrain(model, data, s, device)
     t_pre = time.perf_counter() - t0
-    prompts = prompts_from(data, s["distil_prompts"], s["prompt_len"], seed=5, eos=eos)
-    seqs = distil(model, prompts, s["gen_len"])
-    log(f"distilled {len(seqs)} sequences of {seqs.shape[1]} tokens")
-    heads, head_steps = train_heads(model, seqs.cpu(), s, device)
 
     out = os.path.abspath(args.out)
     model_dir, heads_dir = os.path.join(out, "model"), os.path.join(out, "heads")
@@ -308,8 +260,15 @@ def main(argv=None) -> int:
     tok.save(os.path.join(model_dir, "tokenizer.json"))
     with open(os.path.join(model_dir, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": eos}, f, indent=2)
+    log(f"saved the base to {model_dir}; self-distillation and Medusa-1 heads")
+    prompts = prompts_from(data, s["distil_prompts"], s["prompt_len"], seed=5, eos=eos)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = train_heads(model_dir, args.run_dir or tmp, prompts, s, device, args.seed)
+        with open(os.path.join(args.run_dir or tmp, "train_report.json")) as f:
+            train_report = json.load(f)
+    heads = run.heads
     save_medusa_heads(heads.to("cpu", torch.float16), heads_dir, base_model_name_or_path="../model")
-    log(f"saved to {out}; evaluating on held-out prompts")
+    log(f"saved the heads to {heads_dir}; evaluating on held-out prompts")
     results = evaluate(out, held, s, eos)
     size = sum(os.path.getsize(os.path.join(d, f)) for d in (model_dir, heads_dir)
                for f in os.listdir(d))
@@ -323,7 +282,10 @@ def main(argv=None) -> int:
         "heads_parameters": sum(p.numel() for p in heads.parameters()),
         "pretrain_steps": pre_steps,
         "pretrain_tokens": pre_steps * s["batch"] * s["seq"],
-        "heads_steps": head_steps,
+        "heads_steps": run.steps,
+        "heads_training": {k: train_report[k] for k in
+                           ("seconds", "samples", "rows", "eval_samples", "head_accuracy",
+                            "accept", "final_loss")},
         "training_tokens": len(data),
         "held_out_tokens": len(held),
         "checkpoint_bytes": size,

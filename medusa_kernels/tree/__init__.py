@@ -156,9 +156,3 @@ def resolve_choices(tree: str | os.PathLike | Sequence[Sequence[int]] | None) ->
             return data["choices"] if isinstance(data, dict) else data
         raise ValueError(f"tree {str(tree)!r} is neither a known tree {sorted(TREES)} nor a file")
     return [list(p) for p in tree]
-
-
-if __name__ == "__main__":  # python -m medusa_kernels.tree: calibrate a tree (see calibrate.py)
-    from .calibrate import main
-
-    raise SystemExit(main())
