@@ -88,15 +88,15 @@ elif [ "$stage" = bench ]; then
   log bench
   timeout "$(cap 330)" "$PY" -m medusa_kernels.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" \
     | tail -80
-  log "tree calibration of the demo on the GPU: calibrated vs default tree, measured"
-  timeout "$(cap 60)" "$PY" -m medusa_kernels.tree calibrate --nodes 63 --measure \
-    --out "$OUT/calibrated_tree_gpu.json" 2>&1 | tail -5
-  grep -E '"(expected|measured|default_[a-z_]+)_accepted"|measured_on' \
-    "$OUT/calibrated_tree_gpu.json"
   log "Medusa-1 training check on the demo model"
-  timeout "$(cap 150)" "$PY" -m medusa_kernels.train medusa1 \
+  timeout "$(cap 120)" "$PY" -m medusa_kernels.train medusa1 \
     --model medusa_kernels/assets/demo/model --prompts demo:512 --max-new-tokens 96 \
     --num-heads 4 --seq-len 512 --batch-size 32 --steps 300 --out /tmp/m1 --measure-accept 32 \
     --report "$OUT/train_medusa1_demo.json" --no-progress 2>&1 | tee "$OUT/train.log" | tail -20
+  log "tree calibration of the demo on the GPU: calibrated vs default tree, measured"
+  timeout "$(cap 90)" "$PY" -m medusa_kernels.tree calibrate --nodes 63 --measure \
+    --out "$OUT/calibrated_tree_gpu.json" 2>&1 | tail -5
+  grep -E '"(expected|measured|default_[a-z_]+)_accepted"|measured_on' \
+    "$OUT/calibrated_tree_gpu.json"
 fi
 log "done"
