@@ -85,6 +85,22 @@ def test_quick_e2e_lossless_and_accepting(quick_run):
                         medusa["mean_accepted"])  # fmt: skip
 
 
+def test_quick_e2e_plain_decoding_against_transformers(quick_run):
+    """Ours vs transformers' generate on the same random weights (fp32 here: same tokens)."""
+    pytest.importorskip("transformers")
+    _, _, result = quick_run
+    rows = [r for r in result["sections"]["e2e"]["rows"]
+            if r["impl"] in ("plain_decode", "hf_generate")]
+    assert sorted((r["impl"], r["mode"]) for r in rows) == [
+        ("hf_generate", "dynamic"), ("hf_generate", "static"), ("plain_decode", "eager")]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and 0 < r["frac_floor"] <= 1.5, r
+        if r["impl"] == "hf_generate":
+            assert r["identical"] is True, r
+    ours = next(r for r in rows if r["impl"] == "plain_decode")
+    assert ours["speedup_vs_hf_dynamic"] > 0 and ours["speedup_vs_hf_static"] > 0
+
+
 def test_failed_section_recorded_and_exit_status(tmp_path, monkeypatch):
     """A section that cannot be imported is an error in the JSON and makes the exit status 1;
     the sections after it still run."""
@@ -105,6 +121,36 @@ def test_failed_section_recorded_and_exit_status(tmp_path, monkeypatch):
     assert bad["status"].startswith("error: ModuleNotFoundError") and bad["rows"] == []
     assert result["sections"]["compact_kv"]["status"] == "ok"
     assert not glob.glob(str(tmp_path / "*.png"))
+
+
+def test_rows_survive_a_run_stopped_mid_section(tmp_path, monkeypatch):
+    """The JSON is rewritten after every row: a run killed inside a section (a time limit,
+    here a KeyboardInterrupt) leaves the rows measured so far on disk."""
+    import types
+
+    import medusa_kernels.bench.__main__ as cli
+
+    def run(ctx):
+        ctx.on_row({"section": "stops", "impl": "first", "L": 1, "median_us": 2.0})
+        raise KeyboardInterrupt  # not an Exception: _run_section does not record it
+
+    module = types.ModuleType("medusa_kernels.bench.stops")
+    module.run = run
+    monkeypatch.setitem(sys.modules, "medusa_kernels.bench.stops", module)
+    monkeypatch.setattr(cli, "SECTIONS", ("compact_kv", "stops"))
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(["--only", "compact_kv,stops", "--device", "cpu", "--quick",
+                      "--out", str(tmp_path), "--no-plot"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    (path,) = glob.glob(str(tmp_path / "*.json"))
+    result = json.loads(open(path).read())
+    assert result["status"].startswith("partial")
+    assert result["sections"]["compact_kv"]["status"] == "ok"
+    stopped = result["sections"]["stops"]
+    assert stopped["status"] == "stopped mid-section" and stopped["rows"][0]["impl"] == "first"
 
 
 def test_only_rejects_unknown_section():
@@ -263,3 +309,12 @@ def test_commit_from_the_environment_without_git(monkeypatch):
     monkeypatch.setenv("MEDUSA_KERNELS_COMMIT", "0123456789ab")
     meta = report.metadata(torch.device("cpu"), torch.float32, True, [])
     assert meta["commit"] == "0123456789ab" and meta["dirty"] is None
+
+
+def test_row_tables_split_by_kind_and_case_keys():
+    timed = {"impl": "a", "L": 64, "median_us": 1.0}
+    gen = {"impl": "plain_generate", "model": "demo", "prompts": 4, "tokens_per_s": 9.0}
+    dec = {"impl": "plain_decode", "model": "tiny", "prompt": 32, "tokens_per_s": 8.0}
+    gen2 = dict(gen, impl="medusa_generate", sample="def f")  # hidden keys do not split
+    tables = report.row_tables([gen, timed, dec, gen2])
+    assert tables == [[timed], [gen, gen2], [dec]]

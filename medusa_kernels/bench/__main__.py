@@ -251,21 +251,34 @@ def main(argv=None) -> int:
     ctx.copy_gbps = copy_bandwidth_gbps(ctx)
     say(f"copy bandwidth {ctx.copy_gbps:.1f} GB/s (the floor of every frac_floor)")
     sections: dict[str, dict] = {}
-    # the JSON so far after every section: a run stopped by a time limit keeps what it measured
+    # the JSON so far after every row and section: a run stopped by a time limit keeps what it
+    # measured
     os.makedirs(args.out, exist_ok=True)
     partial_path = os.path.join(args.out, report.result_stem(meta) + ".json")
+
+    def write_partial(running: dict | None = None) -> None:
+        report.write_json(partial_path, {
+            "meta": meta, "copy_gbps": ctx.copy_gbps, "sections": {**sections, **(running or {})},
+            "notes": ctx.notes, "status": f"partial: {len(sections)} of "
+            f"{len(args.sections)} sections"})  # fmt: skip
+
     with _Progress(len(args.sections), console) as progress:
-        ctx.on_row = progress.row
         for name in args.sections:
             progress.section(name)
+            live: list[dict] = []
+
+            def on_row(row: dict, name=name, live=live) -> None:
+                progress.row(row)
+                live.append(row)
+                # a run stopped by a time limit mid-section keeps these rows
+                write_partial({name: {"status": "stopped mid-section", "rows": live}})
+
+            ctx.on_row = on_row
             sections[name] = _run_section(name, ctx)
             sec = sections[name]
             progress.done(f"{name}: {sec['status']}, {len(sec['rows'])} rows, "
                           f"{sec['seconds']:.1f} s")  # fmt: skip
-            report.write_json(partial_path, {
-                "meta": meta, "copy_gbps": ctx.copy_gbps, "sections": sections,
-                "notes": ctx.notes, "status": f"partial: {len(sections)} of "
-                f"{len(args.sections)} sections"})  # fmt: skip
+            write_partial()
     ctx.on_row = None
 
     failed = [n for n, s in sections.items() if s["status"] != "ok"]

@@ -1,5 +1,7 @@
 """Benchmark section: the whole decode step and real generation, plain vs Medusa (``e2e``).
 
+Parts run in the order 2, 1, 3.
+
 1. Step timing, random weights (``impl`` "plain_step" / "medusa_step"): one plain decode step
    (1 token per sequence) against one Medusa step (heads' top-k, the tree forward of T nodes,
    acceptance, KV compaction) with the cache holding L tokens (random K/V, ``seqlens`` reset to
@@ -22,6 +24,17 @@
    (accepted tokens per step -> steps) and ``identical``: Medusa's output equals plain greedy
    decoding token for token (``check`` "ok"; in bf16/fp16 a divergence is reported as a note,
    since the tree forward and the one-token forward round differently on near-ties).
+
+3. Plain decoding against transformers (``impl`` "plain_decode" / "hf_generate"): greedy
+   decoding of one random prompt (CUDA: 128 tokens, then 128 new; CPU: 32, then 32) with the
+   random models of part 1: ours (``generate``, CUDA graphs on CUDA) and transformers'
+   ``LlamaForCausalLM.generate`` on the very same weight tensors (no copy), with its dynamic
+   cache and, at Vicuna-7B only on CUDA (its first call compiles), its static cache (what
+   ``cache_implementation="static"`` does by default: ``torch.compile`` on CUDA). Tokens/s
+   after the first new token; ``frac_floor`` against reading the weights once per token;
+   ``speedup_vs_hf_*`` on our row; ``identical`` says whether the two greedy outputs agree
+   (random weights give near-ties, so bf16 may differ: a note, not a failure). Skipped with a
+   note when transformers is not installed. Runs last, so a time limit costs it first.
 
 ``ctx.shapes`` filters by ``key=value`` words (``model=llama-1b``, ``L=1024``).
 """
@@ -211,6 +224,153 @@ def _step_section(ctx: BenchContext) -> list[dict]:
     return rows
 
 
+def hf_twin(base: Transformer):
+    """transformers' ``LlamaForCausalLM`` on ``base``'s own weight tensors (no copy): the peer
+    of plain decoding. Plain Llama only (no rope scaling, no biases)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = base.cfg
+    if cfg.rope_scaling or cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
+        raise NotImplementedError("hf_twin: plain Llama shapes only (no rope scaling, no bias)")
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=None, eos_token_id=None,
+        pad_token_id=0,
+    )  # fmt: skip
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict(base.hf_state_dict(), strict=not cfg.tie_word_embeddings, assign=True)
+    if cfg.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    device = base.lm_head.weight.device
+    rotary = hf.model.rotary_emb  # its inv_freq buffer was built on meta: build it for real
+    with torch.device(device):
+        hf.model.rotary_emb = type(rotary)(config=hf_cfg)
+    left = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"hf_twin: tensors left on meta: {left[:5]}")
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+def _hf_decode_timed(hf, prompt: list[int], max_new: int, **kwargs) -> tuple[list[int], int, float]:
+    """(tokens, tokens after the first decode step, seconds after it): greedy ``generate``,
+    a streamer stamping each new token (the first stamp is the prompt, the second the token
+    from prefill, the third the first decode step's)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    stamps: list[float] = []
+
+    class Stamps(BaseStreamer):
+        def put(self, value):
+            stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids = torch.tensor([prompt], device=hf.device)
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                          min_new_tokens=max_new, do_sample=False, streamer=Stamps(),
+                          **kwargs)  # fmt: skip
+    if hf.device.type == "cuda":
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    tokens = out[0, len(prompt):].tolist()
+    if len(stamps) < 3:
+        return tokens, 0, 0.0
+    return tokens, len(tokens) - 2, end - stamps[2]
+
+
+def _decode_row(ctx: BenchContext, impl: str, mode: str, case: dict, tokens: int,
+                seconds: float, weights: int) -> dict:
+    tps = tokens / seconds if seconds > 0 else float("nan")
+    us = 1e6 / tps if tps > 0 else float("nan")
+    floor_us = weights / (ctx.copy_gbps * 1e9) * 1e6 if ctx.copy_gbps else None
+    row = dict(section=SECTION, impl=impl, mode=mode, **case, tokens_per_s=tps,
+               us_per_token=us, gbps=weights / (us * 1e-6) / 1e9 if tps > 0 else None,
+               frac_floor=floor_us / us if floor_us and tps > 0 else None)  # fmt: skip
+    if ctx.on_row is not None:
+        ctx.on_row(row)
+    return row
+
+
+def _decode_rows(ctx: BenchContext, name: str) -> list[dict]:
+    """Ours vs transformers' ``generate``: plain greedy decoding of a random model (part 3)."""
+    cfg = ModelConfig(**SHAPES[name])
+    dtype = ctx.dtype if ctx.cuda else torch.float32
+    prompt_len, new = (128, 128) if ctx.cuda else (32, 32)
+    case = dict(model=name, B=1, prompt=prompt_len, new_tokens=new, dtype=_dtype_name(dtype))
+    if not case_wanted(ctx, case):
+        return []
+    model = MedusaModel(random_model(cfg, 1, dtype, ctx.device).base, None)
+    weights = sum(p.numel() for p in model.base.parameters()) * (torch.finfo(dtype).bits // 8)
+    if not cfg.tie_word_embeddings:  # the embedding table is only gathered from
+        weights -= model.base.embed.weight.numel() * (torch.finfo(dtype).bits // 8)
+    prompt = torch.randint(cfg.vocab_size, (prompt_len,),
+                           generator=torch.Generator().manual_seed(1)).tolist()
+    generate(model, [prompt], max_new_tokens=8, medusa=False)  # warm-up, kernel compilation
+    ours_tokens, _, tokens, seconds = _decode_timed(model, prompt, False, new, None, None)
+    ours = _decode_row(ctx, "plain_decode", "graph" if ctx.cuda else "eager", case, tokens,
+                       seconds, weights)
+    rows = [ours]
+    try:
+        hf = hf_twin(model.base)
+    except ImportError as e:
+        ctx.notes.append(f"{SECTION}: transformers peer not run ({e})")
+        return rows
+    except Exception as e:  # the peer cannot be built: recorded, ours stays
+        return rows + [failure_row(ctx, SECTION, "hf_generate", e, False, **case)]
+    peers = [("dynamic", {})]
+    if not ctx.cuda or (name == "vicuna-7b" and not ctx.quick):
+        peers.append(("static", {"cache_implementation": "static"}))
+    for mode, kwargs in peers:
+        try:
+            t0 = time.perf_counter()
+            _hf_decode_timed(hf, prompt, 8, **kwargs)  # warm-up (the static cache compiles)
+            warmup_s = time.perf_counter() - t0
+            hf_tokens, tokens, seconds = _hf_decode_timed(hf, prompt, new, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            ctx.notes.append(f"{SECTION}: hf_generate {mode} {name} ran out of GPU memory")
+            torch.cuda.empty_cache()
+            continue
+        except Exception as e:
+            rows.append(failure_row(ctx, SECTION, "hf_generate", e, False, mode=mode, **case))
+            continue
+        row = _decode_row(ctx, "hf_generate", mode, case, tokens, seconds, weights)
+        row["warmup_s"] = warmup_s
+        row["identical"] = hf_tokens == ours_tokens
+        if not row["identical"]:
+            at = _first_difference(hf_tokens, ours_tokens)
+            row["check"] = f"note: differs from ours at token {at} (near-tie on random weights)"
+        rows.append(row)
+        if row["tokens_per_s"] > 0:
+            ours[f"speedup_vs_hf_{mode}"] = ours["tokens_per_s"] / row["tokens_per_s"]
+    del hf
+    return rows
+
+
+def _decode_section(ctx: BenchContext) -> list[dict]:
+    rows = []
+    for name in ("llama-1b", "vicuna-7b") if ctx.cuda else ("tiny",):
+        try:
+            rows += _decode_rows(ctx, name)
+        except torch.cuda.OutOfMemoryError:
+            ctx.notes.append(f"{SECTION}: decode {name} ran out of GPU memory")
+            torch.cuda.empty_cache()
+        except Exception as e:
+            if not ctx.cuda:
+                raise
+            rows.append(failure_row(ctx, SECTION, "plain_decode", e, True, model=name))
+        if ctx.cuda and not cuda_usable(ctx):
+            break
+    return rows
+
+
 def _prompts(ctx: BenchContext, model: MedusaModel, n: int, demo: bool) -> list[list[int]]:
     """Held-out stdlib prompts for the demo; chat prompts (or random ids) for a checkpoint."""
     if demo:
@@ -340,11 +500,17 @@ def _generation_rows(ctx: BenchContext) -> list[dict]:
 def run(ctx: BenchContext) -> list[dict]:
     if ctx.tree is not None and str(ctx.tree) not in TREES and not os.path.isfile(ctx.tree):
         raise ValueError(f"tree {ctx.tree!r} is neither a known tree {sorted(TREES)} nor a file")
-    rows = _step_section(ctx)
-    try:
-        return rows + _generation_rows(ctx)
-    except Exception as e:  # on the GPU keep the step rows; the CPU run raises as before
+    rows: list[dict] = []
+    try:  # the real generation first: a time limit should cost the random-weight parts
+        rows += _generation_rows(ctx)
+    except Exception as e:  # on the GPU keep going; the CPU run raises as before
         if not ctx.cuda:
             raise
         label = os.path.basename(os.path.normpath(ctx.model_dir)) if ctx.model_dir else "demo"
-        return rows + [failure_row(ctx, SECTION, "generate", e, True, model=label)]
+        rows.append(failure_row(ctx, SECTION, "generate", e, True, model=label))
+    if ctx.cuda and not cuda_usable(ctx):
+        return rows
+    rows += _step_section(ctx)
+    if ctx.cuda and not cuda_usable(ctx):
+        return rows
+    return rows + _decode_section(ctx)

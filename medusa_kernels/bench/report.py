@@ -157,10 +157,15 @@ def cell(row: dict, col: str) -> str:
 
 
 def row_tables(rows: Sequence[dict]) -> list[list[dict]]:
-    """A section's rows split into timed rows (with ``median_us``) and the others."""
+    """A section's rows as tables: the timed rows (with ``median_us``), then the others grouped
+    by their case keys (e.g. generation rows apart from decode rows), in first-seen order."""
     timed = [r for r in rows if "median_us" in r]
-    other = [r for r in rows if "median_us" not in r]
-    return [t for t in (timed, other) if t]
+    other: dict[tuple[str, ...], list[dict]] = {}
+    for r in rows:
+        if "median_us" not in r:
+            keys = tuple(sorted(k for k in case_keys([r]) if k not in HIDDEN_IN_TABLE))
+            other.setdefault(keys, []).append(r)
+    return [t for t in (timed, *other.values()) if t]
 
 
 # --- metadata ------------------------------------------------------------------------------
