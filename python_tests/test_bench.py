@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from medusa_kernels.bench import SECTIONS, report
+from medusa_kernels.training import causal_hidden
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -318,3 +319,25 @@ def test_row_tables_split_by_kind_and_case_keys():
     gen2 = dict(gen, impl="medusa_generate", sample="def f")  # hidden keys do not split
     tables = report.row_tables([gen, timed, dec, gen2])
     assert tables == [[timed], [gen, gen2], [dec]]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_twin_shares_weights_and_matches(tied):
+    """The transformers peer runs on our weight tensors (no copy) and computes our logits."""
+    pytest.importorskip("transformers")
+    from medusa_kernels.bench.e2e import hf_twin, random_model
+    from medusa_kernels.model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=1, head_dim=16, rope_theta=500000.0,
+                      tie_word_embeddings=tied)  # fmt: skip
+    base = random_model(cfg, 1, torch.float32, torch.device("cpu"), seed=3).base
+    hf = hf_twin(base)
+    assert hf.model.layers[1].mlp.down_proj.weight.data_ptr() == \
+        base.layers[1].mlp.w2.weight.data_ptr()
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tied
+    ids = torch.randint(96, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = base.logits(causal_hidden(base, ids))
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)

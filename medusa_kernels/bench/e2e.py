@@ -331,7 +331,8 @@ def _decode_rows(ctx: BenchContext, name: str) -> list[dict]:
     for mode, kwargs in peers:
         try:
             t0 = time.perf_counter()
-            _hf_decode_timed(hf, prompt, 8, **kwargs)  # warm-up (the static cache compiles)
+            # warm-up; the static cache compiles for its cache length: warm up at that length
+            _hf_decode_timed(hf, prompt, new if mode == "static" else 8, **kwargs)
             warmup_s = time.perf_counter() - t0
             hf_tokens, tokens, seconds = _hf_decode_timed(hf, prompt, new, **kwargs)
         except torch.cuda.OutOfMemoryError:
