@@ -88,7 +88,13 @@ elif [ "$stage" = bench ]; then
   log bench
   timeout "$(cap 330)" "$PY" -m medusa_kernels.bench --out "$OUT" 2>&1 | tee "$OUT/bench.log" \
     | tail -80
+  bench_json=$(ls "$OUT"/20*.json 2>/dev/null | head -1)
+  if [ -n "$bench_json" ] && [ ! -f "${bench_json%.json}.md" ]; then
+    log "the bench was stopped: tables, Markdown and plot from the JSON it rewrote after every row"
+    timeout 60 "$PY" -m medusa_kernels.bench.report "$bench_json" 2>&1 | tail -60
+  fi
   log "Medusa-1 training check on the demo model"
+  rm -rf /tmp/m1  # a fresh run: its self-distilled data must come from this demo model
   timeout "$(cap 120)" "$PY" -m medusa_kernels.train medusa1 \
     --model medusa_kernels/assets/demo/model --prompts demo:512 --max-new-tokens 96 \
     --num-heads 4 --seq-len 512 --batch-size 32 --steps 300 --out /tmp/m1 --measure-accept 32 \

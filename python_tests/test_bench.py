@@ -152,6 +152,11 @@ def test_rows_survive_a_run_stopped_mid_section(tmp_path, monkeypatch):
     assert result["sections"]["compact_kv"]["status"] == "ok"
     stopped = result["sections"]["stops"]
     assert stopped["status"] == "stopped mid-section" and stopped["rows"][0]["impl"] == "first"
+    # and the tables, Markdown and plot can be made from that partial JSON afterwards
+    assert report.main([path]) == 0
+    md = open(path[:-len(".json")] + ".md").read()
+    assert "## stops: stopped mid-section" in md and "| first |" in md
+    assert os.path.getsize(path[:-len(".json")] + ".png") > 5000
 
 
 def test_only_rejects_unknown_section():

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -215,6 +216,24 @@ def test_self_distillation_resumes_without_losing_samples(base_dir, prompts_file
         assert x.top_ids.shape == (len(x) - x.prompt_len, 3)
     with pytest.raises(ValueError, match="other settings"):
         self_distill(DistillConfig(base_dir, prompts_file, part, **dict(cfg, temperature=0.7)))
+
+
+def test_self_distillation_refuses_to_resume_with_other_weights_or_prompts(base_dir, tmp_path):
+    """Same paths, different contents: a resume would mix two models' (or prompt sets') data."""
+    cfg = dict(max_new_tokens=4, batch_size=4, progress=False, device="cpu")
+    model_dir, prompts = tmp_path / "model", tmp_path / "prompts.jsonl"
+    shutil.copytree(base_dir, model_dir)
+    prompts.write_text("[1, 2, 3]\n[4, 5]\n")
+    out = str(tmp_path / "data")
+    self_distill(DistillConfig(str(model_dir), str(prompts), out, **cfg))
+    self_distill(DistillConfig(str(model_dir), str(prompts), out, **cfg))  # same: resumes
+    prompts.write_text("[1, 2, 3]\n[4, 6]\n")
+    with pytest.raises(ValueError, match="prompts_fingerprint"):
+        self_distill(DistillConfig(str(model_dir), str(prompts), out, **cfg))
+    prompts.write_text("[1, 2, 3]\n[4, 5]\n")
+    make_hf_model("llama-gqa-llama3rope", seed=4, path=model_dir)  # other weights, same path
+    with pytest.raises(ValueError, match="model_fingerprint"):
+        self_distill(DistillConfig(str(model_dir), str(prompts), out, **cfg))
 
 
 # ----------------------------------------------------------------------------- Medusa-1, -2

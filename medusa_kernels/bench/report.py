@@ -421,3 +421,37 @@ def write_all(result: dict, out_dir: str, make_plot: bool = True) -> dict[str, s
     with open(paths["md"], "w") as f:
         f.write(markdown(result))
     return paths
+
+
+def main(argv=None) -> int:
+    """``python -m medusa_kernels.bench.report RESULT.json``: the tables again, and the Markdown
+    and PNG beside the JSON, e.g. from the partial JSON of a run stopped by a time limit."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m medusa_kernels.bench.report",
+                                description=main.__doc__)
+    p.add_argument("json", help="a result JSON written by python -m medusa_kernels.bench")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    args = p.parse_args(argv)
+    with open(args.json) as f:
+        result = json.load(f)
+    for key in ("meta", "sections"):
+        if key not in result:
+            raise SystemExit(f"{args.json}: not a bench result (no {key!r})")
+    result.setdefault("notes", [])
+    print_tables(result)
+    stem = os.path.splitext(args.json)[0]
+    written = [stem + ".md"]
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(result))
+    if not args.no_plot:
+        try:
+            written.append(plot(result, stem + ".png"))
+        except ImportError as e:
+            print(f"no plot: {e} (pip install matplotlib)")
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

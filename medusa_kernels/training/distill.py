@@ -10,13 +10,15 @@ own part.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed
 
-from ..checkpoint import MedusaModel, load_base_model
+from ..checkpoint import MedusaModel, load_base_model, weight_files
 from ..decoding import generate
 from .data import DatasetWriter, Sample, demo_prompts, read_prompts
 from .objectives import causal_hidden
@@ -51,6 +53,30 @@ def resolve_prompts(spec: str, tokenizer, split: str = "train") -> list[list[int
     return read_prompts(spec, tokenizer)
 
 
+def model_fingerprint(model_dir: str) -> str:
+    """A cheap identity of the weights in ``model_dir``: sha256 over config.json and, per
+    weight file, its size and its first and last MiB (a resume must not mix two models that
+    sit at the same path). "" without a directory."""
+    if not model_dir or not os.path.isdir(model_dir):
+        return ""
+    h = hashlib.sha256()
+    paths = [os.path.join(model_dir, "config.json")] + weight_files(model_dir)
+    for path in paths:
+        size = os.path.getsize(path)
+        h.update(f"{os.path.basename(path)}:{size}".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def prompts_fingerprint(prompts: list[list[int]]) -> str:
+    """sha256 of the prompt token ids (a resume must not mix two prompt sets)."""
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
 @torch.no_grad()
 def top_logprobs(base, prompt: list[int], response: list[int], k: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +107,9 @@ def self_distill(cfg: DistillConfig, model: MedusaModel | None = None,
         "source": "self-distillation",
         "self_distilled": True,
         "model": os.path.abspath(cfg.model) if cfg.model else "",
+        "model_fingerprint": model_fingerprint(cfg.model),
         "prompts": cfg.prompts,
+        "prompts_fingerprint": prompts_fingerprint(prompts),
         "num_prompts": len(prompts),
         "max_new_tokens": cfg.max_new_tokens,
         "temperature": cfg.temperature,
