@@ -2,6 +2,7 @@
 # Everything a lent GPU session runs, in two device calls of at most 10 minutes each:
 #   bash bench/gpu_session.sh verify   # build _C, the GPU tests, compute-sanitizer on each kernel
 #   bash bench/gpu_session.sh bench    # python -m medusa_kernels.bench, Medusa-1 training check
+#   bash bench/gpu_session.sh demo     # (optional, ~5 min) the demo model built from nothing
 # Each stage ends within BUDGET seconds (default 570, under the device tool's 600 s per call):
 # every step's timeout is its own cap or what is left of the budget, whichever is smaller.
 # Results land in $OUT (the device tool brings back at most 8 files; each stage writes at most
@@ -30,8 +31,8 @@ cap() {
 }
 
 case "$stage" in
-  verify|bench) ;;
-  *) echo "usage: bash bench/gpu_session.sh verify|bench"; exit 2;;
+  verify|bench|demo) ;;
+  *) echo "usage: bash bench/gpu_session.sh verify|bench|demo"; exit 2;;
 esac
 
 log install
@@ -104,5 +105,12 @@ elif [ "$stage" = bench ]; then
     --out "$OUT/calibrated_tree_gpu.json" 2>&1 | tail -5
   grep -E '"(expected|measured|default_[a-z_]+)_accepted"|measured_on' \
     "$OUT/calibrated_tree_gpu.json"
+elif [ "$stage" = demo ]; then
+  log "the demo from nothing on the GPU: tokenizer, pretraining, self-distillation, Medusa-1"
+  rm -rf /tmp/demo_gpu
+  timeout "$(cap 480)" "$PY" -m medusa_kernels.demo.build --device cuda --threads 8 \
+    --out /tmp/demo_gpu --set pretrain_s=240 2>&1 | tee "$OUT/demo_build.log" | tail -40
+  cp /tmp/demo_gpu/build_report.json "$OUT/demo_build_report_gpu.json" 2>/dev/null \
+    || echo "no build report: the build did not finish (see demo_build.log)"
 fi
 log "done"
