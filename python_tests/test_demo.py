@@ -83,3 +83,13 @@ def test_quick_build(tmp_path):
     assert torch.equal(m.base.lm_head.weight, m.base.embed.weight)  # tied embeddings
     with pytest.raises(FileNotFoundError, match="demo.build"):
         path(tmp_path / "nothing")
+    # --heads-only: the same base (bit for bit), new heads from the training package
+    base_bytes = (tmp_path / "model" / "model.safetensors").read_bytes()
+    assert build(["--quick", "--heads-only", "--out", str(tmp_path), "--set", "heads_steps=5"]) == 0
+    again = json.loads((tmp_path / "build_report.json").read_text())
+    assert again["heads_only"] and again["pretrain_steps"] == rep["pretrain_steps"]
+    assert again["heads_steps"] == 5 != rep["heads_steps"]
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == base_bytes
+    assert load_model(model_dir, medusa=heads_dir).heads is not None
+    with pytest.raises(SystemExit, match="base setting"):
+        build(["--quick", "--heads-only", "--out", str(tmp_path), "--set", "d=32"])

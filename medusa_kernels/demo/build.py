@@ -12,6 +12,8 @@
 6. evaluation on held-out prompts (from the saved checkpoint): held-out loss, head top-1
    accuracy, mean accepted tokens per step of greedy Medusa decoding (checked equal to plain).
 
+``--heads-only`` keeps the base of an earlier build in OUT and redoes steps 4-6.
+
 Writes ``OUT/model`` (HF layout + tokenizer.json), ``OUT/heads`` (public heads layout) and
 ``OUT/build_report.json``. Default OUT is the shipped ``medusa_kernels/assets/demo``. The
 training run's own files (distilled data, head_accuracy.json, train_report.json) go to a
@@ -214,6 +216,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: larger builds)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heads-only", action="store_true",
+                   help="keep OUT/model (an earlier build's base and tokenizer) and redo steps "
+                        "4-6: self-distillation, the heads, the evaluation")
     p.add_argument("--run-dir", default=None,
                    help="keep the heads' training run (data, accuracies, report) here")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -221,26 +226,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    s = dict(QUICK if args.quick else FULL)
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        if k not in s:
-            raise SystemExit(f"--set: unknown setting {k!r}; known: {sorted(s)}")
-        s[k] = type(s[k])(float(v)) if isinstance(s[k], (int, float)) else v
-    device = torch.device(args.device)
+BASE_SETTINGS = ("vocab", "d", "layers", "heads", "kv_heads", "ffn", "seq", "batch", "lr",
+                 "pretrain_s", "pretrain_steps", "max_files")
+
+
+def build_base(s: dict, train_texts: list[str], model_dir: str, device) -> dict:
+    """Steps 2-3: tokenizer and pretrained base, saved to ``model_dir``; what the report keeps."""
     t0 = time.perf_counter()
-    train_texts, held_texts = corpus(s["max_files"])
-    log(f"corpus: {len(train_texts)} training files, {len(held_texts)} held out")
     tok = train_tokenizer(train_texts, s["vocab"])
     eos = tok.token_to_id(EOS)
-    data, held = encode_all(tok, train_texts), encode_all(tok, held_texts)
-    log(f"tokenizer: vocab {tok.get_vocab_size()}, {len(data)} training tokens, {len(held)} held")
+    data = encode_all(tok, train_texts)
     s["vocab"] = tok.get_vocab_size()
+    log(f"tokenizer: vocab {s['vocab']}, {len(data)} training tokens")
     cfg_json = hf_config(s, eos)
     model = Transformer(ModelConfig.from_hf(cfg_json))
     for name, p in model.named_parameters():
@@ -251,16 +248,55 @@ def main(argv=None) -> int:
     model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters")
-    pre_steps = pretrain(model, data, s, device)
-    t_pre = time.perf_counter() - t0
-
-    out = os.path.abspath(args.out)
-    model_dir, heads_dir = os.path.join(out, "model"), os.path.join(out, "heads")
+    steps = pretrain(model, data, s, device)
     save_base_model(model.to("cpu", torch.float16), model_dir, cfg_json)
     tok.save(os.path.join(model_dir, "tokenizer.json"))
     with open(os.path.join(model_dir, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": eos}, f, indent=2)
-    log(f"saved the base to {model_dir}; self-distillation and Medusa-1 heads")
+    log(f"saved the base to {model_dir}")
+    return {"parameters": n_params, "pretrain_steps": steps,
+            "pretrain_tokens": steps * s["batch"] * s["seq"],
+            "pretrain_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    s = dict(QUICK if args.quick else FULL)
+    out = os.path.abspath(args.out)
+    model_dir, heads_dir = os.path.join(out, "model"), os.path.join(out, "heads")
+    previous = None
+    if args.heads_only:  # the base of the earlier build in OUT, with its settings
+        from . import report as read_report
+
+        previous = read_report(out)
+        s.update({k: previous["settings"][k] for k in BASE_SETTINGS})
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        if k not in s:
+            raise SystemExit(f"--set: unknown setting {k!r}; known: {sorted(s)}")
+        if previous is not None and k in BASE_SETTINGS:
+            raise SystemExit(f"--set {k}: a base setting; --heads-only keeps the earlier base")
+        s[k] = type(s[k])(float(v)) if isinstance(s[k], (int, float)) else v
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    train_texts, held_texts = corpus(s["max_files"])
+    log(f"corpus: {len(train_texts)} training files, {len(held_texts)} held out")
+    if previous is None:
+        base = build_base(s, train_texts, model_dir, device)
+    else:
+        base = {k: previous[k] for k in
+                ("parameters", "pretrain_steps", "pretrain_tokens", "pretrain_seconds")}
+        log(f"--heads-only: the base in {model_dir} (built {previous.get('date', '?')})")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    eos = tok.token_to_id(EOS)
+    data, held = encode_all(tok, train_texts), encode_all(tok, held_texts)
+
+    log("self-distillation and Medusa-1 heads (the training package)")
     prompts = prompts_from(data, s["distil_prompts"], s["prompt_len"], seed=5, eos=eos)
     with tempfile.TemporaryDirectory() as tmp:
         run = train_heads(model_dir, args.run_dir or tmp, prompts, s, device, args.seed)
@@ -276,12 +312,14 @@ def main(argv=None) -> int:
         "results": results,
         "settings": s,
         "quick": args.quick,
+        "heads_only": previous is not None,  # True: base and its figures from the earlier build
+        "base_built": previous.get("base_built", previous.get("date")) if previous else
+        time.strftime("%Y-%m-%d %H:%M:%S"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "device": str(device),
         "threads": args.threads,
-        "parameters": n_params,
+        **base,
         "heads_parameters": sum(p.numel() for p in heads.parameters()),
-        "pretrain_steps": pre_steps,
-        "pretrain_tokens": pre_steps * s["batch"] * s["seq"],
         "heads_steps": run.steps,
         "heads_training": {k: train_report[k] for k in
                            ("seconds", "samples", "rows", "eval_samples", "head_accuracy",
@@ -289,7 +327,6 @@ def main(argv=None) -> int:
         "training_tokens": len(data),
         "held_out_tokens": len(held),
         "checkpoint_bytes": size,
-        "pretrain_seconds": round(t_pre, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
