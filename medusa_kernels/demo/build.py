@@ -47,8 +47,8 @@ from . import ASSETS
 
 EOS = "<|endoftext|>"
 FULL = dict(vocab=2048, d=256, layers=4, heads=4, kv_heads=2, ffn=704, seq=128, batch=16,
-            lr=3e-3, pretrain_s=360.0, pretrain_steps=4000, distil_prompts=1024, prompt_len=24,
-            gen_len=96, heads_steps=1200, heads_rows=1, heads_seq=1024, heads_lr=1e-3,
+            lr=3e-3, pretrain_s=360.0, pretrain_steps=4000, distil_prompts=2048, prompt_len=24,
+            gen_len=96, heads_steps=2000, heads_rows=1, heads_seq=1024, heads_lr=1e-3,
             accept_prompts=16, eval_prompts=24, eval_new=96, num_heads=4, max_files=10**6)
 QUICK = dict(FULL, vocab=384, d=64, layers=2, heads=2, kv_heads=1, ffn=128, seq=64, batch=8,
              pretrain_s=20.0, pretrain_steps=40, distil_prompts=16, gen_len=24, heads_steps=30,
