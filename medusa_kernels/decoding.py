@@ -161,15 +161,22 @@ def medusa_step(model, tb, cache, root, last_hidden, running, temperature=0.0,
     return new_tokens, counts, next_root, next_hidden
 
 
+# a seeded generator can drive sampling inside a CUDA graph (registered with it: its offset
+# advances with every replay); the default generator always can
+GRAPH_GENERATORS = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+
 class CapturedStep:
     """A step function on static buffers, captured once in a CUDA graph and replayed.
 
     ``fn(root, last_hidden, running)`` must only touch device tensors. Warm-up runs (which
     compile the Triton kernels) use running = False everywhere, so they accept nothing and
-    leave the cache's contents before ``seqlens`` unchanged.
+    leave the cache's contents before ``seqlens`` unchanged. ``generator``: the seeded CUDA
+    generator ``fn`` samples with, if any; each replay draws fresh random numbers from it.
     """
 
-    def __init__(self, fn, root: torch.Tensor, last_hidden: torch.Tensor, running: torch.Tensor):
+    def __init__(self, fn, root: torch.Tensor, last_hidden: torch.Tensor, running: torch.Tensor,
+                 generator: torch.Generator | None = None):
         self.inputs = (root.clone(), last_hidden.clone(), torch.zeros_like(running))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -178,6 +185,8 @@ class CapturedStep:
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            self.graph.register_generator_state(generator)
         with torch.cuda.graph(self.graph):
             self.outputs = fn(*self.inputs)
 
@@ -230,8 +239,10 @@ def _decode(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    # graphs replay greedy steps; sampling (own generator state) and `propose` run eagerly
-    graphable = device.type == "cuda" and temperature == 0 and propose is None
+    # graphs replay greedy and sampling steps (a seeded generator needs GRAPH_GENERATORS);
+    # `propose` (host code) runs eagerly
+    graphable = device.type == "cuda" and propose is None and (
+        temperature == 0 or generator is None or GRAPH_GENERATORS)
     use_graph = graphable if cuda_graph is None else bool(cuda_graph) and graphable
     stop = _Stop(B, max_new_tokens, eos_token_id)
     result.tokens = stop.tokens
@@ -254,7 +265,10 @@ def _decode(
                 return plain_step(model, tb, cache, root, last_hidden, running, temperature,
                                   generator)
         running = torch.ones(B, dtype=torch.bool, device=device)
-        run = CapturedStep(step, root, last_hidden, running) if use_graph else step
+        run = step
+        if use_graph:
+            run = CapturedStep(step, root, last_hidden, running,
+                               generator if temperature > 0 else None)
         done_uploaded = [False] * B
         while not all(stop.done):
             if stop.done != done_uploaded:  # the only host-to-device copy, when a sequence ends
@@ -304,8 +318,9 @@ def generate(
         seed: seeds sampling. max_seq_len: refuse up front if the cache would need more.
         propose: replaces the heads' top-k (``(last_hidden, root, num_generated) -> [B, K, k]``
             token ids), e.g. to test with known-good candidates.
-        cuda_graph: replay each step from a CUDA graph (default: on for greedy decoding of a
-            model on CUDA; sampling and ``propose`` run eagerly).
+        cuda_graph: replay each step from a CUDA graph (default: on for a model on CUDA, greedy
+            or sampling; ``propose`` runs eagerly). Sampling with graphs draws other random
+            numbers than without them, so a seed reproduces a run of the same mode.
     Returns:
         ``GenerationResult`` (tokens, steps, accepted tokens per step, times), or a
         ``GenerationStream`` when ``stream``.

@@ -97,3 +97,22 @@ def test_triton_tree_attention_in_graphs(dirs_d64, monkeypatch):
     plain_graph = generate(model, prompts(), 24, medusa=False, cuda_graph=True)
     assert eager.tokens == graph.tokens
     assert plain_eager.tokens == plain_graph.tokens
+
+
+@pytest.mark.parametrize("medusa", [False, True])
+def test_sampling_in_graphs_reproducible_and_fresh_each_step(dirs, medusa):
+    """Sampling steps (plain, and Medusa with typical acceptance) replayed from CUDA graphs: a
+    seed reproduces the run, another seed changes it, and every replay draws fresh random
+    numbers (numbers baked into the graph at capture would pick the same few tokens)."""
+    model = load_model(*dirs, dtype=torch.bfloat16, device="cuda")
+    kw = dict(max_new_tokens=32, medusa=medusa, temperature=1.0, cuda_graph=True)
+    a = generate(model, prompts(), seed=5, **kw)
+    assert a.tokens == generate(model, prompts(), seed=5, **kw).tokens
+    assert a.tokens != generate(model, prompts(), seed=6, **kw).tokens
+    unseeded = generate(model, prompts(), seed=None, **kw)  # the default generator
+    for run in (a, unseeded):
+        for toks in run.tokens:
+            assert len(toks) == 32 and all(0 <= t < VOCAB for t in toks)
+            if not medusa:  # random weights, 101 tokens: ~27 distinct in 32 fresh draws
+                assert len(set(toks)) >= 16, toks
+    assert all(n >= 1 for step in a.accepted_per_step for n in step)
