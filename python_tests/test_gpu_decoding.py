@@ -47,11 +47,13 @@ def test_graphs_on_equal_graphs_off_half(dirs, dtype):
     assert eager.tokens == graph.tokens
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
 @pytest.mark.parametrize("cuda_graph", [False, True])
-def test_at_most_one_host_sync_per_step(dirs, cuda_graph):
+def test_at_most_one_host_sync_per_step(dirs, cuda_graph, temperature):
     model = load_model(*dirs, dtype=torch.bfloat16, device="cuda")
-    generate(model, prompts(), 8, cuda_graph=cuda_graph)  # warm up the kernels
-    stream = generate(model, prompts(), 32, stream=True, cuda_graph=cuda_graph)
+    kw = dict(cuda_graph=cuda_graph, temperature=temperature, seed=1)
+    generate(model, prompts(), 8, **kw)  # warm up the kernels
+    stream = generate(model, prompts(), 32, stream=True, **kw)
     steps_iter = iter(stream)
     next(steps_iter)  # prefill (its syncs are outside the steps)
     next(steps_iter)  # the first step; with cuda_graph it also captures the graph
