@@ -201,14 +201,15 @@ def main(argv=None) -> int:
             source = f"demo held-out prompts (seed {MEASURE_SEED})"
         else:
             measure_on, source = prompts, "the calibration prompts"
-        default = [p for p in TREES[DEFAULT_TREE] if len(p) <= len(acc) and max(p) < args.topk]
+        default = [p for p in TREES[DEFAULT_TREE] if len(p) <= len(acc)]  # cut to the heads
+        measured = [p for p in default if max(p) < args.topk]  # ranks with an accuracy
         out["measured_on"], out["measured_prompts"] = source, len(measure_on)
         out["measured_accepted"] = round(
             measured_accepted(model, measure_on, choices, args.max_new_tokens, eos), 4)
         out["default_tree"] = DEFAULT_TREE
-        out["default_expected_accepted"] = round(expected_accepted(default, acc), 4)
+        out["default_expected_accepted"] = round(expected_accepted(measured, acc), 4)
         out["default_measured_accepted"] = round(
-            measured_accepted(model, measure_on, DEFAULT_TREE, args.max_new_tokens, eos), 4)
+            measured_accepted(model, measure_on, default, args.max_new_tokens, eos), 4)
     text = json.dumps(out, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -225,7 +225,8 @@ def _decode(
     _check_tokens(tokens, base.cfg.vocab_size)
     B = tokens.shape[0]
     num_heads = model.heads.num_heads if model.heads is not None else None
-    tb: TreeBuffers = build_tree(resolve_choices(tree) if medusa else [], num_heads, None, device)
+    choices = resolve_choices(tree, num_heads) if medusa else []  # default: cut to the heads
+    tb: TreeBuffers = build_tree(choices, num_heads, None, device)
     # Before its last step a sequence holds < P + max_new - 1 cached tokens; that step may
     # accept up to depth + 1 (overshooting max_new), and finished rows still get the tree
     # written (T nodes) at their seqlens while other rows run on.
@@ -311,7 +312,7 @@ def generate(
         temperature: 0 = greedy (Medusa output identical to plain greedy); > 0 samples, with
             typical acceptance (``posterior_threshold``, ``posterior_alpha``) for Medusa.
         tree: a tree name from ``tree.TREES``, a JSON file, or a medusa_choices list
-            (default ``mc_sim_7b_63``).
+            (default ``mc_sim_7b_63``, cut to the heads the model has).
         eos_token_id: token id(s) that end a sequence (kept in its output).
         stream: return an iterator yielding, after prefill and every step, the list of new
             tokens of each sequence; its ``result`` attribute fills in as it runs.

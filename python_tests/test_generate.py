@@ -153,3 +153,17 @@ def test_finished_sequence_that_overshot_does_not_overflow_the_cache(model):
                     propose=oracle([longer.tokens[0], []]))
     assert fast.tokens == plain.tokens
     assert max(step[0] for step in fast.accepted_per_step) == 5
+
+
+def test_default_tree_cut_to_the_heads_named_tree_kept_whole(tmp_path):
+    """A 2-head checkpoint decodes with the default tree cut to depth 2 (still lossless); the
+    same tree asked for by name is too deep, which is a clear error."""
+    make_hf_model("llama-gqa-llama3rope", seed=2, path=tmp_path / "base")
+    save_random_heads(tmp_path / "heads", num_heads=2, seed=2)
+    m = load_model(tmp_path / "base", medusa=tmp_path / "heads", dtype=torch.float32)
+    ids = prompts(2, seed=3)
+    plain = generate(m, ids, max_new_tokens=16, medusa=False)
+    fast = generate(m, ids, max_new_tokens=16)
+    assert fast.tokens == plain.tokens
+    with pytest.raises(ValueError, match="deep but there are only 2 Medusa heads"):
+        generate(m, ids, max_new_tokens=4, tree="mc_sim_7b_63")

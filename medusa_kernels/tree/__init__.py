@@ -142,11 +142,13 @@ def build_tree(
     return TreeBuffers(paths, width, depth, mask, depths, tree_indices, retrieve).to(device)
 
 
-def resolve_choices(tree: str | os.PathLike | Sequence[Sequence[int]] | None) -> list[list[int]]:
+def resolve_choices(tree: str | os.PathLike | Sequence[Sequence[int]] | None,
+                    num_heads: int | None = None) -> list[list[int]]:
     """A tree given by name (``TREES``), by a JSON file (a list, or {"choices": [...]}), or as
-    a list of paths; None gives the default (``mc_sim_7b_63``)."""
+    a list of paths; None gives the default (``mc_sim_7b_63``), cut to ``num_heads`` levels
+    when given (a tree asked for by name or file is kept whole: too deep is an error later)."""
     if tree is None:
-        return TREES[DEFAULT_TREE]
+        return [p for p in TREES[DEFAULT_TREE] if num_heads is None or len(p) <= num_heads]
     if isinstance(tree, (str, os.PathLike)):
         if str(tree) in TREES:
             return TREES[str(tree)]
