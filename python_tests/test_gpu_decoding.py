@@ -117,4 +117,4 @@ def test_sampling_in_graphs_reproducible_and_fresh_each_step(dirs, medusa):
             assert len(toks) == 32 and all(0 <= t < VOCAB for t in toks)
             if not medusa:  # random weights, 101 tokens: ~27 distinct in 32 fresh draws
                 assert len(set(toks)) >= 16, toks
-    assert all(n >= 1 for step in a.accepted_per_step for n in step)
+    assert all(max(step) >= 1 for step in a.accepted_per_step)  # 0: a finished sequence
