@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         "model": label,
     }
     if args.measure:
-        from .tree import TREES
+        from .tree import resolve_choices
 
         if args.measure_prompts is not None:
             measure_on, source = data.read_prompts(args.measure_prompts, model.tokenizer()), \
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
             source = f"demo held-out prompts (seed {MEASURE_SEED})"
         else:
             measure_on, source = prompts, "the calibration prompts"
-        default = [p for p in TREES[DEFAULT_TREE] if len(p) <= len(acc)]  # cut to the heads
+        default = resolve_choices(None, len(acc))  # the default tree, cut to the heads
         measured = [p for p in default if max(p) < args.topk]  # ranks with an accuracy
         out["measured_on"], out["measured_prompts"] = source, len(measure_on)
         out["measured_accepted"] = round(

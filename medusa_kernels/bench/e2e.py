@@ -113,6 +113,15 @@ def random_model(cfg: ModelConfig, num_heads: int, dtype, device, seed: int = 0)
     return MedusaModel(base.eval(), heads.eval())
 
 
+def weight_bytes(base: Transformer) -> int:
+    """Bytes of the base weights one decode step reads (the embedding table is only gathered
+    from, unless it is also the lm_head)."""
+    total = sum(p.numel() * p.element_size() for p in base.parameters())
+    if not base.cfg.tie_word_embeddings:
+        total -= base.embed.weight.numel() * base.embed.weight.element_size()
+    return total
+
+
 def _param_count(cfg: ModelConfig, num_heads: int) -> int:
     with torch.device("meta"):
         base, heads = Transformer(cfg), MedusaHeads(num_heads, 1, cfg.hidden_size, cfg.vocab_size)
@@ -151,9 +160,7 @@ def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 
         build_tree(choices, num_heads, None, ctx.device),
         build_tree([], None, None, ctx.device),
     )
-    weights = sum(p.numel() for p in base.parameters()) * elsize
-    if not cfg.tie_word_embeddings:  # the embedding table is only gathered from
-        weights -= base.embed.weight.numel() * elsize
+    weights = weight_bytes(base)
     heads = model.heads
     heads_bytes = sum(t[:depth].numel() for t in (heads.w1, heads.b1, heads.w2)) * elsize
     rows = []
@@ -207,21 +214,31 @@ def _time_pair(ctx, case, mode, plain, medusa, plain_bytes, medusa_bytes) -> lis
     return rows
 
 
-def _step_section(ctx: BenchContext) -> list[dict]:
-    if not ctx.cuda:
-        return _step_rows(ctx, "tiny", (64, 256) if ctx.quick else (64, 256, 1024))
+def _each_model(ctx: BenchContext, names, rows_of, impl: str) -> list[dict]:
+    """``rows_of(name)`` for each model. On the GPU a model that runs out of memory is noted, one
+    that raises becomes a failure row, and the next model still runs (until CUDA breaks); the
+    CPU raises. The model goes with ``rows_of``'s frame; ``cuda_usable`` frees its memory."""
     rows = []
-    lengths = (1024,) if ctx.quick else (1024, 4096)
-    for name in ("llama-1b", "vicuna-7b"):
+    for name in names:
         try:
-            rows += _step_rows(ctx, name, lengths)
+            rows += rows_of(name)
         except torch.cuda.OutOfMemoryError:
-            ctx.notes.append(f"{SECTION}: {name} ran out of GPU memory building the model")
-        except Exception as e:  # building or a case raised: the next model still runs
-            rows.append(failure_row(ctx, SECTION, "step", e, True, model=name))
-        if not cuda_usable(ctx):  # the model and its graphs went with _step_rows' frame
-            return rows
+            ctx.notes.append(f"{SECTION}: {impl} {name} ran out of GPU memory")
+        except Exception as e:
+            if not ctx.cuda:
+                raise
+            rows.append(failure_row(ctx, SECTION, impl, e, True, model=name))
+        if ctx.cuda and not cuda_usable(ctx):
+            break
     return rows
+
+
+def _step_section(ctx: BenchContext) -> list[dict]:
+    if ctx.cuda:
+        names, lengths = ("llama-1b", "vicuna-7b"), (1024,) if ctx.quick else (1024, 4096)
+    else:
+        names, lengths = ("tiny",), (64, 256) if ctx.quick else (64, 256, 1024)
+    return _each_model(ctx, names, lambda name: _step_rows(ctx, name, lengths), "step")
 
 
 def hf_twin(base: Transformer):
@@ -308,9 +325,7 @@ def _decode_rows(ctx: BenchContext, name: str) -> list[dict]:
     if not case_wanted(ctx, case):
         return []
     model = MedusaModel(random_model(cfg, 1, dtype, ctx.device).base, None)
-    weights = sum(p.numel() for p in model.base.parameters()) * (torch.finfo(dtype).bits // 8)
-    if not cfg.tie_word_embeddings:  # the embedding table is only gathered from
-        weights -= model.base.embed.weight.numel() * (torch.finfo(dtype).bits // 8)
+    weights = weight_bytes(model.base)
     prompt = torch.randint(cfg.vocab_size, (prompt_len,),
                            generator=torch.Generator().manual_seed(1)).tolist()
     generate(model, [prompt], max_new_tokens=8, medusa=False)  # warm-up, kernel compilation
@@ -356,20 +371,8 @@ def _decode_rows(ctx: BenchContext, name: str) -> list[dict]:
 
 
 def _decode_section(ctx: BenchContext) -> list[dict]:
-    rows = []
-    for name in ("llama-1b", "vicuna-7b") if ctx.cuda else ("tiny",):
-        try:
-            rows += _decode_rows(ctx, name)
-        except torch.cuda.OutOfMemoryError:
-            ctx.notes.append(f"{SECTION}: decode {name} ran out of GPU memory")
-            torch.cuda.empty_cache()
-        except Exception as e:
-            if not ctx.cuda:
-                raise
-            rows.append(failure_row(ctx, SECTION, "plain_decode", e, True, model=name))
-        if ctx.cuda and not cuda_usable(ctx):
-            break
-    return rows
+    names = ("llama-1b", "vicuna-7b") if ctx.cuda else ("tiny",)
+    return _each_model(ctx, names, lambda name: _decode_rows(ctx, name), "plain_decode")
 
 
 def _prompts(ctx: BenchContext, model: MedusaModel, n: int, demo: bool) -> list[list[int]]:

@@ -405,10 +405,12 @@ def plot(result: dict, path: str, max_panels: int = 16) -> str:
     return path
 
 
-def write_all(result: dict, out_dir: str, make_plot: bool = True) -> dict[str, str]:
-    """JSON, Markdown and (unless ``make_plot`` is False) PNG in ``out_dir``: their paths."""
+def write_all(result: dict, out_dir: str, make_plot: bool = True,
+              name: str | None = None) -> dict[str, str]:
+    """JSON, Markdown and (unless ``make_plot`` is False) PNG in ``out_dir``, named ``name`` (by
+    default ``result_stem``): their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, result_stem(result["meta"]))
+    stem = os.path.join(out_dir, name or result_stem(result["meta"]))
     paths = {"json": stem + ".json", "md": stem + ".md"}
     if make_plot:
         try:
@@ -425,7 +427,8 @@ def write_all(result: dict, out_dir: str, make_plot: bool = True) -> dict[str, s
 
 def main(argv=None) -> int:
     """``python -m medusa_kernels.bench.report RESULT.json``: the tables again, and the Markdown
-    and PNG beside the JSON, e.g. from the partial JSON of a run stopped by a time limit."""
+    and PNG beside the JSON (rewritten as read, plus any plot note), e.g. from the partial JSON
+    of a run stopped by a time limit."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m medusa_kernels.bench.report",
@@ -440,15 +443,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"{args.json}: not a bench result (no {key!r})")
     result.setdefault("notes", [])
     print_tables(result)
-    stem = os.path.splitext(args.json)[0]
-    written = [stem + ".md"]
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(result))
-    if not args.no_plot:
-        try:
-            written.append(plot(result, stem + ".png"))
-        except ImportError as e:
-            print(f"no plot: {e} (pip install matplotlib)")
+    out_dir, name = os.path.split(os.path.splitext(args.json)[0])
+    written = write_all(result, out_dir or ".", make_plot=not args.no_plot, name=name)
+    written = [path for kind, path in written.items() if kind != "json"]
     print("wrote " + ", ".join(written))
     return 0
 
