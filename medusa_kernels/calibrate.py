@@ -10,9 +10,16 @@
    grows by the best frontier node until it holds ``nodes`` nodes.
 3. ``expected_accepted``: 1 (the root, always kept) + the sum of the node values: nodes of one
    depth are mutually exclusive, so the expected accepted depth is the sum of their values.
+4. ``--nodes auto`` (the paper's hardware-aware choice of tree size): a bigger tree accepts more
+   per step but costs more per step, a little on a GPU (a step reads the weights once, whatever
+   T) and a lot on a CPU (compute grows with T). ``step_times`` times a plain decode step and a
+   Medusa step with the grown tree of each size in ``AUTO_NODES`` on this model and device
+   (CUDA graphs on CUDA, as ``generate`` replays them); ``speed_table`` estimates each size's
+   speedup over plain decoding as expected accepted x plain step time / Medusa step time, and
+   the best size is kept.
 
-Output JSON: {"choices": [...], "expected_accepted": x, "accuracies": [[...]]}, which
-``generate --tree FILE`` takes.
+Output JSON: {"choices": [...], "expected_accepted": x, "accuracies": [[...]]} (with ``auto``
+also "speed": the timed sizes), which ``generate --tree FILE`` takes.
 """
 
 from __future__ import annotations
@@ -112,6 +119,77 @@ def measure_accuracies(
     return acc.tolist(), int(counts.min())
 
 
+# tree sizes (nodes besides the root) that --nodes auto times and chooses among
+AUTO_NODES = (3, 7, 15, 23, 31, 47, 63, 95, 127)
+
+
+def max_nodes(acc: Sequence[Sequence[float]], max_depth: int | None = None) -> int:
+    """Most paths a tree can have with these heads and ranks: sum over depths d of R^d."""
+    K = len(acc) if max_depth is None else min(max_depth, len(acc))
+    R = len(acc[0]) if K else 0
+    return sum(R**d for d in range(1, K + 1))
+
+
+@torch.inference_mode()
+def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
+               quick: bool = False) -> tuple[float, list[float]]:
+    """Median seconds of one plain decode step and of one Medusa step with each tree.
+
+    One sequence with ``context`` cached tokens (random K/V, ``seqlens`` reset before every
+    call), a random root token and hidden state; on CUDA each step is replayed from a CUDA
+    graph, as ``generate`` does. ``quick``: a shorter timing loop on the CPU.
+    """
+    from .bench._common import BenchContext, graphed, measure
+    from .decoding import medusa_step, plain_step
+    from .tree import build_tree
+
+    if model.heads is None:
+        raise ValueError("model has no Medusa heads: load_model(..., medusa=DIR)")
+    if context < 1:
+        raise ValueError(f"context must be >= 1 cached token, got {context}")
+    base, device = model.base, model.device
+    buffers = [build_tree(t, model.heads.num_heads, None, device) for t in trees]
+    plain_tree = build_tree([], None, None, device)
+    biggest = max([tb.num_nodes for tb in buffers], default=1)
+    cache = base.new_cache(1, context + biggest + 1)
+    gen = torch.Generator(device).manual_seed(context)
+    cache.k.normal_(generator=gen)
+    cache.v.normal_(generator=gen)
+    lens0 = torch.full((1,), context, dtype=torch.int32, device=device)
+    root = torch.randint(base.cfg.vocab_size, (1,), generator=gen, device=device)
+    last_hidden = torch.randn(1, base.cfg.hidden_size, generator=gen, device=device,
+                              dtype=model.dtype)  # fmt: skip
+    running = torch.ones(1, dtype=torch.bool, device=device)
+    ctx = BenchContext(device=device, dtype=model.dtype, quick=quick)
+
+    def seconds(step, tb) -> float:
+        def fn():
+            cache.seqlens.copy_(lens0)
+            return step(model, tb, cache, root, last_hidden, running)
+
+        run = graphed(fn) if device.type == "cuda" else fn
+        return measure(run, ctx)[0] * 1e-6
+
+    return seconds(plain_step, plain_tree), [seconds(medusa_step, tb) for tb in buffers]
+
+
+def speed_table(acc: Sequence[Sequence[float]], sizes: Sequence[int], plain_s: float,
+                medusa_s: Sequence[float], max_depth: int | None = None) -> list[dict]:
+    """One row per tree size: nodes (besides the root), expected accepted tokens per step, step
+    time and the estimated speedup over plain decoding (expected x plain_s / step time)."""
+    rows = []
+    for n, t in zip(sizes, medusa_s, strict=True):
+        expected = expected_accepted(grow_tree(acc, n, max_depth), acc)
+        rows.append({"nodes": n, "expected_accepted": round(expected, 4),
+                     "step_ms": round(1e3 * t, 4), "est_speedup": round(expected * plain_s / t, 4)})
+    return rows
+
+
+def best_size(rows: Sequence[dict]) -> int:
+    """The size with the highest estimated speedup (on a tie, the smaller tree)."""
+    return max(rows, key=lambda r: (r["est_speedup"], -r["nodes"]))["nodes"]
+
+
 # the demo: held-out prompts to calibrate on and other held-out prompts to measure on
 CALIBRATION_SEED, CALIBRATION_PROMPTS, MEASURE_SEED, MEASURE_PROMPTS = 11, 64, 13, 64
 
@@ -142,7 +220,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", default=None,
                    help=".jsonl/.json prompts or a text file, one a line (default with the demo: "
                         "held-out stdlib prompts)")
-    p.add_argument("--nodes", type=int, default=63, help="tree nodes besides the root")
+    p.add_argument("--nodes", default="63",
+                   help="tree nodes besides the root, or 'auto': time each size of "
+                        "--auto-nodes on this device and keep the fastest (est. speedup)")
+    p.add_argument("--auto-nodes", default=",".join(map(str, AUTO_NODES)),
+                   help="sizes --nodes auto tries, comma-separated")
+    p.add_argument("--context", type=int, default=None,
+                   help="cached tokens the step timing of --nodes auto assumes (default: mean "
+                        "prompt length + max-new-tokens / 2)")
     p.add_argument("--topk", type=int, default=10, help="ranks measured per head")
     p.add_argument("--max-depth", type=int, default=None, help="deepest path (default: heads)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -162,6 +247,15 @@ def main(argv=None) -> int:
     if argv and argv[0] == "calibrate":
         argv = argv[1:]
     args = parse_args(argv)
+    auto = args.nodes == "auto"
+    try:
+        nodes = 0 if auto else int(args.nodes)
+        sizes = sorted({int(n) for n in args.auto_nodes.split(",") if n.strip()})
+    except ValueError:
+        sys.exit(f"--nodes must be an integer or 'auto' (got {args.nodes!r}) and --auto-nodes "
+                 f"comma-separated integers (got {args.auto_nodes!r})")
+    if auto and (not sizes or sizes[0] < 0):
+        sys.exit(f"--auto-nodes must list sizes >= 0, got {args.auto_nodes!r}")
     from .checkpoint import load_model
     from .tree import DEFAULT_TREE
 
@@ -181,7 +275,29 @@ def main(argv=None) -> int:
     else:
         sys.exit("give --prompts FILE (a JSON list or one prompt per line)")
     acc, positions = measure_accuracies(model, prompts, args.topk, args.max_new_tokens, eos)
-    choices = grow_tree(acc, args.nodes, args.max_depth)
+    speed = None
+    if auto:
+        sizes = [n for n in sizes if n <= max_nodes(acc, args.max_depth)]
+        context = args.context or round(
+            sum(len(p) for p in prompts) / len(prompts) + args.max_new_tokens / 2)
+        trees = [grow_tree(acc, n, args.max_depth) for n in sizes]
+        plain_s, medusa_s = step_times(model, trees, context)
+        rows = speed_table(acc, sizes, plain_s, medusa_s, args.max_depth)
+        nodes = best_size(rows)
+        from .bench.report import cpu_name
+
+        cuda = model.device.type == "cuda"
+        speed = {"device": torch.cuda.get_device_name(model.device) if cuda else
+                 f"{cpu_name()} ({torch.get_num_threads()} threads)",
+                 "dtype": str(model.dtype).removeprefix("torch."), "context": context,
+                 "cuda_graph": cuda,
+                 "plain_step_ms": round(1e3 * plain_s, 4), "sizes": rows}  # fmt: skip
+        for r in rows:
+            print(f"{r['nodes']:4d} nodes: expected {r['expected_accepted']:.2f} accepted, "
+                  f"step {r['step_ms']:.3f} ms (plain {1e3 * plain_s:.3f} ms), est. speedup "
+                  f"{r['est_speedup']:.2f}x" + ("  <- chosen" if r["nodes"] == nodes else ""),
+                  file=sys.stderr)
+    choices = grow_tree(acc, nodes, args.max_depth)
     out = {
         "choices": choices,
         "expected_accepted": round(expected_accepted(choices, acc), 4),
@@ -190,6 +306,8 @@ def main(argv=None) -> int:
         "prompts": len(prompts),
         "model": label,
     }
+    if speed is not None:
+        out["speed"] = speed
     if args.measure:
         from .tree import resolve_choices
 

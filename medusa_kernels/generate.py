@@ -1,6 +1,8 @@
 """``python -m medusa_kernels.generate``: stream Medusa (or plain) decoding to the terminal.
 
     python -m medusa_kernels.generate                      # the bundled demo model
+                                                           # (on a CPU with the tree chosen
+                                                           # for CPUs: calibrated_tree_cpu.json)
     python -m medusa_kernels.generate --model DIR [--medusa DIR] --prompt "def "
     python -m medusa_kernels.generate --model DIR --input-ids 1,2,3 --no-medusa
 
@@ -11,13 +13,14 @@ The text is decoded with the model dir's tokenizer.json (``tokenizers``); withou
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
 from .checkpoint import load_model
 from .decoding import generate
-from .tree import TREES
+from .tree import DEFAULT_TREE, TREES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -34,7 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (lossless)")
     p.add_argument("--posterior-threshold", type=float, default=0.09)
     p.add_argument("--posterior-alpha", type=float, default=0.3)
-    p.add_argument("--tree", default=None, help=f"tree name {sorted(TREES)} or JSON file")
+    p.add_argument("--tree", default=None,
+                   help=f"tree name {sorted(TREES)} or JSON file (default: mc_sim_7b_63; the "
+                        "demo on a CPU: its calibrated_tree_cpu.json)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=None)
@@ -53,6 +58,10 @@ def main(argv=None) -> int:
         args.medusa = args.medusa or demo_heads
         if args.prompt is None and args.input_ids is None:
             args.prompt = "def "
+        cpu_tree = os.path.join(os.path.dirname(args.model), "calibrated_tree_cpu.json")
+        if args.tree is None and torch.device(args.device).type == "cpu" and \
+                os.path.isfile(cpu_tree):
+            args.tree = cpu_tree  # a CPU pays for every tree node: the size timed best there
     model = load_model(args.model, medusa=args.medusa, dtype=dtype, device=args.device)
     tokenizer = model.tokenizer()
     if args.input_ids is not None:
@@ -86,7 +95,7 @@ def main(argv=None) -> int:
         else:
             print(" ".join(map(str, new[0])), end=" ", flush=True)
     r = stream.result
-    mode = "medusa" if use_medusa else "plain"
+    mode = f"medusa, tree {os.path.basename(args.tree or DEFAULT_TREE)}" if use_medusa else "plain"
     print(
         f"\n\n[{mode}] {r.num_tokens} tokens in {r.wall_time:.2f} s "
         f"({r.tokens_per_second:.1f} tokens/s after prefill), {r.steps} steps, "

@@ -72,18 +72,27 @@ def test_quick_json_has_every_section_with_sane_values(quick_run):
 
 def test_quick_e2e_lossless_and_accepting(quick_run):
     _, _, result = quick_run
+    from medusa_kernels.bench.e2e import demo_trees
+
     rows = {r["impl"]: r for r in result["sections"]["e2e"]["rows"]}
     assert {"plain_step", "medusa_step", "plain_generate", "medusa_generate"} <= set(rows)
     assert rows["medusa_step"]["ratio_vs_plain"] > 0
-    medusa, plain = rows["medusa_generate"], rows["plain_generate"]
-    assert medusa["identical"] is True
-    assert medusa["mean_accepted"] >= 1 and plain["mean_accepted"] == 1
-    assert medusa["tokens"] == plain["tokens"] > 0
-    assert medusa["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0
-    hist = {int(k): v for k, v in medusa["accept_hist"].items()}
-    assert sum(hist.values()) == medusa["steps"] and min(hist) >= 1
-    assert math.isclose(sum(k * v for k, v in hist.items()) / medusa["steps"],
-                        medusa["mean_accepted"])  # fmt: skip
+    plain = rows["plain_generate"]
+    assert plain["mean_accepted"] == 1 and plain["tokens_per_s"] > 0 and plain["tree"] == "-"
+    medusa_rows = [r for r in result["sections"]["e2e"]["rows"] if r["impl"] == "medusa_generate"]
+    # the demo: the default tree, then each shipped calibrated tree
+    assert [r["tree"] for r in medusa_rows] == ["mc_sim_7b_63"] + [
+        os.path.basename(t) for t in demo_trees()]
+    assert len(demo_trees()) == 2
+    for medusa in medusa_rows:
+        assert medusa["identical"] is True and medusa["check"] == "ok"
+        assert medusa["mean_accepted"] >= 1 and medusa["tokens"] == plain["tokens"] > 0
+        assert medusa["tokens_per_s"] > 0
+        assert medusa["speedup"] == pytest.approx(medusa["tokens_per_s"] / plain["tokens_per_s"])
+        hist = {int(k): v for k, v in medusa["accept_hist"].items()}
+        assert sum(hist.values()) == medusa["steps"] and min(hist) >= 1
+        assert math.isclose(sum(k * v for k, v in hist.items()) / medusa["steps"],
+                            medusa["mean_accepted"])  # fmt: skip
 
 
 def test_quick_e2e_plain_decoding_against_transformers(quick_run):

@@ -1,4 +1,5 @@
-"""Tree calibration: greedy growth equals brute force, the expected-length formula, the CLI."""
+"""Tree calibration: greedy growth equals brute force, the expected-length formula, the
+hardware-aware tree size (``--nodes auto``), the CLI."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import random
 import pytest
 import torch
 
-from medusa_kernels.calibrate import expected_accepted, grow_tree, main, path_value
+from medusa_kernels.calibrate import (
+    best_size,
+    expected_accepted,
+    grow_tree,
+    main,
+    max_nodes,
+    path_value,
+    speed_table,
+    step_times,
+)
 from medusa_kernels.tree import build_tree
 
 
@@ -89,6 +99,41 @@ def test_expected_accepted_matches_simulation():
     assert total / n == pytest.approx(expected_accepted(tree, acc), abs=0.02)
 
 
+def test_speed_table_picks_the_best_estimated_speedup():
+    """Step time a + b * nodes (a CPU-like cost): the chosen size maximises expected accepted /
+    step time over the sizes tried; a flat cost (a GPU-like one) takes the biggest tree."""
+    acc = hand_table(4, 6)
+    sizes = [0, 1, 3, 7, 15, 31, 63]
+    plain = 1.0
+    for a, b, want in ((1.0, 0.05, None), (1.0, 0.0, 63)):
+        times = [a + b * n for n in sizes]
+        rows = speed_table(acc, sizes, plain, times)
+        assert [r["nodes"] for r in rows] == sizes
+        est = [expected_accepted(grow_tree(acc, n), acc) * plain / t
+               for n, t in zip(sizes, times, strict=True)]
+        assert [r["est_speedup"] for r in rows] == pytest.approx(est, abs=1e-4)
+        assert rows[0]["expected_accepted"] == 1.0  # root only
+        chosen = best_size(rows)
+        assert chosen == (want if want is not None else sizes[est.index(max(est))])
+        if want is None:
+            assert 0 < chosen < 63  # the cost makes a middle size best
+    tied = [{"nodes": 7, "est_speedup": 1.5}, {"nodes": 3, "est_speedup": 1.5}]
+    assert best_size(tied) == 3  # a tie goes to the smaller tree
+    assert max_nodes(acc) == 6 + 36 + 216 + 1296 and max_nodes(acc, max_depth=1) == 6
+
+
+def test_step_times_tiny_model():
+    from medusa_kernels.bench.e2e import SHAPES, random_model
+    from medusa_kernels.model import ModelConfig
+
+    model = random_model(ModelConfig(**SHAPES["tiny"]), 3, torch.float32, "cpu")
+    trees = [grow_tree(hand_table(3, 4), n) for n in (1, 15)]
+    plain_s, medusa_s = step_times(model, trees, context=37, quick=True)
+    assert len(medusa_s) == 2 and plain_s > 0 and all(t > 0 for t in medusa_s)
+    with pytest.raises(ValueError, match="context"):
+        step_times(model, trees, context=0, quick=True)
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     from medusa_kernels.demo.build import main as build
@@ -127,3 +172,28 @@ def test_cli_calibrate(quick_demo, tmp_path):
     ids = m.tokenizer().encode("class A:\n").ids
     plain = generate(m, [ids], max_new_tokens=12, medusa=False).tokens
     assert generate(m, [ids], max_new_tokens=12, tree=str(out)).tokens == plain
+
+
+def test_cli_calibrate_auto_nodes(quick_demo, tmp_path, capsys):
+    from medusa_kernels.demo import path
+
+    model_dir, heads_dir = path(quick_demo)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["def f(x):\n    return", "import os\n"]))
+    out = tmp_path / "tree.json"
+    args = ["calibrate", "--model", model_dir, "--medusa", heads_dir, "--prompts", str(prompts),
+            "--topk", "3", "--max-new-tokens", "12", "--device", "cpu", "--out", str(out)]
+    assert main(args + ["--nodes", "auto", "--auto-nodes", "1,5,100000"]) == 0
+    data = json.loads(out.read_text())
+    speed = data["speed"]
+    assert [r["nodes"] for r in speed["sizes"]] == [1, 5]  # sizes the heads cannot fill: dropped
+    assert speed["plain_step_ms"] > 0 and all(r["step_ms"] > 0 for r in speed["sizes"])
+    from medusa_kernels.checkpoint import load_model
+    from medusa_kernels.training.data import read_prompts
+
+    ids = read_prompts(str(prompts), load_model(model_dir).tokenizer())
+    assert speed["context"] == round(sum(map(len, ids)) / len(ids) + 12 / 2)
+    assert len(data["choices"]) == best_size(speed["sizes"])
+    assert "<- chosen" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--nodes must be an integer or 'auto'"):
+        main(args + ["--nodes", "many"])

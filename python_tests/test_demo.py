@@ -52,8 +52,11 @@ def test_shipped_loads_and_tokenizes(demo):
 
 
 @shipped
-@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "small_15"])
+@pytest.mark.parametrize("tree", ["mc_sim_7b_63", "small_15", "calibrated_tree.json",
+                                  "calibrated_tree_cpu.json"])
 def test_shipped_medusa_equals_plain(demo, held_prompts, tree):
+    if tree.endswith(".json"):  # the shipped calibrated trees
+        tree = os.path.join(ASSETS, tree)
     for p in held_prompts[:3]:
         plain = generate(demo, [p], max_new_tokens=40, medusa=False).tokens
         assert generate(demo, [p], max_new_tokens=40, tree=tree).tokens == plain
@@ -93,3 +96,18 @@ def test_quick_build(tmp_path):
     assert load_model(model_dir, medusa=heads_dir).heads is not None
     with pytest.raises(SystemExit, match="base setting"):
         build(["--quick", "--heads-only", "--out", str(tmp_path), "--set", "d=32"])
+
+
+@shipped
+def test_generate_cli_demo_on_cpu(capsys):
+    """No arguments: the demo streams text; on a CPU with the tree timed best for CPUs."""
+    from medusa_kernels.generate import main
+
+    assert main(["--device", "cpu", "--max-new-tokens", "24"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def ") and len(out) > len("def ") + 10
+    assert "[medusa, tree calibrated_tree_cpu.json] 24 tokens" in err
+    assert main(["--device", "cpu", "--max-new-tokens", "8", "--tree", "small_15"]) == 0
+    assert "[medusa, tree small_15]" in capsys.readouterr().err
+    assert main(["--device", "cpu", "--max-new-tokens", "8", "--no-medusa"]) == 0
+    assert "[plain] 8 tokens" in capsys.readouterr().err

@@ -19,7 +19,10 @@ Parts run in the order 2, 1, 3.
 2. Real generation (``impl`` "plain_generate" / "medusa_generate"): greedy decoding of a few
    prompts with the model given by ``ctx.model_dir``/``ctx.medusa_dir`` or, by default, the
    bundled demo model (held-out prompts; CPU quick: 4 prompts x 64 tokens, CUDA: 4 x 128, 8 x
-   256 for a real checkpoint without --quick). Tokens/s leave out prefill and the first step (CUDA
+   256 for a real checkpoint without --quick), with the default tree (or ``--tree``) and, for
+   the demo without ``--tree``, also with its shipped calibrated trees (``demo_trees``: 63
+   nodes grown from its heads' accuracies, and the size ``--nodes auto`` chose on a CPU); one
+   ``medusa_generate`` row per tree. Tokens/s leave out prefill and the first step (CUDA
    graph capture, warm-up); ``mean_accepted``, the acceptance-length histogram ``accept_hist``
    (accepted tokens per step -> steps) and ``identical``: Medusa's output equals plain greedy
    decoding token for token (``check`` "ok"; in bf16/fp16 a divergence is reported as a note,
@@ -422,6 +425,34 @@ def _first_difference(a: list, b: list) -> int:
     )
 
 
+def demo_trees() -> list[str]:
+    """The tree files shipped with the demo: ``calibrated_tree.json`` (63 nodes, grown from its
+    heads' accuracies) and ``calibrated_tree_cpu.json`` (the size ``--nodes auto`` chose on a
+    CPU)."""
+    from medusa_kernels.demo import ASSETS
+
+    names = ("calibrated_tree.json", "calibrated_tree_cpu.json")
+    return [os.path.join(ASSETS, n) for n in names if os.path.isfile(os.path.join(ASSETS, n))]
+
+
+def _medusa_row_checks(row: dict, plain_outs: list, outs: list, counts: list, dtype) -> None:
+    """Acceptance histogram and the lossless check (Medusa output == plain greedy)."""
+    row["accept_hist"] = {str(k): v for k, v in sorted(Counter(counts).items())}
+    identical = outs == plain_outs
+    row["identical"] = identical
+    if identical:
+        row["check"] = "ok"
+        return
+    seq = _first_difference(plain_outs, outs)
+    where = f"prompt {seq}, token {_first_difference(plain_outs[seq], outs[seq])}"
+    if dtype in (torch.float32, torch.float64):
+        row["check"] = f"FAIL: Medusa greedy output differs from plain at {where}"
+    else:
+        row["check"] = (
+            f"note: differs from plain at {where} ({_dtype_name(dtype)} rounding on a near-tie)"
+        )
+
+
 def _generation_rows(ctx: BenchContext) -> list[dict]:
     demo = ctx.model_dir is None
     dtype = ctx.dtype if ctx.cuda else torch.float32
@@ -437,9 +468,13 @@ def _generation_rows(ctx: BenchContext) -> list[dict]:
         n, max_new = (4, 128) if ctx.quick or demo else (8, 256)
     else:
         n, max_new = (4, 64) if ctx.quick else (8, 128)
-    case = dict(model=label, tree=_tree_label(ctx), dtype=_dtype_name(dtype), prompts=n,
-                max_new_tokens=max_new, mode="graph" if ctx.cuda else "eager")  # fmt: skip
-    if not case_wanted(ctx, case):
+    # the demo without --tree: the default tree and the demo's own calibrated trees
+    trees = [ctx.tree] + (demo_trees() if demo and ctx.tree is None else [])
+    case = dict(model=label, dtype=_dtype_name(dtype), prompts=n, max_new_tokens=max_new,
+                mode="graph" if ctx.cuda else "eager")  # fmt: skip
+    tree_label = {t: _tree_label(ctx) if t is ctx.tree else os.path.basename(t) for t in trees}
+    trees = [t for t in trees if case_wanted(ctx, dict(case, tree=tree_label[t]))]
+    if not trees:
         return []
     model = load_model(model_dir, medusa=heads_dir, dtype=dtype, device=ctx.device)
     if model.heads is None:
@@ -448,53 +483,36 @@ def _generation_rows(ctx: BenchContext) -> list[dict]:
         )
         return []
     prompts = _prompts(ctx, model, n, demo)
-    eos, tree = model.eos_token_id(), ctx.tree
-    for medusa in (False, True):  # warm-up: first-call costs, kernel compilation
-        generate(model, [prompts[0]], max_new_tokens=8, medusa=medusa, tree=tree, eos_token_id=eos)
-
-    stats = {False: ([], [], 0, 0.0), True: ([], [], 0, 0.0)}  # outputs, counts, tokens, s
-    for p in prompts:  # plain and Medusa interleaved: background load hits both alike
-        for medusa in (False, True):
+    eos = model.eos_token_id()
+    runs = [(False, None)] + [(True, t) for t in trees]  # (medusa, tree): plain first
+    for medusa, tree in runs:  # warm-up: first-call costs, kernel compilation
+        generate(model, [prompts[0]], max_new_tokens=8, medusa=medusa, tree=tree,
+                 eos_token_id=eos)  # fmt: skip
+    stats = [([], [], 0, 0.0) for _ in runs]  # outputs, accepted counts, tokens, seconds
+    for p in prompts:  # plain and Medusa interleaved: background load hits them alike
+        for i, (medusa, tree) in enumerate(runs):
             out, c, t, s = _decode_timed(model, p, medusa, max_new, eos, tree)
-            outs, counts, tokens, seconds = stats[medusa]
-            stats[medusa] = (
-                outs + [out],
-                counts + [k for k in c if k > 0],
-                tokens + t,
-                seconds + s,
-            )
+            outs, counts, tokens, seconds = stats[i]
+            stats[i] = (outs + [out], counts + [k for k in c if k > 0], tokens + t, seconds + s)
 
     rows = []
-    for medusa in (False, True):
-        outs, counts, tokens, seconds = stats[medusa]
+    for i, (_, tree) in enumerate(runs):
+        outs, counts, tokens, seconds = stats[i]
         tps = tokens / seconds if seconds > 0 else float("nan")
-        row = dict(section=SECTION, impl="medusa_generate" if medusa else "plain_generate",
-                   **case, tokens=sum(len(o) for o in outs), steps=len(counts),
-                   tokens_per_s=tps, us_per_token=1e6 / tps if tps > 0 else float("nan"),
+        row = dict(section=SECTION, impl="medusa_generate" if i else "plain_generate", **case,
+                   tree=tree_label[tree] if i else "-", tokens=sum(len(o) for o in outs),
+                   steps=len(counts), tokens_per_s=tps,
+                   us_per_token=1e6 / tps if tps > 0 else float("nan"),
                    mean_accepted=sum(counts) / max(len(counts), 1))  # fmt: skip
+        if i:
+            row["speedup"] = tps / rows[0]["tokens_per_s"]
+            _medusa_row_checks(row, stats[0][0], outs, counts, dtype)
         rows.append(row)
-    plain_outs, medusa_row = stats[False][0], rows[1]
-    medusa_outs, counts = stats[True][0], stats[True][1]
-    medusa_row["accept_hist"] = {str(k): v for k, v in sorted(Counter(counts).items())}
-    medusa_row["speedup"] = medusa_row["tokens_per_s"] / rows[0]["tokens_per_s"]
     tok = model.tokenizer()
     if tok is not None:  # show what the model generates (prompt | Medusa continuation)
-        sample = tok.decode(prompts[0]) + " | " + tok.decode(medusa_outs[0])
-        medusa_row["sample"] = sample
+        sample = tok.decode(prompts[0]) + " | " + tok.decode(stats[1][0][0])
+        rows[1]["sample"] = sample
         ctx.notes.append(f"{SECTION}: {label} sample (prompt | Medusa output): {sample[:400]!r}")
-    identical = medusa_outs == plain_outs
-    medusa_row["identical"] = identical
-    if identical:
-        medusa_row["check"] = "ok"
-    else:
-        seq = _first_difference(plain_outs, medusa_outs)
-        where = f"prompt {seq}, token {_first_difference(plain_outs[seq], medusa_outs[seq])}"
-        if dtype in (torch.float32, torch.float64):
-            medusa_row["check"] = f"FAIL: Medusa greedy output differs from plain at {where}"
-        else:
-            medusa_row["check"] = (
-                f"note: differs from plain at {where} ({_dtype_name(dtype)} rounding on a near-tie)"
-            )
     if ctx.on_row is not None:
         for row in rows:
             ctx.on_row(row)
