@@ -28,7 +28,9 @@ import argparse
 import heapq
 import json
 import math
+import statistics
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -136,10 +138,10 @@ def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
     """Median seconds of one plain decode step and of one Medusa step with each tree.
 
     One sequence with ``context`` cached tokens (random K/V, ``seqlens`` reset before every
-    call), a random root token and hidden state; on CUDA each step is replayed from a CUDA
-    graph, as ``generate`` does. ``quick``: a shorter timing loop on the CPU.
+    call), a random root token and hidden state. CUDA: each step replayed from a CUDA graph, as
+    ``generate`` does, timed by ``triton.testing.do_bench``. CPU: the steps take turns, a few
+    calls each per round (``quick``: fewer rounds), so a drifting machine slows them alike.
     """
-    from .bench._common import BenchContext, graphed, measure
     from .decoding import medusa_step, plain_step
     from .tree import build_tree
 
@@ -148,10 +150,9 @@ def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
     if context < 1:
         raise ValueError(f"context must be >= 1 cached token, got {context}")
     base, device = model.base, model.device
-    buffers = [build_tree(t, model.heads.num_heads, None, device) for t in trees]
-    plain_tree = build_tree([], None, None, device)
-    biggest = max([tb.num_nodes for tb in buffers], default=1)
-    cache = base.new_cache(1, context + biggest + 1)
+    buffers = [build_tree([], None, None, device)]  # plain first
+    buffers += [build_tree(t, model.heads.num_heads, None, device) for t in trees]
+    cache = base.new_cache(1, context + max(tb.num_nodes for tb in buffers) + 1)
     gen = torch.Generator(device).manual_seed(context)
     cache.k.normal_(generator=gen)
     cache.v.normal_(generator=gen)
@@ -160,17 +161,36 @@ def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
     last_hidden = torch.randn(1, base.cfg.hidden_size, generator=gen, device=device,
                               dtype=model.dtype)  # fmt: skip
     running = torch.ones(1, dtype=torch.bool, device=device)
-    ctx = BenchContext(device=device, dtype=model.dtype, quick=quick)
 
-    def seconds(step, tb) -> float:
+    def step_fn(i: int):
+        step = plain_step if i == 0 else medusa_step
+
         def fn():
             cache.seqlens.copy_(lens0)
-            return step(model, tb, cache, root, last_hidden, running)
+            return step(model, buffers[i], cache, root, last_hidden, running)
 
-        run = graphed(fn) if device.type == "cuda" else fn
-        return measure(run, ctx)[0] * 1e-6
+        return fn
 
-    return seconds(plain_step, plain_tree), [seconds(medusa_step, tb) for tb in buffers]
+    fns = [step_fn(i) for i in range(len(buffers))]
+    if device.type == "cuda":
+        import triton.testing
+
+        from .bench._common import graphed
+
+        times = [1e-3 * triton.testing.do_bench(graphed(fn), warmup=25, rep=100) for fn in fns]
+    else:
+        rounds, calls = (3, 2) if quick else (5, 25)
+        samples: list[list[float]] = [[] for _ in fns]
+        for fn in fns:  # warm-up
+            fn()
+        for _ in range(rounds):
+            for fn, sample in zip(fns, samples, strict=True):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                sample.append((time.perf_counter() - start) / calls)
+        times = [statistics.median(sample) for sample in samples]
+    return times[0], times[1:]
 
 
 def speed_table(acc: Sequence[Sequence[float]], sizes: Sequence[int], plain_s: float,

@@ -115,13 +115,17 @@ def tree_attention_ref(
     q: [B, T, Hq, D]; k_cache, v_cache: [B, S, Hkv, D] (or paged [num_pages, page_size, Hkv, D]
     with block_table [B, max_pages] int32); cache_seqlens: [B] int; tree_mask: [T, T] bool or
     packed int32 [T, ceil(T / 32)]. Computes in fp32 (or float64 for float64 inputs) when
-    ``upcast``, else in q's dtype. Returns [B, T, Hq, D] in q's dtype. No host sync.
+    ``upcast``, else in q's dtype. Returns [B, T, Hq, D] in q's dtype. No host sync on a GPU
+    (on the CPU it reads the longest length, to skip the cache's unused capacity).
     """
     B, T, Hq, D = q.shape
     if block_table is not None:
         k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
     if tree_mask.dtype != torch.bool:
         tree_mask = unpack_tree_mask(tree_mask, T)
+    if q.device.type == "cpu" and B > 0:  # no device to sync with: skip the unused capacity
+        used = min(int(cache_seqlens.max()) + T, k_cache.shape[1])
+        k_cache, v_cache = k_cache[:, :used], v_cache[:, :used]
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     dtype = (torch.float64 if q.dtype == torch.float64 else torch.float32) if upcast else q.dtype
