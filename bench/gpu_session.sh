@@ -2,7 +2,8 @@
 # Everything a lent GPU session runs, in two device calls of at most 10 minutes each:
 #   bash bench/gpu_session.sh verify   # build _C, the GPU tests, compute-sanitizer on each kernel
 #   bash bench/gpu_session.sh bench    # python -m medusa_kernels.bench, Medusa-1 training check
-#   bash bench/gpu_session.sh demo     # (optional, ~5 min) the demo model built from nothing
+#   bash bench/gpu_session.sh demo     # (optional, ~6 min) the demo model built from nothing,
+#                                        then the tree size --nodes auto picks on the GPU
 # Each stage ends within BUDGET seconds (default 570, under the device tool's 600 s per call):
 # every step's timeout is its own cap or what is left of the budget, whichever is smaller.
 # Results land in $OUT (the device tool brings back at most 8 files; each stage writes at most
@@ -112,5 +113,8 @@ elif [ "$stage" = demo ]; then
     --out /tmp/demo_gpu --set pretrain_s=240 2>&1 | tee "$OUT/demo_build.log" | tail -40
   cp /tmp/demo_gpu/build_report.json "$OUT/demo_build_report_gpu.json" 2>/dev/null \
     || echo "no build report: the build did not finish (see demo_build.log)"
+  log "the tree size the GPU's speed picks for the shipped demo (tree calibrate --nodes auto)"
+  timeout "$(cap 80)" "$PY" -m medusa_kernels.tree calibrate --nodes auto \
+    --out "$OUT/calibrated_tree_auto_gpu.json" 2>&1 | tail -12
 fi
 log "done"

@@ -167,3 +167,38 @@ def test_default_tree_cut_to_the_heads_named_tree_kept_whole(tmp_path):
     assert fast.tokens == plain.tokens
     with pytest.raises(ValueError, match="deep but there are only 2 Medusa heads"):
         generate(m, ids, max_new_tokens=4, tree="mc_sim_7b_63")
+
+
+@pytest.mark.parametrize("medusa", [False, True], ids=["plain", "medusa"])
+def test_step_compiles_whole_with_torch_compile(medusa):
+    """The step is one graph for torch.compile (fullgraph: no graph break, no host value read
+    while tracing) and computes what the eager step does: tokens, counts, cache and lengths."""
+    from medusa_kernels.bench.e2e import SHAPES, random_model
+    from medusa_kernels.decoding import medusa_step, plain_step
+    from medusa_kernels.model import ModelConfig
+    from medusa_kernels.tree import TREES as NAMED
+    from medusa_kernels.tree import build_tree
+
+    torch._dynamo.reset()
+    m = random_model(ModelConfig(**SHAPES["tiny"]), 4, torch.float32, "cpu", seed=5)
+    tb = build_tree(NAMED["small_15"] if medusa else [], 4 if medusa else None)
+    step = medusa_step if medusa else plain_step
+    g = torch.Generator().manual_seed(1)
+    root, last_hidden = torch.randint(0, 512, (2,), generator=g), torch.randn(2, 128, generator=g)
+    running = torch.tensor([True, False])  # a finished row rides along, accepting nothing
+    caches = []
+    for _ in range(2):
+        cache = m.base.new_cache(2, 96)
+        cache.k.normal_(generator=torch.Generator().manual_seed(2))
+        cache.v.normal_(generator=torch.Generator().manual_seed(3))
+        cache.seqlens.copy_(torch.tensor([37, 50], dtype=torch.int32))
+        caches.append(cache)
+    with torch.inference_mode():
+        eager = step(m, tb, caches[0], root, last_hidden, running)
+        compiled = torch.compile(lambda c: step(m, tb, c, root, last_hidden, running),
+                                 backend="aot_eager", fullgraph=True)(caches[1])
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert eager[1].tolist()[1] == 0 and eager[1].tolist()[0] >= 1
+    for name in ("k", "v", "seqlens"):
+        torch.testing.assert_close(getattr(caches[1], name), getattr(caches[0], name))

@@ -108,7 +108,8 @@ def check_compact_args(
     check_tensor("accept_lengths", accept_lengths, ndim=1, dtypes=(torch.int32,), device=dev)
     check_dim("accept_lengths", accept_lengths, 0, B, what)
     A = accept_indices.shape[1]
-    if dev.type == "cpu":  # value checks cost no sync here
+    # value checks cost no sync on the CPU; torch.compile cannot trace them (data-dependent)
+    if dev.type == "cpu" and not torch.compiler.is_compiling():
         if bool(((accept_lengths < 0) | (accept_lengths > A)).any()):
             raise ValueError(
                 f"accept_lengths must lie in [0, A = {A}], got {accept_lengths.tolist()}"

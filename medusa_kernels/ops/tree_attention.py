@@ -185,7 +185,8 @@ def check_tree_attention_args(
     where = "the cache" if block_table is None else "max_pages * page_size of the paged cache"
     if T > capacity:
         raise ValueError(f"T = {T} tree tokens do not fit {where} ({capacity} slots)")
-    if q.device.type == "cpu":  # value checks cost no sync here
+    # value checks cost no sync on the CPU; torch.compile cannot trace them (data-dependent)
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool((cache_seqlens < 0).any()) or bool((cache_seqlens + T > capacity).any()):
             raise ValueError(
                 f"cache_seqlens + T must lie in [T, S = {capacity}] for every sequence; "
