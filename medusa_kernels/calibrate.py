@@ -139,8 +139,9 @@ def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
 
     One sequence with ``context`` cached tokens (random K/V, ``seqlens`` reset before every
     call), a random root token and hidden state. CUDA: each step replayed from a CUDA graph, as
-    ``generate`` does, timed by ``triton.testing.do_bench``. CPU: the steps take turns, a few
-    calls each per round (``quick``: fewer rounds), so a drifting machine slows them alike.
+    ``generate`` does, timed by ``triton.testing.do_bench`` (median). CPU: the steps take
+    turns, a few calls each per round (``quick``: fewer rounds), so a drifting machine slows
+    them alike.
     """
     from .decoding import medusa_step, plain_step
     from .tree import build_tree
@@ -173,11 +174,10 @@ def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
 
     fns = [step_fn(i) for i in range(len(buffers))]
     if device.type == "cuda":
-        import triton.testing
+        from .bench._common import BenchContext, graphed, measure
 
-        from .bench._common import graphed
-
-        times = [1e-3 * triton.testing.do_bench(graphed(fn), warmup=25, rep=100) for fn in fns]
+        ctx = BenchContext(device=device, dtype=model.dtype)
+        times = [1e-6 * measure(graphed(fn), ctx)[0] for fn in fns]  # do_bench median
     else:
         rounds, calls = (3, 2) if quick else (5, 25)
         samples: list[list[float]] = [[] for _ in fns]
