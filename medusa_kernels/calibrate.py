@@ -16,7 +16,8 @@
    Medusa step with the grown tree of each size in ``AUTO_NODES`` on this model and device
    (CUDA graphs on CUDA, as ``generate`` replays them); ``speed_table`` estimates each size's
    speedup over plain decoding as expected accepted x plain step time / Medusa step time, and
-   the best size is kept.
+   the best size is kept. ``--batch B`` times B sequences per step: the bigger the batch, the
+   sooner a step stops being bound by reading the weights, and the smaller the best tree.
 
 Output JSON: {"choices": [...], "expected_accepted": x, "accuracies": [[...]]} (with ``auto``
 also "speed": the timed sizes), which ``generate --tree FILE`` takes.
@@ -134,14 +135,14 @@ def max_nodes(acc: Sequence[Sequence[float]], max_depth: int | None = None) -> i
 
 @torch.inference_mode()
 def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
-               quick: bool = False) -> tuple[float, list[float]]:
+               quick: bool = False, batch: int = 1) -> tuple[float, list[float]]:
     """Median seconds of one plain decode step and of one Medusa step with each tree.
 
-    One sequence with ``context`` cached tokens (random K/V, ``seqlens`` reset before every
-    call), a random root token and hidden state. CUDA: each step replayed from a CUDA graph, as
-    ``generate`` does, timed by ``triton.testing.do_bench`` (median). CPU: the steps take
-    turns, a few calls each per round (``quick``: fewer rounds), so a drifting machine slows
-    them alike.
+    ``batch`` sequences with ``context`` cached tokens each (random K/V, ``seqlens`` reset
+    before every call), random root tokens and hidden states. CUDA: each step replayed from a
+    CUDA graph, as ``generate`` does, timed by ``triton.testing.do_bench`` (median). CPU: the
+    steps take turns, a few calls each per round (``quick``: fewer rounds), so a drifting
+    machine slows them alike.
     """
     from .decoding import medusa_step, plain_step
     from .tree import build_tree
@@ -150,18 +151,20 @@ def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
         raise ValueError("model has no Medusa heads: load_model(..., medusa=DIR)")
     if context < 1:
         raise ValueError(f"context must be >= 1 cached token, got {context}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1 sequence, got {batch}")
     base, device = model.base, model.device
     buffers = [build_tree([], None, None, device)]  # plain first
     buffers += [build_tree(t, model.heads.num_heads, None, device) for t in trees]
-    cache = base.new_cache(1, context + max(tb.num_nodes for tb in buffers) + 1)
+    cache = base.new_cache(batch, context + max(tb.num_nodes for tb in buffers) + 1)
     gen = torch.Generator(device).manual_seed(context)
     cache.k.normal_(generator=gen)
     cache.v.normal_(generator=gen)
-    lens0 = torch.full((1,), context, dtype=torch.int32, device=device)
-    root = torch.randint(base.cfg.vocab_size, (1,), generator=gen, device=device)
-    last_hidden = torch.randn(1, base.cfg.hidden_size, generator=gen, device=device,
+    lens0 = torch.full((batch,), context, dtype=torch.int32, device=device)
+    root = torch.randint(base.cfg.vocab_size, (batch,), generator=gen, device=device)
+    last_hidden = torch.randn(batch, base.cfg.hidden_size, generator=gen, device=device,
                               dtype=model.dtype)  # fmt: skip
-    running = torch.ones(1, dtype=torch.bool, device=device)
+    running = torch.ones(batch, dtype=torch.bool, device=device)
 
     def step_fn(i: int):
         step = plain_step if i == 0 else medusa_step
@@ -245,6 +248,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--auto-nodes on this device and keep the fastest (est. speedup)")
     p.add_argument("--auto-nodes", default=",".join(map(str, AUTO_NODES)),
                    help="sizes --nodes auto tries, comma-separated")
+    p.add_argument("--batch", type=int, default=1,
+                   help="sequences decoded together, for the step timing of --nodes auto (a "
+                        "bigger batch makes each tree node dearer)")
     p.add_argument("--context", type=int, default=None,
                    help="cached tokens the step timing of --nodes auto assumes (default: mean "
                         "prompt length + max-new-tokens / 2)")
@@ -301,7 +307,7 @@ def main(argv=None) -> int:
         context = args.context or round(
             sum(len(p) for p in prompts) / len(prompts) + args.max_new_tokens / 2)
         trees = [grow_tree(acc, n, args.max_depth) for n in sizes]
-        plain_s, medusa_s = step_times(model, trees, context)
+        plain_s, medusa_s = step_times(model, trees, context, batch=args.batch)
         rows = speed_table(acc, sizes, plain_s, medusa_s, args.max_depth)
         nodes = best_size(rows)
         from .bench.report import cpu_name
@@ -310,6 +316,7 @@ def main(argv=None) -> int:
         speed = {"device": torch.cuda.get_device_name(model.device) if cuda else
                  f"{cpu_name()} ({torch.get_num_threads()} threads)",
                  "dtype": str(model.dtype).removeprefix("torch."), "context": context,
+                 "batch": args.batch,
                  "cuda_graph": cuda,
                  "plain_step_ms": round(1e3 * plain_s, 4), "sizes": rows}  # fmt: skip
         for r in rows:

@@ -128,10 +128,13 @@ def test_step_times_tiny_model():
 
     model = random_model(ModelConfig(**SHAPES["tiny"]), 3, torch.float32, "cpu")
     trees = [grow_tree(hand_table(3, 4), n) for n in (1, 15)]
-    plain_s, medusa_s = step_times(model, trees, context=37, quick=True)
-    assert len(medusa_s) == 2 and plain_s > 0 and all(t > 0 for t in medusa_s)
+    for batch in (1, 3):
+        plain_s, medusa_s = step_times(model, trees, context=37, quick=True, batch=batch)
+        assert len(medusa_s) == 2 and plain_s > 0 and all(t > 0 for t in medusa_s)
     with pytest.raises(ValueError, match="context"):
         step_times(model, trees, context=0, quick=True)
+    with pytest.raises(ValueError, match="batch"):
+        step_times(model, trees, context=5, quick=True, batch=0)
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +186,12 @@ def test_cli_calibrate_auto_nodes(quick_demo, tmp_path, capsys):
     out = tmp_path / "tree.json"
     args = ["calibrate", "--model", model_dir, "--medusa", heads_dir, "--prompts", str(prompts),
             "--topk", "3", "--max-new-tokens", "12", "--device", "cpu", "--out", str(out)]
-    assert main(args + ["--nodes", "auto", "--auto-nodes", "1,5,100000"]) == 0
+    assert main(args + ["--nodes", "auto", "--auto-nodes", "1,5,100000", "--batch", "2"]) == 0
     data = json.loads(out.read_text())
     speed = data["speed"]
     assert [r["nodes"] for r in speed["sizes"]] == [1, 5]  # sizes the heads cannot fill: dropped
     assert speed["plain_step_ms"] > 0 and all(r["step_ms"] > 0 for r in speed["sizes"])
+    assert speed["batch"] == 2
     from medusa_kernels.checkpoint import load_model
     from medusa_kernels.training.data import read_prompts
 
