@@ -167,6 +167,28 @@ def test_ties_go_to_the_lower_index(dtype, N):
     assert torch.equal(lm[1], lm_want[1].to(DEV)) and torch.equal(lm[0], lm_want[0].to(DEV))
 
 
+@pytest.mark.parametrize("kind", ["distinct", "ties", "zeros_signed", "nan", "inf"])
+@pytest.mark.parametrize("V,k", [(1, 1), (7, 1), (7, 6), (7, 7), (300, 10), (300, 32)])
+def test_cpu_topk_shortcut_equals_the_stable_sort(kind, V, k):
+    """The CPU shortcut (torch.topk, then sorting those k) returns exactly what the stable sort
+    of the whole row does: ties across the cut, -0.0 / +0.0, NaN and inf included."""
+    g = torch.Generator().manual_seed(V * 100 + k)
+    rows = torch.randn(3, 4, V, generator=g)
+    if kind == "ties":  # few distinct values: ties everywhere, often across the cut
+        rows = torch.randint(0, 4, (3, 4, V), generator=g).float()
+    elif kind == "zeros_signed":
+        rows = torch.where(torch.rand(3, 4, V, generator=g) < 0.5, -0.0, 0.0) + torch.where(
+            torch.rand(3, 4, V, generator=g) < 0.2, 1.0, 0.0)
+    elif kind in ("nan", "inf"):
+        special = float("nan") if kind == "nan" else float("inf")
+        rows[torch.rand(3, 4, V, generator=g) < 0.1] = special
+    got_v, got_i = ht.topk_lower_index_first(rows, k)
+    want_v, want_i = torch.sort(rows, dim=-1, descending=True, stable=True)
+    assert torch.equal(got_i, want_i[..., :k])
+    torch.testing.assert_close(got_v, want_v[..., :k], equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(torch.signbit(got_v), torch.signbit(want_v[..., :k]))
+
+
 def test_all_equal_logits_give_the_first_indices():
     """Identical rows and integer hidden states (exact logits, whatever the summation order)."""
     weight = torch.ones(70, 8, device=DEV)

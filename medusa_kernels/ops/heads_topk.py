@@ -85,7 +85,21 @@ NO_INDEX = 2**31 - 1  # index of an empty slot in a candidate list (sorts after 
 
 
 def topk_lower_index_first(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k along the last dim, sorted descending, ties broken by the lower index first."""
+    """Top-k along the last dim, sorted descending, ties broken by the lower index first.
+
+    A stable descending sort of the whole row, or on the CPU (no device to sync with) a
+    shortcut with the same result: ``torch.topk``'s k + 1 largest, then those k sorted by
+    (value descending, index ascending). When the (k+1)-th value is below the k-th, those k are
+    exactly the elements >= the k-th value; otherwise (a tie across the cut, or NaN) the sort.
+    """
+    V = logits.shape[-1]
+    if logits.device.type == "cpu" and k < V and logits.numel() and \
+            not torch.compiler.is_compiling():
+        values, indices = torch.topk(logits, k + 1, dim=-1)  # sorted descending
+        if not bool((values[..., k] >= values[..., k - 1]).any() | values.isnan().any()):
+            by_index, order = indices[..., :k].sort(dim=-1)
+            values, order = values.gather(-1, order).sort(dim=-1, descending=True, stable=True)
+            return values, by_index.gather(-1, order)
     values, indices = torch.sort(logits, dim=-1, descending=True, stable=True)
     return values[..., :k].contiguous(), indices[..., :k].contiguous()
 
