@@ -16,7 +16,7 @@
    Medusa step with the grown tree of each size in ``AUTO_NODES`` on this model and device
    (CUDA graphs on CUDA, as ``generate`` replays them); ``speed_table`` estimates each size's
    speedup over plain decoding as expected accepted x plain step time / Medusa step time, and
-   the best size is kept. ``--batch B`` times B sequences per step: the bigger the batch, the
+   keeps the best (the smallest size within 2% of it: closer than that is timing noise). ``--batch B`` times B sequences per step: the bigger the batch, the
    sooner a step stops being bound by reading the weights, and the smaller the best tree.
 
 Output JSON: {"choices": [...], "expected_accepted": x, "accuracies": [[...]]} (with ``auto``
@@ -208,9 +208,11 @@ def speed_table(acc: Sequence[Sequence[float]], sizes: Sequence[int], plain_s: f
     return rows
 
 
-def best_size(rows: Sequence[dict]) -> int:
-    """The size with the highest estimated speedup (on a tie, the smaller tree)."""
-    return max(rows, key=lambda r: (r["est_speedup"], -r["nodes"]))["nodes"]
+def best_size(rows: Sequence[dict], tolerance: float = 0.02) -> int:
+    """The smallest size whose estimated speedup is within ``tolerance`` (relative) of the
+    best: near the optimum the curve is flat, and closer than timing noise is a tie."""
+    best = max(r["est_speedup"] for r in rows)
+    return min(r["nodes"] for r in rows if r["est_speedup"] >= best * (1 - tolerance))
 
 
 # the demo: held-out prompts to calibrate on and other held-out prompts to measure on
