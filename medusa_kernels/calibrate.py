@@ -16,8 +16,9 @@
    Medusa step with the grown tree of each size in ``AUTO_NODES`` on this model and device
    (CUDA graphs on CUDA, as ``generate`` replays them); ``speed_table`` estimates each size's
    speedup over plain decoding as expected accepted x plain step time / Medusa step time, and
-   keeps the best (the smallest size within 2% of it: closer than that is timing noise). ``--batch B`` times B sequences per step: the bigger the batch, the
-   sooner a step stops being bound by reading the weights, and the smaller the best tree.
+   keeps the best (the smallest size within 2% of it: closer than that is timing noise).
+   ``--batch B`` times B sequences per step: the bigger the batch, the sooner a step stops
+   being bound by reading the weights, and the smaller the best tree.
 
 Output JSON: {"choices": [...], "expected_accepted": x, "accuracies": [[...]]} (with ``auto``
 also "speed": the timed sizes), which ``generate --tree FILE`` takes.
@@ -306,6 +307,9 @@ def main(argv=None) -> int:
     speed = None
     if auto:
         sizes = [n for n in sizes if n <= max_nodes(acc, args.max_depth)]
+        if not sizes:
+            sys.exit(f"no size in --auto-nodes fits {len(acc)} heads x top-{args.topk} "
+                     f"(at most {max_nodes(acc, args.max_depth)} nodes)")
         context = args.context or round(
             sum(len(p) for p in prompts) / len(prompts) + args.max_new_tokens / 2)
         trees = [grow_tree(acc, n, args.max_depth) for n in sizes]

@@ -206,3 +206,5 @@ def test_cli_calibrate_auto_nodes(quick_demo, tmp_path, capsys):
     assert "<- chosen" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--nodes must be an integer or 'auto'"):
         main(args + ["--nodes", "many"])
+    with pytest.raises(SystemExit, match="no size in --auto-nodes fits"):
+        main(args + ["--nodes", "auto", "--auto-nodes", "100000"])

@@ -124,7 +124,7 @@ def tree_attention_ref(
     if tree_mask.dtype != torch.bool:
         tree_mask = unpack_tree_mask(tree_mask, T)
     if q.device.type == "cpu" and B > 0:  # no device to sync with: skip the unused capacity
-        used = min(int(cache_seqlens.max()) + T, k_cache.shape[1])
+        used = min(max(int(cache_seqlens.max()) + T, 0), k_cache.shape[1])
         k_cache, v_cache = k_cache[:, :used], v_cache[:, :used]
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
