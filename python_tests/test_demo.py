@@ -111,3 +111,26 @@ def test_generate_cli_demo_on_cpu(capsys):
     assert "[medusa, tree small_15]" in capsys.readouterr().err
     assert main(["--device", "cpu", "--max-new-tokens", "8", "--no-medusa"]) == 0
     assert "[plain] 8 tokens" in capsys.readouterr().err
+
+
+@shipped
+@pytest.mark.parametrize("name", ["calibrated_tree.json", "calibrated_tree_cpu.json"])
+def test_shipped_trees_follow_from_their_records(name):
+    """Each shipped tree is the greedy tree of its recorded accuracies (up to their rounding to
+    4 decimals: a swapped node is within 2% of the one it replaced), its expected length is the
+    formula's, and the CPU tree's size is the one its recorded step timings pick."""
+    from medusa_kernels.calibrate import best_size, expected_accepted, grow_tree, path_value
+
+    with open(os.path.join(ASSETS, name)) as f:
+        rec = json.load(f)
+    acc, choices = rec["accuracies"], rec["choices"]
+    shipped_set, grown = ({tuple(p) for p in t} for t in (choices, grow_tree(acc, len(choices))))
+    assert len(shipped_set - grown) <= 2, shipped_set ^ grown
+    for p in shipped_set - grown:
+        for q in grown - shipped_set:
+            assert path_value(p, acc) >= 0.98 * path_value(q, acc), (p, q)
+    assert rec["expected_accepted"] == pytest.approx(expected_accepted(choices, acc), abs=1e-3)
+    assert rec["measured_accepted"] >= 2.0 and rec["measured_prompts"] >= 64
+    if name == "calibrated_tree_cpu.json":
+        assert best_size(rec["speed"]["sizes"]) == len(choices)
+        assert rec["speed"]["cuda_graph"] is False
