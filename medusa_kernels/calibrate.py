@@ -145,7 +145,7 @@ def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
     steps take turns, a few calls each per round (``quick``: fewer rounds), so a drifting
     machine slows them alike.
     """
-    from .decoding import medusa_step, plain_step
+    from .bench.e2e import step_fns
     from .tree import build_tree
 
     if model.heads is None:
@@ -154,29 +154,9 @@ def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
         raise ValueError(f"context must be >= 1 cached token, got {context}")
     if batch < 1:
         raise ValueError(f"batch must be >= 1 sequence, got {batch}")
-    base, device = model.base, model.device
-    buffers = [build_tree([], None, None, device)]  # plain first
-    buffers += [build_tree(t, model.heads.num_heads, None, device) for t in trees]
-    cache = base.new_cache(batch, context + max(tb.num_nodes for tb in buffers) + 1)
-    gen = torch.Generator(device).manual_seed(context)
-    cache.k.normal_(generator=gen)
-    cache.v.normal_(generator=gen)
-    lens0 = torch.full((batch,), context, dtype=torch.int32, device=device)
-    root = torch.randint(base.cfg.vocab_size, (batch,), generator=gen, device=device)
-    last_hidden = torch.randn(batch, base.cfg.hidden_size, generator=gen, device=device,
-                              dtype=model.dtype)  # fmt: skip
-    running = torch.ones(batch, dtype=torch.bool, device=device)
-
-    def step_fn(i: int):
-        step = plain_step if i == 0 else medusa_step
-
-        def fn():
-            cache.seqlens.copy_(lens0)
-            return step(model, buffers[i], cache, root, last_hidden, running)
-
-        return fn
-
-    fns = [step_fn(i) for i in range(len(buffers))]
+    device = model.device
+    buffers = [build_tree(t, model.heads.num_heads, None, device) for t in trees]
+    fns = step_fns(model, buffers, batch, context)  # plain first
     if device.type == "cuda":
         from .bench._common import BenchContext, graphed, measure
 

@@ -52,16 +52,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.model is None:
+        from .demo import CPU_TREE
         from .demo import path as demo_path
 
         args.model, demo_heads = demo_path()
         args.medusa = args.medusa or demo_heads
         if args.prompt is None and args.input_ids is None:
             args.prompt = "def "
-        cpu_tree = os.path.join(os.path.dirname(args.model), "calibrated_tree_cpu.json")
         if args.tree is None and torch.device(args.device).type == "cpu" and \
-                os.path.isfile(cpu_tree):
-            args.tree = cpu_tree  # a CPU pays for every tree node: the size timed best there
+                os.path.isfile(CPU_TREE):
+            args.tree = CPU_TREE  # a CPU pays for every tree node: the size timed best there
     model = load_model(args.model, medusa=args.medusa, dtype=dtype, device=args.device)
     tokenizer = model.tokenizer()
     if args.input_ids is not None:

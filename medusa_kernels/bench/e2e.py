@@ -131,6 +131,33 @@ def _param_count(cfg: ModelConfig, num_heads: int) -> int:
     return sum(p.numel() for m in (base, heads) for p in m.parameters())
 
 
+def step_fns(model: MedusaModel, trees: list, batch: int, context: int) -> list:
+    """Closures of one plain step, then one Medusa step per tree (``TreeBuffers``), on a shared
+    cache of ``batch`` sequences holding ``context`` tokens each (random K/V; ``seqlens``
+    reset to ``context`` in every call, so each call does the same work), random root tokens
+    and hidden states."""
+    base, device = model.base, model.device
+    plain_tree = build_tree([], None, None, device)
+    cache = base.new_cache(batch, context + max([t.num_nodes for t in trees], default=1) + 8)
+    gen = torch.Generator(device).manual_seed(context)
+    cache.k.normal_(generator=gen)
+    cache.v.normal_(generator=gen)
+    lens0 = torch.full((batch,), context, dtype=torch.int32, device=device)
+    root = torch.randint(base.cfg.vocab_size, (batch,), generator=gen, device=device)
+    last_hidden = torch.randn(batch, base.cfg.hidden_size, generator=gen, device=device,
+                              dtype=model.dtype)  # fmt: skip
+    running = torch.ones(batch, dtype=torch.bool, device=device)
+
+    def fn(step, tree):
+        def call():
+            cache.seqlens.copy_(lens0)
+            return step(model, tree, cache, root, last_hidden, running)
+
+        return call
+
+    return [fn(plain_step, plain_tree)] + [fn(medusa_step, t) for t in trees]
+
+
 def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 1) -> list[dict]:
     """plain_step vs medusa_step of a random ``SHAPES[name]`` model at each context length."""
     cfg = ModelConfig(**SHAPES[name])
@@ -158,35 +185,15 @@ def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 
             )
             return []
     model = random_model(cfg, num_heads, dtype, ctx.device)
-    base = model.base
-    tree, plain_tree = (
-        build_tree(choices, num_heads, None, ctx.device),
-        build_tree([], None, None, ctx.device),
-    )
-    weights = weight_bytes(base)
+    tree = build_tree(choices, num_heads, None, ctx.device)
+    weights = weight_bytes(model.base)
     heads = model.heads
     heads_bytes = sum(t[:depth].numel() for t in (heads.w1, heads.b1, heads.w2)) * elsize
     rows = []
     for case in cases:
         L = case["L"]
-        gen = torch.Generator(ctx.device).manual_seed(L)
-        cache = base.new_cache(B, L + tree.num_nodes + 8)
-        cache.k.normal_(generator=gen)
-        cache.v.normal_(generator=gen)
-        lens0 = torch.full((B,), L, dtype=torch.int32, device=ctx.device)
-        root = torch.randint(cfg.vocab_size, (B,), generator=gen, device=ctx.device)
-        last_hidden = torch.randn(B, cfg.hidden_size, generator=gen, device=ctx.device,
-                                  dtype=dtype)  # fmt: skip
-        running = torch.ones(B, dtype=torch.bool, device=ctx.device)
         kv = 2 * cfg.num_layers * B * L * cfg.num_kv_heads * cfg.head_dim * elsize
-
-        def plain(cache=cache, lens0=lens0, root=root, last_hidden=last_hidden, running=running):
-            cache.seqlens.copy_(lens0)
-            return plain_step(model, plain_tree, cache, root, last_hidden, running)
-
-        def medusa(cache=cache, lens0=lens0, root=root, last_hidden=last_hidden, running=running):
-            cache.seqlens.copy_(lens0)
-            return medusa_step(model, tree, cache, root, last_hidden, running)
+        plain, medusa = step_fns(model, [tree], B, L)
 
         for mode in ("graph", "eager") if ctx.cuda else ("eager",):
             try:
@@ -199,7 +206,7 @@ def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 
                 if not ctx.cuda:
                     raise
                 rows.append(failure_row(ctx, SECTION, "step", e, True, mode=mode, **case))
-        del cache, plain, medusa
+        del plain, medusa  # and the cache they hold
     return rows
 
 
@@ -429,10 +436,9 @@ def demo_trees() -> list[str]:
     """The tree files shipped with the demo: ``calibrated_tree.json`` (63 nodes, grown from its
     heads' accuracies) and ``calibrated_tree_cpu.json`` (the size ``--nodes auto`` chose on a
     CPU)."""
-    from medusa_kernels.demo import ASSETS
+    from medusa_kernels.demo import TREE_FILES
 
-    names = ("calibrated_tree.json", "calibrated_tree_cpu.json")
-    return [os.path.join(ASSETS, n) for n in names if os.path.isfile(os.path.join(ASSETS, n))]
+    return [f for f in TREE_FILES if os.path.isfile(f)]
 
 
 def _medusa_row_checks(row: dict, plain_outs: list, outs: list, counts: list, dtype) -> None:

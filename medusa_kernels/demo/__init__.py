@@ -7,6 +7,11 @@ from __future__ import annotations
 import os
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
+# trees calibrated for the demo: grown from its heads' accuracies (63 nodes), and the size
+# `tree calibrate --nodes auto` timed best on a CPU
+TREE_FILES = tuple(os.path.join(ASSETS, n) for n in ("calibrated_tree.json",
+                                                    "calibrated_tree_cpu.json"))
+CPU_TREE = TREE_FILES[1]
 
 
 def path(root: str | os.PathLike | None = None) -> tuple[str, str]:
