@@ -92,6 +92,14 @@ def unpack_tree_mask(packed: torch.Tensor, T: int) -> torch.Tensor:
     return ((packed[:, u // 32] >> (u % 32).to(packed.dtype)) & 1).to(torch.bool)
 
 
+def tree_node_depths(tree_mask: torch.Tensor) -> torch.Tensor:
+    """Depth of each tree node [T] int64 from its mask (bool [T, T] or packed): a node sees
+    itself and its ancestors, so its depth is its row's count of set bits minus one."""
+    if tree_mask.dtype != torch.bool:
+        tree_mask = unpack_tree_mask(tree_mask, tree_mask.shape[0])
+    return tree_mask.sum(dim=1) - 1
+
+
 def _gather_pages(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """Paged [num_pages, page_size, Hkv, D] -> contiguous [B, max_pages * page_size, Hkv, D]."""
     B, P = block_table.shape
@@ -109,6 +117,9 @@ def tree_attention_ref(
     upcast: bool = True,
     *,
     block_table: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    tree_depths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch tree attention (the ground truth and the ``torch`` backend).
 
@@ -117,6 +128,7 @@ def tree_attention_ref(
     packed int32 [T, ceil(T / 32)]. Computes in fp32 (or float64 for float64 inputs) when
     ``upcast``, else in q's dtype. Returns [B, T, Hq, D] in q's dtype. No host sync on a GPU
     (on the CPU it reads the longest length, to skip the cache's unused capacity).
+    ``sliding_window``, ``softcap``, ``tree_depths``: as ``tree_attention``.
     """
     B, T, Hq, D = q.shape
     if block_table is not None:
@@ -133,11 +145,20 @@ def tree_attention_ref(
     k = k_cache.to(dtype).repeat_interleave(group, dim=2)
     v = v_cache.to(dtype).repeat_interleave(group, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q.to(dtype), k) * scale  # [B, Hq, T, S]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     rel = torch.arange(S, device=q.device)[None, :] - cache_seqlens.to(torch.long)[:, None]
     in_prefix = rel < 0  # [B, S]
     in_tree = (rel >= 0) & (rel < T)
     tree_visible = tree_mask[:, rel.clamp(0, T - 1)].permute(1, 0, 2)  # [B, T, S]
     visible = in_prefix[:, None, :] | (in_tree[:, None, :] & tree_visible)
+    if sliding_window is not None:  # query t at L + depth[t] sees keys at positions > it - W
+        depth = tree_node_depths(tree_mask) if tree_depths is None else tree_depths.to(torch.long)
+        lengths = cache_seqlens.to(torch.long)[:, None]
+        slot = torch.arange(S, device=q.device)[None, :]
+        key_pos = torch.where(in_tree, lengths + depth[rel.clamp(0, T - 1)], slot)  # [B, S]
+        query_pos = lengths + depth[None, :]  # [B, T]
+        visible = visible & (key_pos[:, None, :] > query_pos[:, :, None] - sliding_window)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bhts,bshd->bthd", probs, v).to(q.dtype).contiguous()
@@ -443,6 +464,9 @@ def tree_attention_triton(
     softmax_scale: float | None = None,
     *,
     block_table: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    tree_depths: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -466,6 +490,9 @@ def tree_attention_triton(
         )
     if T > MAX_TREE:
         raise ValueError(f"tree_attention: the triton backend supports T <= {MAX_TREE}, got {T}")
+    if sliding_window is not None or softcap is not None:
+        raise ValueError("tree_attention: the triton backend has no sliding_window / softcap yet "
+                         "(use backend='torch')")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
     if B == 0 or T == 0:
@@ -515,11 +542,12 @@ def tree_attention_triton(
     return out
 
 
-def triton_supports(q: torch.Tensor) -> bool:
+def triton_supports(q: torch.Tensor, sliding_window=None, softcap=None) -> bool:
     """Whether "auto" takes the Triton kernel for q: D in TRITON_HEAD_DIMS, fp16/bf16 (fp32 runs
     only when asked for: its dots spill registers) and T <= MAX_TREE."""
     return (
-        q.shape[-1] in TRITON_HEAD_DIMS
+        sliding_window is None and softcap is None
+        and q.shape[-1] in TRITON_HEAD_DIMS
         and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[1] <= MAX_TREE
     )
@@ -540,14 +568,19 @@ def _tree_attention_op(
     softmax_scale: float,
     backend: str,
     block_table: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    tree_depths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return _IMPLS[backend](
-        q, k_cache, v_cache, cache_seqlens, tree_mask, softmax_scale, block_table=block_table
+        q, k_cache, v_cache, cache_seqlens, tree_mask, softmax_scale, block_table=block_table,
+        sliding_window=sliding_window, softcap=softcap, tree_depths=tree_depths,
     )
 
 
 @_tree_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, tree_mask, softmax_scale, backend, block_table=None):
+def _(q, k_cache, v_cache, cache_seqlens, tree_mask, softmax_scale, backend, block_table=None,
+      sliding_window=None, softcap=None, tree_depths=None):
     return q.new_empty(q.shape)
 
 
@@ -560,6 +593,9 @@ def tree_attention(
     softmax_scale: float | None = None,
     *,
     block_table: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    tree_depths: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of T tree tokens over the cached prefix plus the tree nodes each may see.
@@ -577,6 +613,14 @@ def tree_attention(
         block_table: optional [B, max_pages] int32 page indices of each sequence (paged KV, as
             ``flash_attn_with_kvcache``); position p is slot p % page_size of page
             block_table[b, p // page_size].
+        sliding_window: W >= 1, or None for full attention. Tree node t sits at position
+            ``L_b + tree_depths[t]`` and sees only keys at positions ``> its position - W``
+            (W keys including itself: transformers' ``kv_idx > q_idx - sliding_window``). The
+            cache is a full one (slot p holds position p); only the window is read.
+        softcap: Gemma-2's attention logit soft-capping, ``softcap * tanh(scores / softcap)``
+            on the scaled scores before the mask, or None.
+        tree_depths: [T] int depth of each tree node (its position offset after the prefix),
+            only read with ``sliding_window``; default: each mask row's set bits minus one.
         backend: "auto" (Triton on CUDA tensors with D in 64/80/96/128, fp16/bf16 and T <= 128;
             the reference elsewhere), "torch" (the reference) or "triton" (also fp32; other
             head dims, float64 or T > 128 raise a ValueError).
@@ -586,8 +630,20 @@ def tree_attention(
     Example: plain decode is ``tree_attention(q[:, :1], k, v, lens, torch.ones(1, 1, dtype=bool))``.
     """
     check_tree_attention_args(q, k_cache, v_cache, cache_seqlens, tree_mask, block_table)
-    name = pick_backend("tree_attention", backend, q.device, _IMPLS, triton_ok=triton_supports(q))
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(
+            sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(
+            softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
+    if tree_depths is not None:
+        check_tensor("tree_depths", tree_depths, ndim=1, dtypes=(torch.int32, torch.int64),
+                     device=q.device)
+        check_dim("tree_depths", tree_depths, 0, q.shape[1], "T of q")
+    name = pick_backend("tree_attention", backend, q.device, _IMPLS,
+                        triton_ok=triton_supports(q, sliding_window, softcap))
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _tree_attention_op(
-        q, k_cache, v_cache, cache_seqlens, tree_mask, float(scale), name, block_table
+        q, k_cache, v_cache, cache_seqlens, tree_mask, float(scale), name, block_table,
+        sliding_window, None if softcap is None else float(softcap), tree_depths,
     )
