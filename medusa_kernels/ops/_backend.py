@@ -140,3 +140,25 @@ def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) ->
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# Per-SM limits of the GPU generations the kernels are tuned for (CUDA occupancy calculator):
+# registers, shared memory (bytes usable by CTAs), max resident CTAs and warps.
+SM_LIMITS = {
+    80: {"regs": 65536, "smem": 167936, "ctas": 32, "warps": 64},  # A100: 164 KB
+    89: {"regs": 65536, "smem": 102400, "ctas": 24, "warps": 48},  # L4/L40: 100 KB
+    90: {"regs": 65536, "smem": 233472, "ctas": 32, "warps": 64},  # H100/H200: 228 KB
+}
+SMEM_RESERVED_PER_CTA = 1024  # the driver reserves 1 KB of shared memory per CTA (sm_80+)
+
+
+def occupancy(n_regs: int, shared_bytes: int, num_warps: int, arch: int = 90) -> int:
+    """CTAs of a compiled kernel resident per SM: the minimum over registers (allocated per
+    warp in units of 256), shared memory (+1 KB reserved per CTA), warps and the CTA cap.
+    ``n_regs``/``shared_bytes``: the compiled kernel's metadata (``CompiledKernel.n_regs``,
+    ``.metadata.shared``); ``arch``: compute capability as 80, 89, 90."""
+    lim = SM_LIMITS[min(SM_LIMITS, key=lambda a: (a > arch, abs(a - arch)))]
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = lim["regs"] // (regs_per_warp * num_warps)
+    by_smem = lim["smem"] // (shared_bytes + SMEM_RESERVED_PER_CTA) if shared_bytes else 10**9
+    return max(0, min(by_regs, by_smem, lim["warps"] // num_warps, lim["ctas"]))
