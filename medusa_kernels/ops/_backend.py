@@ -28,6 +28,16 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def check_values(device: torch.device) -> bool:
+    """Whether an op validates tensor *values* (lengths, indices) on the host: always for CPU
+    tensors (no device to sync with), for CUDA tensors only with ``MEDUSA_KERNELS_CHECKS=1``
+    (one host sync per call: for debugging; without it the kernels clamp or skip invalid
+    rows instead), never while torch.compile traces (the values are data-dependent)."""
+    if torch.compiler.is_compiling():
+        return False
+    return device.type == "cpu" or os.environ.get("MEDUSA_KERNELS_CHECKS", "0") == "1"
+
+
 @functools.cache
 def cuda_extension():
     """The compiled ``medusa_kernels._C`` module, or None where it was not built (looked up
