@@ -1,0 +1,186 @@
+"""Tree policy: the choice rule, the JSON table (round trip, errors naming the file), the fixed
+policy."""
+
+import json
+
+import pytest
+
+from medusa_kernels.policy import FixedTreePolicy, PolicyRow, TreePolicy
+from medusa_kernels.tree import TREES, build_tree, resolve_choices
+
+BIG = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+SMALL = [[0], [0, 0]]
+canon = lambda choices: tuple(tuple(p) for p in sorted(choices, key=lambda p: (len(p), p)))
+
+
+def table(rows, meta=None):
+    return TreePolicy(rows, meta or {"device": "test"})
+
+
+def test_batch_rule_takes_the_largest_measured_batch_not_above():
+    policy = table([
+        {"batch": 1, "tree": BIG, "speedup": 1.5},
+        {"batch": 4, "tree": SMALL, "speedup": 1.2},
+        {"batch": 16, "tree": [], "speedup": 1.0},
+    ])  # fmt: skip
+    assert policy.batches == [1, 4, 16]
+    want = {1: BIG, 2: BIG, 3: BIG, 4: SMALL, 15: SMALL, 16: [], 64: [], 1000: []}
+    for batch, tree in want.items():
+        assert policy.choose(batch) == canon(tree), batch
+    assert policy.choose(16) == ()
+    below = table([{"batch": 8, "tree": SMALL}, {"batch": 32, "tree": []}])
+    assert below.choose(1) == canon(SMALL)  # below the smallest measured batch: the smallest
+    assert policy.trees() == [canon(BIG), canon(SMALL), ()]
+
+
+def test_the_best_speedup_wins_and_plain_competes_at_one():
+    policy = table([
+        {"batch": 1, "tree": BIG, "speedup": 1.3},
+        {"batch": 1, "tree": SMALL, "speedup": 1.45},
+        {"batch": 1, "tree": [[0]], "speedup": 1.45},  # as fast, fewer nodes: wins the tie
+        {"batch": 8, "tree": BIG, "speedup": 0.7},
+        {"batch": 8, "tree": SMALL, "speedup": 0.95},  # both slower than plain
+        {"batch": 32, "tree": SMALL, "speedup": 0.9},
+        {"batch": 32, "tree": [], "speedup": 1.0},
+    ])  # fmt: skip
+    assert policy.choose(1) == ((0,),)
+    assert policy.row(1).speedup == 1.45
+    assert policy.choose(8) == () and policy.row(8) is None
+    assert policy.choose(40) == ()
+    one = table([{"batch": 1, "tree": BIG}])  # a lone row without a speedup is taken as it is
+    assert one.choose(7) == canon(BIG)
+    slow = table([{"batch": 1, "tree": BIG, "speedup": 0.8}])
+    assert slow.choose(1) == ()
+
+
+def test_context_buckets():
+    policy = table([
+        {"batch": 1, "context": 0, "tree": BIG, "speedup": 1.6},
+        {"batch": 1, "context": 2048, "tree": SMALL, "speedup": 1.2},
+        {"batch": 8, "context": 512, "tree": SMALL, "speedup": 1.1},
+        {"batch": 8, "context": 4096, "tree": [], "speedup": 1.0},
+    ])  # fmt: skip
+    assert policy.has_context
+    assert policy.choose(1, 100) == canon(BIG)
+    assert policy.choose(2, 2047) == canon(BIG)
+    assert policy.choose(3, 2048) == canon(SMALL)
+    assert policy.choose(1, None) == canon(BIG)  # no context: the smallest measured
+    assert policy.choose(8, 10) == canon(SMALL)  # below the smallest context: the smallest
+    assert policy.choose(100, 5000) == ()
+    assert policy.trees() == [canon(BIG), canon(SMALL), ()]
+    flat = table([{"batch": 1, "tree": BIG}])
+    assert flat.choose(1, 10**6) == canon(BIG)  # no contexts in the table: context is ignored
+
+
+def test_round_trip_through_json(tmp_path):
+    rows = [
+        {"batch": 1, "context": 64, "tree": BIG, "speedup": 1.49, "nodes": 7, "step_ms": 4.65},
+        {"batch": 64, "context": 64, "tree": [], "speedup": 1.0, "note": "plain"},
+    ]
+    policy = TreePolicy(rows, {"device": "AMD EPYC (2 threads)", "command": "tree calibrate"})
+    path = tmp_path / "policy.json"
+    policy.save(path)
+    text = path.read_text()
+    assert len(text.splitlines()) == 8  # one row per line
+    loaded = TreePolicy.load(path)
+    assert loaded.rows == policy.rows and loaded.meta == policy.meta
+    assert loaded.rows[0].info == {"nodes": 7, "step_ms": 4.65}
+    assert loaded.to_json() == policy.to_json()
+    assert json.loads(text)["rows"][0]["tree"] == [list(p) for p in canon(BIG)]
+    assert loaded.source == str(path) and "policy.json" in repr(loaded)
+    assert isinstance(loaded.rows[0], PolicyRow) and loaded.rows[0].num_nodes == 7
+    build_tree(loaded.choose(1))  # the returned tree builds as it is
+
+
+def write(tmp_path, data, name="bad.json"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("data,match", [
+    ("{not json", r"not valid JSON"),
+    ([1, 2], r"a JSON object with 'rows', got list"),
+    ({"rows": [], "extra": 1}, r"unknown keys \['extra'\]"),
+    ({"version": 2, "rows": []}, r"version 2 is not supported"),
+    ({"meta": {}}, r"no 'rows'"),
+    ({"rows": []}, r"rows is empty"),
+    ({"rows": {"batch": 1}}, r"rows must be a list of rows"),
+    ({"rows": [{"batch": 1}]}, r"rows\[0\] has no 'tree'"),
+    ({"rows": [{"tree": []}]}, r"rows\[0\] has no 'batch'"),
+    ({"rows": [7]}, r"rows\[0\] must be an object"),
+    ({"rows": [{"batch": 0, "tree": []}]}, r"rows\[0\].batch must be an int >= 1, got 0"),
+    ({"rows": [{"batch": "4", "tree": []}]}, r"rows\[0\].batch must be an int >= 1, got '4'"),
+    ({"rows": [{"batch": True, "tree": []}]}, r"rows\[0\].batch must be an int >= 1"),
+    ({"rows": [{"batch": 1, "tree": [], "context": -1}]}, r"rows\[0\].context must be an int >= 0"),
+    ({"rows": [{"batch": 1, "tree": [], "speedup": 0}]}, r"rows\[0\].speedup must be a finite"),
+    ({"rows": [{"batch": 1, "tree": [], "speedup": "fast"}]}, r"rows\[0\].speedup must be"),
+    ({"rows": [{"batch": 1, "tree": [[0, 0]]}]}, r"rows\[0\].tree: medusa_choices: path \[0, 0\] has no parent"),
+    ({"rows": [{"batch": 1, "tree": "mc_sim_7b_63"}]}, r"rows\[0\].tree: medusa_choices must be a list"),
+    ({"rows": [{"batch": 1, "tree": [], "speed": 1.2}]}, r"rows\[0\] has unknown keys \['speed'\]"),
+    ({"rows": [{"batch": 1, "tree": []}, {"batch": 2, "context": 8, "tree": []}]},
+     r"either every row has a context or none does"),
+    ({"rows": [{"batch": 1, "tree": [[0]], "speedup": 1.1}, {"batch": 1, "tree": [[0]], "speedup": 1.2}]},
+     r"rows\[1\] repeats the tree of an earlier row at batch 1"),
+    ({"rows": [{"batch": 1, "tree": [[0]]}, {"batch": 1, "tree": [], "speedup": 1.0}]},
+     r"batch 1, context None has 2 rows: each needs a speedup"),
+    ({"rows": [{"batch": 1, "tree": []}], "meta": [1]}, r"meta must be an object"),
+])  # fmt: skip
+def test_bad_tables_name_the_file(tmp_path, data, match):
+    path = write(tmp_path, data)
+    with pytest.raises(ValueError, match=match) as info:
+        TreePolicy.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_trees_must_fit_the_heads(tmp_path):
+    path = write(tmp_path, {"rows": [{"batch": 1, "tree": TREES["mc_sim_7b_63"]}]}, "deep.json")
+    assert TreePolicy.load(path, num_heads=4).choose(1) == canon(TREES["mc_sim_7b_63"])
+    with pytest.raises(ValueError, match=r"deep.json: rows\[0\].tree: .* only 3 Medusa heads"):
+        TreePolicy.load(path, num_heads=3)
+    with pytest.raises(ValueError, match=r"rows\[0\].tree: .* uses a rank >= top-k = 5"):
+        TreePolicy.load(path, topk=5)
+    with pytest.raises(FileNotFoundError):
+        TreePolicy.load(tmp_path / "missing.json")
+
+
+def test_choose_checks_its_arguments():
+    policy = table([{"batch": 1, "context": 0, "tree": SMALL}])
+    fixed = FixedTreePolicy(SMALL)
+    for p in (policy, fixed):
+        with pytest.raises(ValueError, match="batch must be an int >= 1, got 0"):
+            p.choose(0)
+        with pytest.raises(ValueError, match="batch must be an int >= 1, got 2.0"):
+            p.choose(2.0)
+        with pytest.raises(ValueError, match="context must be an int >= 0, got -5"):
+            p.choose(1, -5)
+
+
+def test_fixed_policy_is_todays_behaviour():
+    fixed = FixedTreePolicy.default()
+    want = canon(resolve_choices(None))
+    assert fixed.choose(1) == fixed.choose(64, 10**5) == want and fixed.trees() == [want]
+    assert len(want) + 1 == 64
+    cut = FixedTreePolicy.default(num_heads=2)
+    assert max(len(p) for p in cut.choose(1)) == 2
+    assert FixedTreePolicy([]).choose(3) == ()
+    with pytest.raises(ValueError, match="has no parent"):
+        FixedTreePolicy([[1, 0]])
+    assert "64 nodes" in repr(fixed)
+
+
+def test_policy_module_sits_low():
+    """policy imports only the tree module and the standard library (no decoding, no model)."""
+    import ast
+    import inspect
+
+    import medusa_kernels.policy as policy
+
+    imported = set()
+    for node in ast.walk(ast.parse(inspect.getsource(policy))):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(("." * node.level) + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert imported <= {"__future__", "bisect", "json", "math", "os", "collections.abc",
+                        "dataclasses", "typing", ".tree"}, imported
