@@ -21,5 +21,22 @@ rank-local (each rank caches its KV heads); acceptance runs identically on every
 
 from .group import SINGLE, TPGroup, init_tp, rank_device
 from .layers import row_parallel_linear
+from .layout import WHOLE, Shard, TPLayout, even_range, tensor_rule, vocab_range
+from .load import ReadStats, iter_shards, read_shards
 
-__all__ = ["SINGLE", "TPGroup", "init_tp", "rank_device", "row_parallel_linear"]
+__all__ = [
+    "SINGLE",
+    "WHOLE",
+    "ReadStats",
+    "Shard",
+    "TPGroup",
+    "TPLayout",
+    "even_range",
+    "init_tp",
+    "iter_shards",
+    "rank_device",
+    "read_shards",
+    "row_parallel_linear",
+    "tensor_rule",
+    "vocab_range",
+]
