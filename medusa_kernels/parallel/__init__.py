@@ -23,6 +23,17 @@ from .group import SINGLE, TPGroup, init_tp, rank_device
 from .layers import row_parallel_linear
 from .layout import WHOLE, Shard, TPLayout, even_range, tensor_rule, vocab_range
 from .load import ReadStats, iter_shards, read_shards
+from .vocab import (
+    gather_vocab,
+    keys_topk,
+    lm_head_topk_parallel,
+    medusa_heads_topk_parallel,
+    merge_topk,
+    merge_topk_keys,
+    shard_topk,
+    topk_keys,
+    vocab_parallel_embedding,
+)
 
 __all__ = [
     "SINGLE",
@@ -32,11 +43,20 @@ __all__ = [
     "TPGroup",
     "TPLayout",
     "even_range",
+    "gather_vocab",
     "init_tp",
     "iter_shards",
+    "keys_topk",
+    "lm_head_topk_parallel",
+    "medusa_heads_topk_parallel",
+    "merge_topk",
+    "merge_topk_keys",
     "rank_device",
     "read_shards",
     "row_parallel_linear",
+    "shard_topk",
     "tensor_rule",
+    "topk_keys",
+    "vocab_parallel_embedding",
     "vocab_range",
 ]
