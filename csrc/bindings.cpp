@@ -109,6 +109,8 @@ void compact_kv_cache(at::Tensor k_cache, at::Tensor v_cache, at::Tensor cache_s
   p.indices_int64 = accept_indices.scalar_type() == at::kLong;
   TORCH_CHECK(batch <= 65535 && p.num_layers <= 65535, "compact_kv_cache: B = ", batch,
               " and NL = ", p.num_layers, " must be <= 65535");
+  TORCH_CHECK(!paged || p.capacity <= INT32_MAX, "block_table: max_pages * page_size = ",
+              p.capacity, " must be < 2^31");
   if (batch == 0) return;
 
   const c10::cuda::CUDAGuard guard(k_cache.device());

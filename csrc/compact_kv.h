@@ -37,8 +37,8 @@ struct CompactKVParams {
 };
 
 // Launches the kernel on `stream`; returns cudaErrorInvalidValue for unsupported sizes
-// (max_accept > 64, batch or num_layers > 65535) and otherwise the launch's error. num_layers 0
-// still advances the lengths (of valid sequences).
+// (max_accept > 64, batch or num_layers > 65535, a paged capacity >= 2^31) and otherwise the
+// launch's error. num_layers 0 still advances the lengths (of valid sequences).
 cudaError_t launch_compact_kv(const CompactKVParams& p, cudaStream_t stream);
 
 // Largest access width (16, 8, 4, 2; 1 = unsupported) the kernel can use for these pointers

@@ -357,13 +357,18 @@ def compact_kv_cache_cuda(
     block_table: torch.Tensor | None = None,
 ) -> None:
     """One CUDA C++ launch (``medusa_kernels._C``, csrc/compact_kv.cu); same arguments.
-    A <= 64 (``CUDA_MAX_ACCEPT``)."""
+    A <= 64 (``CUDA_MAX_ACCEPT``) and a paged capacity below 2^31."""
     accept_indices = _kernel_indices(k_cache, v_cache, accept_indices)
     B, A = accept_indices.shape
     if A > CUDA_MAX_ACCEPT:
         raise ValueError(
             f"accept_indices has A = {A} columns: the cuda backend moves at most "
             f"{CUDA_MAX_ACCEPT} accepted tokens per sequence (use backend='triton')"
+        )
+    if block_table is not None and _capacity(k_cache, block_table) >= 2**31:
+        raise ValueError(
+            f"block_table: max_pages * page_size = {_capacity(k_cache, block_table)} must be "
+            "< 2**31 for the cuda backend (use backend='triton')"
         )
     if B == 0:
         return
@@ -444,7 +449,8 @@ def compact_kv_cache(
     check_compact_args(
         k_cache, v_cache, cache_seqlens, accept_indices, accept_lengths, block_table
     )
-    cuda_ok = accept_indices.shape[1] <= CUDA_MAX_ACCEPT
+    cuda_ok = accept_indices.shape[1] <= CUDA_MAX_ACCEPT and (
+        block_table is None or _capacity(k_cache, block_table) < 2**31)
     order = AUTO_ORDER if cuda_ok else tuple(n for n in AUTO_ORDER if n != "cuda")
     name = pick_backend("compact_kv_cache", backend, k_cache.device, _IMPLS, order)
     _compact_kv_cache_op(
