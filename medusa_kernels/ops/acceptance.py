@@ -331,8 +331,9 @@ def accept_typical(
 
     Same arguments and returns as ``accept_greedy``; ``temperature``, ``posterior_threshold``
     and ``posterior_alpha`` are finite numbers >= 0. The next token is sampled from
-    softmax(tree_logits[last] / temperature). ``backend`` goes to ``accept_greedy`` at
-    temperature 0; above it only "torch" exists ("auto" picks it).
+    softmax(tree_logits[last] / temperature). -inf logits (a masked vocabulary) are fine: they
+    add 0 to the entropy (0 log 0 = 0) and their tokens are never accepted. ``backend`` goes
+    to ``accept_greedy`` at temperature 0; above it only "torch" exists ("auto" picks it).
     """
     temperature = check_real("temperature", temperature)
     posterior_threshold = check_real("posterior_threshold", posterior_threshold)
@@ -344,7 +345,8 @@ def accept_typical(
     pick_backend("accept_typical", backend, tree_logits.device, {"torch": None})
     B, T, V = tree_logits.shape
     logp = torch.log_softmax(tree_logits.float() / temperature, dim=-1)  # [B, T, V]
-    entropy = -(logp.exp() * logp).sum(dim=-1)  # [B, T]
+    p = logp.exp()
+    entropy = -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)  # [B, T]; xlogy: 0 log 0 = 0
     cutoff = torch.clamp(posterior_alpha * torch.exp(-entropy), max=posterior_threshold)
     nodes, child_tokens, real = _path_matches(tree_tokens, retrieve_indices)
     real = real & (child_tokens >= 0) & (child_tokens < V)  # unchecked: never read past V
