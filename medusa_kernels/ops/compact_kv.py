@@ -187,6 +187,8 @@ def check_compact_args(
             f"[{b}] = {S - int(L[b])}): a tree path's node index is >= its row, and its source "
             "cache_seqlens + index must not reach outside the cache"
         )
+    if block_table is None:
+        return
     ok, _ = valid_sequences(k_cache, cache_seqlens, accept_indices, accept_lengths, block_table)
     if not bool(ok.all()):  # all else is valid: a block outside the cache
         (b,) = _first_bad(~ok)
