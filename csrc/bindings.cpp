@@ -1,6 +1,7 @@
 // Python bindings of medusa_kernels._C: argument checks at the boundary (CHECK_* macros name the
-// argument), then the launchers in the .cu files. Value checks (accept lengths in range, block
-// ids) are done in Python on the CPU only: on the GPU they would need a host sync.
+// argument), then the launchers in the .cu files. Value checks (lengths, indices, block ids) are
+// done in Python (ops._backend.check_values: CPU tensors, or MEDUSA_KERNELS_CHECKS=1); without
+// them the kernels skip the sequences whose values are invalid.
 #include <optional>
 
 #include <c10/cuda/CUDAStream.h>
@@ -108,11 +109,9 @@ void compact_kv_cache(at::Tensor k_cache, at::Tensor v_cache, at::Tensor cache_s
   p.indices_int64 = accept_indices.scalar_type() == at::kLong;
   TORCH_CHECK(batch <= 65535 && p.num_layers <= 65535, "compact_kv_cache: B = ", batch,
               " and NL = ", p.num_layers, " must be <= 65535");
+  TORCH_CHECK(!paged || p.capacity <= INT32_MAX, "block_table: max_pages * page_size = ",
+              p.capacity, " must be < 2^31");
   if (batch == 0) return;
-  if (p.num_layers == 0) {  // nothing to move; the kernel grid cannot be empty
-    cache_seqlens.add_(accept_lengths);
-    return;
-  }
 
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const cudaError_t err =

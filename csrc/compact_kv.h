@@ -4,7 +4,11 @@
 // For every layer l, sequence b and i < n_b = accept_lengths[b] (L_b = seqlens[b]):
 //   cache[l, b, L_b + i] = cache[l, b, L_b + accept_indices[b, i]]   then seqlens[b] += n_b
 // with every source read before any destination is written. Paged caches hold logical position
-// p of sequence b at block block_table[b, p / page_size], slot p % page_size.
+// p of sequence b at block block_table[b, p / page_size], slot p % page_size. Valid arguments:
+// 0 <= n_b <= A, 0 <= L_b, L_b + n_b <= capacity, i <= accept_indices[b, i] < capacity - L_b
+// (a tree path's node indices never fall behind their row) and blocks in [0, num_blocks) for
+// every i < n_b; the kernel skips a sequence that breaks any of them (nothing of it is read or
+// written, seqlens[b] stays), so it never leaves that sequence's own slots.
 #pragma once
 
 #include <cstdint>
@@ -33,7 +37,8 @@ struct CompactKVParams {
 };
 
 // Launches the kernel on `stream`; returns cudaErrorInvalidValue for unsupported sizes
-// (max_accept > 64, batch or num_layers > 65535) and otherwise the launch's error.
+// (max_accept > 64, batch or num_layers > 65535, a paged capacity >= 2^31) and otherwise the
+// launch's error. num_layers 0 still advances the lengths (of valid sequences).
 cudaError_t launch_compact_kv(const CompactKVParams& p, cudaStream_t stream);
 
 // Largest access width (16, 8, 4, 2; 1 = unsupported) the kernel can use for these pointers

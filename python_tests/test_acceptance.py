@@ -150,3 +150,135 @@ def test_accept_greedy_ids_checks_its_arguments():
         accept_greedy_ids(logits, tokens, ri)  # logits, not ids
     with pytest.raises(ValueError, match="tree_tokens"):
         accept_greedy_ids(pred, tokens[:1], ri)
+
+
+# ------------------------------------- issue 18: output dtypes, tree checks, unchecked clamps
+
+GREEDY_BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("backend", GREEDY_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_output_dtypes_whatever_the_input_ints(backend, dtype):
+    """accept_greedy_ids returned an int32 next token for int32 predictions on torch."""
+    tree = build_tree(TREES["small_15"])
+    logits, tokens, ri, pred = random_case(tree, 3, 19, 0.7, seed=3, index_dtype=dtype)
+    for got in (accept_greedy_ids(pred.to(dtype), tokens, ri, backend=backend),
+                accept_greedy(logits, tokens, ri, backend=backend),
+                accept_typical(logits, tokens, ri, 0.0, backend=backend)):
+        assert [t.dtype for t in got] == [torch.int32, torch.int64, torch.int64]
+    got = accept_typical(logits, tokens, ri, 0.8)
+    assert [t.dtype for t in got] == [torch.int32, torch.int64, torch.int64]
+
+
+CHAIN4 = build_tree(TREES["chain_4"]).retrieve_indices  # [[0, 1, 2, 3, 4]], T = 5
+BAD_TREES = [
+    pytest.param([[0, 1, 5, -1, -1]], r"retrieve_indices\[0, 2\] = 5 must be a node index in "
+                 r"\[0, T = 5\)", id="node-past-T"),
+    pytest.param([[0, 1, -2, -1, -1]], r"retrieve_indices\[0, 2\] = -2", id="node-below-minus1"),
+    pytest.param([[0, 1, 2**40, -1, -1]], r"retrieve_indices\[0, 2\] = 1099511627776",
+                 id="node-huge"),
+    pytest.param([[1, 2, 3, -1, -1]], r"retrieve_indices\[0, 0\] = 1 must be 0", id="no-root"),
+    pytest.param([[0, 1, 2, 3, 4], [-1] * 5], r"retrieve_indices\[1, 0\] = -1 must be 0",
+                 id="row-of-minus1"),
+    pytest.param([[0] * 5], r"retrieve_indices\[0, 1\] = 0 must be > retrieve_indices\[0, 0\]",
+                 id="row-of-zeros"),
+    pytest.param([[0, -1, 2, -1, -1]], r"retrieve_indices\[0, 2\] = 2 follows -1 padding",
+                 id="inner-padding"),
+    pytest.param([[0, 2, 1, -1, -1]], r"retrieve_indices\[0, 2\] = 1 must be > ", id="decreasing"),
+]
+
+
+def _chain_case(B=2, V=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, 5, V, generator=g)
+    tokens = logits.argmax(-1).roll(1, dims=1)  # every chain step agrees: full acceptance
+    return logits, tokens
+
+
+@pytest.mark.parametrize("ri,match", BAD_TREES)
+def test_retrieve_indices_are_checked(ri, match):
+    logits, tokens = _chain_case()
+    ri = torch.tensor(ri)
+    calls = [
+        lambda: accept_greedy(logits, tokens, ri, backend="torch"),
+        lambda: accept_greedy_ids(logits.argmax(-1), tokens, ri, backend="triton"),
+        lambda: accept_typical(logits, tokens, ri, 0.7),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_tokens_are_checked():
+    logits, tokens = _chain_case(V=7)
+    for bad, match in ((7, r"tree_tokens\[1, 3\] = 7 must be a token id in \[0, V = 7\)"),
+                       (-1, r"tree_tokens\[1, 3\] = -1 must be a token id")):
+        t = tokens.clone()
+        t[1, 3] = bad
+        with pytest.raises(ValueError, match=match):
+            accept_typical(logits, t, CHAIN4, 0.7)
+        with pytest.raises(ValueError, match=match):
+            accept_greedy(logits, t, CHAIN4)
+    pred = logits.argmax(-1)
+    pred[0, 2] = -3
+    with pytest.raises(ValueError, match=r"tree_pred\[0, 2\] = -3 must be a token id >= 0"):
+        accept_greedy_ids(pred, tokens, CHAIN4)
+
+
+@pytest.mark.parametrize("ri,match", BAD_TREES)
+def test_unchecked_backends_agree_and_stay_in_bounds(monkeypatch, ri, match):
+    """Without value checks (CUDA without MEDUSA_KERNELS_CHECKS): a step to a node outside
+    [0, T) is never taken, node indices are clamped where read, torch and Triton agree."""
+    monkeypatch.setattr(acceptance, "check_values", lambda device: False)
+    logits, tokens = _chain_case(B=3)
+    ri = torch.tensor(ri).to(DEV)
+    logits, tokens = logits.to(DEV), tokens.to(DEV)
+    pred = logits.argmax(-1)
+    want = accept_greedy_ids(pred, tokens, ri, backend="torch")
+    assert_same(accept_greedy_ids(pred, tokens, ri, backend="triton"), want)
+    if ri.abs().max() < 2**31:
+        assert_same(accept_greedy_ids(pred, tokens, ri.int(), backend="triton"), want)
+    lengths, path, nxt = want
+    T = tokens.shape[1]
+    for b in range(3):  # the accepted steps are nodes in [0, T) (garbage trees: any of them)
+        taken = path[b, 1 : int(lengths[b])]
+        assert ((taken >= 0) & (taken < T)).all(), path[b]
+    assert ((nxt >= 0) & (nxt < logits.shape[-1])).all()
+    lengths, _, nxt = accept_typical(logits, tokens, ri, 0.7)  # no IndexError, no NaN
+    assert (lengths >= 1).all() and (nxt >= 0).all() and (nxt < logits.shape[-1]).all()
+
+
+def test_unchecked_typical_rejects_out_of_vocabulary_tokens(monkeypatch):
+    monkeypatch.setattr(acceptance, "check_values", lambda device: False)
+    logits, tokens = _chain_case(B=2, V=7)
+    want, _, _ = accept_typical(logits, tokens, CHAIN4, 0.5)
+    tokens[:, 2] = torch.tensor([7, -5])  # step 2 of the chain leaves the vocabulary
+    got, _, _ = accept_typical(logits, tokens, CHAIN4, 0.5)
+    assert (got <= 2).all() and (got == torch.clamp(want, max=2)).all()
+
+
+@pytest.mark.parametrize("backend", GREEDY_BACKENDS)
+def test_empty_batch_and_one_node_tree(backend):
+    root = build_tree(TREES["root_only"]).retrieve_indices
+    for B, ri in ((0, CHAIN4), (3, root)):
+        T = int(ri.max()) + 1
+        logits = torch.randn(B, T, 6)
+        tokens = torch.randint(0, 6, (B, T))
+        got = accept_greedy(logits.to(DEV), tokens.to(DEV), ri.to(DEV), backend=backend)
+        assert_same(got, accept_greedy(logits, tokens, ri, backend="torch"))
+        assert got[0].tolist() == [1] * B and got[2].cpu().tolist() == logits[:, 0].argmax(-1).tolist()
+        typ = accept_typical(logits, tokens, ri, 0.9)
+        assert typ[0].tolist() == [1] * B and typ[1].shape == (B, ri.shape[1])
+
+
+@pytest.mark.parametrize("backend", GREEDY_BACKENDS)
+def test_no_tree_columns_or_nodes_is_refused_on_every_backend(backend):
+    logits, tokens = _chain_case()
+    with pytest.raises(ValueError, match="retrieve_indices must have at least one column"):
+        accept_greedy(logits, tokens, torch.zeros(1, 0, dtype=torch.long), backend=backend)
+    with pytest.raises(ValueError, match="tree_pred must hold T >= 1"):
+        accept_greedy_ids(torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long),
+                          CHAIN4, backend=backend)
+    with pytest.raises(ValueError, match="tree_logits must be \\[B, T, V\\] with V >= 1"):
+        accept_typical(torch.zeros(2, 5, 0), tokens, CHAIN4, 0.5, backend=backend)

@@ -183,9 +183,10 @@ def _args(**change):
         (dict(block_table=torch.zeros(2, 3, dtype=torch.int64)), "block_table must have dtype"),
         (dict(block_table=torch.zeros(3, 3, dtype=torch.int32)), "cache_seqlens has shape"),
         (dict(block_table=torch.tensor([[0, 1, 2], [3, 99, 5]], dtype=torch.int32)),
-         "block_table maps an accepted position outside"),
+         "block_table maps an accepted position of sequence 1 outside"),
         (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), "outside the cache"),
-        (dict(accept_lengths=torch.tensor([3, 1], dtype=torch.int32)), "accept_lengths must lie"),
+        (dict(accept_lengths=torch.tensor([3, 1], dtype=torch.int32)),
+         r"accept_lengths\[0\] = 3 must lie in \[0, A = 2\]"),
         (dict(accept_indices=torch.zeros(2, 2)), "accept_indices must have dtype"),
         (dict(v_cache=torch.zeros(2, 9, 4, 2, 5)), "must match"),
     ],
@@ -203,6 +204,145 @@ def test_kernels_need_contiguous_rows_and_cuda_needs_the_gpu():
         mk.compact_kv_cache(**args, backend="triton")
     with pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors|not built"):
         mk.compact_kv_cache(**_args(), backend="cuda")
+
+
+# ------------------------------------------------- invalid values: refused when checked, else skipped
+
+A_BAD = 4
+GOOD = {0: (6, 3, [0, 2, 5, -1]), 2: (0, 2, [0, 1, -1, -1])}  # b: (length, accepted, path)
+# sequence 1 broken in one way each: (length, accepted, path, the checked error)
+BAD_SEQUENCES = [
+    pytest.param(-2, 3, [0, 3, 5, -1], r"cache_seqlens\[1\] = -2 must be >= 0", id="len-negative"),
+    pytest.param(16, 3, [0, 1, 2, -1], r"cache_seqlens\[1\] \+ accept_lengths\[1\] = 16 \+ 3",
+                 id="len-past-capacity"),
+    pytest.param(2**31 - 1, 1, [0, -1, -1, -1], "reaches outside the cache", id="len-int32-max"),
+    pytest.param(3, -1, [0, 1, -1, -1], r"accept_lengths\[1\] = -1 must lie", id="acc-negative"),
+    pytest.param(3, 5, [0, 1, 2, 3], r"accept_lengths\[1\] = 5 must lie in \[0, A = 4\]",
+                 id="acc-past-A"),
+    pytest.param(3, 3, [0, 0, 2, -1], r"accept_indices\[1, 1\] = 0 must lie in \[1, ",
+                 id="idx-behind-row"),
+    pytest.param(3, 3, [0, -1, 3, -1], r"accept_indices\[1, 1\] = -1", id="idx-negative"),
+    pytest.param(3, 3, [0, 2, 14, -1], r"accept_indices\[1, 2\] = 14 must lie in \[2, S - ",
+                 id="idx-past-capacity"),
+    pytest.param(3, 2, [0, 2**62, -1, -1], r"accept_indices\[1, 1\] = 4611686018427387904",
+                 id="idx-int64-overflow"),
+]
+
+
+def _bad_case(L1, n1, path1, paged=False):
+    """B = 3 (sequences 0 and 2 valid, 1 broken), NL 2, S 17 (paged: 5 blocks of 4 = 20)."""
+    lens = [GOOD[0][0], L1, GOOD[2][0]]
+    acc = [GOOD[0][1], n1, GOOD[2][1]]
+    idx = torch.tensor([GOOD[0][2], path1, GOOD[2][2]], dtype=torch.long)
+    if paged:
+        k, v, _, table = make_paged(2, 3, 5, 4, 2, 4, [6, 3, 0], [3, 3, 2], A_BAD, 8,
+                                    torch.float32, seed=4)
+        table[:, :] = torch.arange(15, dtype=torch.int32).view(3, 5)  # every block mapped
+    else:
+        k, v, _, table = make_dense(2, 3, 17, 2, 4, [0] * 3, [0] * 3, A_BAD, 8, torch.float32,
+                                    seed=4)
+    return k, v, lens, acc, idx.to(DEV), table
+
+
+def _expected(k, v, lens, acc, idx, table, good):
+    """The naive loop over the valid sequences only; the others keep cache and length."""
+    keep = [a if b in good else 0 for b, a in enumerate(acc)]
+    clamp = [max(0, min(x, 17)) for x in lens]  # unused for skipped sequences (0 rows)
+    cpu_table = None if table is None else table.cpu()
+    want_k = naive(k.cpu(), clamp, idx.cpu(), keep, cpu_table)
+    want_v = naive(v.cpu(), clamp, idx.cpu(), keep, cpu_table)
+    want_lens = [x + a if b in good else x for b, (x, a) in enumerate(zip(lens, acc, strict=True))]
+    return want_k, want_v, want_lens
+
+
+def _run_unchecked(monkeypatch, backend, k, v, lens, acc, idx, table):
+    """The public op as it runs on CUDA without MEDUSA_KERNELS_CHECKS: no host value checks."""
+    monkeypatch.setattr(compact_kv, "check_values", lambda device: False)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    acc_t = torch.tensor(acc, dtype=torch.int32, device=DEV)
+    mk.compact_kv_cache(k, v, lens_t, idx, acc_t, block_table=table, backend=backend)
+    return lens_t
+
+
+@pytest.mark.parametrize("L1,n1,path1,match", BAD_SEQUENCES)
+def test_invalid_values_are_refused_when_checked(L1, n1, path1, match):
+    k, v, lens, acc, idx, table = _bad_case(L1, n1, path1)
+    k, v, idx = k.cpu(), v.cpu(), idx.cpu()
+    before = bits(k).clone(), bits(v).clone()
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        mk.compact_kv_cache(k, v, lens_t, idx, torch.tensor(acc, dtype=torch.int32))
+    assert torch.equal(bits(k), before[0]) and torch.equal(bits(v), before[1])
+    assert lens_t.tolist() == lens
+
+
+@pytest.mark.parametrize("backend", ["torch"] + KERNELS)
+@pytest.mark.parametrize("L1,n1,path1,match", BAD_SEQUENCES)
+def test_unchecked_kernels_skip_an_invalid_sequence(monkeypatch, backend, L1, n1, path1, match):
+    """Issue 18: lengths [6, -2] changed sequence 0 (Triton) or wrapped round the row (torch).
+    Now every backend leaves the broken sequence alone, cache and length, and moves the rest."""
+    k, v, lens, acc, idx, table = _bad_case(L1, n1, path1)
+    want_k, want_v, want_lens = _expected(k, v, lens, acc, idx, table, good=(0, 2))
+    got_lens = _run_unchecked(monkeypatch, backend, k, v, lens, acc, idx, table)
+    assert torch.equal(bits(k.cpu()), bits(want_k)) and torch.equal(bits(v.cpu()), bits(want_v))
+    assert got_lens.tolist() == want_lens
+    assert int(compact_kv._COUNTERS.get(k.device, torch.zeros(1)).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("backend", ["torch"] + KERNELS)
+@pytest.mark.parametrize("block", [-1, "NB", 2**31 - 1], ids=["minus1", "NB", "int32-max"])
+@pytest.mark.parametrize("where", ["source", "destination"])
+def test_unchecked_kernels_skip_a_sequence_with_a_bad_block(monkeypatch, backend, block, where):
+    """Paged: a block outside [0, NB) under an accepted source or destination position."""
+    k, v, lens, acc, idx, table = _bad_case(3, 3, [0, 1, 6, -1], paged=True)
+    # sequence 1 (L = 3, bs = 4): destinations 3..5 (blocks 0, 1), sources 3, 4, 9 (0, 1, 2)
+    table[1, 2 if where == "source" else 1] = k.shape[-4] if block == "NB" else block
+    table = table.to(DEV)
+    want_k, want_v, want_lens = _expected(k, v, lens, acc, idx, table, good=(0, 2))
+    with pytest.raises(ValueError, match="block_table maps an accepted position of sequence 1"):
+        mk.compact_kv_cache(k.cpu().clone(), v.cpu().clone(),
+                            torch.tensor(lens, dtype=torch.int32), idx.cpu(),
+                            torch.tensor(acc, dtype=torch.int32), block_table=table.cpu())
+    got_lens = _run_unchecked(monkeypatch, backend, k, v, lens, acc, idx, table)
+    assert torch.equal(bits(k.cpu()), bits(want_k)) and torch.equal(bits(v.cpu()), bits(want_v))
+    assert got_lens.tolist() == want_lens
+
+
+EDGE_CASES = [
+    # NL, B, S, lens, acc, A
+    pytest.param(2, 0, 9, [], [], 3, id="B0"),
+    pytest.param(2, 2, 9, [3, 9], [0, 0], 0, id="A0"),
+    pytest.param(2, 2, 9, [3, 8], [1, 1], 1, id="one-node-tree"),
+    pytest.param(0, 2, 9, [3, 5], [2, 1], 2, id="NL0-lengths-advance"),
+    pytest.param(2, 2, 0, [0, 0], [0, 0], 2, id="S0"),
+]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("NL,B,S,lens,acc,A", EDGE_CASES)
+def test_valid_edge_cases_agree_with_the_reference(backend, NL, B, S, lens, acc, A):
+    k, v, _, _ = make_dense(NL, B, S, 2, 4, [0] * B, [0] * B, max(A, 1), 3, torch.float32,
+                            seed=B + S)
+    idx = torch.stack([torch.arange(A) for _ in range(B)]) if B else torch.zeros(0, A)
+    run_and_compare(backend, k, v, idx.long().to(DEV), lens, acc)
+
+
+def test_A0_with_a_positive_length_is_refused_or_skipped(monkeypatch):
+    k, v, _, _ = make_dense(2, 2, 9, 2, 4, [0, 0], [0, 0], 1, 3, torch.float32, seed=1, device="cpu")
+    idx, acc = torch.zeros(2, 0, dtype=torch.long), torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"accept_lengths\[1\] = 1 must lie in \[0, A = 0\]"):
+        mk.compact_kv_cache(k, v, torch.tensor([2, 2], dtype=torch.int32), idx, acc)
+    for backend in ["torch"] + KERNELS:
+        lens = _run_unchecked(monkeypatch, backend, k.to(DEV), v.to(DEV), [2, 2],
+                              [0, 1], idx.to(DEV), None)
+        assert lens.tolist() == [2, 2], backend
+
+
+def test_cuda_backend_refuses_more_than_64_accepted_tokens():
+    k, v, _, _ = make_dense(1, 1, 80, 1, 4, [0], [0], 1, 3, torch.float32, seed=1, device="cpu")
+    with pytest.raises(ValueError, match="accept_indices has A = 65 columns"):
+        compact_kv.compact_kv_cache_cuda(k, v, torch.zeros(1, dtype=torch.int32),
+                                         torch.arange(65)[None], torch.ones(1, dtype=torch.int32))
 
 
 # ----------------------------------------------------------------------------------- GPU only
@@ -250,6 +390,17 @@ def test_gpu_paged_and_no_host_sync_in_a_graph(backend):
     graph.replay()
     assert torch.equal(bits(k), bits(want_k)) and torch.equal(bits(v), bits(want_v))
     assert torch.equal(lens_t, want_l)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_gpu_checks_on_request(monkeypatch, backend):
+    """MEDUSA_KERNELS_CHECKS=1 validates values on the GPU too (one host sync)."""
+    k, v, lens, acc, idx, _ = _bad_case(-2, 3, [0, 3, 5, -1])
+    monkeypatch.setenv("MEDUSA_KERNELS_CHECKS", "1")
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\] = -2 must be >= 0"):
+        mk.compact_kv_cache(k, v, torch.tensor(lens, dtype=torch.int32, device=DEV), idx,
+                            torch.tensor(acc, dtype=torch.int32, device=DEV), backend=backend)
 
 
 @requires_cuda
