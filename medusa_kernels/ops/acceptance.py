@@ -150,16 +150,17 @@ def check_retrieve_values(retrieve_indices: torch.Tensor, T: int) -> None:
 
 
 def check_accept_args(
-    tree_logits, tree_tokens, retrieve_indices, *, ids: bool = False
+    tree_logits, tree_tokens, retrieve_indices, *, ids: bool = False, ids_name: str = "tree_pred"
 ) -> None:
     """Shapes, dtypes and devices; with ``check_values`` also the tree's paths and (for
-    logits) the tree tokens in [0, V)."""
+    logits) the tree tokens in [0, V). ``ids``: ``tree_logits`` holds token ids [B, T] (named
+    ``ids_name`` in errors) instead of logits."""
+    name = ids_name if ids else "tree_logits"
     if ids:
-        check_tensor("tree_pred", tree_logits, ndim=2, dtypes=INDEX_DTYPES)
+        check_tensor(name, tree_logits, ndim=2, dtypes=INDEX_DTYPES)
     else:
-        check_tensor("tree_logits", tree_logits, ndim=3, dtypes=FLOAT_DTYPES)
+        check_tensor(name, tree_logits, ndim=3, dtypes=FLOAT_DTYPES)
     B, T = tree_logits.shape[:2]
-    name = "tree_pred" if ids else "tree_logits"
     if T < 1:
         raise ValueError(f"{name} must hold T >= 1 tree nodes (the root), got shape "
                          f"{tuple(tree_logits.shape)}")
@@ -181,9 +182,9 @@ def check_accept_args(
         return
     check_retrieve_values(retrieve_indices, T)
     V = None if ids else tree_logits.shape[2]
-    names = ("tree_pred", "tree_tokens") if ids else ("tree_tokens",)
+    names = (name, "tree_tokens") if ids else ("tree_tokens",)
     for arg in names:
-        t = tree_logits if arg == "tree_pred" else tree_tokens
+        t = tree_logits if arg == name else tree_tokens
         bad = (t < 0) if V is None else (t < 0) | (t >= V)
         if bool(bad.any()):
             b, u = _first(bad)

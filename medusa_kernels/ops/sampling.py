@@ -74,8 +74,6 @@ import torch
 from ._backend import (
     FLOAT_DTYPES,
     HAS_TRITON,
-    INDEX_DTYPES,
-    check_dim,
     check_tensor,
     check_values,
     pick_backend,
@@ -281,27 +279,6 @@ def tree_node_depths(retrieve_indices: torch.Tensor, num_nodes: int) -> torch.Te
                                 torch.where(ri >= 0, cols, 0).flatten(), "amax")
 
 
-def _check_tree_values(tree_tokens, retrieve_indices, V, op):
-    """CPU (or MEDUSA_KERNELS_CHECKS=1) checks of the tree: node indices in range, one root,
-    -1 padding only at the end of a path, node tokens in [0, V) (V None: >= 0)."""
-    T = tree_tokens.shape[1]
-    ri = retrieve_indices
-    if bool(((ri < -1) | (ri >= T)).any()):
-        raise ValueError(f"{op}: retrieve_indices must hold node indices in [0, T = {T}) or -1, "
-                         f"got {ri.tolist()}")
-    if bool((ri[:, 0] < 0).any()) or bool((ri[:, 0] != ri[0, 0]).any()):
-        raise ValueError(f"{op}: every path of retrieve_indices must start at the same root node, "
-                         f"got first column {ri[:, 0].tolist()}")
-    if ri.shape[1] > 1 and bool(((ri[:, :-1] < 0) & (ri[:, 1:] >= 0)).any()):
-        raise ValueError(f"{op}: retrieve_indices may hold -1 only after a path's last node, "
-                         f"got {ri.tolist()}")
-    if V is None:
-        if bool((tree_tokens < 0).any()):
-            raise ValueError(f"{op}: tree_tokens must be >= 0, got negative values")
-    elif bool(((tree_tokens < 0) | (tree_tokens >= V)).any()):
-        raise ValueError(f"{op}: tree_tokens must lie in [0, V = {V}), got values outside")
-
-
 T_NONE = 2**62  # "no child": above any node index
 
 
@@ -485,11 +462,7 @@ def accept_exact(
     check_sampling_args(temperature, top_k, top_p, min_tokens_to_keep)
     B, T, V = tree_logits.shape
     dev = tree_logits.device
-    if V < 1:
-        raise ValueError(f"tree_logits must have V >= 1, got shape {tuple(tree_logits.shape)}")
     A = retrieve_indices.shape[1]
-    if check_values(dev):
-        _check_tree_values(tree_tokens, retrieve_indices, V, "accept_exact")
     name = pick_backend("accept_exact", backend, dev, _WALK_IMPLS)
     draws = _draws((B, A), generator, uniforms, dev, "accept_exact")
     return _accept_exact_op(tree_logits, tree_tokens, retrieve_indices, draws, float(temperature),
@@ -514,17 +487,8 @@ def accept_exact_ids(
         as ``accept_exact``. For trees whose siblings carry distinct tokens (every Medusa tree:
         a head's top-k are distinct) this equals ``accept_greedy_ids(tree_samples, ...)``.
     """
-    check_tensor("tree_samples", tree_samples, ndim=2, dtypes=INDEX_DTYPES)
-    dev = tree_samples.device
-    check_tensor("tree_tokens", tree_tokens, ndim=2, dtypes=INDEX_DTYPES, device=dev)
-    check_dim("tree_tokens", tree_tokens, 0, tree_samples.shape[0], "B of tree_samples")
-    check_dim("tree_tokens", tree_tokens, 1, tree_samples.shape[1], "T of tree_samples")
-    check_tensor("retrieve_indices", retrieve_indices, ndim=2, dtypes=INDEX_DTYPES, device=dev)
-    if retrieve_indices.shape[0] < 1 or retrieve_indices.shape[1] < 1:
-        raise ValueError("retrieve_indices must be [P >= 1, A >= 1] (the root's column), got "
-                         f"{list(retrieve_indices.shape)}")
-    if check_values(dev):
-        _check_tree_values(tree_tokens, retrieve_indices, None, "accept_exact_ids")
-    name = pick_backend("accept_exact", backend, dev, _WALK_IMPLS)
+    check_accept_args(tree_samples, tree_tokens, retrieve_indices, ids=True,
+                      ids_name="tree_samples")
+    name = pick_backend("accept_exact", backend, tree_samples.device, _WALK_IMPLS)
     return _WALK_IMPLS[name](tree_samples, tree_tokens, retrieve_indices)
 
