@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import math
 import os
@@ -42,10 +41,10 @@ from ..checkpoint import load_model, save_base_model, save_medusa_heads
 from ..decoding import generate
 from ..model import ModelConfig, Transformer
 from ..training import Sample, TrainConfig, TrainResult, causal_hidden, collate, pack, train
+from ..training.corpus import EOS, corpus, encode_all, prompts_from, windows
 from ..training.trainer import evaluate as head_accuracies
 from . import ASSETS
 
-EOS = "<|endoftext|>"
 FULL = dict(vocab=2048, d=256, layers=4, heads=4, kv_heads=2, ffn=704, seq=128, batch=16,
             lr=3e-3, pretrain_s=360.0, pretrain_steps=4000, distil_prompts=2048, prompt_len=24,
             gen_len=96, heads_steps=2000, heads_rows=1, heads_seq=1024, heads_lr=1e-3,
@@ -59,18 +58,6 @@ def log(msg: str) -> None:
     print(f"[demo.build {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def corpus(max_files: int) -> tuple[list[str], list[str]]:
-    """(training texts, held-out texts) from the stdlib's own sources, deterministic."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:max_files]
-    texts = []
-    for f in files:
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            texts.append(fh.read())
-    train = [t for i, t in enumerate(texts) if i % 10 != 5]
-    held = [t for i, t in enumerate(texts) if i % 10 == 5] or texts[-1:]
-    return train, held
-
-
 def train_tokenizer(texts: list[str], vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -81,15 +68,6 @@ def train_tokenizer(texts: list[str], vocab: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
-
-
-def encode_all(tok, texts: list[str]) -> torch.Tensor:
-    eos = tok.token_to_id(EOS)
-    ids: list[int] = []
-    for enc in tok.encode_batch(texts):
-        ids.extend(enc.ids)
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def hf_config(s: dict, eos: int) -> dict:
@@ -108,11 +86,6 @@ def lm_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of windows batch [B, T + 1]."""
     hidden = causal_hidden(model, batch[:, :-1])
     return F.cross_entropy(model.logits(hidden).flatten(0, 1).float(), batch[:, 1:].flatten())
-
-
-def windows(data: torch.Tensor, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, len(data) - length, (n,), generator=gen)
-    return torch.stack([data[s:s + length] for s in starts.tolist()])
 
 
 def lr_at(step: int, frac: float, lr: float, warmup: int = 30) -> float:
@@ -149,17 +122,6 @@ def eval_loss(model: Transformer, data: torch.Tensor, s: dict, device, n: int = 
     gen = torch.Generator().manual_seed(2)
     batch = windows(data, n, s["seq"] + 1, gen).to(device)
     return sum(lm_loss(model, b).item() * len(b) for b in batch.split(16)) / n
-
-
-def prompts_from(data: torch.Tensor, n: int, length: int, seed: int, eos: int) -> list[list[int]]:
-    """``n`` prompt windows of ``length`` tokens containing no eos."""
-    gen = torch.Generator().manual_seed(seed)
-    out: list[list[int]] = []
-    while len(out) < n:
-        w = windows(data, 1, length, gen)[0]
-        if not (w == eos).any():
-            out.append(w.tolist())
-    return out
 
 
 def train_heads(model_dir: str, run_dir: str, prompts: list[list[int]], s: dict, device,
