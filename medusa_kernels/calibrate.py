@@ -37,6 +37,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .demo import MEASURE_SEED
+from .demo import prompts as demo_prompts
 from .training import data
 
 
@@ -197,12 +199,7 @@ def best_size(rows: Sequence[dict], tolerance: float = 0.02) -> int:
 
 
 # the demo: held-out prompts to calibrate on and other held-out prompts to measure on
-CALIBRATION_SEED, CALIBRATION_PROMPTS, MEASURE_SEED, MEASURE_PROMPTS = 11, 64, 13, 64
-
-
-def demo_prompts(model, n: int = 16, seed: int = CALIBRATION_SEED) -> list[list[int]]:
-    """Prompts cut from the demo's held-out stdlib files (never seen in training)."""
-    return data.demo_prompts(model.tokenizer(), n, split="held", seed=seed)
+CALIBRATION_PROMPTS, MEASURE_PROMPTS = 64, 64
 
 
 def measured_accepted(model, prompts, tree, max_new_tokens: int, eos_token_id=None) -> float:

@@ -389,7 +389,7 @@ def _prompts(ctx: BenchContext, model: MedusaModel, n: int, demo: bool) -> list[
     """Held-out stdlib prompts for the demo; chat prompts (or random ids) for a checkpoint."""
     if demo:
         try:
-            from medusa_kernels.calibrate import demo_prompts
+            from medusa_kernels.demo import prompts as demo_prompts
 
             return demo_prompts(model, n=n)
         except Exception as e:  # e.g. no stdlib sources: fall back to the sample prompt
