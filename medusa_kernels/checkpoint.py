@@ -217,9 +217,10 @@ class MedusaModel:
         tokenizer does). ``source``: the file the ids came from (None: no file). Unchecked."""
         out: dict = {"eos_token_id": None, "bos_token_id": None, "pad_token_id": None,
                      "add_bos_token": None, "source": None}
-        folder = self.model_dir or ""
+        if self.model_dir is None:  # built in memory: no files
+            return out
         for name in ("generation_config.json", "config.json"):
-            path = os.path.join(folder, name)
+            path = os.path.join(self.model_dir, name)
             if os.path.isfile(path):
                 cfg = read_json(path)
                 if not isinstance(cfg, dict):
@@ -229,7 +230,7 @@ class MedusaModel:
                     out[key] = cfg[key] if cfg.get(key) is not None else text.get(key)
                 out["source"] = path
                 break
-        path = os.path.join(folder, "tokenizer_config.json")
+        path = os.path.join(self.model_dir, "tokenizer_config.json")
         if os.path.isfile(path):
             tok_cfg = read_json(path)
             if isinstance(tok_cfg, dict):
@@ -239,7 +240,7 @@ class MedusaModel:
     def cached_tokenizer(self):
         """``tokenizer()``, loaded once per model (None without tokenizer.json)."""
         if "_tokenizer" not in self.__dict__:
-            self.__dict__["_tokenizer"] = self.tokenizer()
+            self.__dict__["_tokenizer"] = None if self.model_dir is None else self.tokenizer()
         return self.__dict__["_tokenizer"]
 
 
