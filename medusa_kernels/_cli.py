@@ -8,11 +8,20 @@ the arguments shows the traceback instead. No torch import here.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
 DEBUG_HELP = "show the full traceback of an error instead of one line"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, whose errors (an unknown flag, ``--max-new-tokens 2.5``) are one line too."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (--help lists the options)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _usage_error(e: BaseException) -> bool:

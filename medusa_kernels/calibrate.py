@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._cli import DEBUG_HELP, check_device, check_dir, check_file, run_cli
+from ._cli import DEBUG_HELP, Parser, check_device, check_dir, check_file, run_cli
 from ._cli import progress as bar
 from .demo import MEASURE_SEED
 from .demo import prompts as demo_prompts
@@ -230,7 +230,7 @@ PROG = "python -m medusa_kernels.tree calibrate"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    p = Parser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="base model dir (default: the demo model)")
     p.add_argument("--medusa", default=None, help="heads dir (default: heads in --model/demo)")

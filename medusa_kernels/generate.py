@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._cli import DEBUG_HELP, check_device, check_dir, run_cli
+from ._cli import DEBUG_HELP, Parser, check_device, check_dir, run_cli
 from .generation_config import GenerationConfig, build_config
 
 PROG = "python -m medusa_kernels.generate"
@@ -25,7 +25,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    p = Parser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
                    help="base model dir (HF layout); default: the bundled demo model")
@@ -83,7 +83,6 @@ def _main(argv: list[str]) -> int:
         raise ValueError("give --prompt TEXT or --input-ids 1,2,3, not both")
     ids = parse_ids("--input-ids", args.input_ids) if args.input_ids is not None else None
     config = config_from_args(args)
-    device = check_device("--device", args.device)
     if args.model is None:
         from .demo import path as demo_path
 
@@ -97,6 +96,7 @@ def _main(argv: list[str]) -> int:
         check_dir("--medusa", args.medusa)
     if args.prompt is None and ids is None:
         raise ValueError("give --prompt TEXT or --input-ids 1,2,3")
+    device = check_device("--device", args.device)
 
     import torch
 

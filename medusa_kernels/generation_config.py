@@ -30,7 +30,7 @@ SEED_RANGE = 2**64  # torch.Generator.manual_seed takes [0, 2**64)
 
 def describe(value: Any) -> str:
     """``value`` for an error message: its repr (cut to 60 characters) and its type."""
-    text = repr(value)
+    text = " ".join(repr(value).split())  # one line, whatever the repr
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{text} ({type(value).__name__})"

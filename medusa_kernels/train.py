@@ -49,7 +49,7 @@ import argparse
 import os
 import sys
 
-from ._cli import DEBUG_HELP, check_dir, check_file, run_cli
+from ._cli import DEBUG_HELP, Parser, check_dir, check_file, run_cli
 
 PROG = "python -m medusa_kernels.train"
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")  # training.trainer.DTYPES
@@ -77,7 +77,7 @@ def _distill_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    p = Parser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 

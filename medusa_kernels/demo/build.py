@@ -37,7 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .._cli import DEBUG_HELP, check_device, check_dir, check_file, progress, run_cli
+from .._cli import DEBUG_HELP, Parser, check_device, check_dir, check_file, progress, run_cli
 from ..checkpoint import load_model, save_base_model, save_medusa_heads
 from ..decoding import generate
 from ..model import ModelConfig, Transformer
@@ -180,7 +180,7 @@ def evaluate(out: str, held: torch.Tensor, s: dict, eos: int, show: bool = True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m medusa_kernels.demo.build", description=__doc__,
+    p = Parser(prog="python -m medusa_kernels.demo.build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=ASSETS, help="output dir (default: the shipped assets)")
     p.add_argument("--quick", action="store_true", help="tiny smoke build (seconds)")

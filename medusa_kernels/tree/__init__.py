@@ -207,12 +207,12 @@ def check_fits(choices: Sequence[Sequence[int]], label: str, num_heads: int | No
     try:
         validate_choices(choices, num_heads)
     except ValueError as e:
-        raise ValueError(f"tree {label}: {e}") from None
+        raise ValueError(f"tree {label!r}: {e}") from None
     width = 1 + max((max(p) for p in choices), default=-1)
     if vocab_size is not None and width > vocab_size:
         path = next(list(p) for p in choices if max(p) >= vocab_size)
         raise ValueError(
-            f"tree {label}: path {path} asks a head for its top-{width} but the vocabulary has "
+            f"tree {label!r}: path {path} asks a head for its top-{width} but the vocabulary has "
             f"only V = {vocab_size} tokens (use a tree with ranks < {vocab_size}, or the default "
             "tree, which is cut to fit)"
         )
