@@ -34,11 +34,14 @@ def one_line(e: BaseException) -> str:
 
 
 def run_cli(main: Callable[[list[str]], int | None], argv: Sequence[str] | None, prog: str) -> int:
-    """``main(argv)``'s exit code; errors as one line on stderr (exit 2 for bad arguments and
-    files, 1 for the rest) unless ``--debug`` is among the arguments."""
+    """``main(argv)``'s exit code, returned (argparse's exits too); errors as one line on
+    stderr (2 for bad arguments and files, 1 for the rest) unless ``--debug`` is among the
+    arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(argv) or 0
+    except SystemExit as e:  # argparse: --help (0) or its one-line error (2)
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
