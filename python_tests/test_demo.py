@@ -78,6 +78,8 @@ def test_quick_build(tmp_path, capsys):
     from medusa_kernels.demo.build import main as build
 
     assert build(["--quick", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "pretrain" in err and "evaluate: plain" in err  # progress bars
     model_dir, heads_dir = path(tmp_path)
     rep = json.loads((tmp_path / "build_report.json").read_text())
     assert rep["quick"] and rep["results"]["identical_to_plain_mc_sim_7b_63"]
