@@ -222,7 +222,10 @@ class MedusaModel:
         for name in ("generation_config.json", "config.json"):
             path = os.path.join(self.model_dir, name)
             if os.path.isfile(path):
-                cfg = read_json(path)
+                try:
+                    cfg = read_json(path)
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{path}: not a readable JSON file ({e})") from None
                 if not isinstance(cfg, dict):
                     raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
                 text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}

@@ -164,6 +164,13 @@ def test_bad_eos_in_a_checkpoint_names_the_file(tiny_dirs):
         generate(m, [[1, 2]], max_new_tokens=2)
 
 
+def test_broken_generation_config_names_the_file(tiny_dirs):
+    m = variant(tiny_dirs, "broken-gen", {}, None)
+    (tiny_dirs / "broken-gen" / "generation_config.json").write_text('{"eos_token_id": ')
+    with pytest.raises(ValueError, match=r"broken-gen/generation_config.json: not a readable"):
+        generate(m, [[1, 2]], max_new_tokens=2)
+
+
 def test_pad_and_padded_result(tiny_dirs):
     m = variant(tiny_dirs, "pad", {"pad_token_id": 3, "eos_token_id": 7})
     r = generate(m, [[1, 2], [5]], max_new_tokens=6, medusa=False, eos_token_id=[])
