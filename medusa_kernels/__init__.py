@@ -13,6 +13,8 @@ what it uses.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -74,3 +76,18 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)
+
+
+class _Package(types.ModuleType):
+    """``medusa_kernels.generate`` is both the function and the CLI module: importing the module
+    (``from medusa_kernels.generate import main``) would make Python bind it as the package's
+    ``generate``, shadowing the function. The binding is skipped, so ``mk.generate`` stays the
+    function whatever was imported before (the module stays in ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -43,7 +43,7 @@ BAD = {
     "eos_token_id": st.sampled_from(["2", "</s>", ["a"], [None], [1.0], True, -1, V, [V + 5],
                                      2.0, {"eos": 1}]),
     "seed": st.sampled_from(["abc", -1, 2**64, 1.5, True, [1]]),
-    "max_seq_len": st.sampled_from([0, -5, "64", 2.0, True, 8]),  # 8: too small a cache
+    "max_seq_len": st.sampled_from([0, -5, "64", 2.0, True, 2]),  # 2: too small for any cache
     "cuda_graph": st.sampled_from([1, "no", 0.0] + ([] if torch.cuda.is_available() else [True])),
     "stream": st.sampled_from([1, "yes", None]),
 }
@@ -78,6 +78,8 @@ def calls(draw):
         elif kind == "bad":
             kwargs[name] = draw(BAD[name])
             bad.add(name)
+    if kwargs.get("medusa") is False and kwargs.get("tree") in ([[V]], "mc_sim_7b_63"):
+        bad.discard("tree")  # too wide / too deep for this model, but unused by plain decoding
     if "max_new_tokens" not in kwargs:  # short runs (the default, 128, is tested elsewhere)
         kwargs["max_new_tokens"] = draw(GOOD["max_new_tokens"])
     if not all_good and draw(st.integers(0, 3)) == 0:

@@ -57,6 +57,19 @@ def test_every_lazy_name_resolves():
         raise AssertionError("an unknown name must raise AttributeError")
 
 
+def test_the_cli_module_does_not_shadow_the_function():
+    """Importing the ``generate`` CLI module leaves ``medusa_kernels.generate`` the function."""
+    out = run("from medusa_kernels.generate import main\n"
+              "import medusa_kernels.generate\n"
+              "import medusa_kernels as mk\n"
+              "from medusa_kernels import generate\n"
+              "from medusa_kernels.decoding import generate as g\n"
+              "import sys\n"
+              "print(mk.generate is g, generate is g, callable(main),\n"
+              "      sys.modules['medusa_kernels.generate'].main is main)")
+    assert out.split() == ["True"] * 4
+
+
 def modules() -> dict[str, tuple[str, bool]]:
     """module name -> (file, is a package __init__) for every .py file of the package."""
     out = {}
