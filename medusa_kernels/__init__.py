@@ -2,46 +2,92 @@
 
 Kernels (each ``backend="auto" | "torch" | "triton" | "cuda"``): ``tree_attention``,
 ``medusa_heads_topk``, ``compact_kv_cache``, ``accept_greedy``, ``accept_typical``.
-Decoding: ``load_model`` then ``generate``; trees: ``build_tree``, ``TREES``.
+Decoding: ``load_model`` (or ``demo.load()``) then ``generate``; settings:
+``GenerationConfig``; trees: ``build_tree``, ``TREES``.
+
+The names below load at first use (PEP 562, as transformers does): ``import medusa_kernels``
+imports neither torch nor Triton, so the CLIs answer ``--help`` at once and a script pays for
+what it uses.
 """
 
-from .checkpoint import MedusaModel, load_medusa_heads, load_model, save_medusa_heads
-from .decoding import GenerationResult, generate
-from .heads import MedusaHeads
-from .model import ModelConfig, Transformer
-from .ops import (
-    accept_greedy,
-    accept_greedy_ids,
-    accept_typical,
-    compact_kv_cache,
-    medusa_heads_topk,
-    pack_tree_mask,
-    sample_tokens,
-    tree_attention,
-)
-from .tree import TREES, TreeBuffers, build_tree
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "MedusaModel": "checkpoint", "load_medusa_heads": "checkpoint", "load_model": "checkpoint",
+    "save_medusa_heads": "checkpoint",
+    "GenerationResult": "decoding", "GenerationStream": "decoding", "StreamStep": "decoding",
+    "generate": "decoding",
+    "GenerationConfig": "generation_config",
+    "MedusaHeads": "heads",
+    "ModelConfig": "model", "Transformer": "model",
+    "accept_greedy": "ops", "accept_greedy_ids": "ops", "accept_typical": "ops",
+    "compact_kv_cache": "ops", "medusa_heads_topk": "ops", "pack_tree_mask": "ops",
+    "sample_tokens": "ops", "tree_attention": "ops",
+    "TREES": "tree", "TreeBuffers": "tree", "build_tree": "tree",
+}  # fmt: skip
+_SUBMODULES = {"bench", "calibrate", "checkpoint", "decoding", "demo", "generation_config",
+               "heads", "model", "ops", "text", "training", "tree"}
+
 __all__ = [
-    "TREES",
-    "GenerationResult",
-    "MedusaHeads",
-    "MedusaModel",
-    "ModelConfig",
-    "Transformer",
-    "TreeBuffers",
-    "accept_greedy",
-    "accept_greedy_ids",
-    "accept_typical",
-    "build_tree",
-    "compact_kv_cache",
-    "generate",
-    "load_medusa_heads",
-    "load_model",
-    "medusa_heads_topk",
-    "pack_tree_mask",
-    "sample_tokens",
-    "save_medusa_heads",
-    "tree_attention",
-]
+    "GenerationConfig", "GenerationResult", "GenerationStream", "MedusaHeads", "MedusaModel",
+    "ModelConfig", "StreamStep", "TREES", "Transformer", "TreeBuffers", "accept_greedy",
+    "accept_greedy_ids", "accept_typical", "build_tree", "compact_kv_cache", "generate",
+    "load_medusa_heads", "load_model", "medusa_heads_topk", "pack_tree_mask", "sample_tokens",
+    "save_medusa_heads", "tree_attention",
+]  # the lazy names below (kept equal to _EXPORTS by a test)
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from .checkpoint import MedusaModel, load_medusa_heads, load_model, save_medusa_heads
+    from .decoding import GenerationResult, GenerationStream, StreamStep, generate
+    from .generation_config import GenerationConfig
+    from .heads import MedusaHeads
+    from .model import ModelConfig, Transformer
+    from .ops import (
+        accept_greedy,
+        accept_greedy_ids,
+        accept_typical,
+        compact_kv_cache,
+        medusa_heads_topk,
+        pack_tree_mask,
+        sample_tokens,
+        tree_attention,
+    )
+    from .tree import TREES, TreeBuffers, build_tree
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)
+
+
+class _Package(types.ModuleType):
+    """``medusa_kernels.generate`` is both the function and the CLI module: importing the module
+    (``from medusa_kernels.generate import main``) would make Python bind it as the package's
+    ``generate``, shadowing the function. The binding is skipped, so ``mk.generate`` stays the
+    function whatever was imported before (the module stays in ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

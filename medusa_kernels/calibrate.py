@@ -37,7 +37,12 @@ from collections.abc import Sequence
 
 import torch
 
+from ._cli import DEBUG_HELP, Parser, check_device, check_dir, check_file, run_cli
+from ._cli import progress as bar
+from .demo import MEASURE_SEED
+from .demo import prompts as demo_prompts
 from .training import data
+from .tree import tree_label
 
 
 def path_value(path: Sequence[int], acc: Sequence[Sequence[float]]) -> float:
@@ -87,12 +92,13 @@ def grow_tree(acc: Sequence[Sequence[float]], nodes: int, max_depth: int | None 
 @torch.no_grad()
 def measure_accuracies(
     model, prompts: Sequence[Sequence[int]], topk: int = 10, max_new_tokens: int = 128,
-    eos_token_id=None,
+    eos_token_id=None, progress: bool = False,
 ) -> tuple[list[list[float]], int]:
     """Head k's rank-r hit rate against the base model's greedy token k + 2 ahead.
 
-    model: ``MedusaModel`` with heads. prompts: token id lists. Returns (acc [K][topk], number
-    of positions counted per head).
+    model: ``MedusaModel`` with heads. prompts: token id lists. eos_token_id: as ``generate``
+    takes it (None: the checkpoint's). Returns (acc [K][topk], number of positions counted per
+    head). ``progress``: a bar over the prompts.
     """
     from .decoding import generate
 
@@ -102,7 +108,7 @@ def measure_accuracies(
     K = heads.num_heads
     hits = torch.zeros(K, topk, dtype=torch.float64)
     counts = torch.zeros(K, dtype=torch.float64)
-    for prompt in prompts:
+    for prompt in bar(prompts, desc="head accuracies", unit="prompt", enabled=progress):
         r = generate(model, [list(prompt)], max_new_tokens=max_new_tokens, medusa=False,
                      eos_token_id=eos_token_id)
         seq = torch.tensor(list(prompt) + r.tokens[0], device=device)
@@ -136,14 +142,15 @@ def max_nodes(acc: Sequence[Sequence[float]], max_depth: int | None = None) -> i
 
 @torch.inference_mode()
 def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
-               quick: bool = False, batch: int = 1) -> tuple[float, list[float]]:
+               quick: bool = False, batch: int = 1, progress: bool = False
+               ) -> tuple[float, list[float]]:
     """Median seconds of one plain decode step and of one Medusa step with each tree.
 
     ``batch`` sequences with ``context`` cached tokens each (random K/V, ``seqlens`` reset
     before every call), random root tokens and hidden states. CUDA: each step replayed from a
     CUDA graph, as ``generate`` does, timed by ``triton.testing.do_bench`` (median). CPU: the
     steps take turns, a few calls each per round (``quick``: fewer rounds), so a drifting
-    machine slows them alike.
+    machine slows them alike. ``progress``: a bar over the timed calls.
     """
     from .bench.e2e import step_fns
     from .tree import build_tree
@@ -161,18 +168,23 @@ def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
         from .bench._common import BenchContext, graphed, measure
 
         ctx = BenchContext(device=device, dtype=model.dtype)
-        times = [1e-6 * measure(graphed(fn), ctx)[0] for fn in fns]  # do_bench median
+        times = [1e-6 * measure(graphed(fn), ctx)[0]  # do_bench median
+                 for fn in bar(fns, desc="step timing", unit="tree", enabled=progress)]
     else:
         rounds, calls = (3, 2) if quick else (5, 25)
         samples: list[list[float]] = [[] for _ in fns]
-        for fn in fns:  # warm-up
-            fn()
-        for _ in range(rounds):
-            for fn, sample in zip(fns, samples, strict=True):
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                sample.append((time.perf_counter() - start) / calls)
+        with bar(total=len(fns) * (rounds * calls + 1), desc="step timing", unit="step",
+                 enabled=progress) as ticks:
+            for fn in fns:  # warm-up
+                fn()
+                ticks.update()
+            for _ in range(rounds):
+                for fn, sample in zip(fns, samples, strict=True):
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    sample.append((time.perf_counter() - start) / calls)
+                    ticks.update(calls)
         times = [statistics.median(sample) for sample in samples]
     return times[0], times[1:]
 
@@ -197,29 +209,28 @@ def best_size(rows: Sequence[dict], tolerance: float = 0.02) -> int:
 
 
 # the demo: held-out prompts to calibrate on and other held-out prompts to measure on
-CALIBRATION_SEED, CALIBRATION_PROMPTS, MEASURE_SEED, MEASURE_PROMPTS = 11, 64, 13, 64
+CALIBRATION_PROMPTS, MEASURE_PROMPTS = 64, 64
 
 
-def demo_prompts(model, n: int = 16, seed: int = CALIBRATION_SEED) -> list[list[int]]:
-    """Prompts cut from the demo's held-out stdlib files (never seen in training)."""
-    return data.demo_prompts(model.tokenizer(), n, split="held", seed=seed)
-
-
-def measured_accepted(model, prompts, tree, max_new_tokens: int, eos_token_id=None) -> float:
+def measured_accepted(model, prompts, tree, max_new_tokens: int, eos_token_id=None,
+                      progress: bool = False) -> float:
     """Mean accepted tokens per step of greedy Medusa decoding over all prompts' steps."""
     from .decoding import generate
 
     counts = []
-    for p in prompts:
+    for p in bar(prompts, desc=f"accepted ({tree_label(tree)} tree)", unit="prompt",
+                 enabled=progress):
         r = generate(model, [list(p)], max_new_tokens=max_new_tokens, medusa=True, tree=tree,
                      eos_token_id=eos_token_id)
         counts += [n for step in r.accepted_per_step for n in step if n > 0]
     return sum(counts) / max(len(counts), 1)
 
 
+PROG = "python -m medusa_kernels.tree calibrate"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m medusa_kernels.tree calibrate",
-                                description=__doc__,
+    p = Parser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="base model dir (default: the demo model)")
     p.add_argument("--medusa", default=None, help="heads dir (default: heads in --model/demo)")
@@ -240,7 +251,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=10, help="ranks measured per head")
     p.add_argument("--max-depth", type=int, default=None, help="deepest path (default: heads)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", default=None, help="JSON file to write (default: print)")
     p.add_argument("--measure", action="store_true",
                    help="also decode with the calibrated and the default tree and record the "
@@ -248,23 +259,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--measure-prompts", default=None,
                    help="prompts to measure on (default with the demo: other held-out prompts "
                         "than the calibration's; else --prompts)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "calibrate":
-        argv = argv[1:]
-    args = parse_args(argv)
+def _checked_args(args: argparse.Namespace) -> tuple[int, list[int]]:
+    """(nodes, auto sizes) from the flags; every flag checked before the model loads."""
     auto = args.nodes == "auto"
     try:
         nodes = 0 if auto else int(args.nodes)
         sizes = sorted({int(n) for n in args.auto_nodes.split(",") if n.strip()})
     except ValueError:
-        sys.exit(f"--nodes must be an integer or 'auto' (got {args.nodes!r}) and --auto-nodes "
-                 f"comma-separated integers (got {args.auto_nodes!r})")
+        raise ValueError(f"--nodes must be an integer or 'auto' (got {args.nodes!r}) and "
+                         f"--auto-nodes comma-separated integers (got {args.auto_nodes!r})"
+                         ) from None
+    if nodes < 0:
+        raise ValueError(f"--nodes must be >= 0 or 'auto', got {nodes}")
     if auto and (not sizes or sizes[0] < 0):
-        sys.exit(f"--auto-nodes must list sizes >= 0, got {args.auto_nodes!r}")
+        raise ValueError(f"--auto-nodes must list sizes >= 0, got {args.auto_nodes!r}")
+    for flag, value, low in (("--batch", args.batch, 1), ("--topk", args.topk, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--context", args.context, 1), ("--max-depth", args.max_depth, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if args.model is not None:
+        check_dir("--model", args.model, "config.json")
+    if args.medusa is not None:
+        check_dir("--medusa", args.medusa)
+    for flag in ("prompts", "measure_prompts"):
+        if getattr(args, flag) is not None:
+            check_file(f"--{flag.replace('_', '-')}", getattr(args, flag))
+    args.device = check_device("--device", args.device)
+    return nodes, sizes
+
+
+def _main(argv: list[str]) -> int:
+    if argv and argv[0] == "calibrate":
+        argv = argv[1:]
+    args = parse_args(argv)
+    auto = args.nodes == "auto"
+    nodes, sizes = _checked_args(args)
+    show = not args.no_progress
     from .checkpoint import load_model
     from .tree import DEFAULT_TREE
 
@@ -276,24 +312,29 @@ def main(argv=None) -> int:
         args.model, demo_heads = path()
         medusa = medusa or demo_heads
     model = load_model(args.model, medusa=medusa, device=args.device)
+    if model.heads is None:
+        raise ValueError(f"no Medusa heads in {args.model}: pass --medusa DIR")
+    if args.topk > model.base.cfg.vocab_size:
+        raise ValueError(f"--topk {args.topk} exceeds the vocabulary ({model.base.cfg.vocab_size})")
     eos = model.eos_token_id()
     if args.prompts is not None:
         prompts = data.read_prompts(args.prompts, model.tokenizer())
     elif args.medusa is None and medusa is not None:
         prompts = demo_prompts(model, CALIBRATION_PROMPTS)
     else:
-        sys.exit("give --prompts FILE (a JSON list or one prompt per line)")
-    acc, positions = measure_accuracies(model, prompts, args.topk, args.max_new_tokens, eos)
+        raise ValueError("give --prompts FILE (a JSON list or one prompt per line)")
+    acc, positions = measure_accuracies(model, prompts, args.topk, args.max_new_tokens, eos,
+                                        progress=show)
     speed = None
     if auto:
         sizes = [n for n in sizes if n <= max_nodes(acc, args.max_depth)]
         if not sizes:
-            sys.exit(f"no size in --auto-nodes fits {len(acc)} heads x top-{args.topk} "
-                     f"(at most {max_nodes(acc, args.max_depth)} nodes)")
+            raise ValueError(f"no size in --auto-nodes fits {len(acc)} heads x top-{args.topk} "
+                             f"(at most {max_nodes(acc, args.max_depth)} nodes)")
         context = args.context or round(
             sum(len(p) for p in prompts) / len(prompts) + args.max_new_tokens / 2)
         trees = [grow_tree(acc, n, args.max_depth) for n in sizes]
-        plain_s, medusa_s = step_times(model, trees, context, batch=args.batch)
+        plain_s, medusa_s = step_times(model, trees, context, batch=args.batch, progress=show)
         rows = speed_table(acc, sizes, plain_s, medusa_s, args.max_depth)
         nodes = best_size(rows)
         from .bench.report import cpu_name
@@ -332,15 +373,16 @@ def main(argv=None) -> int:
             source = f"demo held-out prompts (seed {MEASURE_SEED})"
         else:
             measure_on, source = prompts, "the calibration prompts"
-        default = resolve_choices(None, len(acc))  # the default tree, cut to the heads
+        # the paper's tree, cut to the heads and the vocabulary
+        default = resolve_choices(None, len(acc), model.base.cfg.vocab_size)
         measured = [p for p in default if max(p) < args.topk]  # ranks with an accuracy
         out["measured_on"], out["measured_prompts"] = source, len(measure_on)
-        out["measured_accepted"] = round(
-            measured_accepted(model, measure_on, choices, args.max_new_tokens, eos), 4)
+        out["measured_accepted"] = round(measured_accepted(
+            model, measure_on, choices, args.max_new_tokens, eos, progress=show), 4)
         out["default_tree"] = DEFAULT_TREE
         out["default_expected_accepted"] = round(expected_accepted(measured, acc), 4)
-        out["default_measured_accepted"] = round(
-            measured_accepted(model, measure_on, default, args.max_new_tokens, eos), 4)
+        out["default_measured_accepted"] = round(measured_accepted(
+            model, measure_on, default, args.max_new_tokens, eos, progress=show), 4)
     text = json.dumps(out, indent=1)
     if args.out:
         with open(args.out, "w") as f:
@@ -350,6 +392,12 @@ def main(argv=None) -> int:
     else:
         print(text)
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m medusa_kernels.tree calibrate ...``; returns the exit status (2: a bad
+    argument or file, one line on stderr)."""
+    return run_cli(_main, argv, PROG)
 
 
 if __name__ == "__main__":

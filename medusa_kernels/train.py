@@ -46,20 +46,24 @@ accepted tokens per step, and whether greedy Medusa output equals plain greedy; 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .training.distill import DistillConfig, self_distill
-from .training.trainer import DTYPES, TrainConfig, setup_distributed, train
+from ._cli import DEBUG_HELP, Parser, check_dir, check_file, run_cli
+
+PROG = "python -m medusa_kernels.train"
+DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")  # training.trainer.DTYPES
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model dir (HF layout)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if any, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                    help="backbone weights (default: bf16 for generation and a frozen backbone "
                         "on CUDA, fp32 when it trains or on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
 
 def _distill_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -73,7 +77,7 @@ def _distill_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m medusa_kernels.train", description=__doc__,
+    p = Parser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -134,16 +138,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         t.add_argument("--accept-tree", default=None)
         t.add_argument("--accept-max-new-tokens", type=int, default=None)
         t.add_argument("--report", default=None, help="also write the run report here")
-        t.add_argument("--save-dtype", choices=sorted(DTYPES), default=None,
+        t.add_argument("--save-dtype", choices=sorted(DTYPE_NAMES), default=None,
                        help="default: the model config's torch_dtype")
         t.add_argument("--no-autocast", action="store_true", help="no bf16 autocast on CUDA")
         t.add_argument("--log-every", type=int, default=10)
     return p.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace):
+    """The ``TrainConfig`` of a medusa1/medusa2 command line."""
+    from .training.trainer import DTYPES, TrainConfig
+
     skip = {"command", "no_progress", "no_pack", "no_autocast", "distill_batch_size", "format",
-            "dtype", "save_dtype"}
+            "dtype", "save_dtype", "debug"}
     kw = {k: v for k, v in vars(args).items() if k not in skip}
     return TrainConfig(
         mode=args.command, pack=not args.no_pack, progress=not args.no_progress,
@@ -153,8 +160,39 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )  # fmt: skip
 
 
-def main(argv=None) -> int:
+def check_args(args: argparse.Namespace) -> None:
+    """The paths and counts of the command line, before anything loads."""
+    check_dir("--model", args.model, "config.json")
+    prompts = getattr(args, "prompts", None)
+    if prompts is not None and not (prompts == "demo" or prompts.startswith("demo:")):
+        check_file("--prompts", prompts)
+    elif prompts is not None and prompts.startswith("demo:"):
+        n = prompts.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--prompts demo:N needs a count N >= 1, got {prompts!r}")
+    for flag in ("data", "eval_data"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file or "
+                                    "directory")
+    if args.command != "distill" and args.data is None and args.prompts is None:
+        raise ValueError(f"{args.command} needs --data DATASET or --prompts FILE (to "
+                         "self-distil first)")
+    for flag in ("max_new_tokens", "batch_size", "num_heads", "num_layers", "seq_len", "steps",
+                 "micro_batch_size", "limit", "distill_batch_size"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "temperature", 0.0) < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
+    check_args(args)
+    from .training.distill import DistillConfig, self_distill
+    from .training.trainer import DTYPES, setup_distributed, train
+
     if args.command == "distill":
         rank, world, device, owned = setup_distributed(args.device)
         cfg = DistillConfig(args.model, args.prompts, args.out, args.max_new_tokens,
@@ -173,6 +211,11 @@ def main(argv=None) -> int:
     if result.accept:
         print(result.accept)
     return 0
+
+
+def main(argv=None) -> int:
+    """The command line; returns the exit status (2: a bad argument or file, one line)."""
+    return run_cli(_main, argv, PROG)
 
 
 if __name__ == "__main__":

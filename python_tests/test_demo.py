@@ -25,9 +25,9 @@ def demo():
 
 @pytest.fixture(scope="module")
 def held_prompts(demo):
-    from medusa_kernels.calibrate import demo_prompts
+    from medusa_kernels.demo import prompts
 
-    return demo_prompts(demo, n=6)
+    return prompts(demo, n=6)
 
 
 @shipped
@@ -74,10 +74,12 @@ def test_shipped_mean_accepted(demo, held_prompts):
     assert mean >= floor, (mean, reported)
 
 
-def test_quick_build(tmp_path):
+def test_quick_build(tmp_path, capsys):
     from medusa_kernels.demo.build import main as build
 
     assert build(["--quick", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "pretrain" in err and "evaluate: plain" in err  # progress bars
     model_dir, heads_dir = path(tmp_path)
     rep = json.loads((tmp_path / "build_report.json").read_text())
     assert rep["quick"] and rep["results"]["identical_to_plain_mc_sim_7b_63"]
@@ -94,8 +96,8 @@ def test_quick_build(tmp_path):
     assert again["heads_steps"] == 5 != rep["heads_steps"]
     assert (tmp_path / "model" / "model.safetensors").read_bytes() == base_bytes
     assert load_model(model_dir, medusa=heads_dir).heads is not None
-    with pytest.raises(SystemExit, match="base setting"):
-        build(["--quick", "--heads-only", "--out", str(tmp_path), "--set", "d=32"])
+    assert build(["--quick", "--heads-only", "--out", str(tmp_path), "--set", "d=32"]) == 2
+    assert "error: --set d: a base setting" in capsys.readouterr().err
 
 
 @shipped

@@ -61,11 +61,11 @@ def oracle(reference, rank=0, right_heads=None, topk=10):
 @pytest.mark.parametrize("right_heads,rank,best_path", [(None, 0, 5), (None, 1, 3), (2, 0, 3)],
                          ids=["all-right", "right-at-rank1", "half-right"])
 def test_forced_candidates_accept_more_and_stay_lossless(model, right_heads, rank, best_path):
-    # default tree: deepest all-rank-0 path is 4 deep, deepest all-rank-1 path is [1, 1]
+    # mc_sim_7b_63: deepest all-rank-0 path is 4 deep, deepest all-rank-1 path is [1, 1]
     ids = prompts(3, seed=5)
     plain = generate(model, ids, max_new_tokens=30, medusa=False)
     longer = generate(model, ids, max_new_tokens=36, medusa=False)  # the oracle looks ahead
-    fast = generate(model, ids, max_new_tokens=30, medusa=True,
+    fast = generate(model, ids, max_new_tokens=30, medusa=True, tree="mc_sim_7b_63",
                     propose=oracle(longer.tokens, rank, right_heads))
     assert fast.tokens == plain.tokens
     best = max(max(step) for step in fast.accepted_per_step)
@@ -114,7 +114,7 @@ def test_tensor_prompt_and_stats(model):
 
 
 def test_bad_input_is_refused(model, tmp_path):
-    with pytest.raises(ValueError, match="input_ids"):
+    with pytest.raises(ValueError, match=r"prompt\[0\] is empty"):
         generate(model, [[]], max_new_tokens=4)
     with pytest.raises(ValueError, match="vocab_size"):
         generate(model, [[VOCAB + 3]], max_new_tokens=4)
@@ -149,7 +149,7 @@ def test_finished_sequence_that_overshot_does_not_overflow_the_cache(model):
     ids = prompts(2, seed=9)[::-1]
     plain = generate(model, ids, max_new_tokens=7, medusa=False)
     longer = generate(model, ids, max_new_tokens=20, medusa=False)
-    fast = generate(model, ids, max_new_tokens=7, medusa=True,
+    fast = generate(model, ids, max_new_tokens=7, medusa=True, tree="mc_sim_7b_63",
                     propose=oracle([longer.tokens[0], []]))
     assert fast.tokens == plain.tokens
     assert max(step[0] for step in fast.accepted_per_step) == 5

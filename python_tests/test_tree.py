@@ -5,7 +5,15 @@ import json
 import pytest
 import torch
 
-from medusa_kernels.tree import MC_SIM_7B_63, TREES, build_tree, resolve_choices
+from medusa_kernels.tree import (
+    MC_SIM_7B_63,
+    TREES,
+    build_tree,
+    fit_choices,
+    load_tree,
+    resolve_choices,
+    validate_choices,
+)
 
 
 def ancestors_by_brute_force(choices):
@@ -73,3 +81,32 @@ def test_resolve_choices_from_name_file_and_list(tmp_path):
     assert resolve_choices(((0,), (1,))) == [[0], [1]]
     with pytest.raises(ValueError, match="neither a known tree"):
         resolve_choices("no-such-tree")
+
+
+@pytest.mark.parametrize("name", sorted(TREES))
+@pytest.mark.parametrize("heads,vocab", [(1, None), (2, 3), (3, 1), (None, 2), (4, 10)])
+def test_fit_choices_cuts_to_a_tree(name, heads, vocab):
+    """Cut to the heads and the vocabulary, a tree stays a tree (prefix-closed) and keeps
+    every path that fits."""
+    cut = fit_choices(TREES[name], heads, vocab)
+    validate_choices(cut, heads, vocab)
+    fits = [p for p in TREES[name] if (heads is None or len(p) <= heads)
+            and (vocab is None or max(p) < vocab)]
+    assert cut == fits
+    assert resolve_choices(None, heads, vocab) == fit_choices(MC_SIM_7B_63, heads, vocab)
+
+
+def test_load_tree_errors_name_the_file(tmp_path):
+    cases = {"bad.json": ("[[0], [1]", "not a readable JSON file"),
+             "obj.json": ('{"tree": [[0]]}', 'found keys [\'tree\']'),
+             "str.json": ('"mc_sim"', "got a JSON str"),
+             "orphan.json": ('{"choices": [[0], [3, 1]]}', "no parent [3]")}
+    for name, (text, part) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError) as info:
+            load_tree(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value) and part in str(info.value)
+    (tmp_path / "bytes.json").write_bytes(b"\xff\xfe[")
+    with pytest.raises(ValueError, match="bytes.json"):
+        load_tree(tmp_path / "bytes.json")
+    assert load_tree("small_7") == MC_SIM_7B_63[:7]

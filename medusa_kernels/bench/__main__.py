@@ -104,6 +104,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def import_seconds(module: str) -> float | None:
+    """Seconds ``import module`` takes in a fresh interpreter (``python -X importtime``'s
+    cumulative time for it), or None when that cannot be measured."""
+    cmd = [sys.executable, "-X", "importtime", "-c", f"import {module}"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in reversed(out.stderr.splitlines()):  # the outermost import is reported last
+        parts = line.split("|")
+        if len(parts) == 3 and parts[2].strip() == module:
+            return int(parts[1]) / 1e6
+    return None
+
+
+def _check_paths(args: argparse.Namespace) -> str | None:
+    """One line naming a --model/--medusa/--tree path that is not there, or None."""
+    from medusa_kernels.tree import TREES
+
+    for flag, path in (("--model", args.model), ("--medusa", args.medusa)):
+        if path is not None and not os.path.isdir(path):
+            return f"{flag} {path}: no such directory"
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+        return f"--model {args.model}: no config.json in it (an HF model directory is expected)"
+    if args.tree is not None and args.tree not in TREES and not os.path.isfile(args.tree):
+        return f"--tree {args.tree!r}: neither a known tree {sorted(TREES)} nor a file"
+    return None
+
+
 def _interpreter_ready(device: torch.device) -> bool | None:
     """CPU mode: make Triton kernels run in the interpreter. Returns False when the process
     must restart for it (the kernels were already decorated without TRITON_INTERPRET=1)."""
@@ -211,6 +240,10 @@ def _run_section(name: str, ctx) -> dict:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    bad = _check_paths(args)
+    if bad is not None:  # one line, before anything runs
+        print(f"python -m medusa_kernels.bench: error: {bad}", file=sys.stderr)
+        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ready = _interpreter_ready(device)
     if ready is False:  # restart with TRITON_INTERPRET=1 in place before any kernel import
@@ -238,6 +271,9 @@ def main(argv=None) -> int:
 
     meta = report.metadata(device, dtype, args.quick, argv)
     meta["sections"] = args.sections
+    # start-up cost: the package alone (lazy: no torch, no Triton) and the decoding stack
+    for module in ("medusa_kernels", "medusa_kernels.decoding"):
+        meta[f"import_{module.replace('.', '_')}_s"] = import_seconds(module)
     say(f"medusa_kernels bench on {meta['device_name']} ({device.type}, {meta['dtype']}), "
         f"torch {meta['torch']}, triton {meta['triton']}", markup=False)  # fmt: skip
     if device.type != "cuda":

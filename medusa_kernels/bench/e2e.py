@@ -389,7 +389,7 @@ def _prompts(ctx: BenchContext, model: MedusaModel, n: int, demo: bool) -> list[
     """Held-out stdlib prompts for the demo; chat prompts (or random ids) for a checkpoint."""
     if demo:
         try:
-            from medusa_kernels.calibrate import demo_prompts
+            from medusa_kernels.demo import prompts as demo_prompts
 
             return demo_prompts(model, n=n)
         except Exception as e:  # e.g. no stdlib sources: fall back to the sample prompt
@@ -491,6 +491,10 @@ def _generation_rows(ctx: BenchContext) -> list[dict]:
     prompts = _prompts(ctx, model, n, demo)
     eos = model.eos_token_id()
     runs = [(False, None)] + [(True, t) for t in trees]  # (medusa, tree): plain first
+    # no --tree: the paper's tree cut to the heads (what the rows name), not generate's
+    # device-aware default (on a CPU the demo's calibrated_tree_cpu.json, a row of its own)
+    paper = resolve_choices(None, model.heads.num_heads, model.base.cfg.vocab_size)
+    runs = [(m, paper if m and t is None else t) for m, t in runs]
     for medusa, tree in runs:  # warm-up: first-call costs, kernel compilation
         generate(model, [prompts[0]], max_new_tokens=8, medusa=medusa, tree=tree,
                  eos_token_id=eos)  # fmt: skip
@@ -502,11 +506,11 @@ def _generation_rows(ctx: BenchContext) -> list[dict]:
             stats[i] = (outs + [out], counts + [k for k in c if k > 0], tokens + t, seconds + s)
 
     rows = []
-    for i, (_, tree) in enumerate(runs):
+    for i in range(len(runs)):
         outs, counts, tokens, seconds = stats[i]
         tps = tokens / seconds if seconds > 0 else float("nan")
         row = dict(section=SECTION, impl="medusa_generate" if i else "plain_generate", **case,
-                   tree=tree_label[tree] if i else "-", tokens=sum(len(o) for o in outs),
+                   tree=tree_label[trees[i - 1]] if i else "-", tokens=sum(len(o) for o in outs),
                    steps=len(counts), tokens_per_s=tps,
                    us_per_token=1e6 / tps if tps > 0 else float("nan"),
                    mean_accepted=sum(counts) / max(len(counts), 1))  # fmt: skip

@@ -25,6 +25,27 @@ def path(root: str | os.PathLike | None = None) -> tuple[str, str]:
     return model_dir, heads_dir
 
 
+# the held-out prompts every tool uses: calibration on one seed, measurement on another
+CALIBRATION_SEED, MEASURE_SEED = 11, 13
+
+
+def load(root: str | os.PathLike | None = None, device="cpu", dtype=None):
+    """The demo ``MedusaModel`` (base, heads and tokenizer) from ``root`` (default: shipped)."""
+    from ..checkpoint import load_model
+
+    model_dir, heads_dir = path(root)
+    return load_model(model_dir, medusa=heads_dir, dtype=dtype, device=device)
+
+
+def prompts(model, n: int = 16, seed: int = CALIBRATION_SEED) -> list[list[int]]:
+    """``n`` prompts of 24 tokens cut from the demo's held-out stdlib files (never seen in
+    training); ``model`` gives the tokenizer (a ``MedusaModel`` or a ``tokenizers.Tokenizer``)."""
+    from ..training.data import demo_prompts
+
+    tokenizer = model.tokenizer() if hasattr(model, "base") else model
+    return demo_prompts(tokenizer, n, split="held", seed=seed)
+
+
 def report(root: str | os.PathLike | None = None) -> dict:
     """The build report (settings, held-out loss, head accuracies, mean accepted)."""
     import json

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import math
 import os
@@ -38,14 +37,15 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .._cli import DEBUG_HELP, Parser, check_device, check_dir, check_file, progress, run_cli
 from ..checkpoint import load_model, save_base_model, save_medusa_heads
 from ..decoding import generate
 from ..model import ModelConfig, Transformer
 from ..training import Sample, TrainConfig, TrainResult, causal_hidden, collate, pack, train
+from ..training.corpus import EOS, corpus, encode_all, prompts_from, windows
 from ..training.trainer import evaluate as head_accuracies
 from . import ASSETS
 
-EOS = "<|endoftext|>"
 FULL = dict(vocab=2048, d=256, layers=4, heads=4, kv_heads=2, ffn=704, seq=128, batch=16,
             lr=3e-3, pretrain_s=360.0, pretrain_steps=4000, distil_prompts=2048, prompt_len=24,
             gen_len=96, heads_steps=2000, heads_rows=1, heads_seq=1024, heads_lr=1e-3,
@@ -59,18 +59,6 @@ def log(msg: str) -> None:
     print(f"[demo.build {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def corpus(max_files: int) -> tuple[list[str], list[str]]:
-    """(training texts, held-out texts) from the stdlib's own sources, deterministic."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:max_files]
-    texts = []
-    for f in files:
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            texts.append(fh.read())
-    train = [t for i, t in enumerate(texts) if i % 10 != 5]
-    held = [t for i, t in enumerate(texts) if i % 10 == 5] or texts[-1:]
-    return train, held
-
-
 def train_tokenizer(texts: list[str], vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -81,15 +69,6 @@ def train_tokenizer(texts: list[str], vocab: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
-
-
-def encode_all(tok, texts: list[str]) -> torch.Tensor:
-    eos = tok.token_to_id(EOS)
-    ids: list[int] = []
-    for enc in tok.encode_batch(texts):
-        ids.extend(enc.ids)
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def hf_config(s: dict, eos: int) -> dict:
@@ -110,22 +89,21 @@ def lm_loss(model: Transformer, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model.logits(hidden).flatten(0, 1).float(), batch[:, 1:].flatten())
 
 
-def windows(data: torch.Tensor, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, len(data) - length, (n,), generator=gen)
-    return torch.stack([data[s:s + length] for s in starts.tolist()])
-
-
 def lr_at(step: int, frac: float, lr: float, warmup: int = 30) -> float:
     return lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def pretrain(model: Transformer, data: torch.Tensor, s: dict, device) -> int:
+def pretrain(model: Transformer, data: torch.Tensor, s: dict, device, show: bool = True) -> int:
+    """Causal LM pretraining until ``pretrain_steps`` or ``pretrain_s`` seconds, whichever
+    comes first (the bar counts that fraction in thousandths, so its ETA holds for both)."""
     opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(1)
     start, step = time.perf_counter(), 0
     model.train()
+    bar = progress(total=1000, desc="pretrain", unit="‰", enabled=show)
     while step < s["pretrain_steps"]:
         frac = max(step / s["pretrain_steps"], (time.perf_counter() - start) / s["pretrain_s"])
+        bar.update(min(int(frac * 1000), 1000) - bar.n)
         if frac >= 1:
             break
         for g in opt.param_groups:
@@ -138,8 +116,11 @@ def pretrain(model: Transformer, data: torch.Tensor, s: dict, device) -> int:
         opt.step()
         if step % 50 == 0:
             elapsed = time.perf_counter() - start
+            bar.set_postfix(step=step, loss=f"{loss.item():.3f}")
             log(f"pretrain step {step} loss {loss.item():.3f} ({elapsed:.0f} s)")
         step += 1
+    bar.update(1000 - bar.n)
+    bar.close()
     model.eval()
     return step
 
@@ -151,19 +132,8 @@ def eval_loss(model: Transformer, data: torch.Tensor, s: dict, device, n: int = 
     return sum(lm_loss(model, b).item() * len(b) for b in batch.split(16)) / n
 
 
-def prompts_from(data: torch.Tensor, n: int, length: int, seed: int, eos: int) -> list[list[int]]:
-    """``n`` prompt windows of ``length`` tokens containing no eos."""
-    gen = torch.Generator().manual_seed(seed)
-    out: list[list[int]] = []
-    while len(out) < n:
-        w = windows(data, 1, length, gen)[0]
-        if not (w == eos).any():
-            out.append(w.tolist())
-    return out
-
-
 def train_heads(model_dir: str, run_dir: str, prompts: list[list[int]], s: dict, device,
-                seed: int) -> TrainResult:
+                seed: int, show: bool = True) -> TrainResult:
     """Self-distil ``prompts`` with the base in ``model_dir`` and train Medusa-1 heads on the
     result: the training package, as ``python -m medusa_kernels.train medusa1`` runs it."""
     os.makedirs(run_dir, exist_ok=True)
@@ -175,20 +145,20 @@ def train_heads(model_dir: str, run_dir: str, prompts: list[list[int]], s: dict,
         max_new_tokens=s["gen_len"], distill_batch_size=64, num_heads=s["num_heads"],
         num_layers=1, seq_len=s["heads_seq"], batch_size=s["heads_rows"],
         steps=s["heads_steps"], lr=s["heads_lr"], warmup_steps=10, min_lr_ratio=0.1,
-        measure_accept=s["accept_prompts"], seed=seed, device=str(device), progress=False,
+        measure_accept=s["accept_prompts"], seed=seed, device=str(device), progress=show,
         log_every=50,
     )  # fmt: skip
     return train(cfg)
 
 
-def evaluate(out: str, held: torch.Tensor, s: dict, eos: int) -> dict:
+def evaluate(out: str, held: torch.Tensor, s: dict, eos: int, show: bool = True) -> dict:
     """Held-out numbers from the saved checkpoint (float32 on CPU)."""
     model_dir, heads_dir = os.path.join(out, "model"), os.path.join(out, "heads")
     m = load_model(model_dir, medusa=heads_dir, dtype=torch.float32, device="cpu")
     loss = eval_loss(m.base, held, s, "cpu")
     prompts = prompts_from(held, s["eval_prompts"], s["prompt_len"], seed=7, eos=eos)
     plain = [generate(m, [p], max_new_tokens=s["eval_new"], medusa=False).tokens[0]
-             for p in prompts]
+             for p in progress(prompts, desc="evaluate: plain", unit="prompt", enabled=show)]
     samples = [Sample(torch.tensor(p + t, dtype=torch.int32), len(p))
                for p, t in zip(prompts, plain, strict=True)]
     rows = pack([len(x) for x in samples], s["heads_seq"], True)
@@ -199,7 +169,8 @@ def evaluate(out: str, held: torch.Tensor, s: dict, eos: int) -> dict:
                  "held_out_head_top5": acc["top5"]}
     for tree in ("mc_sim_7b_63", "small_15"):
         outs = [generate(m, [p], max_new_tokens=s["eval_new"], medusa=True, tree=tree)
-                for p in prompts]  # one at a time: mean over steps of every prompt
+                for p in progress(prompts, desc=f"evaluate: {tree}", unit="prompt",
+                                  enabled=show)]  # one at a time: mean over steps of each
         counts = [n for r in outs for step in r.accepted_per_step for n in step if n > 0]
         res[f"mean_accepted_{tree}"] = round(sum(counts) / len(counts), 4)
         res[f"identical_to_plain_{tree}"] = [r.tokens[0] for r in outs] == plain
@@ -209,7 +180,7 @@ def evaluate(out: str, held: torch.Tensor, s: dict, eos: int) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m medusa_kernels.demo.build", description=__doc__,
+    p = Parser(prog="python -m medusa_kernels.demo.build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=ASSETS, help="output dir (default: the shipped assets)")
     p.add_argument("--quick", action="store_true", help="tiny smoke build (seconds)")
@@ -223,6 +194,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep the heads' training run (data, accuracies, report) here")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help=f"override a setting, e.g. pretrain_s=1200 d=384 ({sorted(FULL)})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p.parse_args(argv)
 
 
@@ -230,7 +203,8 @@ BASE_SETTINGS = ("vocab", "d", "layers", "heads", "kv_heads", "ffn", "seq", "bat
                  "pretrain_s", "pretrain_steps", "max_files")
 
 
-def build_base(s: dict, train_texts: list[str], model_dir: str, device) -> dict:
+def build_base(s: dict, train_texts: list[str], model_dir: str, device, show: bool = True
+               ) -> dict:
     """Steps 2-3: tokenizer and pretrained base, saved to ``model_dir``; what the report keeps."""
     t0 = time.perf_counter()
     tok = train_tokenizer(train_texts, s["vocab"])
@@ -248,7 +222,7 @@ def build_base(s: dict, train_texts: list[str], model_dir: str, device) -> dict:
     model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters")
-    steps = pretrain(model, data, s, device)
+    steps = pretrain(model, data, s, device, show)
     save_base_model(model.to("cpu", torch.float16), model_dir, cfg_json)
     tok.save(os.path.join(model_dir, "tokenizer.json"))
     with open(os.path.join(model_dir, "generation_config.json"), "w") as f:
@@ -259,8 +233,15 @@ def build_base(s: dict, train_texts: list[str], model_dir: str, device) -> dict:
             "pretrain_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
+    show = not args.no_progress
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_device("--device", args.device)
+    if args.heads_only:
+        check_dir("--out (with --heads-only)", os.path.join(args.out, "model"), "config.json")
+        check_file("--out (with --heads-only)", os.path.join(args.out, "build_report.json"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -274,18 +255,23 @@ def main(argv=None) -> int:
         previous = read_report(out)
         s.update({k: previous["settings"][k] for k in BASE_SETTINGS})
     for kv in args.set:
-        k, v = kv.split("=", 1)
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {kv!r}")
         if k not in s:
-            raise SystemExit(f"--set: unknown setting {k!r}; known: {sorted(s)}")
+            raise ValueError(f"--set: unknown setting {k!r}; known: {sorted(s)}")
         if previous is not None and k in BASE_SETTINGS:
-            raise SystemExit(f"--set {k}: a base setting; --heads-only keeps the earlier base")
-        s[k] = type(s[k])(float(v)) if isinstance(s[k], (int, float)) else v
+            raise ValueError(f"--set {k}: a base setting; --heads-only keeps the earlier base")
+        try:
+            s[k] = type(s[k])(float(v)) if isinstance(s[k], (int, float)) else v
+        except ValueError:
+            raise ValueError(f"--set {k}: expected a number, got {v!r}") from None
     device = torch.device(args.device)
     t0 = time.perf_counter()
     train_texts, held_texts = corpus(s["max_files"])
     log(f"corpus: {len(train_texts)} training files, {len(held_texts)} held out")
     if previous is None:
-        base = build_base(s, train_texts, model_dir, device)
+        base = build_base(s, train_texts, model_dir, device, show)
     else:
         base = {k: previous[k] for k in
                 ("parameters", "pretrain_steps", "pretrain_tokens", "pretrain_seconds")}
@@ -299,13 +285,13 @@ def main(argv=None) -> int:
     log("self-distillation and Medusa-1 heads (the training package)")
     prompts = prompts_from(data, s["distil_prompts"], s["prompt_len"], seed=5, eos=eos)
     with tempfile.TemporaryDirectory() as tmp:
-        run = train_heads(model_dir, args.run_dir or tmp, prompts, s, device, args.seed)
+        run = train_heads(model_dir, args.run_dir or tmp, prompts, s, device, args.seed, show)
         with open(os.path.join(args.run_dir or tmp, "train_report.json")) as f:
             train_report = json.load(f)
     heads = run.heads
     save_medusa_heads(heads.to("cpu", torch.float16), heads_dir, base_model_name_or_path="../model")
     log(f"saved the heads to {heads_dir}; evaluating on held-out prompts")
-    results = evaluate(out, held, s, eos)
+    results = evaluate(out, held, s, eos, show)
     size = sum(os.path.getsize(os.path.join(d, f)) for d in (model_dir, heads_dir)
                for f in os.listdir(d))
     report = {
@@ -336,6 +322,12 @@ def main(argv=None) -> int:
         json.dump(report, f, indent=2)
     log(json.dumps(results, indent=2))
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m medusa_kernels.demo.build``; returns the exit status (2: a bad argument or
+    file, one line on stderr)."""
+    return run_cli(_main, argv, "python -m medusa_kernels.demo.build")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def demo_prompts(tokenizer, n: int, split: str = "train", length: int = 24,
     """``n`` prompts of ``length`` tokens cut from the demo model's corpus (the standard
     library's sources; ``split`` "train" or "held" out), for the shipped demo model. The
     default seed is 5 for "train" and 11 for "held" (the held-out prompts every tool uses)."""
-    from ..demo.build import EOS, corpus, encode_all, prompts_from
+    from .corpus import EOS, corpus, encode_all, prompts_from
 
     if seed is None:
         seed = 5 if split == "train" else 11

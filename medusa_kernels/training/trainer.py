@@ -43,7 +43,7 @@ from ..checkpoint import (
 )
 from ..heads import MedusaHeads
 from ..model import Transformer
-from ..tree import DEFAULT_TREE
+from ..tree import DEFAULT_TREE, resolve_choices
 from .data import collate, load_dataset, pack, shifted_targets
 from .distill import DistillConfig, resolve_prompts, self_distill
 from .objectives import causal_hidden, heads_loss_sums, kl_sum, rank_hits, topk_kl_sum, upcast
@@ -327,6 +327,8 @@ def measure_accept(model_dir: str, heads_dir: str, original_dir: str,
     eos = trained.eos_token_id()
     out: dict = {"prompts": len(prompts), "max_new_tokens": max_new_tokens,
                  "tree": tree or DEFAULT_TREE, "dtype": str(trained.dtype).split(".")[-1]}
+    if tree is None:  # the same tree for both models: the paper's, cut to the heads
+        tree = resolve_choices(None, K, orig.cfg.vocab_size)
     same = True
     for name, m in (("trained", trained), ("untrained", untrained)):
         counts, tokens, t = [], 0, 0.0

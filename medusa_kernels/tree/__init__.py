@@ -12,6 +12,17 @@ Buffers (T = 1 + number of paths, A = max depth + 1, P = number of leaves):
   ``[root, head0 top-k..., head1 top-k..., ...]``.
 - ``retrieve_indices [P, A]`` int64: node indices of each root-to-leaf path, padded with -1
   (never with a token id, so a short path cannot be falsely accepted).
+
+Which tree ``generate`` and the CLIs use when none is given (``default_tree``): on a GPU the
+checkpoint's ``calibrated_tree.json`` if it ships one, else the paper's ``mc_sim_7b_63``; on a
+CPU, which pays for every tree node, ``calibrated_tree_cpu.json`` if shipped, else the 7-node
+``small_7``. A checkpoint ships a tree in its model directory or the directory above it (the
+demo's layout: ``DIR/model``, ``DIR/heads``, ``DIR/calibrated_tree_cpu.json``). The default is
+cut to the heads and the vocabulary the model has; a tree asked for by name, file or list is
+used whole, and one that does not fit is an error naming it.
+
+torch is imported at first use (``build_tree``), so ``python -m medusa_kernels.tree`` answers
+``--help`` at once.
 """
 
 from __future__ import annotations
@@ -20,8 +31,10 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # The paper's tree for Vicuna-7B (Medusa repo, medusa_choices.py): 63 nodes + root, depth 4.
 MC_SIM_7B_63 = [
@@ -41,11 +54,17 @@ TREES: dict[str, list[list[int]]] = {
         [0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [2, 0], [0, 2], [1, 1], [0, 0, 1],
         [0, 1, 0], [3], [1, 0, 0], [0, 3],
     ],  # fmt: skip
+    # 7 nodes, depth 3: mc_sim_7b_63's first 7 (it lists its nodes by estimated value), the
+    # size `tree calibrate --nodes auto` chose for the demo on a CPU: the CPU default
+    "small_7": MC_SIM_7B_63[:7],
     "chain_4": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]],
     "wide_8": [[i] for i in range(8)],
     "root_only": [],
 }
-DEFAULT_TREE = "mc_sim_7b_63"
+DEFAULT_TREE = "mc_sim_7b_63"  # the paper's: the default on a GPU until calibrated
+CPU_DEFAULT_TREE = "small_7"  # the default on a CPU without a calibrated tree
+# the calibrated trees a checkpoint may ship, by device type ("cuda": any GPU)
+CALIBRATED_TREE_FILES = {"cpu": "calibrated_tree_cpu.json", "cuda": "calibrated_tree.json"}
 
 
 @dataclass
@@ -73,6 +92,8 @@ class TreeBuffers:
 
     def candidates(self, root: torch.Tensor, head_topk: torch.Tensor) -> torch.Tensor:
         """Tree node tokens [B, T] from root tokens [B] and the heads' top-k [B, K, k]."""
+        import torch
+
         flat = torch.cat([root[:, None], head_topk[:, : self.depth, : self.topk].flatten(1)], 1)
         return flat[:, self.tree_indices]
 
@@ -118,6 +139,8 @@ def build_tree(
     device: torch.device | str = "cpu",
 ) -> TreeBuffers:
     """Buffers for ``choices``; ``num_heads``/``topk`` bound the depth and ranks when given."""
+    import torch
+
     paths = validate_choices(choices, num_heads, topk)
     width = topk if topk is not None else 1 + max((max(p) for p in paths), default=0)
     depth = max((len(p) for p in paths), default=0)
@@ -142,19 +165,95 @@ def build_tree(
     return TreeBuffers(paths, width, depth, mask, depths, tree_indices, retrieve).to(device)
 
 
-def resolve_choices(tree: str | os.PathLike | Sequence[Sequence[int]] | None,
-                    num_heads: int | None = None) -> list[list[int]]:
-    """A tree given by name (``TREES``), by a JSON file (a list, or {"choices": [...]}), or as
-    a list of paths; None gives the default (``mc_sim_7b_63``), cut to ``num_heads`` levels
-    when given (a tree asked for by name or file is kept whole: too deep is an error later)."""
-    if tree is None:
-        return [p for p in TREES[DEFAULT_TREE] if num_heads is None or len(p) <= num_heads]
-    if isinstance(tree, (str, os.PathLike)):
-        if str(tree) in TREES:
-            return TREES[str(tree)]
-        if os.path.isfile(tree):
-            with open(tree) as f:
-                data = json.load(f)
-            return data["choices"] if isinstance(data, dict) else data
+def load_tree(tree: str | os.PathLike) -> list[list[int]]:
+    """The paths of a tree given by name (``TREES``) or by a JSON file: a list of paths, or an
+    object with "choices" (what ``tree calibrate`` writes). Errors name the name or the file."""
+    if str(tree) in TREES:
+        return [list(p) for p in TREES[str(tree)]]
+    if not os.path.isfile(tree):
         raise ValueError(f"tree {str(tree)!r} is neither a known tree {sorted(TREES)} nor a file")
+    try:
+        with open(tree, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"tree file {str(tree)!r}: not a readable JSON file ({e})") from None
+    if isinstance(data, dict):
+        if "choices" not in data:
+            raise ValueError(f"tree file {str(tree)!r}: a JSON object needs a \"choices\" key (the "
+                             f"list of paths), found keys {sorted(data)[:8]}")
+        data = data["choices"]
+    if not isinstance(data, list):
+        raise ValueError(f"tree file {str(tree)!r}: expected a list of paths or "
+                         f"{{\"choices\": [...]}}, got a JSON {type(data).__name__}")
+    try:
+        validate_choices(data)
+    except ValueError as e:
+        raise ValueError(f"tree file {str(tree)!r}: {e}") from None
+    return data
+
+
+def fit_choices(choices: Sequence[Sequence[int]], num_heads: int | None = None,
+                vocab_size: int | None = None) -> list[list[int]]:
+    """``choices`` cut to a model: paths deeper than ``num_heads`` and paths through a rank >=
+    ``vocab_size`` dropped (a kept path's prefixes are kept too, so the result is a tree)."""
+    return [list(p) for p in choices if (num_heads is None or len(p) <= num_heads)
+            and (vocab_size is None or max(p) < vocab_size)]
+
+
+def check_fits(choices: Sequence[Sequence[int]], label: str, num_heads: int | None,
+               vocab_size: int | None) -> None:
+    """A clear error, naming the tree, when ``choices`` is deeper than the heads or asks a head
+    for more ranks than the vocabulary holds."""
+    try:
+        validate_choices(choices, num_heads)
+    except ValueError as e:
+        raise ValueError(f"tree {label!r}: {e}") from None
+    width = 1 + max((max(p) for p in choices), default=-1)
+    if vocab_size is not None and width > vocab_size:
+        path = next(list(p) for p in choices if max(p) >= vocab_size)
+        raise ValueError(
+            f"tree {label!r}: path {path} asks a head for its top-{width} but the vocabulary has "
+            f"only V = {vocab_size} tokens (use a tree with ranks < {vocab_size}, or the default "
+            "tree, which is cut to fit)"
+        )
+
+
+def default_tree(device: torch.device | str = "cpu", model_dir: str | os.PathLike | None = None
+                 ) -> str:
+    """The tree to use when none is given (a name in ``TREES`` or a shipped file's path), by
+    device type: the checkpoint's calibrated tree for it (``CALIBRATED_TREE_FILES``, looked for
+    in ``model_dir`` then the directory above it) if it ships one, else ``mc_sim_7b_63`` on a
+    GPU and ``small_7`` on a CPU."""
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    if model_dir is not None:
+        model_dir = os.path.abspath(model_dir)
+        for folder in (model_dir, os.path.dirname(model_dir)):
+            candidate = os.path.join(folder, CALIBRATED_TREE_FILES[kind])
+            if os.path.isfile(candidate):
+                return candidate
+    return DEFAULT_TREE if kind == "cuda" else CPU_DEFAULT_TREE
+
+
+def tree_label(tree) -> str:
+    """A short name for messages and reports: the tree's name, its file's name, or "custom"."""
+    if isinstance(tree, (str, os.PathLike)):
+        return os.path.basename(str(tree)) if str(tree) not in TREES else str(tree)
+    return "custom"
+
+
+def resolve_choices(tree: str | os.PathLike | Sequence[Sequence[int]] | None,
+                    num_heads: int | None = None, vocab_size: int | None = None
+                    ) -> list[list[int]]:
+    """A tree given by name (``TREES``), by a JSON file (a list, or {"choices": [...]}), or as
+    a list of paths; None gives the paper's ``mc_sim_7b_63``, cut to ``num_heads`` levels and
+    ``vocab_size`` ranks when given (a tree asked for by name or file is kept whole: too deep
+    is an error later)."""
+    if tree is None:
+        return fit_choices(TREES[DEFAULT_TREE], num_heads, vocab_size)
+    if isinstance(tree, (str, os.PathLike)):
+        return load_tree(tree)
+    if isinstance(tree, (bytes, bytearray)) or not isinstance(tree, Sequence):
+        raise ValueError(f"tree must be a name in {sorted(TREES)}, a JSON file or a list of "
+                         f"paths, got {type(tree).__name__}")
+    validate_choices(tree)
     return [list(p) for p in tree]
