@@ -4,6 +4,8 @@
 #   bash bench/gpu_session.sh bench    # python -m medusa_kernels.bench, Medusa-1 training check
 #   bash bench/gpu_session.sh demo     # (optional, ~6 min) the demo model built from nothing,
 #                                        then the tree size --nodes auto picks on the GPU
+#   BUDGET=520 bash bench/gpu_session.sh all   # one call when device time is short: the GPU
+#                                        tests, memcheck, then bench --quick (partial JSON kept)
 # Each stage ends within BUDGET seconds (default 570, under the device tool's 600 s per call):
 # every step's timeout is its own cap or what is left of the budget, whichever is smaller.
 # Results land in $OUT (the device tool brings back at most 8 files; each stage writes at most
@@ -32,8 +34,8 @@ cap() {
 }
 
 case "$stage" in
-  verify|bench|demo) ;;
-  *) echo "usage: bash bench/gpu_session.sh verify|bench|demo"; exit 2;;
+  verify|bench|demo|all) ;;
+  *) echo "usage: bash bench/gpu_session.sh verify|bench|demo|all"; exit 2;;
 esac
 
 log install
@@ -48,7 +50,39 @@ timeout "$(cap 150)" "$PY" -m pip install --no-build-isolation --no-deps --no-in
 "$PY" -c "import medusa_kernels._C" && echo "medusa_kernels._C ok" \
   || echo "medusa_kernels._C did not build (see install.log): the cuda backend is skipped"
 
-if [ "$stage" = verify ]; then
+if [ "$stage" = all ]; then
+  log "GPU tests (kernels, decoding, sampling, op boundary)"
+  timeout "$(cap 170)" "$PY" -m pytest -q -rs -p no:cacheprovider --durations=10 \
+    "${KERNEL_TESTS[@]}" python_tests/test_gpu_decoding.py python_tests/test_triton_decoding.py \
+    python_tests/test_sampling.py python_tests/test_ops_boundary.py 2>&1 \
+    | tee "$OUT/pytest.log" | tail -25
+  log "compute-sanitizer memcheck on the kernels' small-shape tests"
+  limit=$(cap 80)
+  pids=()
+  for f in "${KERNEL_TESTS[@]}"; do
+    name=$(basename "$f" .py)
+    ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$limit" compute-sanitizer --tool memcheck \
+        --error-exitcode 9 --print-limit 20 "$PY" -m pytest -q -p no:cacheprovider \
+        -k "not gpu" "$f" > "/tmp/san_$name.log" 2>&1
+      echo "exit status $? (0 clean, 9 sanitizer errors, 1 test failures, 124 timed out)" \
+        >> "/tmp/san_$name.log" ) &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  for f in "${KERNEL_TESTS[@]}"; do
+    name=$(basename "$f" .py)
+    { echo "== memcheck $name"; head -c 60000 "/tmp/san_$name.log"; } >> "$OUT/sanitizer.log"
+  done
+  grep -E "^== |ERROR SUMMARY|exit status|passed|failed" "$OUT/sanitizer.log"
+  log "bench --quick"
+  timeout "$(cap 400)" "$PY" -m medusa_kernels.bench --quick --out "$OUT" 2>&1 \
+    | tee "$OUT/bench.log" | tail -60
+  bench_json=$(ls "$OUT"/20*.json 2>/dev/null | head -1)
+  if [ -n "$bench_json" ] && [ ! -f "${bench_json%.json}.md" ]; then
+    log "the bench was stopped: tables from the JSON it rewrote after every row"
+    timeout 30 "$PY" -m medusa_kernels.bench.report "$bench_json" 2>&1 | tail -40
+  fi
+elif [ "$stage" = verify ]; then
   xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 4)  # Triton compiles in 4 processes
   log "GPU tests: the kernels' tests (on the GPU here), decoding with the kernels, op boundary"
