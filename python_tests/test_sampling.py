@@ -334,8 +334,9 @@ def test_one_node_tree_is_plain_sampling(backend):
     g = torch.Generator().manual_seed(3)
     logits, tokens = torch.randn(5, 1, 11, generator=g), torch.randint(0, 11, (5, 1), generator=g)
     u = torch.rand(5, 1, generator=g)
-    lengths, path, nxt = accept_exact(logits, tokens, torch.tensor([[0]]), 0.9, top_k=4,
-                                      uniforms=u, backend=backend)
+    logits, tokens, u = logits.to(DEV), tokens.to(DEV), u.to(DEV)
+    lengths, path, nxt = accept_exact(logits, tokens, torch.tensor([[0]], device=DEV), 0.9,
+                                      top_k=4, uniforms=u, backend=backend)
     assert lengths.tolist() == [1] * 5 and path.tolist() == [[0]] * 5
     assert torch.equal(nxt, sample_logits(logits[:, 0], 0.9, top_k=4, uniforms=u[:, 0]))
 
@@ -348,8 +349,8 @@ def test_duplicate_children_follow_the_first(backend):
     logits = torch.full((1, 5, 4), -3.0)
     logits[0, :, 2] = 5.0  # every node's distribution is (almost) all on token 2
     tokens = torch.tensor([[0, 2, 2, 1, 2]])  # nodes 1 and 2 both carry 2; only 2's child too
-    got = accept_exact(logits, tokens, CHAIN_WIDE.retrieve_indices, 1.0, top_k=1,
-                       uniforms=torch.rand(1, 3), backend=backend)
+    got = accept_exact(logits.to(DEV), tokens.to(DEV), CHAIN_WIDE.retrieve_indices.to(DEV), 1.0,
+                       top_k=1, uniforms=torch.rand(1, 3, device=DEV), backend=backend)
     assert got[0].tolist() == [2] and got[1].tolist() == [[0, 1, 3]] and got[2].tolist() == [2]
 
 
@@ -366,22 +367,24 @@ def test_zero_probability_children_are_never_entered(backend):
     tokens = tokens.clone()
     tokens[:, 2] = filtered_out.to(torch.int8).argmax(1)  # node 2: a token top-k drops
     u = torch.rand(n, 3, generator=g)
-    lengths, path, nxt = accept_exact(logits, tokens, CHAIN_WIDE.retrieve_indices, 1.0,
-                                      top_k=2, uniforms=u, backend=backend)
+    lengths, path, nxt = accept_exact(logits.to(DEV), tokens.to(DEV),
+                                      CHAIN_WIDE.retrieve_indices.to(DEV), 1.0, top_k=2,
+                                      uniforms=u.to(DEV), backend=backend)
     assert lengths.tolist() == [1] * n
-    assert bool((nxt[:, None] == top2).any(1).all())  # the drawn token is one of the top 2
+    assert bool((nxt.cpu()[:, None] == top2).any(1).all())  # the drawn token is one of the top 2
 
 
 def test_minus_inf_logits_and_empty_batch():
-    logits = torch.randn(3, 5, 6)
+    logits = torch.randn(3, 5, 6, device=DEV)
     logits[..., :3] = NEG
-    tokens = torch.randint(0, 6, (3, 5))
+    tokens = torch.randint(0, 6, (3, 5), device=DEV)
+    ri = CHAIN_WIDE.retrieve_indices.to(DEV)
     for backend in ("torch", "triton"):
-        _, _, nxt = accept_exact(logits, tokens, CHAIN_WIDE.retrieve_indices, 1.0,
-                                 generator=torch.Generator().manual_seed(0), backend=backend)
+        _, _, nxt = accept_exact(logits, tokens, ri, 1.0,
+                                 generator=torch.Generator(device=DEV).manual_seed(0),
+                                 backend=backend)
         assert bool((nxt >= 3).all())
-        out = accept_exact(logits[:0], tokens[:0], CHAIN_WIDE.retrieve_indices, 1.0,
-                           backend=backend)
+        out = accept_exact(logits[:0], tokens[:0], ri, 1.0, backend=backend)
         assert [tuple(t.shape) for t in out] == [(0,), (0, 3), (0,)]
         assert [t.dtype for t in out] == [torch.int32, torch.int64, torch.int64]
 
