@@ -226,11 +226,12 @@ def metadata(device, dtype, quick: bool, argv: Sequence[str]) -> dict:
         "dirty": None,
     }
     status = _git("status", "--porcelain", "--untracked-files=no")
-    if meta["commit"] and status is not None:
+    if os.environ.get("MEDUSA_KERNELS_COMMIT"):
+        # a copy of the tree sent to the lent GPU machine: its .git (if any) may be stale, so
+        # the commit typed in there wins
+        meta["commit"], meta["dirty"] = os.environ["MEDUSA_KERNELS_COMMIT"], None
+    elif meta["commit"] and status is not None:
         meta["dirty"] = bool(status)
-    elif not meta["commit"] and os.environ.get("MEDUSA_KERNELS_COMMIT"):
-        # a copy of the tree without .git (the lent GPU machine): the commit as given there
-        meta["commit"] = os.environ["MEDUSA_KERNELS_COMMIT"]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         meta["device_name"] = props.name
