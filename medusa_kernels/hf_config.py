@@ -377,6 +377,9 @@ def _rope_dicts(r: _Reader) -> dict:
     if scaling is not None and params is not None and scaling != params:
         r.fail("rope_scaling", scaling, f"and rope_parameters = {params!r} disagree (say one)")
     rope = dict(scaling if scaling is not None else params or {})
+    for key in ("rope_theta", "partial_rotary_factor"):  # transformers: the rope dict's wins
+        if r.has(key) and key in rope and rope[key] != r.cfg[key]:
+            r.fail(key, r.cfg[key], f"disagrees with the rope dict's {key} = {rope[key]!r}")
     rope.setdefault("rope_theta", r.raw("rope_theta"))
     if r.family == "phi3":
         rope.setdefault("partial_rotary_factor", r.raw("partial_rotary_factor"))

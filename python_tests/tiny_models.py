@@ -64,9 +64,10 @@ def make_hf_model(
 ):
     """A random transformers model of ``arch`` (fp32, eval); saved to ``path`` when given.
     4 attention heads: head dim ``hidden // 4`` (16 by default; 256 gives 64, a Triton size)
-    unless the arch (or ``head_dim``) sets one; ``overrides`` go into the config. ``FAMILIES``
-    also get random norm weights and biases (the default init leaves them at 1 / 0)."""
-    config_cls, extra = ALL[arch]
+    unless the arch (or ``head_dim``) sets one; ``overrides`` go into the config. ``arch`` may
+    also be a (config class, kwargs) pair. All but ``ARCHS`` also get random norm weights and
+    biases (the default init leaves them at 1 / 0)."""
+    config_cls, extra = ALL[arch] if isinstance(arch, str) else arch
     extra = dict(extra, **({} if head_dim is None else {"head_dim": head_dim}), **overrides)
     torch.manual_seed(seed)
     config = config_cls(**dict(
@@ -78,7 +79,7 @@ def make_hf_model(
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.1)
-            elif arch not in ARCHS:
+            elif not (isinstance(arch, str) and arch in ARCHS):
                 p.add_(torch.randn_like(p), alpha=0.1)
     if path is not None:
         kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
