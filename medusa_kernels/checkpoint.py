@@ -126,18 +126,24 @@ def _layers_in(names) -> int:
     return max(found) + 1 if found else 0
 
 
-def check_base_tensors(model: Transformer, index: dict[str, TensorInfo], where: str) -> None:
-    """Every tensor of the checkpoint used or explained, every expected one present with the
-    shape config.json implies, floating-point weights only: else a ValueError naming them."""
-    cfg = model.cfg
-    expected = {hf: shape for parts in model.hf_layout().values() for hf, shape in parts}
-    names = {n: info for n, info in index.items() if not n.startswith(HEADS_PREFIX)}
-    held = _layers_in(names)
+def check_layer_count(cfg: ModelConfig, index: dict[str, TensorInfo], where: str) -> None:
+    """config.json's num_hidden_layers must be the checkpoint's (checked before the model is
+    built: a corrupt count cannot build thousands of layers)."""
+    held = _layers_in(index)
     if held != cfg.num_layers and held:
         raise ValueError(
             f"{where}: config.json num_hidden_layers = {cfg.num_layers} but the checkpoint holds "
             f"{held} layers (model.layers.0-{held - 1}.*): refusing to "
             f"{'drop' if held > cfg.num_layers else 'invent'} layers")
+
+
+def check_base_tensors(model: Transformer, index: dict[str, TensorInfo], where: str) -> None:
+    """Every tensor of the checkpoint used or explained, every expected one present with the
+    shape config.json implies, floating-point weights only: else a ValueError naming them."""
+    cfg = model.cfg
+    check_layer_count(cfg, index, where)
+    expected = {hf: shape for parts in model.hf_layout().values() for hf, shape in parts}
+    names = {n: info for n, info in index.items() if not n.startswith(HEADS_PREFIX)}
     missing = [n for n in expected if n not in names]
     if missing:
         shown = ", ".join(f"{n} {list(expected[n])}" for n in missing[:6])
@@ -182,9 +188,20 @@ def load_base_model(model_dir, dtype=None, device="cpu") -> Transformer:
     try:
         cfg = ModelConfig.from_hf(cfg_json)
     except (TypeError, ValueError) as e:
-        raise type(e)(f"{cfg_path}: {e}") from None
+        msg = str(e).removeprefix("config.json ")
+        raise type(e)(f"{cfg_path}: {msg}") from None
     files = weight_files(model_dir)
     index = tensor_index(files)
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    if os.path.isfile(index_path):  # the index must describe the shards it lists
+        listed = read_config(index_path)["weight_map"]
+        wrong = sorted(n for n in set(listed) | set(index)
+                       if n not in index or n not in listed
+                       or os.path.basename(index[n].path) != listed[n])
+        if wrong:
+            raise ValueError(f"{index_path}: weight_map disagrees with the shards about "
+                             f"{len(wrong)} tensor(s), e.g. {wrong[:3]}")
+    check_layer_count(cfg, index, str(model_dir))
     with torch.device("meta"):
         model = Transformer(cfg)
     check_base_tensors(model, index, str(model_dir))

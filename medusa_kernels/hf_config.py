@@ -352,57 +352,66 @@ def _windows(r: _Reader, layers: int) -> tuple[tuple[int | None, ...] | None, in
     return (windows if any(w is not None for w in windows) else None), window
 
 
-def _rope_dicts(r: _Reader) -> dict:
-    """The rope dict(s) as transformers standardises them: {"global": dict, "local": dict?}."""
+def _rope_dicts(r: _Reader) -> dict[str, tuple[str, dict]]:
+    """The rope dict(s) as transformers standardises them, each with the config key it came
+    from: {"global": (key, dict), "local": (key, dict) for Gemma-3}."""
     scaling, params = r.raw("rope_scaling"), r.raw("rope_parameters")
     for key, value in (("rope_scaling", scaling), ("rope_parameters", params)):
         if value is not None and not isinstance(value, dict):
             r.fail(key, value, "must be a JSON object or null", TypeError)
+
+    def fill(rope: dict, key: str, top: str) -> None:  # from the top level, checked there
+        if key not in rope:
+            rope[key] = number(top, r.raw(top))
+
     if r.family == "gemma3_text":
         nested = params if params is not None else {}
         if params is not None and (set(params) - {"full_attention", "sliding_attention"}):
             r.fail("rope_parameters", params, "gemma3_text takes it per layer type: "
                    "{'full_attention': {...}, 'sliding_attention': {...}}")
+        for name in ("full_attention", "sliding_attention"):
+            if not isinstance(nested.get(name) or {}, dict):
+                r.fail(f"rope_parameters.{name}", nested[name], "must be a JSON object",
+                       TypeError)
         full = dict(nested.get("full_attention") or {"rope_type": "default"})
         local = dict(nested.get("sliding_attention") or {"rope_type": "default"})
         if scaling is not None:
             full.update(scaling)
-        full.setdefault("rope_theta", r.raw("rope_theta"))
-        local.setdefault("rope_theta", r.raw("rope_local_base_freq"))
+        fill(full, "rope_theta", "rope_theta")
+        fill(local, "rope_theta", "rope_local_base_freq")
         for name, rope in (("full_attention", full), ("sliding_attention", local)):
             if rope.get("truncate", True) is not True:  # yarn reads it at the top of the nest
                 raise ValueError(f"config.json rope_parameters.{name}.truncate = "
                                  f"{rope['truncate']!r}: transformers' Gemma-3 ignores it there")
-        return {"global": full, "local": local}
+        return {"global": ("rope_scaling" if scaling is not None else
+                           "rope_parameters.full_attention", full),
+                "local": ("rope_parameters.sliding_attention", local)}
     if scaling is not None and params is not None and scaling != params:
         r.fail("rope_scaling", scaling, f"and rope_parameters = {params!r} disagree (say one)")
     rope = dict(scaling if scaling is not None else params or {})
     for key in ("rope_theta", "partial_rotary_factor"):  # transformers: the rope dict's wins
-        if r.has(key) and key in rope and rope[key] != r.cfg[key]:
+        if r.has(key) and key in rope and rope[key] != r.raw(key):
             r.fail(key, r.cfg[key], f"disagrees with the rope dict's {key} = {rope[key]!r}")
-    rope.setdefault("rope_theta", r.raw("rope_theta"))
+    fill(rope, "rope_theta", "rope_theta")
     if r.family == "phi3":
-        rope.setdefault("partial_rotary_factor", r.raw("partial_rotary_factor"))
+        fill(rope, "partial_rotary_factor", "partial_rotary_factor")
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind in ("su", "yarn"):  # Phi-3's legacy names for longrope
             rope["rope_type"] = "longrope"
             rope.pop("type", None)
     elif "partial_rotary_factor" in r.cfg:
-        rope.setdefault("partial_rotary_factor", r.raw("partial_rotary_factor"))
-    return {"global": rope}
+        fill(rope, "partial_rotary_factor", "partial_rotary_factor")
+    return {"global": ("rope_scaling" if scaling is not None else "rope_parameters", rope)}
 
 
 def _rope(r: _Reader, kw: dict, head_dim: int) -> dict:
     """rope_theta, rope_scaling, partial_rotary_factor (and Gemma-3's local rope) for
     ModelConfig, every parameter resolved (factors, attention factor, original length)."""
-    dicts = _rope_dicts(r)
     out = {}
-    for which, rope in dicts.items():
-        where = "rope_parameters" if which == "global" else "rope_parameters.sliding_attention"
-        if r.family == "gemma3_text" and which == "global":
-            where = "rope_parameters.full_attention"
+    for which, (where, rope) in _rope_dicts(r).items():
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ROPE_TYPES or (r.family == "phi3" and kind not in ("default", "longrope")):
+        if not isinstance(kind, str) or kind not in ROPE_TYPES or (
+                r.family == "phi3" and kind not in ("default", "longrope")):
             allowed = ("default", "longrope") if r.family == "phi3" else ROPE_TYPES
             raise ValueError(f"config.json {where} rope_type = {kind!r} is not supported "
                              f"for {r.family} (supported: {', '.join(allowed)})")
