@@ -10,14 +10,17 @@ and with forced candidates whose accepted paths cross the window edge. Then agai
 kernels (the interpreter on a CPU, fp32) wherever they cover the arguments."""
 
 import importlib
+import json
 
 import pytest
 import torch
+import transformers
 from conftest import HAS_CUDA
 from test_generate import oracle
 from tiny_models import FAMILIES, VOCAB, make_hf_model, save_random_heads
 
 from medusa_kernels import generate, load_model
+from medusa_kernels.checkpoint import save_base_model
 from medusa_kernels.ops import _backend
 
 LONG = "phi3-longrope"  # original_max_position_embeddings = 40: its prompts start beyond it
@@ -176,3 +179,19 @@ def test_triton_kernels_decode_as_transformers(name, tmp_path, triton_calls):
         assert triton_calls["tree_attention"] > 0  # gemma3: its global layers
     if cfg.final_softcap is None:
         assert triton_calls["lm_head_topk"] > 0 and triton_calls["accept_greedy"] > 0
+
+
+def test_saved_weights_load_in_transformers(fam, tmp_path):
+    """``save_base_model`` (what Medusa-2 training writes) gives transformers' own layout back:
+    transformers loads it with no missing or unexpected tensor and computes the same logits."""
+    name, hf, model, _ = fam
+    cfg = json.loads(hf.config.to_json_string())
+    save_base_model(model.base, tmp_path, cfg)
+    again, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path,
+                                                                   output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    again.eval()
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+    assert load_model(tmp_path, dtype=torch.float32).base.cfg == model.base.cfg
