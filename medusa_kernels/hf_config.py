@@ -294,7 +294,7 @@ def audit(cfg: Any) -> dict:
                   final_softcap=r.number("final_logit_softcapping", none_ok=True))
         if family == "gemma2":
             kw["attn_softcap"] = r.number("attn_logit_softcapping", none_ok=True)
-        if r.raw("use_bidirectional_attention"):
+        if r.raw("use_bidirectional_attention") not in (None, False):
             r.fail("use_bidirectional_attention", cfg["use_bidirectional_attention"],
                    "bidirectional attention (an embedding model) is not a causal decoder")
     kw["layer_windows"], kw["_sliding_window"] = _windows(r, layers)

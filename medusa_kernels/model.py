@@ -248,8 +248,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer, self.window = cfg, layer, cfg.window(layer)
-        # Gemma-3's windowed layers have their own rope
-        self.rope = "local" if self.window is not None and cfg.local_rope_theta else "global"
+        local = self.window is not None and cfg.local_rope_theta is not None
+        self.rope = "local" if local else "global"  # Gemma-3's windowed layers: their own rope
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
@@ -322,7 +322,7 @@ class Transformer(nn.Module):
 
     def _rope_tables(self, device=None):
         self.rope_scale = {}
-        for kind in ("global", "local") if self.cfg.local_rope_theta else ("global",):
+        for kind in ("global", "local") if self.cfg.local_rope_theta is not None else ("global",):
             inv_freq, self.rope_scale[kind] = rope_inv_freq(self.cfg, local=kind == "local")
             if device is not None:
                 inv_freq = inv_freq.to(device)
