@@ -357,3 +357,87 @@ def test_config_values_of_the_wrong_type_or_range_are_refused_by_name():
     for bad in ([good], "llama", None, 3):
         with pytest.raises(TypeError, match="JSON object"):
             audit(bad)
+
+
+_COMMON = dict(architectures=["X"], bos_token_id=1, eos_token_id=2, initializer_range=0.02,
+               torch_dtype="bfloat16", transformers_version="4.45.0", use_cache=True)
+HUB_STYLE = {  # key sets of published configs (as remembered; sizes shrunk, values kept)
+    "llama-3.2": dict(_COMMON, model_type="llama", attention_bias=False, attention_dropout=0.0,
+                      head_dim=64, hidden_act="silu", hidden_size=2048, intermediate_size=8192,
+                      max_position_embeddings=131072, mlp_bias=False, num_attention_heads=32,
+                      num_hidden_layers=16, num_key_value_heads=8, pretraining_tp=1,
+                      rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+                      vocab_size=128256, rope_scaling=dict(
+                          factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                          original_max_position_embeddings=8192, rope_type="llama3")),
+    "mistral-7b-v0.1": dict(_COMMON, model_type="mistral", hidden_act="silu", hidden_size=4096,
+                            intermediate_size=14336, max_position_embeddings=32768,
+                            num_attention_heads=32, num_hidden_layers=32,
+                            num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                            sliding_window=4096, tie_word_embeddings=False, vocab_size=32000),
+    "qwen2.5": dict(_COMMON, model_type="qwen2", attention_dropout=0.0, hidden_act="silu",
+                    hidden_size=3584, intermediate_size=18944, max_position_embeddings=32768,
+                    max_window_layers=28, num_attention_heads=28, num_hidden_layers=28,
+                    num_key_value_heads=4, rms_norm_eps=1e-6, rope_scaling=None,
+                    rope_theta=1000000.0, sliding_window=131072, tie_word_embeddings=False,
+                    use_sliding_window=False, vocab_size=152064),
+    "qwen3": dict(_COMMON, model_type="qwen3", attention_bias=False, attention_dropout=0.0,
+                  head_dim=128, hidden_act="silu", hidden_size=4096, intermediate_size=12288,
+                  max_position_embeddings=40960, max_window_layers=36, num_attention_heads=32,
+                  num_hidden_layers=36, num_key_value_heads=8, rms_norm_eps=1e-6,
+                  rope_scaling=None, rope_theta=1000000, sliding_window=None,
+                  tie_word_embeddings=False, use_sliding_window=False, vocab_size=151936),
+    "phi-3-mini-4k": dict(_COMMON, model_type="phi3", auto_map={"AutoConfig": "x"},
+                          attention_dropout=0.0, embd_pdrop=0.0, hidden_act="silu",
+                          hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
+                          num_attention_heads=32, num_hidden_layers=32, num_key_value_heads=32,
+                          original_max_position_embeddings=4096, pad_token_id=32000,
+                          resid_pdrop=0.0, rms_norm_eps=1e-5, rope_scaling=None,
+                          rope_theta=10000.0, sliding_window=2047, tie_word_embeddings=False,
+                          vocab_size=32064),
+    "phi-4-mini": dict(_COMMON, model_type="phi3", attention_bias=False, attention_dropout=0.0,
+                       embd_pdrop=0.0, full_attn_mod=1, hidden_act="silu", hidden_size=3072,
+                       intermediate_size=8192, interpolate_factor=1, lm_head_bias=False,
+                       max_position_embeddings=131072, mlp_bias=False, num_attention_heads=24,
+                       num_hidden_layers=32, num_key_value_heads=8,
+                       original_max_position_embeddings=4096, pad_token_id=199999,
+                       partial_rotary_factor=0.75, resid_pdrop=0.0, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, sliding_window=262144, tie_word_embeddings=True,
+                       vocab_size=200064, rope_scaling=dict(
+                           type="longrope", long_factor=[1.0 + i for i in range(48)],
+                           short_factor=[1.0] * 48)),
+    "gemma-2-2b": dict(_COMMON, model_type="gemma2", attention_bias=False, attention_dropout=0.0,
+                       attn_logit_softcapping=50.0, cache_implementation="hybrid",
+                       final_logit_softcapping=30.0, head_dim=256, hidden_act="gelu_pytorch_tanh",
+                       hidden_activation="gelu_pytorch_tanh", hidden_size=2304,
+                       intermediate_size=9216, max_position_embeddings=8192,
+                       num_attention_heads=8, num_hidden_layers=26, num_key_value_heads=4,
+                       pad_token_id=0, query_pre_attn_scalar=256, rms_norm_eps=1e-6,
+                       rope_theta=10000.0, sliding_window=4096, sliding_window_size=4096,
+                       vocab_size=256000),
+    "gemma-3-1b": dict(_COMMON, model_type="gemma3_text", attention_bias=False,
+                       attention_dropout=0.0, attn_logit_softcapping=None,
+                       cache_implementation="hybrid", final_logit_softcapping=None,
+                       head_dim=256, hidden_activation="gelu_pytorch_tanh", hidden_size=1152,
+                       intermediate_size=6912, max_position_embeddings=32768,
+                       num_attention_heads=4, num_hidden_layers=26, num_key_value_heads=1,
+                       pad_token_id=0, query_pre_attn_scalar=256, rms_norm_eps=1e-6,
+                       rope_local_base_freq=10000, rope_scaling=None, rope_theta=1000000,
+                       sliding_window=512, sliding_window_pattern=6, vocab_size=262144),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_STYLE))
+def test_hub_style_configs_pass_the_audit(name):
+    """The keys published configs carry are all classified (none refused as unknown), and
+    transformers reads the same layer layout from them."""
+    cfg = HUB_STYLE[name]
+    kw = audit(cfg)
+    hf = CLASSES[cfg["model_type"]](**{k: v for k, v in cfg.items() if k != "model_type"})
+    types = getattr(hf, "layer_types", None)
+    windows = kw["layer_windows"] or (None,) * kw["num_layers"]
+    if types is not None:
+        assert [w is not None for w in windows] == [t == "sliding_attention" for t in types]
+    assert kw["head_dim"] == (getattr(hf, "head_dim", None)
+                              or hf.hidden_size // hf.num_attention_heads)
+    assert kw["num_kv_heads"] == hf.num_key_value_heads
