@@ -7,7 +7,13 @@ Medusa heads, both layouts of the Medusa repository:
 (a) heads only: config.json with ``medusa_num_heads``, ``medusa_num_layers``,
     ``base_model_name_or_path``; weights in ``medusa_lm_head.safetensors`` (or ``.pt``) with keys
     ``{head}.{layer}.linear.weight``, ``{head}.{layer}.linear.bias``, ``{head}.{L}.weight``;
-(b) one directory with the base model whose weights also hold ``medusa_head.{same keys}``.
+(b) one directory with the base model whose weights also hold ``medusa_head.{same keys}``
+    (found by those names, whether config.json says ``medusa_num_heads`` or not).
+
+Loading checks before it allocates a weight: config.json through ``ModelConfig.from_hf``'s audit,
+the safetensors headers against the config (every tensor used or explained, every expected one
+present with its shape, the layer count), the shard index against its shards. Errors are
+ValueError / TypeError / FileNotFoundError naming the file and the key or tensor.
 """
 
 from __future__ import annotations
