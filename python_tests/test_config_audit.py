@@ -284,6 +284,12 @@ def test_dynamic_rope_beyond_max_position_embeddings_is_refused(tmp_path):
                            model.base.new_cache(2, 33))
 
 
+def test_the_audit_accepts_exactly_the_activations_the_decoder_has():
+    from medusa_kernels.model import ACTIVATIONS as IMPLEMENTED
+
+    assert set(IMPLEMENTED) == set(ACTIVATIONS)
+
+
 def test_every_key_transformers_writes_is_classified(saved_configs):
     """The full to_dict() of each family's config (every field, defaults included) passes the
     audit: no key of transformers' own classes is unknown to it."""
