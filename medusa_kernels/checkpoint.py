@@ -7,17 +7,25 @@ Medusa heads, both layouts of the Medusa repository:
 (a) heads only: config.json with ``medusa_num_heads``, ``medusa_num_layers``,
     ``base_model_name_or_path``; weights in ``medusa_lm_head.safetensors`` (or ``.pt``) with keys
     ``{head}.{layer}.linear.weight``, ``{head}.{layer}.linear.bias``, ``{head}.{L}.weight``;
-(b) one directory with the base model whose weights also hold ``medusa_head.{same keys}``.
+(b) one directory with the base model whose weights also hold ``medusa_head.{same keys}``
+    (found by those names, whether config.json says ``medusa_num_heads`` or not).
+
+Loading checks before it allocates a weight: config.json through ``ModelConfig.from_hf``'s audit,
+the safetensors headers against the config (every tensor used or explained, every expected one
+present with its shape, the layer count), the shard index against its shards. Errors are
+ValueError / TypeError / FileNotFoundError naming the file and the key or tensor.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .heads import MedusaHeads
@@ -25,34 +33,149 @@ from .model import ModelConfig, Transformer
 
 HEADS_FILE = "medusa_lm_head.safetensors"
 HEADS_PREFIX = "medusa_head."
+INDEX_FILE = "model.safetensors.index.json"
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: str | os.PathLike) -> Any:
+    """The parsed JSON of ``path``; FileNotFoundError / ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a directory, not a JSON file") from None
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """A config.json that must hold a JSON object (TypeError naming the file otherwise)."""
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise TypeError(f"{path}: must hold a JSON object, got a JSON {type(cfg).__name__}")
+    return cfg
+
+
+def _check_dir(path) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory")
 
 
 def weight_files(model_dir: str | os.PathLike) -> list[str]:
-    """The safetensors files of an HF model directory (sharded or not)."""
-    index = os.path.join(model_dir, "model.safetensors.index.json")
+    """The safetensors files of an HF model directory, as transformers picks them: the shards
+    of ``model.safetensors.index.json``, else ``model.safetensors``."""
+    _check_dir(model_dir)
+    index = os.path.join(model_dir, INDEX_FILE)
     if os.path.isfile(index):
-        shards = sorted(set(read_json(index)["weight_map"].values()))
-        return [os.path.join(model_dir, s) for s in shards]
-    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-    files = [f for f in files if f != HEADS_FILE]
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (HF layout expected)")
-    return [os.path.join(model_dir, f) for f in files]
+        weight_map = read_config(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard files")
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            path = os.path.join(model_dir, shard)
+            if os.path.dirname(os.path.normpath(shard)) or not os.path.isfile(path):
+                raise FileNotFoundError(f"{index} lists shard {shard!r}, which is not a file "
+                                        f"in {model_dir}")
+            files.append(path)
+        return files
+    single = os.path.join(model_dir, "model.safetensors")
+    if not os.path.isfile(single):
+        raise FileNotFoundError(
+            f"{model_dir}: no model.safetensors or {INDEX_FILE} (HF layout expected)")
+    return [single]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    path: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: F32, BF16, ...
+
+
+def _safetensors_error(path, e: Exception) -> ValueError:
+    return ValueError(f"{path}: not a readable safetensors file ({e})")
+
+
+def tensor_index(files: list[str]) -> dict[str, TensorInfo]:
+    """Name -> (file, shape, dtype) of every tensor in ``files``, from their headers only."""
+    out: dict[str, TensorInfo] = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    if name in out:
+                        raise ValueError(f"tensor {name} is in both {out[name].path} and {path}")
+                    sl = f.get_slice(name)
+                    out[name] = TensorInfo(path, tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise _safetensors_error(path, e) from None
+    return out
 
 
 def read_tensors(files: list[str], keep=lambda name: True) -> dict[str, torch.Tensor]:
     out = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                if keep(name):
-                    out[name] = f.get_tensor(name)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    if keep(name):
+                        out[name] = f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise _safetensors_error(path, e) from None
     return out
+
+
+def _layers_in(names) -> int:
+    """How many decoder layers the names ``model.layers.{i}.*`` cover (max i + 1)."""
+    found = [int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))]
+    return max(found) + 1 if found else 0
+
+
+def check_layer_count(cfg: ModelConfig, index: dict[str, TensorInfo], where: str) -> None:
+    """config.json's num_hidden_layers must be the checkpoint's (checked before the model is
+    built: a corrupt count cannot build thousands of layers)."""
+    held = _layers_in(index)
+    if held != cfg.num_layers and held:
+        raise ValueError(
+            f"{where}: config.json num_hidden_layers = {cfg.num_layers} but the checkpoint holds "
+            f"{held} layers (model.layers.0-{held - 1}.*): refusing to "
+            f"{'drop' if held > cfg.num_layers else 'invent'} layers")
+
+
+def check_base_tensors(model: Transformer, index: dict[str, TensorInfo], where: str) -> None:
+    """Every tensor of the checkpoint used or explained, every expected one present with the
+    shape config.json implies, floating-point weights only: else a ValueError naming them."""
+    cfg = model.cfg
+    check_layer_count(cfg, index, where)
+    expected = {hf: shape for parts in model.hf_layout().values() for hf, shape in parts}
+    names = {n: info for n, info in index.items() if not n.startswith(HEADS_PREFIX)}
+    missing = [n for n in expected if n not in names]
+    if missing:
+        shown = ", ".join(f"{n} {list(expected[n])}" for n in missing[:6])
+        raise ValueError(f"{where}: {len(missing)} tensor(s) that config.json "
+                         f"(model_type {cfg.model_type}) needs are missing: {shown}")
+    for n, shape in expected.items():
+        info = names[n]
+        if info.shape != shape:
+            raise ValueError(f"{where}: tensor {n} in {info.path} has shape {list(info.shape)}, "
+                             f"config.json implies {list(shape)}")
+        if info.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{where}: tensor {n} in {info.path} has dtype {info.dtype}: only "
+                             f"float weights ({', '.join(FLOAT_DTYPES)}) are supported")
+
+    def explained(n: str) -> bool:
+        if n.endswith("rotary_emb.inv_freq"):  # old checkpoints saved the RoPE buffer
+            return True
+        # tied embeddings: a saved lm_head must equal the embedding (checked after loading)
+        return n == "lm_head.weight" and cfg.tie_word_embeddings and \
+            names[n].shape == expected["model.embed_tokens.weight"]
+
+    extra = [n for n in names if n not in expected and not explained(n)]
+    if extra:
+        raise ValueError(
+            f"{where}: {len(extra)} tensor(s) in the checkpoint that config.json (model_type "
+            f"{cfg.model_type}) does not use: {', '.join(extra[:6])}")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -60,16 +183,43 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_base_model(model_dir, dtype=None, device="cpu") -> Transformer:
-    """A ``Transformer`` from an HF-layout directory, in ``dtype`` on ``device``."""
+    """A ``Transformer`` from an HF-layout directory, in ``dtype`` on ``device``.
+
+    Checks, before any weight is allocated: config.json (``ModelConfig.from_hf``'s audit), the
+    files (errors name them) and the tensors against the config (``check_base_tensors``)."""
     device = torch.device(device)
-    cfg = ModelConfig.from_hf(read_json(os.path.join(model_dir, "config.json")))
+    cfg_path = os.path.join(model_dir, "config.json")
+    _check_dir(model_dir)
+    cfg_json = read_config(cfg_path)
+    try:
+        cfg = ModelConfig.from_hf(cfg_json)
+    except (TypeError, ValueError) as e:
+        msg = str(e).removeprefix("config.json ")
+        raise type(e)(f"{cfg_path}: {msg}") from None
+    files = weight_files(model_dir)
+    index = tensor_index(files)
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    if os.path.isfile(index_path):  # the index must describe the shards it lists
+        listed = read_config(index_path)["weight_map"]
+        wrong = sorted(n for n in set(listed) | set(index)
+                       if n not in index or n not in listed
+                       or os.path.basename(index[n].path) != listed[n])
+        if wrong:
+            raise ValueError(f"{index_path}: weight_map disagrees with the shards about "
+                             f"{len(wrong)} tensor(s), e.g. {wrong[:3]}")
+    check_layer_count(cfg, index, str(model_dir))
     with torch.device("meta"):
         model = Transformer(cfg)
+    check_base_tensors(model, index, str(model_dir))
     model = model.to_empty(device="cpu")
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
         model.lm_head.weight = model.embed.weight
-    state = read_tensors(weight_files(model_dir), keep=lambda n: not n.startswith(HEADS_PREFIX))
+    state = read_tensors(files, keep=lambda n: not n.startswith(HEADS_PREFIX))
     model.load_hf_state_dict(state)
+    if cfg.tie_word_embeddings and "lm_head.weight" in state and \
+            not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+        raise ValueError(f"{model_dir}: tie_word_embeddings is true but lm_head.weight differs "
+                         "from model.embed_tokens.weight")
     return model.to(device=device, dtype=dtype or default_dtype(device)).eval()
 
 
@@ -93,23 +243,54 @@ def heads_state_dict(heads: MedusaHeads) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
-def heads_from_state(state: dict[str, torch.Tensor], num_heads: int, num_layers: int,
-                     source: str) -> MedusaHeads:
-    """Stack public-layout tensors into ``MedusaHeads``; clear errors for missing heads."""
-    present = sorted({int(k.split(".")[0]) for k in state if k.split(".")[0].isdigit()})
-    if num_heads > len(present) or present[:num_heads] != list(range(num_heads)):
+_HEAD_KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")
+
+
+def heads_from_state(state: dict[str, torch.Tensor], num_heads: int | None,
+                     num_layers: int | None, source: str) -> MedusaHeads:
+    """Stack public-layout tensors into ``MedusaHeads``. ``num_heads`` / ``num_layers`` from
+    the heads' config.json (None: read from the tensors). Every tensor must be one of the
+    heads' (``{h}.{i}.linear.weight|bias``, ``{h}.{L}.weight``), heads 0..K-1 complete, with
+    consistent shapes: else a ValueError naming the tensors and ``source``."""
+    parsed = {}
+    for key, value in state.items():
+        m = _HEAD_KEY.fullmatch(key) if isinstance(key, str) else None
+        if m is None or not isinstance(value, torch.Tensor):
+            raise ValueError(f"{source}: {key!r} is not a Medusa head tensor "
+                             "({h}.{i}.linear.weight, {h}.{i}.linear.bias, {h}.{L}.weight)")
+        parsed[key] = (int(m.group(1)), int(m.group(2)), m.group(3))
+    if not parsed:
+        raise ValueError(f"{source}: no Medusa head tensors")
+    present = sorted({h for h, _, _ in parsed.values()})
+    if num_layers is None:  # the projection's index is the layer count
+        num_layers = max(i for _, i, kind in parsed.values() if kind == "weight")
+    if num_heads is None:
+        num_heads = len(present)
+    if present != list(range(num_heads)):
         raise ValueError(
             f"{source}: the config says medusa_num_heads = {num_heads} but the weights hold "
             f"heads {present}"
         )
-    need = [f"{h}.{num_layers}.weight" for h in range(num_heads)]
-    need += [f"{h}.{i}.linear.{p}" for h in range(num_heads) for i in range(num_layers)
-             for p in ("weight", "bias")]
-    missing = [k for k in need if k not in state]
-    if missing:
-        raise ValueError(f"{source}: missing Medusa head tensors {missing[:4]} "
-                         f"(medusa_num_layers = {num_layers})")
-    V, d = state[f"0.{num_layers}.weight"].shape
+    need = {f"{h}.{num_layers}.weight" for h in range(num_heads)}
+    need |= {f"{h}.{i}.linear.{p}" for h in range(num_heads) for i in range(num_layers)
+             for p in ("weight", "bias")}
+    missing, extra = sorted(need - set(state)), sorted(set(state) - need)
+    if missing or extra:
+        raise ValueError(f"{source}: Medusa head tensors do not fit medusa_num_layers = "
+                         f"{num_layers}: missing {missing[:4]}, unexpected {extra[:4]}")
+    w2 = state[f"0.{num_layers}.weight"]
+    if w2.dim() != 2 or 0 in w2.shape:
+        raise ValueError(f"{source}: head tensor 0.{num_layers}.weight has shape "
+                         f"{list(w2.shape)}, expected [V, d] with V, d >= 1")
+    V, d = w2.shape
+    shapes = {"linear.weight": (d, d), "linear.bias": (d,), "weight": (V, d)}
+    for key, (_, _, kind) in parsed.items():
+        if tuple(state[key].shape) != shapes[kind]:
+            raise ValueError(f"{source}: head tensor {key} has shape {list(state[key].shape)}, "
+                             f"expected {list(shapes[kind])} (d = {d}, V = {V} from "
+                             f"0.{num_layers}.weight)")
+        if not state[key].is_floating_point():
+            raise ValueError(f"{source}: head tensor {key} has dtype {state[key].dtype}, not float")
     with torch.device("meta"):
         heads = MedusaHeads(num_heads, num_layers, d, V)
     heads = heads.to_empty(device="cpu")
@@ -123,41 +304,67 @@ def heads_from_state(state: dict[str, torch.Tensor], num_heads: int, num_layers:
 
 
 def has_heads(path) -> bool:
-    """Whether ``path`` holds Medusa heads in either public layout."""
+    """Whether ``path`` holds Medusa heads in either public layout: a heads file, or
+    ``medusa_head.*`` tensors in its weights (found by their names, config or not)."""
     if not os.path.isdir(path):
         return False
     if any(os.path.isfile(os.path.join(path, f)) for f in (HEADS_FILE, "medusa_lm_head.pt")):
         return True
+    if _heads_config(path)[0] is not None:  # claimed by the config: loading says if absent
+        return True
+    try:
+        files = weight_files(path)
+    except FileNotFoundError:
+        return False
+    return any(n.startswith(HEADS_PREFIX) for n in tensor_index(files))
+
+
+def _heads_config(path) -> tuple[int | None, int | None]:
+    """medusa_num_heads, medusa_num_layers from ``path``/config.json (None where absent)."""
     cfg_path = os.path.join(path, "config.json")
-    return os.path.isfile(cfg_path) and "medusa_num_heads" in read_json(cfg_path)
+    if not os.path.isfile(cfg_path):
+        return None, None
+    cfg = read_config(cfg_path)
+    out = []
+    for key in ("medusa_num_heads", "medusa_num_layers"):
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 1 <= value <= 1024):
+            raise ValueError(f"{cfg_path}: {key} = {value!r} must be an int in [1, 1024]")
+        out.append(value)
+    return out[0], out[1]
 
 
 def load_medusa_heads(path, dtype=None, device="cpu") -> MedusaHeads:
     """Heads from layout (a) (heads-only directory) or (b) (base model dir with medusa_head.*)."""
     device = torch.device(device)
-    cfg_path = os.path.join(path, "config.json")
-    cfg = read_json(cfg_path) if os.path.isfile(cfg_path) else {}
+    _check_dir(path)
+    num_heads, num_layers = _heads_config(path)
     st, pt = os.path.join(path, HEADS_FILE), os.path.join(path, "medusa_lm_head.pt")
+    source = path
     if os.path.isfile(st):
-        state = read_tensors([st])
+        state, source = read_tensors([st]), st
     elif os.path.isfile(pt):
-        state = torch.load(pt, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and torch errors alike: name the file
+            raise ValueError(f"{pt}: not a readable torch file ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict):
+            raise TypeError(f"{pt}: must hold a dict of tensors, got {type(state).__name__}")
+        source = pt
     else:  # layout (b): heads inside the base model's weights
-        files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
-        state = read_tensors(weight_files(path) if files else [],
-                             keep=lambda n: n.startswith(HEADS_PREFIX))
+        try:
+            files = weight_files(path)
+        except FileNotFoundError:
+            files = []
+        state = read_tensors(files, keep=lambda n: n.startswith(HEADS_PREFIX))
         state = {k[len(HEADS_PREFIX):]: v for k, v in state.items()}
         if not state:
             raise FileNotFoundError(
                 f"{path}: no Medusa heads ({HEADS_FILE}, medusa_lm_head.pt or "
                 f"{HEADS_PREFIX}* tensors in the model weights)"
             )
-    num_layers = cfg.get("medusa_num_layers")
-    if num_layers is None:
-        num_layers = max(int(k.split(".")[1]) for k in state if k.endswith(".weight")
-                         and not k.endswith("linear.weight"))
-    num_heads = cfg.get("medusa_num_heads") or len({k.split(".")[0] for k in state})
-    heads = heads_from_state(state, num_heads, num_layers, source=path)
+    heads = heads_from_state(state, num_heads, num_layers, source=str(source))
     return heads.to(device=device, dtype=dtype or default_dtype(device)).eval()
 
 

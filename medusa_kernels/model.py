@@ -1,15 +1,23 @@
-"""A Llama-family decoder (Llama 1/2/3, Vicuna, Mistral, Qwen2) with a static KV cache.
+"""The decoder: Llama, Mistral, Qwen2/3, Phi-3 and Gemma-2/3 (text) with a static KV cache.
 
-gpt-fast sized: RMSNorm, RoPE (default, linear and llama3 scaling), GQA, SwiGLU, fused QKV and
-gate/up projections. Two entry points:
+gpt-fast sized, with the per-family differences as config switches: RMSNorm (Gemma: ``1 + w``,
+and sandwich norms around attention and MLP), RoPE (default, linear, llama3, yarn, longrope,
+dynamic; partial rotary; Gemma-3: another rope for its local layers), GQA with optional q/k
+RMSNorm (Qwen3, Gemma-3), per-layer sliding windows, attention and final logit soft-capping
+(Gemma-2), gated MLPs with transformers' activations. ``hidden_states -> [q | k | v]`` and
+``[gate | up]`` are one Linear each, stacked by rows in transformers' order, so a tensor-parallel
+split by KV-head group (q, k, v rows) or by MLP columns is a row slice of each part. Two entry
+points:
 
-- ``prefill(tokens [B, P], lengths [B])``: causal attention over right-padded prompts, fills the
-  cache at [0, P) and sets ``cache.seqlens = lengths``.
+- ``prefill(tokens [B, P], lengths [B])``: causal attention (windowed per layer) over
+  right-padded prompts, fills the cache at [0, P) and sets ``cache.seqlens = lengths``.
 - ``step(tokens [B, T], cache, tree_mask [T, T], depths [T])``: T tokens per sequence at
   positions ``seqlens + depths``; their KV is written at ``[seqlens, seqlens + T)`` and attention
-  goes through ``ops.tree_attention``. ``seqlens`` is left alone (the loop compacts or advances).
+  goes through ``ops.tree_attention`` (windowed layers pass ``sliding_window`` and the depths).
+  ``seqlens`` is left alone (the loop compacts or advances).
 
-Both return the final normed hidden state [B, *, d]; ``logits(hidden)`` applies the lm_head.
+Both return the final normed hidden state [B, *, d]; ``logits(hidden)`` applies the lm_head (and
+the final soft-cap). ``ModelConfig.from_hf`` audits a transformers config.json (``hf_config``).
 """
 
 from __future__ import annotations
@@ -21,7 +29,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import hf_config
 from .ops import lm_head_topk, tree_attention
+from .ops.heads_topk import topk_lower_index_first
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3.0))))
+
+
+ACTIVATIONS = {  # transformers' ACT2FN, the same formulas
+    "silu": F.silu, "swish": F.silu, "gelu": F.gelu,
+    "gelu_python": lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),
+    "gelu_new": _gelu_tanh, "gelu_accurate": _gelu_tanh, "gelu_python_tanh": _gelu_tanh,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1 + 0.044715 * x * x))),
+    "gelu_10": lambda x: torch.clip(F.gelu(x), -10, 10),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu, "relu2": lambda x: torch.square(F.relu(x)), "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+    "linear": lambda x: x, "mish": F.mish, "hardswish": F.hardswish,
+    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107).div(0.282095 * math.sqrt(2.0)))),
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+}  # fmt: skip (hf_config.ACTIVATIONS names the same set: test_config_audit checks it)
 
 
 @dataclass
@@ -35,56 +65,79 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
+    rope_scaling: dict | None = None  # resolved by hf_config: {"rope_type": ..., parameters}
     max_position_embeddings: int = 4096
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     model_type: str = "llama"
+    hidden_act: str = "silu"
+    partial_rotary_factor: float = 1.0  # Phi-3: RoPE on the first head_dim x this dims
+    layer_windows: tuple[int | None, ...] | None = None  # per layer W (None: full attention)
+    local_rope_theta: float | None = None  # Gemma-3: the windowed layers' own rope
+    local_rope_scaling: dict | None = None
+    qk_norm: bool = False  # Qwen3, Gemma-3: RMSNorm over head_dim of q and k
+    norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + w), in fp32
+    sandwich_norms: bool = False  # Gemma: norms after attention and MLP, before the residual
+    embed_scale: float | None = None  # Gemma: embeddings x sqrt(hidden_size)
+    query_pre_attn_scalar: float | None = None  # Gemma: softmax scale = this ** -0.5
+    attn_softcap: float | None = None  # Gemma-2: softcap * tanh(scores / softcap)
+    final_softcap: float | None = None  # Gemma-2/3: the same on the logits
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be an int >= 1, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_heads = {self.num_heads} is not a multiple of "
+                             f"num_kv_heads = {self.num_kv_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"ModelConfig.hidden_act = {self.hidden_act!r} is not one of "
+                             f"{sorted(ACTIVATIONS)}")
+        if self.layer_windows is not None:
+            self.layer_windows = tuple(self.layer_windows)
+            if len(self.layer_windows) != self.num_layers or not all(
+                    w is None or (isinstance(w, int) and w >= 1) for w in self.layer_windows):
+                raise ValueError(f"ModelConfig.layer_windows must hold num_layers = "
+                                 f"{self.num_layers} ints >= 1 or None, got {self.layer_windows}")
 
     @classmethod
     def from_hf(cls, cfg: dict) -> ModelConfig:
-        """From a transformers config.json dict (llama, mistral, qwen2; v4 and v5 layouts)."""
-        model_type = cfg.get("model_type", "llama")
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"config.json model_type {model_type!r} is not llama/mistral/qwen2")
-        heads = cfg["num_attention_heads"]
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        rope_theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
-        attention_bias = bool(cfg.get("attention_bias", False))
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            rope_scaling=None if kind == "default" else rope,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            qkv_bias=attention_bias or model_type == "qwen2",
-            o_bias=attention_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            model_type=model_type,
-        )
+        """From a transformers config.json dict, audited by ``hf_config.audit``: every key that
+        changes the math is implemented or refused (ValueError/TypeError naming it)."""
+        return cls(**hf_config.audit(cfg))
+
+    def window(self, layer: int) -> int | None:
+        return None if self.layer_windows is None else self.layer_windows[layer]
+
+    @property
+    def softmax_scale(self) -> float | None:
+        """None: 1 / sqrt(head_dim)."""
+        qpas = self.query_pre_attn_scalar
+        return None if qpas is None else qpas**-0.5
+
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [D/2] (float32, as transformers computes them), scaled if asked."""
-    D = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D)
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [2, R/2] float32, attention factor) of the global rope, or of the
+    windowed layers' own rope (Gemma-3) when ``local``. R = rotary dims. Row 1 serves sequences
+    longer than longrope's original_max_position_embeddings, row 0 the rest (equal rows for
+    every other rope). Computed as transformers computes them."""
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    scaling = (cfg.local_rope_scaling if local else cfg.rope_scaling) or {}
+    kind = scaling.get("rope_type", "default")
+    R = cfg.rotary_dims()
+    exponents = torch.arange(0, R, 2, dtype=torch.int64).float() / R
+    inv_freq = 1.0 / theta**exponents
+    attention = scaling.get("attention_factor", 1.0)
     if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_ctx = scaling["original_max_position_embeddings"]
@@ -93,31 +146,62 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         smooth = (old_ctx / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-        return torch.where(medium, smoothed, scaled)
-    return inv_freq
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        pos_freqs = theta ** (torch.arange(0, R, 2).float() / R)
+        orig = scaling["original_max_position_embeddings"]
+
+        def correction_dim(rotations):
+            return (R * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+        low, high = correction_dim(scaling["beta_fast"]), correction_dim(scaling["beta_slow"])
+        if scaling["truncate"]:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, R - 1)
+        high = high + 0.001 if low == high else high
+        ramp = ((torch.arange(R // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (1.0 / (scaling["factor"] * pos_freqs)) * (1 - extrapolation) + \
+            (1.0 / pos_freqs) * extrapolation
+    elif kind == "longrope":
+        short, long = (1.0 / (torch.tensor(scaling[k], dtype=torch.float32) * theta**exponents)
+                       for k in ("short_factor", "long_factor"))
+        return torch.stack([short, long]), attention
+    return torch.stack([inv_freq, inv_freq]), attention
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos, sin: [B, T, D] (halves repeated, HF's rotate_half convention)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
+    """x: [B, T, H, D]; cos, sin: [B, T, R] (halves repeated, HF's rotate_half convention): the
+    first R dims rotate, the rest pass (partial rotary)."""
+    R = cos.shape[-1]
+    rot = x[..., :R]
+    x1, x2 = rot.chunk(2, dim=-1)
+    out = rot * cos[:, :, None] + torch.cat([-x2, x1], dim=-1) * sin[:, :, None]
+    return out if R == x.shape[-1] else torch.cat([out, x[..., R:]], dim=-1)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * w (Llama: w times the normed x cast back), or Gemma's ``unit_offset``:
+    (normed x * (1 + w)) in fp32, then cast."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
 class KVCache:
-    """Static cache: k, v [num_layers, B, S, Hkv, D] and seqlens [B] int32 on the device."""
+    """Static cache: k, v [num_layers, B, S, Hkv, D] and seqlens [B] int32 on the device.
+
+    A full cache in every layer (slot p holds position p), windowed layers included: their
+    attention only reads the window, so a rolling cache is a later memory saving."""
 
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype, device):
         shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
@@ -130,58 +214,97 @@ class KVCache:
         return self.k.shape[2]
 
 
+def causal_attention(q, k, v, scale=None, window=None, softcap=None, mask=None) -> torch.Tensor:
+    """Causal self-attention of T new tokens (no cache before them).
+
+    q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; window W: token i sees tokens j > i - W; softcap:
+    ``softcap * tanh(scores / softcap)`` before the mask; mask: optional extra bool mask
+    [B, 1, T, T] (True = may attend). Returns [B, T, Hq, D].
+    """
+    T, group = q.shape[1], q.shape[2] // k.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (q, k.repeat_interleave(group, 2),
+                                           v.repeat_interleave(group, 2)))
+    allowed = mask
+    if window is not None or mask is not None or softcap is not None:
+        i = torch.arange(T, device=q.device)
+        allowed = i[None, :] <= i[:, None]
+        if window is not None:
+            allowed = allowed & (i[None, :] > i[:, None] - window)
+        if mask is not None:
+            allowed = allowed & mask
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                             is_causal=allowed is None, scale=scale)
+    else:  # SDPA has no soft-capping: the plain math, in fp32
+        scores = q.float() @ k.float().transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+        scores = softcap * torch.tanh(scores / softcap)
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        out = (probs @ v.float()).to(q.dtype)
+    return out.transpose(1, 2)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.layer, self.window = cfg, layer, cfg.window(layer)
+        local = self.window is not None and cfg.local_rope_theta is not None
+        self.rope = "local" if local else "global"  # Gemma-3's windowed layers: their own rope
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
 
-    def forward(self, x, cos, sin, cache: KVCache, layer: int, write_pos, tree_mask):
+    def forward(self, x, cos, sin, attend):
+        """x [B, T, d] -> [B, T, d]; ``attend(self, q, k, v)`` does the attention proper
+        (q [B, T, Hq, D], k, v [B, T, Hkv, D], roped) and returns [B, T, Hq, D]."""
         cfg = self.cfg
         B, T, _ = x.shape
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q, k, v = self.wqkv(x).split([q_out, kv_out, kv_out], dim=-1)
-        q = apply_rope(q.view(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.view(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
-        batch = torch.arange(B, device=x.device)[:, None]
-        cache.k[layer][batch, write_pos] = k
-        cache.v[layer][batch, write_pos] = v
-        if tree_mask is None:  # prefill: causal over the new tokens, cache empty before
-            group = cfg.num_heads // cfg.num_kv_heads
-            kr = k.repeat_interleave(group, dim=2).transpose(1, 2)
-            vr = v.repeat_interleave(group, dim=2).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), kr, vr, is_causal=True)
-            out = out.transpose(1, 2)
-        else:
-            out = tree_attention(q, cache.k[layer], cache.v[layer], cache.seqlens, tree_mask)
+        q = q.view(B, T, cfg.num_heads, cfg.head_dim)
+        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(self, q, k, v.view(B, T, cfg.num_kv_heads, cfg.head_dim))
         return self.wo(out.reshape(B, T, q_out))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.act = ACTIVATIONS[cfg.hidden_act]
         self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.act(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        d, eps, offset = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset
+        self.attention_norm = RMSNorm(d, eps, offset)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(d, eps, offset)
         self.mlp = MLP(cfg)
+        self.post_attention_norm = RMSNorm(d, eps, offset) if cfg.sandwich_norms else None
+        self.post_ffn_norm = RMSNorm(d, eps, offset) if cfg.sandwich_norms else None
 
-    def forward(self, x, cos, sin, cache, layer, write_pos, tree_mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, layer, write_pos, tree_mask)
-        return h + self.mlp(self.ffn_norm(h))
+    def forward(self, x, cos, sin, attend):
+        h = self.attention(self.attention_norm(x), cos, sin, attend)
+        if self.post_attention_norm is not None:
+            h = self.post_attention_norm(h)
+        x = x + h
+        h = self.mlp(self.ffn_norm(x))
+        if self.post_ffn_norm is not None:
+            h = self.post_ffn_norm(h)
+        return x + h
 
 
 class Transformer(nn.Module):
@@ -189,113 +312,208 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self._rope_tables()
+
+    def _rope_tables(self, device=None):
+        self.rope_scale = {}
+        for kind in ("global", "local") if self.cfg.local_rope_theta is not None else ("global",):
+            inv_freq, self.rope_scale[kind] = rope_inv_freq(self.cfg, local=kind == "local")
+            if device is not None:
+                inv_freq = inv_freq.to(device)
+            self.register_buffer(f"inv_freq_{kind}", inv_freq, persistent=False)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # .to(dtype) must not round the RoPE frequencies
-        self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        self._rope_tables(self.inv_freq_global.device)
         return self
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.cfg, batch, capacity, p.dtype, p.device)
 
-    def _rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
-        angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-    def _run(self, tokens, positions, cache, write_pos, tree_mask) -> torch.Tensor:
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
-        cos, sin = self._rope(positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, write_pos, tree_mask)
+        if self.cfg.embed_scale is not None:  # the scale rounded to the weights' dtype first
+            x = x * torch.tensor(self.cfg.embed_scale).to(x.dtype)
+        return x
+
+    def rope(self, positions: torch.Tensor, seq_len: torch.Tensor, dtype) -> dict:
+        """cos, sin [B, T, R] per rope ("global", "local") for positions [B, T]; seq_len [B]:
+        each sequence's length for this forward (longrope picks its long factors above
+        original_max_position_embeddings, as transformers does per forward)."""
+        out = {}
+        for kind, scale in self.rope_scale.items():
+            table = getattr(self, f"inv_freq_{kind}")
+            scaling = (self.cfg.rope_scaling if kind == "global" else
+                       self.cfg.local_rope_scaling) or {}
+            if scaling.get("rope_type") == "longrope":
+                long = seq_len.to(table.device) > scaling["original_max_position_embeddings"]
+                inv_freq = torch.where(long[:, None, None], table[1], table[0])  # [B, 1, R/2]
+            else:
+                inv_freq = table[0]
+            angles = positions.float()[..., None] * inv_freq
+            angles = torch.cat([angles, angles], dim=-1)
+            out[kind] = ((angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype))
+        return out
+
+    def _run(self, tokens, positions, seq_len, attend) -> torch.Tensor:
+        x = self.embed_tokens(tokens)
+        ropes = self.rope(positions, seq_len, x.dtype)
+        for layer in self.layers:
+            x = layer(x, *ropes[layer.attention.rope], attend)
         return self.norm(x)
+
+    def _check_rope_reach(self, lengths: torch.Tensor, capacity: int, P: int) -> None:
+        """Refuse what would differ from transformers: dynamic NTK beyond
+        max_position_embeddings, and a longrope sequence that starts within
+        original_max_position_embeddings but may outgrow it in this cache (transformers then
+        recomputes every earlier position with the long factors)."""
+        for key in ("rope_scaling", "local_rope_scaling"):
+            scaling = getattr(self.cfg, key) or {}
+            kind = scaling.get("rope_type")
+            if kind == "dynamic" and capacity > scaling["max_position_embeddings"]:
+                raise ValueError(
+                    f"rope_type 'dynamic' changes the frequencies beyond max_position_embeddings "
+                    f"= {scaling['max_position_embeddings']}, which this decoder does not do: the "
+                    f"cache needs {capacity} positions")
+            if kind == "longrope" and capacity > scaling["original_max_position_embeddings"]:
+                orig = scaling["original_max_position_embeddings"]
+                reach = lengths.long() + capacity - P  # above any position the cache can hold
+                bad = (lengths.long() <= orig) & (reach > orig)
+                if bool(bad.any()):
+                    n = int(lengths[bad.nonzero()[0, 0]])
+                    raise ValueError(
+                        f"rope_type 'longrope': a prompt of {n} tokens (<= "
+                        f"original_max_position_embeddings = {orig}) may grow past it in this "
+                        f"cache ({capacity} positions); transformers then recomputes every "
+                        f"position with the long factors, which this decoder does not: keep "
+                        f"prompt + new tokens within {orig}, or start from a longer prompt")
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache: KVCache):
         """tokens [B, P] right-padded, lengths [B] int: returns hidden [B, P, d]."""
-        P = tokens.shape[1]
-        positions = torch.arange(P, device=tokens.device).expand(tokens.shape[0], P)
-        hidden = self._run(tokens, positions, cache, positions, None)
+        B, P = tokens.shape
+        self._check_rope_reach(lengths, cache.capacity, P)
+        positions = torch.arange(P, device=tokens.device).expand(B, P)
+        batch = torch.arange(B, device=tokens.device)[:, None]
+
+        def attend(attn, q, k, v):
+            cache.k[attn.layer][batch, positions] = k
+            cache.v[attn.layer][batch, positions] = v
+            return causal_attention(q, k, v, self.cfg.softmax_scale, attn.window,
+                                    self.cfg.attn_softcap)
+
+        hidden = self._run(tokens, positions, lengths, attend)
         cache.seqlens.copy_(lengths)
         return hidden
 
     def step(self, tokens, cache: KVCache, tree_mask, depths) -> torch.Tensor:
         """tokens [B, T] at positions seqlens + depths [T]; KV written at seqlens + arange(T)."""
-        T = tokens.shape[1]
+        B, T = tokens.shape
         start = cache.seqlens.to(torch.long)[:, None]
         positions = start + depths[None, :]
         write_pos = start + torch.arange(T, device=tokens.device)[None, :]
-        return self._run(tokens, positions, cache, write_pos, tree_mask)
+        batch = torch.arange(B, device=tokens.device)[:, None]
+
+        def attend(attn, q, k, v):
+            cache.k[attn.layer][batch, write_pos] = k
+            cache.v[attn.layer][batch, write_pos] = v
+            return tree_attention(
+                q, cache.k[attn.layer], cache.v[attn.layer], cache.seqlens, tree_mask,
+                self.cfg.softmax_scale, sliding_window=attn.window,
+                softcap=self.cfg.attn_softcap, tree_depths=None if attn.window is None else depths,
+            )  # fmt: skip
+
+        return self._run(tokens, positions, positions.max(dim=1).values + 1, attend)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        cap = self.cfg.final_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """argmax of ``logits(hidden)`` [..., d] -> [...] int64 (ties: lower id), without
         writing the logits (``lm_head_topk`` with k = 1: fused on the GPU)."""
         flat = hidden.reshape(-1, hidden.shape[-1])
+        cap = self.cfg.final_softcap
+        if cap is not None:  # capped logits, ties (tanh saturates) to the lower id
+            dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
+            logits = F.linear(flat.to(dtype), self.lm_head.weight.to(dtype))
+            capped = cap * torch.tanh(logits / cap)
+            ids = topk_lower_index_first(capped, 1)[1]  # TODO(merge): lm_head_topk(..., softcap=)
+            return ids.view(hidden.shape[:-1])
         return lm_head_topk(flat, self.lm_head.weight, 1)[1].view(hidden.shape[:-1])
 
-    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load weights named as in transformers' LlamaForCausalLM (and Mistral, Qwen2)."""
-        mine = {"embed.weight": state["model.embed_tokens.weight"]}
-        mine["norm.weight"] = state["model.norm.weight"]
-        if "lm_head.weight" in state:
-            mine["lm_head.weight"] = state["lm_head.weight"]
-        elif self.cfg.tie_word_embeddings:
-            mine["lm_head.weight"] = state["model.embed_tokens.weight"]
-        else:
-            raise ValueError("checkpoint has no lm_head.weight and tie_word_embeddings is false")
-        for i in range(self.cfg.num_layers):
+    # ------------------------------------------------------------ transformers' tensor names
+
+    def hf_layout(self) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+        """Each parameter's name -> the transformers tensors it stacks (rows, in order), each
+        with its shape: ``[q | k | v]`` from q/k/v_proj (Phi-3: its fused qkv_proj),
+        ``[gate | up]`` from gate/up_proj (Phi-3: gate_up_proj)."""
+        cfg = self.cfg
+        fused = cfg.model_type == "phi3"
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        names = {"embed.weight": ["model.embed_tokens.weight"],
+                 "norm.weight": ["model.norm.weight"]}
+        if not cfg.tie_word_embeddings:
+            names["lm_head.weight"] = ["lm_head.weight"]
+        splits = {}
+        for i in range(cfg.num_layers):
             hf, me = f"model.layers.{i}.", f"layers.{i}."
             attn, mlp = hf + "self_attn.", hf + "mlp."
             for kind in ("weight", "bias"):
-                qkv = [attn + f"{p}_proj.{kind}" for p in "qkv"]
-                if qkv[0] in state:
-                    mine[me + f"attention.wqkv.{kind}"] = torch.cat([state[n] for n in qkv])
-                if attn + f"o_proj.{kind}" in state:
-                    mine[me + f"attention.wo.{kind}"] = state[attn + f"o_proj.{kind}"]
-                gate_up = [mlp + f"{p}_proj.{kind}" for p in ("gate", "up")]
-                if gate_up[0] in state:
-                    mine[me + f"mlp.w13.{kind}"] = torch.cat([state[n] for n in gate_up])
-                if mlp + f"down_proj.{kind}" in state:
-                    mine[me + f"mlp.w2.{kind}"] = state[mlp + f"down_proj.{kind}"]
-            mine[me + "attention_norm.weight"] = state[hf + "input_layernorm.weight"]
-            mine[me + "ffn_norm.weight"] = state[hf + "post_attention_layernorm.weight"]
-        missing, unexpected = self.load_state_dict(mine, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint does not fit the config: missing {missing}, unexpected {unexpected}"
-            )
+                qkv, w13 = me + f"attention.wqkv.{kind}", me + f"mlp.w13.{kind}"
+                if fused:
+                    names[qkv] = [attn + f"qkv_proj.{kind}"]
+                    names[w13] = [mlp + f"gate_up_proj.{kind}"]
+                else:
+                    names[qkv] = [attn + f"{p}_proj.{kind}" for p in "qkv"]
+                    splits[qkv] = [q_out, kv_out, kv_out]
+                    names[w13] = [mlp + f"{p}_proj.{kind}" for p in ("gate", "up")]
+                names[me + f"attention.wo.{kind}"] = [attn + f"o_proj.{kind}"]
+                names[me + f"mlp.w2.{kind}"] = [mlp + f"down_proj.{kind}"]
+            for norm in ("q_norm", "k_norm"):
+                names[me + f"attention.{norm}.weight"] = [attn + f"{norm}.weight"]
+            names[me + "attention_norm.weight"] = [hf + "input_layernorm.weight"]
+            if cfg.sandwich_norms:  # Gemma's post_attention_layernorm follows attention
+                names[me + "post_attention_norm.weight"] = [hf + "post_attention_layernorm.weight"]
+                names[me + "ffn_norm.weight"] = [hf + "pre_feedforward_layernorm.weight"]
+                names[me + "post_ffn_norm.weight"] = [hf + "post_feedforward_layernorm.weight"]
+            else:
+                names[me + "ffn_norm.weight"] = [hf + "post_attention_layernorm.weight"]
+        layout = {}
+        for name, param in self.named_parameters():
+            parts = names[name]
+            rows = splits.get(name) or [param.shape[0] // len(parts)] * len(parts)
+            layout[name] = [(n, (r, *param.shape[1:])) for n, r in zip(parts, rows, strict=True)]
+        return layout
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy weights named as in transformers (``hf_layout``) into the parameters; a missing
+        tensor or a wrong shape raises a ValueError naming it (checkpoint.py checks files)."""
+        layout = self.hf_layout()
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                parts = []
+                for hf_name, shape in layout[name]:
+                    if hf_name not in state:
+                        raise ValueError(f"checkpoint has no tensor {hf_name} (expected shape "
+                                         f"{list(shape)})")
+                    if tuple(state[hf_name].shape) != shape:
+                        raise ValueError(f"tensor {hf_name} has shape "
+                                         f"{list(state[hf_name].shape)}, config.json implies "
+                                         f"{list(shape)}")
+                    parts.append(state[hf_name])
+                param.copy_(torch.cat(parts) if len(parts) > 1 else parts[0])
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights named as in transformers (the inverse of ``load_hf_state_dict``)."""
-        cfg = self.cfg
-        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        out = {"model.embed_tokens.weight": self.embed.weight}
-        out["model.norm.weight"] = self.norm.weight
-        if not cfg.tie_word_embeddings:
-            out["lm_head.weight"] = self.lm_head.weight
-        for i, layer in enumerate(self.layers):
-            hf = f"model.layers.{i}."
-            for kind in ("weight", "bias"):
-                wqkv = getattr(layer.attention.wqkv, kind)
-                if wqkv is not None:
-                    for name, part in zip("qkv", wqkv.split([q_out, kv_out, kv_out]), strict=True):
-                        out[hf + f"self_attn.{name}_proj.{kind}"] = part
-                if getattr(layer.attention.wo, kind) is not None:
-                    out[hf + f"self_attn.o_proj.{kind}"] = getattr(layer.attention.wo, kind)
-                w13 = getattr(layer.mlp.w13, kind)
-                if w13 is not None:
-                    gate, up = w13.chunk(2)
-                    out[hf + f"mlp.gate_proj.{kind}"], out[hf + f"mlp.up_proj.{kind}"] = gate, up
-                    out[hf + f"mlp.down_proj.{kind}"] = getattr(layer.mlp.w2, kind)
-            out[hf + "input_layernorm.weight"] = layer.attention_norm.weight
-            out[hf + "post_attention_layernorm.weight"] = layer.ffn_norm.weight
+        out, layout = {}, self.hf_layout()
+        for name, param in self.named_parameters():
+            parts = param.split([shape[0] for _, shape in layout[name]])
+            out.update({hf: part for (hf, _), part in zip(layout[name], parts, strict=True)})
         return {k: v.detach().contiguous() for k, v in out.items()}

@@ -391,3 +391,29 @@ def test_distill_cli(base_dir, prompts_file, tmp_path):
     samples, meta = load_dataset(out)
     assert [s.index for s in samples] == list(range(6)) and meta["temperature"] == 0.8
     assert all(len(s) - s.prompt_len == 5 for s in samples)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3-longrope", "gemma2", "gemma3"])
+def test_train_medusa1_cli_on_each_family(family, prompts_file, tmp_path):
+    """`train medusa1` (self-distillation, then a few steps) on a tiny model of each new family;
+    the heads it writes load and decode losslessly. The training forward (``causal_hidden``)
+    is the decoder's: windows, soft-caps, Gemma's norms and ropes."""
+    base = tmp_path / "base"
+    make_hf_model(family, seed=2, layers=2, path=base)
+    model = load_base_model(base, torch.float32)
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.prefill(tokens, torch.tensor([12, 12], dtype=torch.int32),
+                            model.new_cache(2, 12))
+        torch.testing.assert_close(causal_hidden(model, tokens), ref, atol=1e-5, rtol=1e-5)
+    out = str(tmp_path / "run")
+    assert train_cli.main(["medusa1", "--model", str(base), "--prompts", prompts_file,
+                           "--out", out, "--num-heads", "2", "--seq-len", "32",
+                           "--batch-size", "4", "--steps", "3", "--max-new-tokens", "6",
+                           "--distill-batch-size", "8", "--no-progress", "--device", "cpu"]) == 0
+    acc = read_json(os.path.join(out, "head_accuracy.json"))
+    assert acc["step"] == 3 and len(acc["top1"]) == 2
+    m = load_model(base, medusa=os.path.join(out, "heads"), dtype=torch.float32)
+    prompts = [[5, 17, 3], [44, 2, 90, 61, 7]]
+    fast = generate(m, prompts, max_new_tokens=10, tree=[[0], [1], [0, 0]])
+    assert fast.tokens == generate(m, prompts, max_new_tokens=10, medusa=False).tokens

@@ -25,24 +25,62 @@ ARCHS = {
 }
 
 
+# The new families, each with the features that set it apart switched on at tiny sizes (windows
+# of a few tokens, caps that bind). 3 layers: local and global layers both occur.
+_LONG = dict(short_factor=[1.0 + 0.1 * i for i in range(6)],
+             long_factor=[1.5 + 0.4 * i for i in range(6)])
+FAMILIES = {
+    "qwen3": (transformers.Qwen3Config,
+              dict(num_key_value_heads=2, head_dim=16, attention_bias=True)),
+    "qwen3-window": (transformers.Qwen3Config,  # layer 0 full, layers 1-2 windowed
+                     dict(num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+                          sliding_window=5, max_window_layers=1)),
+    "qwen2-window": (transformers.Qwen2Config,
+                     dict(num_key_value_heads=1, use_sliding_window=True, sliding_window=4,
+                          max_window_layers=2)),
+    "mistral-window": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=4)),
+    "phi3": (transformers.Phi3Config, dict(num_key_value_heads=4, sliding_window=6)),
+    # Phi-4-mini-like: partial rotary 0.75 (12 of 16 dims), longrope, GQA
+    "phi3-longrope": (transformers.Phi3Config,
+                      dict(num_key_value_heads=2, partial_rotary_factor=0.75,
+                           rope_scaling=dict(type="longrope", **_LONG),
+                           original_max_position_embeddings=40)),
+    "gemma2": (transformers.Gemma2Config,
+               dict(num_key_value_heads=2, head_dim=16, sliding_window=4,
+                    query_pre_attn_scalar=12, attn_logit_softcapping=1.5,
+                    final_logit_softcapping=2.0)),
+    "gemma3": (transformers.Gemma3TextConfig,
+               dict(num_key_value_heads=2, head_dim=16, sliding_window=5,
+                    sliding_window_pattern=2, rope_local_base_freq=100.0,
+                    rope_scaling=dict(rope_type="linear", factor=2.0),
+                    final_logit_softcapping=2.0)),
+}
+ALL = {**ARCHS, **FAMILIES}
+
+
 def make_hf_model(
-    arch: str, seed: int = 0, layers: int = 2, max_shard_size=None, path=None, hidden: int = 64
+    arch: str, seed: int = 0, layers: int = 2, max_shard_size=None, path=None, hidden: int = 64,
+    head_dim: int | None = None, **overrides,
 ):
     """A random transformers model of ``arch`` (fp32, eval); saved to ``path`` when given.
-    4 attention heads: head dim ``hidden // 4`` (16 by default; 256 gives 64, a Triton size)."""
-    config_cls, extra = ARCHS[arch]
+    4 attention heads: head dim ``hidden // 4`` (16 by default; 256 gives 64, a Triton size)
+    unless the arch (or ``head_dim``) sets one; ``overrides`` go into the config. ``arch`` may
+    also be a (config class, kwargs) pair. All but ``ARCHS`` also get random norm weights and
+    biases (the default init leaves them at 1 / 0)."""
+    config_cls, extra = ALL[arch] if isinstance(arch, str) else arch
+    extra = dict(extra, **({} if head_dim is None else {"head_dim": head_dim}), **overrides)
     torch.manual_seed(seed)
-    config = config_cls(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden // 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4, max_position_embeddings=512, eos_token_id=None,
-        bos_token_id=None, pad_token_id=None, **extra,
-    )  # fmt: skip
+    config = config_cls(**dict(
+        dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden // 2,
+             num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=512,
+             eos_token_id=None, bos_token_id=None, pad_token_id=None), **extra))
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # larger weights than the default init: sharper, tie-free logits
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.1)
+            elif not (isinstance(arch, str) and arch in ARCHS):
+                p.add_(torch.randn_like(p), alpha=0.1)
     if path is not None:
         kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
         model.save_pretrained(path, **kwargs)

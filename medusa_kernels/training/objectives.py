@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..heads import MedusaHeads
-from ..model import Transformer, apply_rope
+from ..model import Transformer, causal_attention
 from .data import shifted_targets
 
 
@@ -19,6 +19,7 @@ def causal_hidden(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
                   segments: torch.Tensor | None = None, frozen_layers: int = 0) -> torch.Tensor:
     """Final normed hidden [B, T, d] of tokens [B, T], causal, no KV cache, autograd-friendly.
 
+    The decoder's own layers (every family), with ``causal_attention`` in place of the cache.
     positions [B, T] (default 0..T-1); segments [B, T]: tokens attend only to earlier tokens of
     their own segment (packed rows; padding = -1 attends among itself and is ignored). The
     embedding and the first ``frozen_layers`` layers run without autograd (frozen prefix).
@@ -28,34 +29,19 @@ def causal_hidden(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
         positions = torch.arange(T, device=tokens.device).expand(B, T)
     mask = None
     if segments is not None:
-        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-        mask = ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]  # [B,1,T,T]
+        mask = (segments[:, :, None] == segments[:, None, :])[:, None]  # [B, 1, T, T]
+    cfg = model.cfg
+
+    def attend(attn, q, k, v):
+        return causal_attention(q, k, v, cfg.softmax_scale, attn.window, cfg.attn_softcap, mask)
+
     with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_layers == 0):
-        x = model.embed(tokens)
-    cos, sin = model._rope(positions, x.dtype)
+        x = model.embed_tokens(tokens)
+    ropes = model.rope(positions, positions.max(dim=1).values + 1, x.dtype)
     for i, layer in enumerate(model.layers):
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= frozen_layers):
-            h = x + _attention(layer.attention, layer.attention_norm(x), cos, sin, mask)
-            x = h + layer.mlp(layer.ffn_norm(h))
+            x = layer(x, *ropes[layer.attention.rope], attend)
     return model.norm(x)
-
-
-def _attention(attn, x, cos, sin, mask):
-    cfg = attn.cfg
-    B, T, _ = x.shape
-    q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    q, k, v = attn.wqkv(x).split([q_out, kv_out, kv_out], dim=-1)
-    q = apply_rope(q.view(B, T, cfg.num_heads, cfg.head_dim), cos, sin).transpose(1, 2)
-    k = apply_rope(k.view(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-    v = v.view(B, T, cfg.num_kv_heads, cfg.head_dim)
-    group = cfg.num_heads // cfg.num_kv_heads
-    k = k.repeat_interleave(group, dim=2).transpose(1, 2)
-    v = v.repeat_interleave(group, dim=2).transpose(1, 2)
-    if mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return attn.wo(out.transpose(1, 2).reshape(B, T, q_out))
 
 
 def head_logits(heads: MedusaHeads, hidden: torch.Tensor, k: int) -> torch.Tensor:
