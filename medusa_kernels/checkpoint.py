@@ -419,9 +419,9 @@ class MedusaModel:
 
     def generation_defaults(self) -> dict:
         """EOS, BOS and pad ids as transformers takes them: from the model dir's
-        generation_config.json when it has one, else from config.json (its ``text_config`` for
-        keys the top level lacks); ``add_bos_token`` from tokenizer_config.json (None: as the
-        tokenizer does). ``source``: the file the ids came from (None: no file). Unchecked."""
+        generation_config.json when it has one, else from config.json; ``add_bos_token`` from
+        tokenizer_config.json (None: as the tokenizer does). ``source``: the file the ids came
+        from (None: no file). Unchecked."""
         out: dict = {"eos_token_id": None, "bos_token_id": None, "pad_token_id": None,
                      "add_bos_token": None, "source": None}
         if self.model_dir is None:  # built in memory: no files
@@ -429,15 +429,9 @@ class MedusaModel:
         for name in ("generation_config.json", "config.json"):
             path = os.path.join(self.model_dir, name)
             if os.path.isfile(path):
-                try:
-                    cfg = read_json(path)
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise ValueError(f"{path}: not a readable JSON file ({e})") from None
-                if not isinstance(cfg, dict):
-                    raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-                text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+                cfg = read_config(path)
                 for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-                    out[key] = cfg[key] if cfg.get(key) is not None else text.get(key)
+                    out[key] = cfg.get(key)
                 out["source"] = path
                 break
         path = os.path.join(self.model_dir, "tokenizer_config.json")

@@ -92,10 +92,12 @@ def test_forced_paths_across_the_window_edge(fam):
     """Right guesses accepted 4 deep: the deepest node sits 4 past the prefix, so with windows
     of 4-6 the tree's nodes see different slices of the prefix."""
     name, hf, model, expected = fam
-    fast = generate(model, prompts(name), max_new_tokens=NEW, propose=oracle(expected))
+    tree = "mc_sim_7b_63"  # depth 4 (the CPU default tree is shallower)
+    fast = generate(model, prompts(name), max_new_tokens=NEW, propose=oracle(expected), tree=tree)
     assert fast.tokens == [e[:NEW] for e in expected]
     assert max(max(step) for step in fast.accepted_per_step) == 5
-    half = generate(model, prompts(name), max_new_tokens=NEW, propose=oracle(expected, rank=1))
+    half = generate(model, prompts(name), max_new_tokens=NEW, propose=oracle(expected, rank=1),
+                    tree=tree)
     assert half.tokens == fast.tokens
 
 

@@ -144,7 +144,6 @@ def test_generation_stops_at_the_checkpoints_eos_by_default(tiny_dirs):
     cases = [  # (name, config.json changes, generation_config.json, expected)
         ("config", {"eos_token_id": eos_a}, None, expect_a),
         ("config-list", {"eos_token_id": [eos_a, eos_b]}, None, both),
-        ("text-config", {"text_config": {"eos_token_id": eos_b}}, None, expect_b),
         ("generation", {}, {"eos_token_id": eos_b}, expect_b),
         # generation_config.json, when there, is the source (transformers): config.json's EOS
         # does not apply even when generation_config.json has none
