@@ -166,7 +166,7 @@ def test_bad_eos_in_a_checkpoint_names_the_file(tiny_dirs):
 def test_broken_generation_config_names_the_file(tiny_dirs):
     m = variant(tiny_dirs, "broken-gen", {}, None)
     (tiny_dirs / "broken-gen" / "generation_config.json").write_text('{"eos_token_id": ')
-    with pytest.raises(ValueError, match=r"broken-gen/generation_config.json: not a readable"):
+    with pytest.raises(ValueError, match=r"broken-gen/generation_config.json: not valid JSON"):
         generate(m, [[1, 2]], max_new_tokens=2)
 
 
