@@ -4,11 +4,14 @@ not catch programs that only the compiler refuses. See triton_aot.py and gpu_sha
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from medusa_kernels.ops._backend import SM_LIMITS, occupancy
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,3 +41,63 @@ def test_every_kernel_config_compiles_for_sm90(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
     assert " 0 failures" in run.stdout
+
+
+OCC_CPP = r"""
+// Reads "arch regs shared warps" lines; prints cudaOccMaxActiveBlocksPerMultiprocessor's CTAs/SM
+// for a kernel with that many registers and dynamic shared memory (opt-in limit, as Triton sets).
+#include <cstdio>
+#include "cuda_occupancy.h"
+int main() {
+    int arch, regs, warps, smem_sm, smem_cta; size_t shared;
+    while (scanf("%d %d %zu %d %d %d", &arch, &regs, &shared, &warps, &smem_sm, &smem_cta) == 6) {
+        cudaOccDeviceProp p;
+        p.computeMajor = arch / 10; p.computeMinor = arch % 10; p.warpSize = 32;
+        p.maxThreadsPerBlock = 1024; p.maxThreadsPerMultiprocessor = arch == 89 ? 1536 : 2048;
+        p.regsPerBlock = 65536; p.regsPerMultiprocessor = 65536; p.numSms = 132;
+        p.sharedMemPerBlock = 49152; p.reservedSharedMemPerBlock = 1024;
+        p.sharedMemPerMultiprocessor = smem_sm; p.sharedMemPerBlockOptin = smem_cta;
+        cudaOccFuncAttributes a;
+        a.maxThreadsPerBlock = 1024; a.numRegs = regs; a.sharedSizeBytes = 0;
+        a.partitionedGCConfig = PARTITIONED_GC_OFF; a.shmemLimitConfig = FUNC_SHMEM_LIMIT_OPTIN;
+        a.maxDynamicSharedSizeBytes = smem_cta; a.numBlockBarriers = 1; a.virtualResourceCount = 0;
+        cudaOccDeviceState state;
+        cudaOccResult r;
+        cudaOccError e = cudaOccMaxActiveBlocksPerMultiprocessor(&r, &p, &a, &state, warps * 32, shared);
+        printf("%d\n", e == CUDA_OCC_SUCCESS ? r.activeBlocksPerMultiprocessor : -1);
+    }
+}
+"""
+
+
+def _occupancy_header() -> Path | None:
+    try:
+        import triton
+    except ImportError:
+        triton = None
+    places = [Path(triton.__file__).parent / "backends/nvidia/include"] if triton else []
+    places += sorted(Path("/usr/local").glob("cuda*/include"))
+    return next((p for p in places if (p / "cuda_occupancy.h").exists()), None)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or _occupancy_header() is None,
+                    reason="needs g++ and CUDA's cuda_occupancy.h (shipped with Triton)")
+def test_occupancy_equals_cuda_occupancy_calculator(tmp_path):
+    """ops._backend.occupancy against NVIDIA's own calculator (cuda_occupancy.h, host-only code)
+    over registers 16-255, shared memory up to and past the per-CTA limit, 1-16 warps."""
+    (tmp_path / "occ.cpp").write_text(OCC_CPP)
+    subprocess.run(["g++", "-O1", f"-I{_occupancy_header()}", "occ.cpp", "-o", "occ"],
+                   cwd=tmp_path, check=True, capture_output=True)
+    cases = [(arch, regs, shared, warps)
+             for arch in SM_LIMITS for regs in [*range(16, 256, 3), 255]
+             for shared in (0, 16, 16896, 49152, 65536, 73728, 100000, 115712, 166912, 166913,
+                            200000, 232448, 232449)
+             for warps in (1, 2, 4, 8, 16)]  # fmt: skip
+    lines = [f"{a} {r} {s} {w} {SM_LIMITS[a]['smem']} {SM_LIMITS[a]['smem_cta']}"
+             for a, r, s, w in cases]
+    out = subprocess.run([str(tmp_path / "occ")], input="\n".join(lines), capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert len(out) == len(cases)
+    wrong = [(c, int(o)) for c, o in zip(cases, out, strict=True)
+             if occupancy(c[1], c[2], c[3], c[0]) != max(int(o), 0)]
+    assert not wrong, wrong[:10]
