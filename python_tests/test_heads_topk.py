@@ -343,15 +343,39 @@ def test_triton_refuses_what_it_does_not_support():
         lm_head_topk_triton(hidden, w2[0], 3, chunks=0)
 
 
-def test_chunking_uses_static_shapes_only(monkeypatch):
+def test_chunks_are_whole_tiles_in_one_wave(monkeypatch):
+    """Chunk sizes come from static shapes only: whole BLOCK_V tiles, as few rows per chunk as
+    one wave of ctas_per_sm programs per SM allows."""
     monkeypatch.setattr(ht, "sm_count", lambda device: 132)
     h100 = torch.device("cuda", 0)
-    gemv, dot = ht._config(1, torch.bfloat16), ht._config(16, torch.bfloat16)
-    assert ht._chunks(32000, 5, gemv, h100, None) == (100, 320)  # 500 programs <= 4 x 132
-    assert ht._chunks(32000, 5, dot, h100, None) == (52, 624)  # 260 programs <= 2 x 132
-    assert ht._chunks(128256, 5, dot, h100, None) == (52, 2480)
-    assert ht._chunks(100, 5, dot, h100, None) == (1, 128)  # at least one tile per chunk
-    assert ht._chunks(300, 1, dot, h100, 7) == (7, 43)
+    for block_n in (1, 16, 64):
+        cfg = ht._config(block_n, torch.bfloat16)
+        slots = cfg.ctas_per_sm * 132
+        for V in (100, 32000, 128256):
+            for programs in (1, 4, 5, 40):
+                chunks, rows = ht._chunks(V, programs, cfg, h100, None)
+                assert rows % cfg.block_v == 0 and chunks == -(-V // rows)
+                assert chunks * programs <= max(programs, slots)  # one wave
+                fewer_rows = rows - cfg.block_v  # the next smaller chunk does not fit
+                assert fewer_rows == 0 or -(-V // fewer_rows) * programs > slots
+    gemv = ht._config(1, torch.bfloat16)
+    assert (gemv.block_v, gemv.ctas_per_sm) == (32, 4)
+    assert ht._chunks(32000, 5, gemv, h100, None) == (100, 320)  # 1000 tiles, 10 per chunk
+    assert ht._chunks(128256, 5, gemv, h100, None) == (103, 1248)  # 4008 tiles, 39 per chunk
+    assert ht._chunks(300, 1, gemv, h100, 7) == (7, 43)  # explicit count: any rows
+
+
+def test_resblock_tiles_split_evenly(monkeypatch):
+    monkeypatch.setattr(ht, "sm_count", lambda device: 132)
+    h100 = torch.device("cuda", 0)
+    cfg = ht._config(1, torch.bfloat16)
+    per_head, per_program, programs = ht._resblock_grid(5, 4096, 1, cfg, h100)
+    assert (per_head, per_program, programs) == (512, 5, 512)  # 2560 tiles, <= 528 programs
+    for K, d, tb in ((1, 40, 1), (4, 4096, 1), (5, 4096, 8), (3, 1000, 2)):
+        per_head, per_program, programs = ht._resblock_grid(K, d, tb, cfg, h100)
+        assert per_head == -(-d // cfg.block_o) and (programs - 1) * per_program < K * per_head
+        assert programs * per_program >= K * per_head
+        assert programs <= max(1, cfg.res_ctas_per_sm * 132 // tb)
 
 
 # --- GPU: 7B shapes in bf16 ----------------------------------------------------------------------

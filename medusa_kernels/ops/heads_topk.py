@@ -21,13 +21,14 @@ descending sort of the logits the kernel computed.
 
 Triton path (``backend="triton"``), three launches, no host sync, no ``[N, K, V]`` logits:
 
-1. ``_resblock_kernel``: grid ``(cdiv(d, BLOCK_O), K, token blocks)``; each program computes
-   BLOCK_O output rows of ``W1[k] h`` for all tokens of its block (W1 read once), adds b1,
-   applies SiLU and the residual and writes ``h'`` ``[K, N, d]`` (tiny; fp32 for N = 1, else in
-   the weights' dtype).
+1. ``_resblock_kernel``: grid ``(token blocks, programs)``; the ``K * cdiv(d, BLOCK_O)`` row
+   tiles of W1 are split evenly over one wave of programs (each a run of whole tiles); a tile
+   is BLOCK_O output rows of ``W1[k] h`` for all tokens of the block (W1 read once), plus b1,
+   SiLU and the residual, written to ``h'`` ``[K, N, d]`` (tiny; fp32 for N = 1, else in the
+   weights' dtype).
 2. ``_vocab_topk_kernel``: grid ``(chunks, K, token blocks)``; chunk c of head k covers rows
-   ``[c * R, (c + 1) * R)`` of ``W2[k]`` (R rows per chunk, any value: the chunk count is set so
-   that every program moves the same bytes and all programs fit one wave of the GPU). It walks
+   ``[c * R, (c + 1) * R)`` of ``W2[k]`` (R a whole number of BLOCK_V tiles, as few as let all
+   programs fit one wave of the GPU, so that every program moves the same bytes). It walks
    its rows in tiles of BLOCK_V, computes the tile's logits for all tokens of its block and
    merges their keys into a running top-k list per token kept in registers; a tile none of whose
    keys beats any token's k-th key skips the merge (most tiles once the lists have filled).
@@ -45,24 +46,25 @@ tokens padded): h' is rounded to the weights' dtype for the dot (as a bf16 ``nn.
 does), so near-ties may order differently from the fp32 reference.
 
 Weight reads: W1 and W2 each read once per call for N <= 64 (one token block; larger N runs
-``cdiv(N, 64)`` token blocks, each reading the weights). Loads are 16-byte vectors along d
-(``ld.global.v4`` in the GEMV, 16-byte ``cp.async`` feeding wgmma in the dots) when d's stride
-is 1 and d a multiple of 8 (Triton specialises both).
+``cdiv(N, 64)`` token blocks, each reading the weights). Every d loop is a ``cp.async`` ring of
+``num_stages`` buffers (``num_stages - 1`` trips in flight; 16-byte copies along d when d's
+stride is 1 and d a multiple of 8, which Triton specialises), feeding FMAs in the GEMV and
+wgmma in the dots.
 
-Launch configuration (``_config``, ``_chunks``): chosen by reasoning and checked only by
-compiling for sm_90 (registers and spills of every config under Triton 3.6:
-bench/results/2026-11-23-sm90-triton3.6-registers.txt; no spills); TO BE TUNED ON THE GPU
-(block sizes, warps, stages, resident programs per SM):
+Launch configuration (``_config``, ``_chunks``, ``_resblock_grid``): chosen from the sm_90
+compile (registers, shared memory, CTAs per SM, instructions: ``python bench/static_report.py``,
+recorded under bench/results/); TO BE TUNED ON THE GPU:
 
-- N = 1 (GEMV): stage 2 BLOCK_V 64 x BLOCK_D 64, 4 warps (96-115 registers: 4 programs per
-  SM assumed); stage 1 BLOCK_O 32 x BLOCK_I 128;
+- N = 1 (GEMV, 4 warps, 5 stages, 8 KB per trip): stage 2 BLOCK_V 32 x BLOCK_D 128, stage 1
+  BLOCK_O 8 x BLOCK_I 512 (about 110 registers: 4 programs and 128 KB of weights in flight per
+  SM; small row tiles keep the one-wave split even: 10 tiles per chunk at V 32000, 5 per
+  ResBlock program);
 - 2 <= N <= 32 (dot): BLOCK_V 128, BLOCK_D 64, BLOCK_N max(16, next_pow2(N)), 4 warps, 4
   stages (72-80 KB shared memory, 128-168 registers: 2 programs per SM); stage 1 BLOCK_O 32;
 - 32 < N (dot, BLOCK_N 64): BLOCK_V 64, 8 warps, 4 stages (about 200 registers: 1 per SM);
 - fp32 (interpreter tests; on the GPU when asked for): small tiles, IEEE dots;
-- chunks per head: ``floor(programs per SM * SMs / (K * token blocks))`` (one full wave), with
-  at least one BLOCK_V tile per chunk, R rounded up to a multiple of 16 rows (Vicuna-7B heads:
-  100 chunks of 320 rows at N = 1, 52 of 624 at N = 8);
+- chunks per head: ``floor(programs per SM * SMs / (K * token blocks))`` (one full wave), each
+  a whole number of BLOCK_V tiles (Vicuna-7B heads: 100 chunks of 320 rows at N = 1);
 - stage 3: BLOCK_C = min(4096, next_pow2(chunks * k)), 8 warps from 2048 (<= 80 registers).
 """
 
@@ -181,7 +183,7 @@ if HAS_TRITON:
         w_ptr, h_ptr, m_r, n0, N, D,
         w_stride_r, w_stride_d, h_stride_n, h_stride_d,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+        GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """fp32 [BLOCK_R, BLOCK_N]: rows ``w_ptr + r * w_stride_r`` (r < BLOCK_R, masked by m_r)
         of a weight matrix times tokens n0 .. n0 + BLOCK_N - 1 of h (``GEMV``: one token, on
@@ -192,7 +194,7 @@ if HAS_TRITON:
         if GEMV:
             b_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
             p_h = h_ptr + n0.to(tl.int64) * h_stride_n + o_d * h_stride_d
-            for d0 in range(0, D, BLOCK_D):
+            for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
                 if EVEN_D:
                     b_w = tl.load(p_w, mask=m_r[:, None], other=0.0)
                     b_h = tl.load(p_h)
@@ -209,7 +211,7 @@ if HAS_TRITON:
             m_n = o_n < N
             b_acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
             p_h = h_ptr + o_n[None, :].to(tl.int64) * h_stride_n + o_d[:, None] * h_stride_d
-            for d0 in range(0, D, BLOCK_D):
+            for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
                 if EVEN_D:
                     b_w = tl.load(p_w, mask=m_r[:, None], other=0.0)
                     b_h = tl.load(p_h, mask=m_n[None, :], other=0.0)
@@ -266,38 +268,44 @@ if HAS_TRITON:
             r_key = _merge_topk(r_key, c_key, TOPK, BLOCK_K)
         return r_key
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["tiles_per_program"])
     def _resblock_kernel(
         h_ptr, w1_ptr, b1_ptr, hr_ptr,
-        N, D,
+        N, D, tiles_per_head, tiles_per_program, num_tiles,
         h_stride_n, h_stride_d,
         w1_stride_k, w1_stride_o, w1_stride_i,
         b1_stride_k, b1_stride_o,
         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
-        GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+        GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
-        """hr[k, n, o] = h[n, o] + SiLU(W1[k, o] . h[n] + b1[k, o]): [K, N, D], computed in fp32."""
-        i_o, i_k, i_nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        o0 = i_o * BLOCK_O
-        o_o = o0 + tl.arange(0, BLOCK_O)
-        m_o = o_o < D
+        """hr[k, n, o] = h[n, o] + SiLU(W1[k, o] . h[n] + b1[k, o]): [K, N, D], computed in fp32.
+        Program (i_nb, i_p) computes the row tiles [i_p, i_p + 1) * tiles_per_program of the
+        K * tiles_per_head tiles of BLOCK_O rows (tile t: head t // tiles_per_head)."""
+        i_nb, i_p = tl.program_id(0), tl.program_id(1)
         n0 = i_nb * BLOCK_N
-        w_base = w1_ptr + i_k.to(tl.int64) * w1_stride_k + o0.to(tl.int64) * w1_stride_o
-        b_z = _rows_dot_tokens(w_base, h_ptr, m_o, n0, N, D, w1_stride_o, w1_stride_i,
-                               h_stride_n, h_stride_d, BLOCK_O, BLOCK_I, BLOCK_N, GEMV, EVEN_D,
-                               DOT_PREC)  # fmt: skip
-        b_b = tl.load(b1_ptr + i_k.to(tl.int64) * b1_stride_k + o_o * b1_stride_o, mask=m_o,
-                      other=0.0).to(tl.float32)  # fmt: skip
-        b_z = b_z + b_b[:, None]
         o_n = n0 + tl.arange(0, BLOCK_N)
-        m = m_o[:, None] & (o_n < N)[None, :]
-        b_h = tl.load(h_ptr + o_n[None, :].to(tl.int64) * h_stride_n + o_o[:, None] * h_stride_d,
-                      mask=m, other=0.0).to(tl.float32)  # fmt: skip
-        b_out = b_h + b_z * tl.sigmoid(b_z)
-        p_out = hr_ptr + (i_k * N + o_n[None, :]).to(tl.int64) * D + o_o[:, None]
-        tl.store(p_out, b_out.to(hr_ptr.dtype.element_ty), mask=m)
+        m_n = o_n < N
+        t0 = i_p * tiles_per_program
+        for t in range(t0, tl.minimum(t0 + tiles_per_program, num_tiles)):
+            i_k = t // tiles_per_head
+            o0 = (t - i_k * tiles_per_head) * BLOCK_O
+            o_o = o0 + tl.arange(0, BLOCK_O)
+            m_o = o_o < D
+            w_base = w1_ptr + i_k.to(tl.int64) * w1_stride_k + o0.to(tl.int64) * w1_stride_o
+            b_z = _rows_dot_tokens(w_base, h_ptr, m_o, n0, N, D, w1_stride_o, w1_stride_i,
+                                   h_stride_n, h_stride_d, BLOCK_O, BLOCK_I, BLOCK_N, GEMV,
+                                   EVEN_D, DOT_PREC, STAGES)  # fmt: skip
+            b_b = tl.load(b1_ptr + i_k.to(tl.int64) * b1_stride_k + o_o * b1_stride_o, mask=m_o,
+                          other=0.0).to(tl.float32)  # fmt: skip
+            b_z = b_z + b_b[:, None]
+            m = m_o[:, None] & m_n[None, :]
+            p_h = h_ptr + o_n[None, :].to(tl.int64) * h_stride_n + o_o[:, None] * h_stride_d
+            b_h = tl.load(p_h, mask=m, other=0.0).to(tl.float32)
+            b_out = b_h + b_z * tl.sigmoid(b_z)
+            p_out = hr_ptr + (i_k * N + o_n[None, :]).to(tl.int64) * D + o_o[:, None]
+            tl.store(p_out, b_out.to(hr_ptr.dtype.element_ty), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows_per_chunk", "num_chunks"])
     def _vocab_topk_kernel(
         w_ptr, h_ptr, pk_ptr,
         N, V, D, rows_per_chunk, num_chunks,
@@ -305,7 +313,7 @@ if HAS_TRITON:
         h_stride_k, h_stride_n, h_stride_d,
         TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+        GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """Partial top-k of one vocabulary chunk of one head: keys pk [K, N, num_chunks, TOPK]."""
         i_c, i_k, i_nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -323,7 +331,8 @@ if HAS_TRITON:
             m_v = v0 + o_v < v_end
             b_s = _rows_dot_tokens(w_tile, h_head, m_v, n0, N, D,
                                    w_stride_v, w_stride_d, h_stride_n, h_stride_d,
-                                   BLOCK_V, BLOCK_D, BLOCK_N, GEMV, EVEN_D, DOT_PREC)  # fmt: skip
+                                   BLOCK_V, BLOCK_D, BLOCK_N, GEMV, EVEN_D, DOT_PREC,
+                                   STAGES)  # fmt: skip
             c_key = tl.where(m_v[:, None], _sort_key(b_s, (v0 + o_v)[:, None]), _EMPTY)
             r_key = _merge_if_better(r_key, c_key, m_n, TOPK, BLOCK_K)
             w_tile += BLOCK_V * w_stride_v
@@ -356,38 +365,50 @@ if HAS_TRITON:
 
 class _Config(NamedTuple):
     block_v: int  # vocabulary rows per tile (stage 2)
-    block_d: int  # hidden columns per step (stage 2)
-    block_o: int  # ResBlock output rows per program (stage 1)
-    block_i: int  # hidden columns per step (stage 1)
+    block_d: int  # hidden columns per loop trip (stage 2)
+    block_o: int  # ResBlock output rows per tile (stage 1)
+    block_i: int  # hidden columns per loop trip (stage 1)
     block_c: int  # candidates per merge step (stage 3)
     num_warps: int
-    num_stages: int
+    num_stages: int  # cp.async ring of the d loop: num_stages - 1 trips in flight
     ctas_per_sm: int  # stage-2 programs resident per SM (sets the chunk count)
+    res_ctas_per_sm: int  # stage-1 programs resident per SM (sets the ResBlock grid)
 
 
 def _config(block_n: int, dtype: torch.dtype) -> _Config:
     """Launch configuration for BLOCK_N tokens per program (1: the GEMV; see the module doc)."""
     if dtype == torch.float32:  # correctness path: small tiles, no spills
-        return _Config(32, 32, 16, 32, 256, 4, 2, 2)
+        return _Config(32, 32, 16, 32, 256, 4, 2, 2, 2)
     if block_n == 1:
-        return _Config(64, 64, 32, 128, 4096, 4, 3, 4)
+        return _Config(32, 128, 8, 512, 4096, 4, 5, 4, 4)
     if block_n <= 32:
-        return _Config(128, 64, 32, 64, 4096, 4, 4, 2)
-    return _Config(64, 64, 32, 64, 4096, 8, 4, 1)
+        return _Config(128, 64, 32, 64, 4096, 4, 4, 2, 2)
+    return _Config(64, 64, 32, 64, 4096, 8, 4, 1, 1)
 
 
 def _chunks(V: int, programs: int, cfg: _Config, device: torch.device, chunks: int | None):
     """(chunks per head, rows per chunk): one wave of ``ctas_per_sm`` programs per SM over the
-    ``programs`` (heads x token blocks) that share it, at least one tile of rows per chunk."""
+    ``programs`` (heads x token blocks) that share it, each chunk a whole number of BLOCK_V tiles
+    (the last one shorter). ``chunks`` (tests) sets the count instead, with any rows per chunk."""
     if chunks is not None:
         if chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         rows = -(-V // chunks)
     else:
         want = max(1, cfg.ctas_per_sm * sm_count(device) // programs)
-        rows = max(-(-V // want), cfg.block_v)
-        rows = -(-rows // 16) * 16
+        tiles = -(-V // cfg.block_v)
+        rows = -(-tiles // want) * cfg.block_v
     return -(-V // rows), rows
+
+
+def _resblock_grid(K: int, d: int, token_blocks: int, cfg: _Config, device: torch.device):
+    """(tiles per head, tiles per program, programs per token block): the K * cdiv(d, BLOCK_O)
+    row tiles of W1 split evenly over one wave of ``res_ctas_per_sm`` programs per SM."""
+    per_head = -(-d // cfg.block_o)
+    tiles = K * per_head
+    want = max(1, cfg.res_ctas_per_sm * sm_count(device) // token_blocks)
+    per_program = -(-tiles // want)
+    return per_head, per_program, -(-tiles // per_program)
 
 
 def _block_n(N: int, gemv: bool) -> int:
@@ -433,7 +454,7 @@ def _vocab_topk(
         *w_strides, *h_strides,
         TOPK=k, BLOCK_K=block_k, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, BLOCK_N=block_n,
         GEMV=gemv, EVEN_D=d % cfg.block_d == 0,
-        DOT_PREC="ieee" if w.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if w.dtype == torch.float32 else "tf32", STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     values = torch.empty(N, K, k, dtype=torch.float32, device=dev)
@@ -490,13 +511,15 @@ def medusa_heads_topk_triton(
     # h' in fp32 for the GEMV; in the weights' dtype for the dots, which round it to that anyway
     h_res = torch.empty(K, N, d, dtype=torch.float32 if gemv else hidden.dtype,
                         device=hidden.device)  # fmt: skip
-    _resblock_kernel[(triton.cdiv(d, cfg.block_o), K, triton.cdiv(N, block_n))](
+    token_blocks = triton.cdiv(N, block_n)
+    per_head, per_program, programs = _resblock_grid(K, d, token_blocks, cfg, hidden.device)
+    _resblock_kernel[(token_blocks, programs)](
         hidden, w1, b1, h_res,
-        N, d,
+        N, d, per_head, per_program, K * per_head,
         *hidden.stride(), *w1.stride(), *b1.stride(),
         BLOCK_O=cfg.block_o, BLOCK_I=cfg.block_i, BLOCK_N=block_n,
         GEMV=gemv, EVEN_D=d % cfg.block_i == 0,
-        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32", STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return _vocab_topk(w2, tuple(w2.stride()), h_res, tuple(h_res.stride()), K, N, V, d, k,
