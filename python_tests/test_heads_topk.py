@@ -137,11 +137,15 @@ def test_random_inputs_tie_tolerant():
     assert_topk_close(values, indices, heads_logits(*args), k, *TOL[torch.float32])
 
 
-def test_more_than_64_tokens_run_two_token_blocks():
-    N, K, d, V, k = 65, 1, 16, 40, 2
-    hidden, w1, b1, w2 = planted(N, K, d, V, torch.float32, seed=65)
+@pytest.mark.parametrize("N,K", [(65, 1), (130, 2)])
+def test_more_than_64_tokens_run_several_token_blocks(poisoned_empty, N, K):
+    """Token blocks on the grid's fastest axis, with several chunks and heads on the others."""
+    d, V, k = 16, 70, 2
+    hidden, w1, b1, w2 = planted(N, K, d, V, torch.float32, seed=N)
     values, indices = medusa_heads_topk_triton(hidden, w1, b1, w2, k)
     assert_topk_exact(values, indices, heads_logits(hidden, w1, b1, w2), k, torch.float32)
+    values, indices = lm_head_topk_triton(hidden, w2[-1], k, chunks=3)
+    assert_topk_exact(values, indices, hidden.double() @ w2[-1].double().T, k, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -349,7 +353,7 @@ def test_chunks_are_whole_tiles_in_one_wave(monkeypatch):
     monkeypatch.setattr(ht, "sm_count", lambda device: 132)
     h100 = torch.device("cuda", 0)
     for block_n in (1, 16, 64):
-        cfg = ht._config(block_n, torch.bfloat16)
+        cfg = ht._config(block_n, torch.bfloat16, 10)
         slots = cfg.ctas_per_sm * 132
         for V in (100, 32000, 128256):
             for programs in (1, 4, 5, 40):
@@ -358,7 +362,7 @@ def test_chunks_are_whole_tiles_in_one_wave(monkeypatch):
                 assert chunks * programs <= max(programs, slots)  # one wave
                 fewer_rows = rows - cfg.block_v  # the next smaller chunk does not fit
                 assert fewer_rows == 0 or -(-V // fewer_rows) * programs > slots
-    gemv = ht._config(1, torch.bfloat16)
+    gemv = ht._config(1, torch.bfloat16, 10)
     assert (gemv.block_v, gemv.ctas_per_sm) == (32, 4)
     assert ht._chunks(32000, 5, gemv, h100, None) == (100, 320)  # 1000 tiles, 10 per chunk
     assert ht._chunks(128256, 5, gemv, h100, None) == (103, 1248)  # 4008 tiles, 39 per chunk
@@ -368,7 +372,7 @@ def test_chunks_are_whole_tiles_in_one_wave(monkeypatch):
 def test_resblock_tiles_split_evenly(monkeypatch):
     monkeypatch.setattr(ht, "sm_count", lambda device: 132)
     h100 = torch.device("cuda", 0)
-    cfg = ht._config(1, torch.bfloat16)
+    cfg = ht._config(1, torch.bfloat16, 10)
     per_head, per_program, programs = ht._resblock_grid(5, 4096, 1, cfg, h100)
     assert (per_head, per_program, programs) == (512, 5, 512)  # 2560 tiles, <= 528 programs
     for K, d, tb in ((1, 40, 1), (4, 4096, 1), (5, 4096, 8), (3, 1000, 2)):

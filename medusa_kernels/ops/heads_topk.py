@@ -26,7 +26,7 @@ Triton path (``backend="triton"``), three launches, no host sync, no ``[N, K, V]
    is BLOCK_O output rows of ``W1[k] h`` for all tokens of the block (W1 read once), plus b1,
    SiLU and the residual, written to ``h'`` ``[K, N, d]`` (tiny; fp32 for N = 1, else in the
    weights' dtype).
-2. ``_vocab_topk_kernel``: grid ``(chunks, K, token blocks)``; chunk c of head k covers rows
+2. ``_vocab_topk_kernel``: grid ``(token blocks, chunks, K)``; chunk c of head k covers rows
    ``[c * R, (c + 1) * R)`` of ``W2[k]`` (R a whole number of BLOCK_V tiles, as few as let all
    programs fit one wave of the GPU, so that every program moves the same bytes). It walks
    its rows in tiles of BLOCK_V, computes the tile's logits for all tokens of its block and
@@ -45,11 +45,14 @@ of [BLOCK_V, BLOCK_D] weight tiles with [BLOCK_D, BLOCK_N] token tiles (BLOCK_N 
 tokens padded): h' is rounded to the weights' dtype for the dot (as a bf16 ``nn.Linear`` head
 does), so near-ties may order differently from the fp32 reference.
 
-Weight reads: W1 and W2 each read once per call for N <= 64 (one token block; larger N runs
-``cdiv(N, 64)`` token blocks, each reading the weights). Every d loop is a ``cp.async`` ring of
-``num_stages`` buffers (``num_stages - 1`` trips in flight; 16-byte copies along d when d's
-stride is 1 and d a multiple of 8, which Triton specialises), feeding FMAs in the GEMV and
-wgmma in the dots.
+Weight reads: W1 and W2 each read once per call for N <= 64 (one token block). Larger N runs
+``cdiv(N, 64)`` token blocks; the grid puts them fastest, so the programs of one chunk start
+together, stream the same rows at the same pace and all but the first find them in L2 (the
+weights are read from HBM about once, not once per token block).
+
+Every d loop is a ``cp.async`` ring of ``num_stages`` buffers (``num_stages - 1`` trips in
+flight; 16-byte copies along d when d's stride is 1 and d a multiple of 8, which Triton
+specialises), feeding FMAs in the GEMV and wgmma in the dots.
 
 Launch configuration (``_config``, ``_chunks``, ``_resblock_grid``): chosen from the sm_90
 compile (registers, shared memory, CTAs per SM, instructions: ``python bench/static_report.py``,
@@ -61,7 +64,8 @@ recorded under bench/results/); TO BE TUNED ON THE GPU:
   ResBlock program);
 - 2 <= N <= 32 (dot): BLOCK_V 128, BLOCK_D 64, BLOCK_N max(16, next_pow2(N)), 4 warps, 4
   stages (72-80 KB shared memory, 128-168 registers: 2 programs per SM); stage 1 BLOCK_O 32;
-- 32 < N (dot, BLOCK_N 64): BLOCK_V 64, 8 warps, 4 stages (about 200 registers: 1 per SM);
+- 32 < N (dot, BLOCK_N 64): BLOCK_V 64, 8 warps, 5 stages (83 KB of shared memory; top-1: about
+  100 registers, 2 programs per SM; top-10: about 210 registers for the merge of 64 tokens, 1);
 - fp32 (interpreter tests; on the GPU when asked for): small tiles, IEEE dots;
 - chunks per head: ``floor(programs per SM * SMs / (K * token blocks))`` (one full wave), each
   a whole number of BLOCK_V tiles (Vicuna-7B heads: 100 chunks of 320 rows at N = 1);
@@ -316,7 +320,7 @@ if HAS_TRITON:
         GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """Partial top-k of one vocabulary chunk of one head: keys pk [K, N, num_chunks, TOPK]."""
-        i_c, i_k, i_nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        i_nb, i_c, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n0 = i_nb * BLOCK_N
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < N
@@ -375,15 +379,16 @@ class _Config(NamedTuple):
     res_ctas_per_sm: int  # stage-1 programs resident per SM (sets the ResBlock grid)
 
 
-def _config(block_n: int, dtype: torch.dtype) -> _Config:
-    """Launch configuration for BLOCK_N tokens per program (1: the GEMV; see the module doc)."""
+def _config(block_n: int, dtype: torch.dtype, topk: int) -> _Config:
+    """Launch configuration for BLOCK_N tokens per program (1: the GEMV; see the module doc) and
+    top-k width ``topk`` (the merge's registers decide how many programs fit an SM)."""
     if dtype == torch.float32:  # correctness path: small tiles, no spills
         return _Config(32, 32, 16, 32, 256, 4, 2, 2, 2)
     if block_n == 1:
         return _Config(32, 128, 8, 512, 4096, 4, 5, 4, 4)
     if block_n <= 32:
         return _Config(128, 64, 32, 64, 4096, 4, 4, 2, 2)
-    return _Config(64, 64, 32, 64, 4096, 8, 4, 1, 1)
+    return _Config(64, 64, 32, 64, 4096, 8, 5, 2 if topk == 1 else 1, 1)
 
 
 def _chunks(V: int, programs: int, cfg: _Config, device: torch.device, chunks: int | None):
@@ -448,7 +453,9 @@ def _vocab_topk(
     num_chunks, rows = _chunks(V, K * token_blocks, cfg, dev, chunks)
     block_k = max(2, triton.next_power_of_2(k))
     keys = torch.empty(K, N, num_chunks, k, dtype=torch.int64, device=dev)
-    _vocab_topk_kernel[(num_chunks, K, token_blocks)](
+    # token blocks fastest: the programs that read the same weight rows start together, so
+    # with several token blocks the rows come from L2 after the first (N > 64)
+    _vocab_topk_kernel[(token_blocks, num_chunks, K)](
         w, h, keys,
         N, V, d, rows, num_chunks,
         *w_strides, *h_strides,
@@ -469,11 +476,11 @@ def _vocab_topk(
     return values, indices
 
 
-def _launch_config(N, dtype, gemv, block_v, block_d, block_o, block_i) -> tuple[bool, _Config]:
+def _launch_config(N, dtype, k, gemv, block_v, block_d, block_o, block_i) -> tuple[bool, _Config]:
     gemv = (N == 1) if gemv is None else gemv
     if gemv and N != 1:
         raise ValueError(f"gemv=True needs N = 1 token, got N = {N}")
-    cfg = _config(_block_n(N, gemv), dtype)
+    cfg = _config(_block_n(N, gemv), dtype, k)
     cfg = cfg._replace(block_v=block_v or cfg.block_v, block_d=block_d or cfg.block_d,
                        block_o=block_o or cfg.block_o, block_i=block_i or cfg.block_i)  # fmt: skip
     return gemv, cfg
@@ -506,7 +513,7 @@ def medusa_heads_topk_triton(
     if N == 0:
         return (hidden.new_empty(0, K, k, dtype=torch.float32),
                 hidden.new_empty(0, K, k, dtype=torch.int64))  # fmt: skip
-    gemv, cfg = _launch_config(N, hidden.dtype, gemv, block_v, block_d, block_o, block_i)
+    gemv, cfg = _launch_config(N, hidden.dtype, k, gemv, block_v, block_d, block_o, block_i)
     block_n = _block_n(N, gemv)
     # h' in fp32 for the GEMV; in the weights' dtype for the dots, which round it to that anyway
     h_res = torch.empty(K, N, d, dtype=torch.float32 if gemv else hidden.dtype,
@@ -547,7 +554,7 @@ def lm_head_topk_triton(
     if N == 0:
         return (hidden.new_empty(0, k, dtype=torch.float32),
                 hidden.new_empty(0, k, dtype=torch.int64))  # fmt: skip
-    gemv, cfg = _launch_config(N, hidden.dtype, gemv, block_v, block_d, None, None)
+    gemv, cfg = _launch_config(N, hidden.dtype, k, gemv, block_v, block_d, None, None)
     values, indices = _vocab_topk(weight, (0, *weight.stride()), hidden, (0, *hidden.stride()),
                                   1, N, V, d, k, gemv, cfg, chunks)  # fmt: skip
     return values.view(N, k), indices.view(N, k)
