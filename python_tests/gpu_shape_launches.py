@@ -22,9 +22,9 @@ from triton_aot import case, install_capture  # noqa: E402
 
 install_capture(sys.argv[1])
 
+from medusa_kernels.ops import heads_topk  # noqa: E402
 from medusa_kernels.ops.acceptance import accept_greedy_ids_triton  # noqa: E402
 from medusa_kernels.ops.compact_kv import compact_kv_cache_triton  # noqa: E402
-from medusa_kernels.ops import heads_topk  # noqa: E402
 from medusa_kernels.ops.tree_attention import pack_tree_mask, tree_attention_triton  # noqa: E402
 from medusa_kernels.tree import TREES, build_tree  # noqa: E402
 
@@ -83,19 +83,22 @@ def acceptance_launches():
 
 def heads_launches():
     """Medusa heads (K 4-5) and lm_head at the benchmark shapes: d 4096, V 32000 / 128256, N 1, 8,
-    64, 512 tokens, top-1 and top-10 in bf16 (fp16: the same configurations), and per token
-    bucket the largest k (32) and fp32 once."""
+    64, 512 tokens, top-1 and top-10 in bf16 (fp16: the same configurations), and at V 32000
+    the other launch configurations: N 32 (BLOCK_N 32), the largest k (32), fp32."""
     meta = dict(device="meta")
     d, sms = 4096, heads_topk.sm_count
     heads_topk.sm_count = lambda device: H100_SMS
     try:
         for V in (32000, 128256):
-            for N in (1, 8, 64, 512):
+            for N in (1, 8, 32, 64, 512):
                 for k, dtype, K in [(1, torch.bfloat16, 5), (10, torch.bfloat16, 5),
                                     (10, torch.bfloat16, 4), (32, torch.bfloat16, 5),
-                                    (10, torch.float32, 5)]:
-                    if (k == 32 or dtype == torch.float32) and V != 32000:
+                                    (1, torch.float32, 5), (10, torch.float32, 5),
+                                    (32, torch.float32, 5)]:
+                    if (k == 32 or dtype == torch.float32 or N == 32) and V != 32000:
                         continue
+                    if dtype == torch.float32 and N not in (1, 8) and (N, k) != (64, 10):
+                        continue  # fp32 programs take at most 16 tokens
                     h = torch.empty(N, d, dtype=dtype, **meta)
                     tag = f"N={N} V={V} d={d} k={k} {str(dtype).removeprefix('torch.')}"
                     with case(f"heads K={K} {tag}"):

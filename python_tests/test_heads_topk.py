@@ -352,34 +352,74 @@ def test_chunks_are_whole_tiles_in_one_wave(monkeypatch):
     one wave of ctas_per_sm programs per SM allows."""
     monkeypatch.setattr(ht, "sm_count", lambda device: 132)
     h100 = torch.device("cuda", 0)
-    for block_n in (1, 16, 64):
-        cfg = ht._config(block_n, torch.bfloat16, 10)
+    for N in (1, 8, 64):
+        cfg = ht._config(N, N == 1, torch.bfloat16, 10)
         slots = cfg.ctas_per_sm * 132
         for V in (100, 32000, 128256):
             for programs in (1, 4, 5, 40):
-                chunks, rows = ht._chunks(V, programs, cfg, h100, None)
+                chunks, rows = ht._chunks(V, programs, cfg.block_v, cfg.ctas_per_sm, h100, None)
                 assert rows % cfg.block_v == 0 and chunks == -(-V // rows)
                 assert chunks * programs <= max(programs, slots)  # one wave
                 fewer_rows = rows - cfg.block_v  # the next smaller chunk does not fit
                 assert fewer_rows == 0 or -(-V // fewer_rows) * programs > slots
-    gemv = ht._config(1, torch.bfloat16, 10)
+    gemv = ht._config(1, True, torch.bfloat16, 10)
     assert (gemv.block_v, gemv.ctas_per_sm) == (32, 4)
-    assert ht._chunks(32000, 5, gemv, h100, None) == (100, 320)  # 1000 tiles, 10 per chunk
-    assert ht._chunks(128256, 5, gemv, h100, None) == (103, 1248)  # 4008 tiles, 39 per chunk
-    assert ht._chunks(300, 1, gemv, h100, 7) == (7, 43)  # explicit count: any rows
+    assert ht._chunks(32000, 5, 32, 4, h100, None) == (100, 320)  # 1000 tiles, 10 per chunk
+    assert ht._chunks(128256, 5, 32, 4, h100, None) == (103, 1248)  # 4008 tiles, 39 per chunk
+    assert ht._chunks(300, 1, 32, 4, h100, 7) == (7, 43)  # explicit count: any rows
 
 
 def test_resblock_tiles_split_evenly(monkeypatch):
     monkeypatch.setattr(ht, "sm_count", lambda device: 132)
     h100 = torch.device("cuda", 0)
-    cfg = ht._config(1, torch.bfloat16, 10)
-    per_head, per_program, programs = ht._resblock_grid(5, 4096, 1, cfg, h100)
+    cfg = ht._config(1, True, torch.bfloat16, 10)
+    per_head, per_program, programs = ht._resblock_grid(5, 4096, 1, 8, 4, h100)
     assert (per_head, per_program, programs) == (512, 5, 512)  # 2560 tiles, <= 528 programs
     for K, d, tb in ((1, 40, 1), (4, 4096, 1), (5, 4096, 8), (3, 1000, 2)):
-        per_head, per_program, programs = ht._resblock_grid(K, d, tb, cfg, h100)
+        per_head, per_program, programs = ht._resblock_grid(K, d, tb, cfg.block_o,
+                                                            cfg.res_ctas_per_sm, h100)
         assert per_head == -(-d // cfg.block_o) and (programs - 1) * per_program < K * per_head
         assert programs * per_program >= K * per_head
         assert programs <= max(1, cfg.res_ctas_per_sm * 132 // tb)
+
+
+class _GridSpy:
+    """Stands in for a Triton kernel: records each launch's grid, then launches."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.fn, self.grids = kernel, getattr(kernel, "fn", kernel), grids
+
+    def __getitem__(self, grid):
+        self.grids.append((self.fn.__name__, tuple(grid)))
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("N,ctas", [(1, 3), (5, 1), (20, 2)])
+def test_launchers_plan_with_the_occupancy_they_are_given(monkeypatch, N, ctas):
+    """The grids follow the CTAs/SM that ops._backend.ctas_per_sm answers (on CUDA: derived from
+    the compiled kernel; here: a stand-in), asked with each kernel and its static value."""
+    asked, grids = [], []
+
+    def fake_ctas_per_sm(kernel, args, kwargs, static, device):
+        asked.append((kernel.fn.__name__, static, kwargs["num_warps"]))
+        return ctas
+
+    monkeypatch.setattr(ht, "ctas_per_sm", fake_ctas_per_sm)
+    monkeypatch.setattr(ht, "sm_count", lambda device: 3)
+    for name in ("_resblock_kernel", "_vocab_topk_kernel"):
+        monkeypatch.setattr(ht, name, _GridSpy(getattr(ht, name), grids))
+    K, d, V, k = 3, 40, 300, 4
+    hidden, w1, b1, w2 = planted(N, K, d, V, torch.float32, seed=N)
+    values, indices = medusa_heads_topk_triton(hidden, w1, b1, w2, k)
+    assert_topk_exact(values, indices, heads_logits(hidden, w1, b1, w2), k, torch.float32)
+    cfg = ht._config(N, N == 1, torch.float32, k)
+    assert asked == [("_resblock_kernel", cfg.res_ctas_per_sm, cfg.num_warps),
+                     ("_vocab_topk_kernel", cfg.ctas_per_sm, cfg.num_warps)]
+    tb = -(-N // cfg.block_n)
+    _, per_program, programs = ht._resblock_grid(K, d, tb, cfg.block_o, ctas, hidden.device)
+    chunks, _ = ht._chunks(V, K * tb, cfg.block_v, ctas, hidden.device, None)
+    assert programs <= max(1, ctas * 3 // tb) and chunks * K * tb <= max(K * tb, ctas * 3)
+    assert grids == [("_resblock_kernel", (tb, programs)), ("_vocab_topk_kernel", (tb, chunks, K))]
 
 
 # --- GPU: 7B shapes in bf16 ----------------------------------------------------------------------

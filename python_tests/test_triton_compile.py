@@ -101,3 +101,44 @@ def test_occupancy_equals_cuda_occupancy_calculator(tmp_path):
     wrong = [(c, int(o)) for c, o in zip(cases, out, strict=True)
              if occupancy(c[1], c[2], c[3], c[0]) != max(int(o), 0)]
     assert not wrong, wrong[:10]
+
+
+def test_ctas_per_sm_derives_once_per_configuration_on_cuda(monkeypatch):
+    """On CUDA the launchers' CTAs/SM come from the compiled kernel (registers, shared memory,
+    the device's compute capability), compiled once per configuration and cached; elsewhere the
+    static value; the AOT capture sees what was used."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from medusa_kernels.ops import _backend
+
+    compiled = []
+
+    class FakeKernel:
+        fn = SimpleNamespace(__name__="_fake_kernel")
+
+        def warmup(self, *args, grid, **kwargs):
+            compiled.append((args, kwargs))
+            regs = 100 if kwargs["BLOCK"] == 64 else 200
+            return SimpleNamespace(_init_handles=lambda: None, n_regs=regs,
+                                   metadata=SimpleNamespace(shared=50000, num_warps=4))
+
+    monkeypatch.setattr(_backend, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(_backend, "_DERIVED_OCCUPANCY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    log = {}
+    monkeypatch.setattr(_backend, "CAPTURE_OCCUPANCY", log)
+    cuda, kernel = torch.device("cuda", 0), FakeKernel()
+    x = torch.empty(4, dtype=torch.float16)
+    for _ in range(3):
+        assert _backend.ctas_per_sm(kernel, (x, 16), dict(BLOCK=64, num_warps=4), 7, cuda) == \
+            occupancy(100, 50000, 4, 80) == 3
+    assert len(compiled) == 1 and log == {"_fake_kernel": 3}
+    assert _backend.ctas_per_sm(kernel, (x, 16), dict(BLOCK=128, num_warps=4), 7, cuda) == \
+        occupancy(200, 50000, 4, 80) == 2
+    assert _backend.ctas_per_sm(kernel, (x, 17), dict(BLOCK=128, num_warps=4), 7, cuda) == 2
+    assert len(compiled) == 3  # another specialisation of an int (17 is not 16-divisible)
+    assert _backend.ctas_per_sm(kernel, (x, 16), dict(BLOCK=64, num_warps=4), 7,
+                                torch.device("cpu")) == 7
+    assert len(compiled) == 3 and log == {"_fake_kernel": 7}

@@ -182,3 +182,43 @@ def occupancy(n_regs: int, shared_bytes: int, num_warps: int, arch: int = 90) ->
     smem = -(-(shared_bytes + SMEM_RESERVED_PER_CTA) // SMEM_GRANULE) * SMEM_GRANULE
     by_smem = lim["smem"] // smem
     return max(0, min(warps_by_regs // num_warps, by_smem, lim["warps"] // num_warps, lim["ctas"]))
+
+
+def _specialisation(arg) -> tuple:
+    """What Triton compiles into a kernel about one argument: a tensor's dtype and 16-byte
+    alignment, an int's being 1 or a multiple of 16 (``do_not_specialize`` aside)."""
+    if isinstance(arg, torch.Tensor):
+        return (str(arg.dtype), arg.data_ptr() % 16 == 0)
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return (arg == 1, arg % 16 == 0)
+    return (str(arg),)
+
+
+CAPTURE_OCCUPANCY: dict[str, int] | None = None  # the AOT capture's: kernel name -> CTAs/SM used
+_DERIVED_OCCUPANCY: dict[tuple, int] = {}
+
+
+def ctas_per_sm(kernel, args: Sequence, kwargs: dict, static: int, device: torch.device) -> int:
+    """CTAs per SM of ``kernel[grid](*args, **kwargs)`` for launch sizes that fill the GPU in one
+    wave: on CUDA derived from the compiled kernel's registers and shared memory (``occupancy``)
+    the first time a configuration (kernel, constexprs, warps, stages, dtypes, device) is seen,
+    then cached; elsewhere ``static``, which must equal what the sm_90 compile gives
+    (test_triton_compile.py checks it). No device sync; like any Triton kernel's first launch,
+    the first call of a configuration compiles and loads the kernel, so it belongs outside a
+    CUDA graph capture."""
+    name = getattr(kernel, "fn", kernel).__name__
+    value = static
+    if device.type == "cuda" and not triton_interpreted():
+        key = (name, device.index, tuple(sorted((k, str(v)) for k, v in kwargs.items())),
+               tuple(_specialisation(a) for a in args))
+        value = _DERIVED_OCCUPANCY.get(key)
+        if value is None:
+            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+            compiled._init_handles()  # loads the module: fills n_regs
+            major, minor = torch.cuda.get_device_capability(device)
+            value = max(1, occupancy(compiled.n_regs, compiled.metadata.shared,
+                                     compiled.metadata.num_warps, 10 * major + minor))
+            _DERIVED_OCCUPANCY[key] = value
+    if CAPTURE_OCCUPANCY is not None:
+        CAPTURE_OCCUPANCY[name] = value
+    return value

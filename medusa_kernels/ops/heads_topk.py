@@ -55,18 +55,22 @@ flight; 16-byte copies along d when d's stride is 1 and d a multiple of 8, which
 specialises), feeding FMAs in the GEMV and wgmma in the dots.
 
 Launch configuration (``_config``, ``_chunks``, ``_resblock_grid``): chosen from the sm_90
-compile (registers, shared memory, CTAs per SM, instructions: ``python bench/static_report.py``,
-recorded under bench/results/); TO BE TUNED ON THE GPU:
+compile (registers, shared memory, CTAs per SM, instructions: ``python bench/static_report.py``
+records them under bench/results/, with the derivations); TO BE TUNED ON THE GPU. Programs per
+SM: on CUDA read from the compiled kernel at its first launch (``ops._backend.ctas_per_sm``),
+elsewhere ``SM90_CTAS_PER_SM`` (what the sm_90 compile gives; test_triton_compile.py checks):
 
 - N = 1 (GEMV, 4 warps, 5 stages, 8 KB per trip): stage 2 BLOCK_V 32 x BLOCK_D 128, stage 1
-  BLOCK_O 8 x BLOCK_I 512 (about 110 registers: 4 programs and 128 KB of weights in flight per
+  BLOCK_O 8 x BLOCK_I 512 (106-120 registers: 4 programs and 128 KB of weights in flight per
   SM; small row tiles keep the one-wave split even: 10 tiles per chunk at V 32000, 5 per
   ResBlock program);
-- 2 <= N <= 32 (dot): BLOCK_V 128, BLOCK_D 64, BLOCK_N max(16, next_pow2(N)), 4 warps, 4
-  stages (72-80 KB shared memory, 128-168 registers: 2 programs per SM); stage 1 BLOCK_O 32;
-- 32 < N (dot, BLOCK_N 64): BLOCK_V 64, 8 warps, 5 stages (83 KB of shared memory; top-1: about
-  100 registers, 2 programs per SM; top-10: about 210 registers for the merge of 64 tokens, 1);
-- fp32 (interpreter tests; on the GPU when asked for): small tiles, IEEE dots;
+- 2 <= N <= 32 (dot, BLOCK_N max(16, next_pow2(N)), 4 warps, 5 stages): BLOCK_V 64 x BLOCK_D
+  64, stage 1 BLOCK_O 64 (wgmma); at BLOCK_N 16, 51 KB of shared memory and up to 128
+  registers: 4 programs per SM at any k;
+- 32 < N (dot, BLOCK_N 64, 8 warps, 5 stages): BLOCK_V 64, stage 1 BLOCK_O 32 (83 KB; top-1:
+  about 100 registers, 2 programs per SM; top-10: about 210 registers, 1: the running top-k
+  list sits in the wgmma accumulator layout, replicated over its 4 row warps);
+- fp32 (interpreter tests; on the GPU when asked for): small tiles, BLOCK_N <= 16, IEEE dots;
 - chunks per head: ``floor(programs per SM * SMs / (K * token blocks))`` (one full wave), each
   a whole number of BLOCK_V tiles (Vicuna-7B heads: 100 chunks of 320 rows at N = 1);
 - stage 3: BLOCK_C = min(4096, next_pow2(chunks * k)), 8 warps from 2048 (<= 80 registers).
@@ -78,7 +82,15 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import FLOAT_DTYPES, HAS_TRITON, check_dim, check_tensor, pick_backend, sm_count
+from ._backend import (
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    check_dim,
+    check_tensor,
+    ctas_per_sm,
+    pick_backend,
+    sm_count,
+)
 
 if HAS_TRITON:
     import triton
@@ -86,7 +98,7 @@ if HAS_TRITON:
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TOPK = 32  # the Triton kernels keep k candidates per token in registers
-MAX_BLOCK_N = 64  # tokens per program; more tokens run several token blocks
+MAX_BLOCK_N = 64  # tokens per program (16 in fp32); more tokens run several token blocks
 NO_INDEX = 2**31 - 1  # index of an empty slot in a candidate list (sorts after every index)
 
 
@@ -368,31 +380,52 @@ if HAS_TRITON:
 
 
 class _Config(NamedTuple):
+    block_n: int  # tokens per program (1: the GEMV)
     block_v: int  # vocabulary rows per tile (stage 2)
     block_d: int  # hidden columns per loop trip (stage 2)
     block_o: int  # ResBlock output rows per tile (stage 1)
     block_i: int  # hidden columns per loop trip (stage 1)
     block_c: int  # candidates per merge step (stage 3)
     num_warps: int
-    num_stages: int  # cp.async ring of the d loop: num_stages - 1 trips in flight
+    num_stages: int  # cp.async ring of the d loops: num_stages - 1 trips in flight
     ctas_per_sm: int  # stage-2 programs resident per SM (sets the chunk count)
     res_ctas_per_sm: int  # stage-1 programs resident per SM (sets the ResBlock grid)
 
 
-def _config(block_n: int, dtype: torch.dtype, topk: int) -> _Config:
-    """Launch configuration for BLOCK_N tokens per program (1: the GEMV; see the module doc) and
-    top-k width ``topk`` (the merge's registers decide how many programs fit an SM)."""
-    if dtype == torch.float32:  # correctness path: small tiles, no spills
-        return _Config(32, 32, 16, 32, 256, 4, 2, 2, 2)
+# Programs resident per SM in the sm_90 compile (Triton 3.9) of each configuration, by (tokens
+# per program, fp32, running-list rows: 2 for top-1, 16 up to top-16, 32 above): (stage 2,
+# stage 1). The launchers plan with these off the GPU; on CUDA they take the number from the
+# compiled kernel at its first launch instead (``ops._backend.ctas_per_sm``).
+# test_triton_compile.py checks every entry against the sm_90 compile.
+SM90_CTAS_PER_SM = {
+    (1, False, 2): (4, 4), (1, False, 16): (4, 4), (1, False, 32): (4, 4),  # 106-120 registers
+    (16, False, 2): (4, 4), (16, False, 16): (4, 4), (16, False, 32): (4, 4),  # 51 KB / 116-128
+    (32, False, 2): (3, 3), (32, False, 16): (2, 3), (32, False, 32): (2, 3),  # merge: 210
+    (64, False, 2): (2, 2), (64, False, 16): (1, 2), (64, False, 32): (1, 2),  # merge: 210
+    (1, True, 2): (8, 12), (1, True, 16): (9, 12), (1, True, 32): (8, 12),
+    (16, True, 2): (7, 9), (16, True, 16): (6, 9), (16, True, 32): (7, 9),
+}  # fmt: skip
+
+
+def _config(N: int, gemv: bool, dtype: torch.dtype, topk: int) -> _Config:
+    """Launch configuration for N tokens (``gemv``: the CUDA-core path, N = 1) and top-k width
+    ``topk``; see the module doc. The merge's registers grow with k, so the programs per SM
+    depend on it."""
+    fp32 = dtype == torch.float32
+    block_n = 1 if gemv else min(16 if fp32 else MAX_BLOCK_N, max(16, triton.next_power_of_2(N)))
+    ctas = SM90_CTAS_PER_SM[block_n, fp32, 2 if topk == 1 else 16 if topk <= 16 else 32]
+    if fp32:  # correctness path (interpreter; GPU when asked for): small tiles, IEEE dots
+        return _Config(block_n, 32, 32, 16, 32, 256, 4, 2, *ctas)
     if block_n == 1:
-        return _Config(32, 128, 8, 512, 4096, 4, 5, 4, 4)
+        return _Config(block_n, 32, 128, 8, 512, 4096, 4, 5, *ctas)
     if block_n <= 32:
-        return _Config(128, 64, 32, 64, 4096, 4, 4, 2, 2)
-    return _Config(64, 64, 32, 64, 4096, 8, 5, 2 if topk == 1 else 1, 1)
+        return _Config(block_n, 64, 64, 64, 64, 4096, 4, 5, *ctas)
+    return _Config(block_n, 64, 64, 32, 64, 4096, 8, 5, *ctas)
 
 
-def _chunks(V: int, programs: int, cfg: _Config, device: torch.device, chunks: int | None):
-    """(chunks per head, rows per chunk): one wave of ``ctas_per_sm`` programs per SM over the
+def _chunks(V: int, programs: int, block_v: int, ctas: int, device: torch.device,
+            chunks: int | None):  # fmt: skip
+    """(chunks per head, rows per chunk): one wave of ``ctas`` programs per SM over the
     ``programs`` (heads x token blocks) that share it, each chunk a whole number of BLOCK_V tiles
     (the last one shorter). ``chunks`` (tests) sets the count instead, with any rows per chunk."""
     if chunks is not None:
@@ -400,24 +433,21 @@ def _chunks(V: int, programs: int, cfg: _Config, device: torch.device, chunks: i
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         rows = -(-V // chunks)
     else:
-        want = max(1, cfg.ctas_per_sm * sm_count(device) // programs)
-        tiles = -(-V // cfg.block_v)
-        rows = -(-tiles // want) * cfg.block_v
+        want = max(1, ctas * sm_count(device) // programs)
+        tiles = -(-V // block_v)
+        rows = -(-tiles // want) * block_v
     return -(-V // rows), rows
 
 
-def _resblock_grid(K: int, d: int, token_blocks: int, cfg: _Config, device: torch.device):
+def _resblock_grid(K: int, d: int, token_blocks: int, block_o: int, ctas: int,
+                   device: torch.device):  # fmt: skip
     """(tiles per head, tiles per program, programs per token block): the K * cdiv(d, BLOCK_O)
-    row tiles of W1 split evenly over one wave of ``res_ctas_per_sm`` programs per SM."""
-    per_head = -(-d // cfg.block_o)
+    row tiles of W1 split evenly over one wave of ``ctas`` programs per SM."""
+    per_head = -(-d // block_o)
     tiles = K * per_head
-    want = max(1, cfg.res_ctas_per_sm * sm_count(device) // token_blocks)
+    want = max(1, ctas * sm_count(device) // token_blocks)
     per_program = -(-tiles // want)
     return per_head, per_program, -(-tiles // per_program)
-
-
-def _block_n(N: int, gemv: bool) -> int:
-    return 1 if gemv else min(MAX_BLOCK_N, max(16, triton.next_power_of_2(N)))
 
 
 def _check_triton_inputs(op: str, hidden: torch.Tensor, k: int) -> None:
@@ -448,22 +478,24 @@ def _vocab_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stages 2 and 3: (values [N, K, k] float32, indices [N, K, k] int64) of W[k] h[k, n]."""
     dev = h.device
-    block_n = _block_n(N, gemv)
+    block_n = cfg.block_n
     token_blocks = triton.cdiv(N, block_n)
-    num_chunks, rows = _chunks(V, K * token_blocks, cfg, dev, chunks)
     block_k = max(2, triton.next_power_of_2(k))
-    keys = torch.empty(K, N, num_chunks, k, dtype=torch.int64, device=dev)
-    # token blocks fastest: the programs that read the same weight rows start together, so
-    # with several token blocks the rows come from L2 after the first (N > 64)
-    _vocab_topk_kernel[(token_blocks, num_chunks, K)](
-        w, h, keys,
-        N, V, d, rows, num_chunks,
-        *w_strides, *h_strides,
+    consts = dict(
         TOPK=k, BLOCK_K=block_k, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, BLOCK_N=block_n,
         GEMV=gemv, EVEN_D=d % cfg.block_d == 0,
         DOT_PREC="ieee" if w.dtype == torch.float32 else "tf32", STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    # the chunk count is not compiled in (do_not_specialize): any value serves to ask
+    ctas = ctas_per_sm(_vocab_topk_kernel, (w, h, torch.int64, N, V, d, 0, 0, *w_strides,
+                                            *h_strides), consts, cfg.ctas_per_sm, dev)
+    num_chunks, rows = _chunks(V, K * token_blocks, cfg.block_v, ctas, dev, chunks)
+    keys = torch.empty(K, N, num_chunks, k, dtype=torch.int64, device=dev)
+    # token blocks fastest: the programs that read the same weight rows start together, so
+    # with several token blocks the rows come from L2 after the first (N > 64)
+    _vocab_topk_kernel[(token_blocks, num_chunks, K)](
+        w, h, keys, N, V, d, rows, num_chunks, *w_strides, *h_strides, **consts)
     values = torch.empty(N, K, k, dtype=torch.float32, device=dev)
     indices = torch.empty(N, K, k, dtype=torch.int64, device=dev)
     num_cand = num_chunks * k
@@ -480,7 +512,7 @@ def _launch_config(N, dtype, k, gemv, block_v, block_d, block_o, block_i) -> tup
     gemv = (N == 1) if gemv is None else gemv
     if gemv and N != 1:
         raise ValueError(f"gemv=True needs N = 1 token, got N = {N}")
-    cfg = _config(_block_n(N, gemv), dtype, k)
+    cfg = _config(N, gemv, dtype, k)
     cfg = cfg._replace(block_v=block_v or cfg.block_v, block_d=block_d or cfg.block_d,
                        block_o=block_o or cfg.block_o, block_i=block_i or cfg.block_i)  # fmt: skip
     return gemv, cfg
@@ -514,21 +546,27 @@ def medusa_heads_topk_triton(
         return (hidden.new_empty(0, K, k, dtype=torch.float32),
                 hidden.new_empty(0, K, k, dtype=torch.int64))  # fmt: skip
     gemv, cfg = _launch_config(N, hidden.dtype, k, gemv, block_v, block_d, block_o, block_i)
-    block_n = _block_n(N, gemv)
+    block_n = cfg.block_n
     # h' in fp32 for the GEMV; in the weights' dtype for the dots, which round it to that anyway
     h_res = torch.empty(K, N, d, dtype=torch.float32 if gemv else hidden.dtype,
                         device=hidden.device)  # fmt: skip
     token_blocks = triton.cdiv(N, block_n)
-    per_head, per_program, programs = _resblock_grid(K, d, token_blocks, cfg, hidden.device)
-    _resblock_kernel[(token_blocks, programs)](
-        hidden, w1, b1, h_res,
-        N, d, per_head, per_program, K * per_head,
-        *hidden.stride(), *w1.stride(), *b1.stride(),
+    per_head = triton.cdiv(d, cfg.block_o)
+    consts = dict(
         BLOCK_O=cfg.block_o, BLOCK_I=cfg.block_i, BLOCK_N=block_n,
         GEMV=gemv, EVEN_D=d % cfg.block_i == 0,
         DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32", STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    args = (N, d, per_head, 0, K * per_head, *hidden.stride(), *w1.stride(), *b1.stride())
+    ctas = ctas_per_sm(_resblock_kernel, (hidden, w1, b1, h_res, *args), consts,
+                       cfg.res_ctas_per_sm, hidden.device)  # fmt: skip
+    per_head, per_program, programs = _resblock_grid(K, d, token_blocks, cfg.block_o, ctas,
+                                                     hidden.device)  # fmt: skip
+    _resblock_kernel[(token_blocks, programs)](
+        hidden, w1, b1, h_res,
+        N, d, per_head, per_program, K * per_head,
+        *hidden.stride(), *w1.stride(), *b1.stride(), **consts)
     return _vocab_topk(w2, tuple(w2.stride()), h_res, tuple(h_res.stride()), K, N, V, d, k,
                        gemv, cfg, chunks)  # fmt: skip
 
