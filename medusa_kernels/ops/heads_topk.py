@@ -70,10 +70,12 @@ elsewhere ``SM90_CTAS_PER_SM`` (what the sm_90 compile gives; test_triton_compil
 - 32 < N (dot, BLOCK_N 64, 8 warps, 5 stages): BLOCK_V 64, stage 1 BLOCK_O 32 (83 KB; top-1:
   about 100 registers, 2 programs per SM; top-10: about 210 registers, 1: the running top-k
   list sits in the wgmma accumulator layout, replicated over its 4 row warps);
-- fp32 (interpreter tests; on the GPU when asked for): small tiles, BLOCK_N <= 16, IEEE dots;
+- fp32 (interpreter tests; on the GPU when asked for): small tiles, BLOCK_N <= 16, 8 warps (4
+  left ptxas spilling a few bytes in some), IEEE dots;
 - chunks per head: ``floor(programs per SM * SMs / (K * token blocks))`` (one full wave), each
   a whole number of BLOCK_V tiles (Vicuna-7B heads: 100 chunks of 320 rows at N = 1);
-- stage 3: BLOCK_C = min(4096, next_pow2(chunks * k)), 8 warps from 2048 (<= 80 registers).
+- stage 3: BLOCK_C 1024 (fp32: 256), 4 warps, one compiled kernel per k whatever the chunk
+  count (N and the candidate count are not specialised).
 """
 
 from __future__ import annotations
@@ -357,7 +359,7 @@ if HAS_TRITON:
         tl.store(pk_ptr + row * TOPK + o_j[:, None], r_key,
                  mask=(o_j < TOPK)[:, None] & m_n[None, :])  # fmt: skip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "num_cand", "o_stride_n", "o_stride_k"])
     def _merge_topk_kernel(
         pk_ptr, ov_ptr, oi_ptr,
         N, num_cand,
@@ -402,8 +404,8 @@ SM90_CTAS_PER_SM = {
     (16, False, 2): (4, 4), (16, False, 16): (4, 4), (16, False, 32): (4, 4),  # 51 KB / 116-128
     (32, False, 2): (3, 3), (32, False, 16): (2, 3), (32, False, 32): (2, 3),  # merge: 210
     (64, False, 2): (2, 2), (64, False, 16): (1, 2), (64, False, 32): (1, 2),  # merge: 210
-    (1, True, 2): (8, 12), (1, True, 16): (9, 12), (1, True, 32): (8, 12),
-    (16, True, 2): (7, 9), (16, True, 16): (6, 9), (16, True, 32): (7, 9),
+    (1, True, 2): (4, 6), (1, True, 16): (4, 6), (1, True, 32): (4, 6),  # fp32, 8 warps
+    (16, True, 2): (5, 4), (16, True, 16): (4, 4), (16, True, 32): (4, 4),
 }  # fmt: skip
 
 
@@ -415,12 +417,12 @@ def _config(N: int, gemv: bool, dtype: torch.dtype, topk: int) -> _Config:
     block_n = 1 if gemv else min(16 if fp32 else MAX_BLOCK_N, max(16, triton.next_power_of_2(N)))
     ctas = SM90_CTAS_PER_SM[block_n, fp32, 2 if topk == 1 else 16 if topk <= 16 else 32]
     if fp32:  # correctness path (interpreter; GPU when asked for): small tiles, IEEE dots
-        return _Config(block_n, 32, 32, 16, 32, 256, 4, 2, *ctas)
+        return _Config(block_n, 32, 32, 16, 32, 256, 8, 2, *ctas)
     if block_n == 1:
-        return _Config(block_n, 32, 128, 8, 512, 4096, 4, 5, *ctas)
+        return _Config(block_n, 32, 128, 8, 512, 1024, 4, 5, *ctas)
     if block_n <= 32:
-        return _Config(block_n, 64, 64, 64, 64, 4096, 4, 5, *ctas)
-    return _Config(block_n, 64, 64, 32, 64, 4096, 8, 5, *ctas)
+        return _Config(block_n, 64, 64, 64, 64, 1024, 4, 5, *ctas)
+    return _Config(block_n, 64, 64, 32, 64, 1024, 8, 5, *ctas)
 
 
 def _chunks(V: int, programs: int, block_v: int, ctas: int, device: torch.device,
@@ -499,11 +501,9 @@ def _vocab_topk(
     values = torch.empty(N, K, k, dtype=torch.float32, device=dev)
     indices = torch.empty(N, K, k, dtype=torch.int64, device=dev)
     num_cand = num_chunks * k
-    block_c = min(cfg.block_c, triton.next_power_of_2(num_cand))
     _merge_topk_kernel[(N, K)](
         keys, values, indices, N, num_cand, values.stride(0), values.stride(1),
-        TOPK=k, BLOCK_K=block_k, BLOCK_C=block_c,
-        num_warps=8 if block_c >= 2048 else 4,
+        TOPK=k, BLOCK_K=block_k, BLOCK_C=cfg.block_c, num_warps=4,
     )  # fmt: skip
     return values, indices
 
@@ -593,6 +593,8 @@ def lm_head_topk_triton(
         return (hidden.new_empty(0, k, dtype=torch.float32),
                 hidden.new_empty(0, k, dtype=torch.int64))  # fmt: skip
     gemv, cfg = _launch_config(N, hidden.dtype, k, gemv, block_v, block_d, None, None)
+    if gemv:  # h in fp32, as the heads' h': the GEMV's one compiled form (fewer registers)
+        hidden = hidden.float()
     values, indices = _vocab_topk(weight, (0, *weight.stride()), hidden, (0, *hidden.stride()),
                                   1, N, V, d, k, gemv, cfg, chunks)  # fmt: skip
     return values.view(N, k), indices.view(N, k)
