@@ -1,8 +1,10 @@
-"""Every Triton kernel compiles for a real GPU (sm_90) with the installed Triton, in every launch
-configuration it takes at GPU shapes, also where there is no GPU: the interpreter alone would
-not catch programs that only the compiler refuses. See triton_aot.py and gpu_shape_launches.py.
+"""Every Triton kernel configuration the launchers pick at the benchmark shapes compiles for a
+real GPU (sm_90 and sm_80) with the installed Triton, also where there is no GPU (the interpreter
+alone would not catch programs that only the compiler refuses), without spills, within the
+resources the launchers' occupancy logic assumes. See triton_aot.py and gpu_shape_launches.py.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +16,11 @@ import pytest
 from medusa_kernels.ops._backend import SM_LIMITS, occupancy
 
 HERE = Path(__file__).resolve().parent
+ARCHS = (90, 80)
+# headroom of the benchmark configurations whose grid follows their CTAs/SM on sm_90: the
+# number must survive a compiler that needs this many more registers / bytes of shared memory
+REG_SLACK, SMEM_SLACK = 8, 4096
+MODULES = ("heads_topk", "tree_attention", "compact_kv", "acceptance")
 
 
 def _has_cuda_backend() -> bool:
@@ -24,23 +31,94 @@ def _has_cuda_backend() -> bool:
     return "nvidia" in backends
 
 
-@pytest.mark.skipif(not _has_cuda_backend(), reason="this Triton has no NVIDIA backend")
-def test_every_kernel_config_compiles_for_sm90(tmp_path):
-    specs = tmp_path / "launches.json"
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> list[dict]:
+    """Every launch of gpu_shape_launches.py compiled for sm_90 and sm_80 (fp16 also as bf16):
+    one row per (launch, variant, arch) with its registers, spills, shared memory, CTAs/SM."""
+    if not _has_cuda_backend():
+        pytest.skip("this Triton has no NVIDIA backend")
+    tmp = tmp_path_factory.mktemp("aot")
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    run = subprocess.run([sys.executable, "gpu_shape_launches.py", str(specs)], cwd=HERE,
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "gpu_shape_launches.py", str(tmp / "launches.json")],
+                         cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    kernels = {line.split('"kernel": ')[1] for line in specs.read_text().splitlines()
-               if '"kernel": ' in line}
-    assert len(kernels) >= 5, kernels  # every op's kernels were launched
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    run = subprocess.run([sys.executable, "triton_aot.py", str(specs)], cwd=HERE, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
-    assert " 0 failures" in run.stdout
+    run = subprocess.run([sys.executable, "triton_aot.py", str(tmp / "launches.json"),
+                          "--archs", ",".join(map(str, ARCHS)), "--no-sass",
+                          "--json", str(tmp / "compiled.json")],
+                         cwd=HERE, env=env, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0 and " 0 failures" in run.stdout, \
+        run.stdout[-5000:] + run.stderr[-3000:]
+    return json.loads((tmp / "compiled.json").read_text())
+
+
+def _rows(compiled, module):
+    rows = [r for r in compiled if r["module"].endswith("." + module)]
+    assert rows, f"no {module} kernel was launched"
+    return rows
+
+
+def _name(r) -> str:
+    consts = {k: v for k, v in r["constexprs"].items() if k.isupper()}
+    dtypes = sorted({v for v in r["signature"].values() if v in ("*fp16", "*bf16", "*fp32")})
+    return f"{r['kernel']} sm_{r['arch']} {dtypes} {consts} {r['options']} {r.get('case', '')}"
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("module", MODULES)
+def test_every_launch_compiles_without_spills(compiled, module, arch):
+    rows = [r for r in _rows(compiled, module) if r["arch"] == arch]
+    assert rows, f"nothing of {module} compiled for sm_{arch}"
+    spills = sorted({f"{_name(r)}: {r['stack']} B stack, {r['local']} B local" for r in rows
+                     if r["stack"] or r["local"]})
+    assert not spills, "\n".join(spills)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_resources_fit_the_occupancy_the_launchers_assume(compiled, module):
+    """Every configuration fits an SM of each arch (registers <= 255, shared memory <= the
+    per-CTA limit: at least one CTA); where a launcher planned its grid with a CTAs/SM number
+    (off the GPU: the static sm_90 value), that number is what the sm_90 compile gives, and on
+    sm_80 what the launcher derives at run time is by construction the compile's number."""
+    wrong = []
+    for r in _rows(compiled, module):
+        derived = occupancy(r["regs"], r["shared"], r["num_warps"], r["arch"])
+        if derived != r["ctas_per_sm"] or derived < 1 or r["regs"] > 255 \
+                or r["shared"] > SM_LIMITS[r["arch"]]["smem_cta"]:
+            wrong.append(f"{_name(r)}: does not fit ({r['regs']} regs, {r['shared']} B)")
+        assumed = r.get("assumed_ctas_per_sm")
+        if r["arch"] == 90 and assumed is not None and assumed != derived:
+            wrong.append(f"{_name(r)}: launcher assumes {assumed} CTAs/SM, compiled {derived} "
+                         f"({r['regs']} regs, {r['shared']} B shared)")
+    assert not wrong, "\n".join(sorted(set(wrong)))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_benchmark_grids_have_occupancy_headroom(compiled, module):
+    """The configurations of the benchmark cases (bf16, k 1 / 10) whose grid follows their
+    CTAs/SM keep that number on sm_90 if the compiler needs REG_SLACK more registers per thread
+    or SMEM_SLACK more bytes of shared memory."""
+    rows = [r for r in _rows(compiled, module) if r["arch"] == 90 and r.get("case")
+            and r.get("assumed_ctas_per_sm") is not None and "*bf16" in r["signature"].values()
+            and " k=32 " not in r["case"] + " "]
+    if not rows:
+        pytest.skip(f"no {module} launcher plans its grid with an occupancy yet")
+    tight = sorted({_name(r) + f": {r['regs']} regs, {r['shared']} B shared" for r in rows
+                    if occupancy(r["regs"] + REG_SLACK, r["shared"] + SMEM_SLACK,
+                                 r["num_warps"], 90) < r["ctas_per_sm"]})
+    assert not tight, "\n".join(tight)
+
+
+def test_the_launches_cover_the_benchmark_shapes(compiled):
+    cases = {r["case"] for r in compiled if r.get("case")}
+    for V in (32000, 128256):
+        for N in (1, 8, 64, 512):
+            for k in (1, 10):
+                for op in ("heads K=5", "heads K=4", "lm_head"):
+                    if op == "heads K=4" and k == 1:
+                        continue
+                    assert f"{op} N={N} V={V} d=4096 k={k} bfloat16" in cases
 
 
 OCC_CPP = r"""

@@ -193,10 +193,11 @@ def compile_spec(spec: dict, arch: int):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=spec["options"])
 
 
-def analyse(spec: dict, arch: int) -> dict:
+def analyse(spec: dict, arch: int, sass: bool = True) -> dict:
     """Compile one configuration for sm_<arch>; its resources and instruction counts (or the
     error): regs, stack (bytes of local memory per thread: spills), shared (Triton's dynamic
-    shared memory), ctas_per_sm (``ops._backend.occupancy``), num_warps, sass counts."""
+    shared memory), ctas_per_sm (``ops._backend.occupancy``), num_warps, sass counts (only
+    with ``sass``: disassembling costs about as much as compiling)."""
     from medusa_kernels.ops._backend import occupancy
 
     try:
@@ -209,7 +210,7 @@ def analyse(spec: dict, arch: int) -> dict:
         warps = compiled.metadata.num_warps
         return dict(arch=arch, regs=regs, stack=stack, local=local, shared=shared,
                     num_warps=warps, ctas_per_sm=occupancy(regs, shared, warps, arch),
-                    sass=count_sass(_cuobjdump(cubin, "-sass")), error=None)
+                    sass=count_sass(_cuobjdump(cubin, "-sass")) if sass else {}, error=None)
     except Exception as e:  # noqa: BLE001 - report every failure, then fail
         first = str(e).strip().splitlines()[:3]
         return dict(arch=arch, error=f"{type(e).__name__}: {first}")
@@ -219,20 +220,23 @@ def _analyse_job(job):
     return analyse(*job)
 
 
-def compile_all(specs: list[dict], archs=DEFAULT_ARCHS, workers: int | None = None) -> dict:
+def compile_all(specs: list[dict], archs=DEFAULT_ARCHS, workers: int | None = None,
+                sass: bool = True) -> dict:
     """{(spec_key, arch): analyse(...)} over the distinct configurations of ``specs`` and their
-    variants, compiled in parallel (``workers``: default the CPU count)."""
+    variants, compiled in parallel (``workers``: default the CPU count). Compiles land in
+    Triton's cache (``TRITON_CACHE_DIR``, keyed by source, options, target and compiler), so a
+    second run only reads them back."""
     from concurrent.futures import ProcessPoolExecutor
 
     unique = {spec_key(v): v for s in specs for v in variants(s)}
-    jobs = [(spec, arch) for spec in unique.values() for arch in archs]
+    jobs = [(spec, arch, sass) for spec in unique.values() for arch in archs]
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         results = list(map(_analyse_job, jobs))
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(_analyse_job, jobs, chunksize=1))
-    return {(spec_key(spec), arch): r for (spec, arch), r in zip(jobs, results, strict=True)}
+    return {(spec_key(spec), arch): r for (spec, arch, _), r in zip(jobs, results, strict=True)}
 
 
 def main(argv: list[str]) -> int:
@@ -242,13 +246,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("launches", help="JSON written by install_capture")
     ap.add_argument("--archs", default=os.environ.get("MEDUSA_AOT_ARCHS", "80,90"))
     ap.add_argument("--json", help="write every launch with its compiled resources here")
+    ap.add_argument("--no-sass", action="store_true", help="skip the instruction counts")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run the compile step without TRITON_INTERPRET=1")
     with open(args.launches) as f:
         launches = json.load(f)
     archs = tuple(int(a) for a in args.archs.split(","))
-    results = compile_all(launches, archs)
+    results = compile_all(launches, archs, sass=not args.no_sass)
     failures = [f"{key} sm_{arch}: {r['error']}" for (key, arch), r in results.items()
                 if r["error"]]
     print(f"compiled {len(results)} kernel variants x archs for sm_{archs}, "
