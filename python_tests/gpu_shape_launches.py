@@ -84,7 +84,8 @@ def acceptance_launches():
 def heads_launches():
     """Medusa heads (K 4-5) and lm_head at the benchmark shapes: d 4096, V 32000 / 128256, N 1, 8,
     64, 512 tokens, top-1 and top-10 in bf16 (fp16: the same configurations), and at V 32000
-    the other launch configurations: N 32 (BLOCK_N 32), the largest k (32), fp32."""
+    the other launch configurations: N 32 (BLOCK_N 32), the largest k (32), fp32; and the lm_head
+    with final logit soft-capping at Gemma-2-9B's shape (V 256000, d 3584, cap 30)."""
     meta = dict(device="meta")
     d, sms = 4096, heads_topk.sm_count
     heads_topk.sm_count = lambda device: H100_SMS
@@ -110,6 +111,12 @@ def heads_launches():
                         with case(f"lm_head {tag}"):
                             heads_topk.lm_head_topk_triton(
                                 h, torch.empty(V, d, dtype=dtype, **meta), k)
+        for N in (1, 8, 64, 512):  # Gemma-2-9B's lm_head, final logit soft-capping 30
+            for k in (1, 10):
+                with case(f"lm_head N={N} V=256000 d=3584 k={k} bfloat16 softcap=30"):
+                    heads_topk.lm_head_topk_triton(
+                        torch.empty(N, 3584, dtype=torch.bfloat16, **meta),
+                        torch.empty(256000, 3584, dtype=torch.bfloat16, **meta), k, softcap=30.0)
     finally:
         heads_topk.sm_count = sms
 

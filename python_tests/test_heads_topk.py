@@ -267,7 +267,10 @@ def test_opcheck_both_ops():
         torch.ops.medusa_kernels.medusa_heads_topk.default, (hidden, w1, b1, w2, 4, "torch")
     )
     torch.library.opcheck(
-        torch.ops.medusa_kernels.lm_head_topk.default, (hidden, w2[0], 4, "torch")
+        torch.ops.medusa_kernels.lm_head_topk.default, (hidden, w2[0], 4, None, "torch")
+    )
+    torch.library.opcheck(
+        torch.ops.medusa_kernels.lm_head_topk.default, (hidden, w2[0], 4, 2.5, "torch")
     )
     assert mk.ops.lm_head_topk is lm_head_topk
 
@@ -284,6 +287,80 @@ def test_reference_lm_head_equals_a_naive_loop():
         order = sorted(range(30), key=lambda j: -logits[j].item())[:4]
         assert indices[n].tolist() == order
         torch.testing.assert_close(values[n].double(), logits[order], atol=1e-6, rtol=0)
+
+
+# --- final logit soft-capping (Gemma-2's final_logit_softcapping) ------------------------------
+
+
+def capped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """transformers' Gemma-2 capping, in the logits' dtype: divide, tanh, multiply."""
+    return torch.tanh(logits / softcap) * softcap
+
+
+@pytest.mark.parametrize(
+    "N,dtype,softcap,launch",
+    [
+        pytest.param(1, F32, 30.0, {}, id="N1-gemv-cap30"),
+        pytest.param(1, F16, 3.0, dict(chunks=3), id="N1-fp16-gemv-cap3"),
+        pytest.param(3, F32, 0.5, dict(chunks=2, block_v=16), id="N3-dot-cap0.5"),
+        pytest.param(5, F16, 4.0, {}, id="N5-fp16-dot-cap4"),
+    ],
+)
+def test_lm_head_softcap_matches_reference(poisoned_empty, N, dtype, softcap, launch):
+    """Planted logits scaled so that the largest sit at 1.2 caps, where tanh bends them (slope
+    0.3) and ranks survive: capped values and indices as the float64 reference gives them."""
+    d, V, k = 32, 64, 8
+    hidden, _, _, w2 = planted(N, 1, d, V, torch.float32, seed=N + 11)
+    scale = 1.2 * softcap / (hidden @ w2[0].T).abs().max().item()
+    hidden, weight = hidden.to(dtype), (w2[0] * scale).to(dtype)
+    logits = capped(hidden.double() @ weight.double().T, softcap)
+    values, indices = lm_head_topk_triton(hidden, weight, k, softcap=softcap, **launch)
+    assert_topk_exact(values, indices, logits, k, dtype)
+    want = lm_head_topk_ref(hidden.double(), weight.double(), k, softcap=softcap)
+    assert torch.equal(indices, want[1].to(DEV))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("N", [1, 2])
+def test_softcap_ties_go_to_the_lower_index(backend, N):
+    """Integer logits (exact in every path): tanh(logit / 1.0) is exactly 1.0 from 9.0109 on, so
+    logits 10, 11, 12 tie after capping while 9 stays below (0.99999994): greedy takes the
+    lowest index among the saturated ones, as torch.argmax does on the capped logits."""
+    V, d = 40, 4
+    g = torch.Generator().manual_seed(N)
+    weight = torch.randint(-2, 3, (V, d), generator=g).float()
+    weight[:, 1:] = 0.0
+    weight[:, 0] = torch.randint(-8, 9, (V,), generator=g).float()  # logits -8 .. 8
+    weight[[17, 6, 30, 2, 25], 0] = torch.tensor([11.0, 10.0, 12.0, 9.0, 10.0])
+    hidden = torch.zeros(N, d)
+    hidden[:, 0] = 1.0
+    if N == 2:
+        hidden[1, 0] = -1.0  # the other end: -8 .. 8 flipped, -12 .. -9 at the bottom
+    args = (hidden.to(DEV), weight.to(DEV))
+    exact = hidden.double() @ weight.double().T
+    want_capped = capped(exact.float(), 1.0)  # fp32 capping, as the op computes
+    assert want_capped[0, 17] == want_capped[0, 6] == want_capped[0, 30] == 1.0 > \
+        want_capped[0, 2]
+    for k in (1, 3, 7):
+        values, indices = lm_head_topk(*args, k, softcap=1.0, backend=backend)
+        want_v, want_i = ht.topk_lower_index_first(want_capped, k)
+        assert torch.equal(indices, want_i.to(DEV)), (k, indices, want_i)
+        assert torch.equal(values, want_v.to(DEV))
+        assert torch.equal(indices[:, 0], want_capped.argmax(-1).to(DEV))
+    assert lm_head_topk(*args, 1, softcap=1.0, backend=backend)[1][0, 0].item() == 6
+    assert lm_head_topk(*args, 1, backend=backend)[1][0, 0].item() == 30  # uncapped: 12 wins
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on inf
+def test_softcap_keeps_nan_inf_and_signed_zero():
+    hidden = torch.tensor([[1.0, 0.0]], device=DEV)
+    weight = torch.tensor([[float("inf"), 0], [-float("inf"), 0], [-0.0, 0], [3.0, 0],
+                           [float("nan"), 0], [0.5, 0]], device=DEV)  # fmt: skip
+    for backend in ("torch", "triton"):
+        values, indices = lm_head_topk(hidden, weight, 6, softcap=2.0, backend=backend)
+        assert indices.tolist() == [[4, 0, 3, 5, 2, 1]], backend  # NaN first, as torch.sort
+        assert values[0, 1].item() == 2.0 and values[0, 5].item() == -2.0
+        assert values[0, 0].isnan()
 
 
 # --- argument checks -------------------------------------------------------------------------
@@ -332,6 +409,30 @@ def test_lm_head_bad_arguments(change, err, match):
     args = dict(hidden=torch.randn(2, 8), weight=torch.randn(20, 8), k=3) | change
     with pytest.raises(err, match=match):
         lm_head_topk(**args)
+
+
+@pytest.mark.parametrize(
+    "softcap,err,match",
+    [
+        (0.0, ValueError, r"softcap must be a finite number > 0 \(the logit cap\), got 0.0"),
+        (-30.0, ValueError, "got -30.0"),
+        (float("inf"), ValueError, "got inf"),
+        (float("nan"), ValueError, "got nan"),
+        ("30", TypeError, "softcap must be None or a number, got str '30'"),
+        (True, TypeError, "softcap must be None or a number, got bool True"),
+        (torch.tensor(30.0), TypeError, "got Tensor"),
+    ],
+)
+def test_lm_head_bad_softcap(softcap, err, match):
+    with pytest.raises(err, match=match):
+        lm_head_topk(torch.randn(2, 8), torch.randn(20, 8), 3, softcap=softcap)
+
+
+def test_lm_head_softcap_takes_ints():
+    hidden, weight = torch.randn(2, 8), torch.randn(20, 8)
+    got = lm_head_topk(hidden, weight, 3, softcap=30)
+    want = lm_head_topk_ref(hidden, weight, 3, softcap=30.0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_triton_refuses_what_it_does_not_support():

@@ -7,7 +7,8 @@ For token n and head k::
     logits[n, k] = W2[k] h'[n, k]
     values, indices = top-k of logits[n, k] over the vocabulary, sorted descending
 
-``lm_head_topk`` is the same without the ResBlock and with one head: top-k of ``W h[n]``.
+``lm_head_topk`` is the same without the ResBlock and with one head: top-k of ``W h[n]``, or
+with final logit soft-capping (Gemma-2) of ``softcap * tanh(W h[n] / softcap)``.
 
 Shapes: N tokens, d hidden size, K heads, V vocabulary, k top-k width.
 
@@ -80,6 +81,7 @@ elsewhere ``SM90_CTAS_PER_SM`` (what the sm_90 compile gives; test_triton_compil
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -151,12 +153,18 @@ def medusa_heads_topk_ref(
 
 
 def lm_head_topk_ref(
-    hidden: torch.Tensor, weight: torch.Tensor, k: int
+    hidden: torch.Tensor, weight: torch.Tensor, k: int, softcap: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch lm_head + top-k: hidden [N, d], weight [V, d] -> (values [N, k] float32,
-    indices [N, k] int64). Computes in fp32 (float64 for float64 inputs)."""
+    indices [N, k] int64). Computes in fp32 (float64 for float64 inputs); ``softcap`` caps the
+    logits first as Gemma-2's ``final_logit_softcapping`` does in transformers: divide, tanh,
+    multiply."""
     dtype = _compute_dtype(hidden)
     logits = hidden.to(dtype) @ weight.to(dtype).T
+    if softcap is not None:
+        logits = logits / softcap
+        logits = torch.tanh(logits)
+        logits = logits * softcap
     if k == 1:  # argmax returns the first maximum: the same tie rule, without a sort over V
         values, indices = logits.max(dim=-1, keepdim=True)
         return values.float(), logits.argmax(dim=-1, keepdim=True)
@@ -185,11 +193,18 @@ def check_heads_topk_args(hidden, w1, b1, w2, k) -> None:
     _check_k(k, w2.shape[1])
 
 
-def check_lm_head_topk_args(hidden, weight, k) -> None:
+def check_lm_head_topk_args(hidden, weight, k, softcap=None) -> None:
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
     check_dim("weight", weight, 1, hidden.shape[1], "hidden size d of hidden")
     _check_k(k, weight.shape[0])
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be None or a number, got {type(softcap).__name__} "
+                            f"{softcap!r}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be a finite number > 0 (the logit cap), got "
+                             f"{softcap!r}")
 
 
 if HAS_TRITON:
@@ -241,6 +256,22 @@ if HAS_TRITON:
                 p_w += BLOCK_D * w_stride_d
                 p_h += BLOCK_D * h_stride_d
             return b_acc
+
+    @triton.jit
+    def _tanh(x):
+        """fp32 tanh from exp alone (runs in the interpreter too; libdevice does not), within a
+        few ulp of torch.tanh: an odd Taylor polynomial below |x| = 0.3, else
+        ``1 - 2e / (1 + e)`` with ``e = exp(-2|x|)``, whose last subtraction rounds the way a
+        correctly rounded tanh does near saturation (exactly +-1 from |x| = 9.0109 on, as in
+        torch); NaN stays NaN, +-inf gives +-1, -0.0 stays -0.0."""
+        a = tl.abs(x)
+        e = tl.exp(-2.0 * a)
+        b_t = 1.0 - 2.0 * e / (1.0 + e)
+        a2 = a * a
+        b_p = a + a * a2 * (-1.0 / 3 + a2 * (2.0 / 15 + a2 * (-17.0 / 315 + a2 * (
+            62.0 / 2835 + a2 * (-1382.0 / 155925)))))  # fmt: skip
+        b_t = tl.where(a < 0.3, b_p, b_t)
+        return tl.where(x < 0, -b_t, tl.where(x == 0, x, b_t))  # -0.0 stays -0.0
 
     @triton.jit
     def _sort_key(b_val, b_idx):
@@ -326,14 +357,16 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["rows_per_chunk", "num_chunks"])
     def _vocab_topk_kernel(
         w_ptr, h_ptr, pk_ptr,
-        N, V, D, rows_per_chunk, num_chunks,
+        N, V, D, rows_per_chunk, num_chunks, softcap,
         w_stride_k, w_stride_v, w_stride_d,
         h_stride_k, h_stride_n, h_stride_d,
         TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):  # fmt: skip
-        """Partial top-k of one vocabulary chunk of one head: keys pk [K, N, num_chunks, TOPK]."""
+        """Partial top-k of one vocabulary chunk of one head: keys pk [K, N, num_chunks, TOPK]
+        (``SOFTCAP``: of ``softcap * tanh(logits / softcap)``)."""
         i_nb, i_c, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n0 = i_nb * BLOCK_N
         o_n = n0 + tl.arange(0, BLOCK_N)
@@ -351,6 +384,8 @@ if HAS_TRITON:
                                    w_stride_v, w_stride_d, h_stride_n, h_stride_d,
                                    BLOCK_V, BLOCK_D, BLOCK_N, GEMV, EVEN_D, DOT_PREC,
                                    STAGES)  # fmt: skip
+            if SOFTCAP:
+                b_s = _tanh(b_s / softcap) * softcap
             c_key = tl.where(m_v[:, None], _sort_key(b_s, (v0 + o_v)[:, None]), _EMPTY)
             r_key = _merge_if_better(r_key, c_key, m_n, TOPK, BLOCK_K)
             w_tile += BLOCK_V * w_stride_v
@@ -477,8 +512,10 @@ def _vocab_topk(
     gemv: bool,
     cfg: _Config,
     chunks: int | None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stages 2 and 3: (values [N, K, k] float32, indices [N, K, k] int64) of W[k] h[k, n]."""
+    """Stages 2 and 3: (values [N, K, k] float32, indices [N, K, k] int64) of W[k] h[k, n]
+    (capped to ``softcap * tanh(. / softcap)`` when ``softcap`` is given)."""
     dev = h.device
     block_n = cfg.block_n
     token_blocks = triton.cdiv(N, block_n)
@@ -487,17 +524,18 @@ def _vocab_topk(
         TOPK=k, BLOCK_K=block_k, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, BLOCK_N=block_n,
         GEMV=gemv, EVEN_D=d % cfg.block_d == 0,
         DOT_PREC="ieee" if w.dtype == torch.float32 else "tf32", STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SOFTCAP=softcap is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    cap = float(softcap) if softcap is not None else 1.0
     # the chunk count is not compiled in (do_not_specialize): any value serves to ask
-    ctas = ctas_per_sm(_vocab_topk_kernel, (w, h, torch.int64, N, V, d, 0, 0, *w_strides,
+    ctas = ctas_per_sm(_vocab_topk_kernel, (w, h, torch.int64, N, V, d, 0, 0, cap, *w_strides,
                                             *h_strides), consts, cfg.ctas_per_sm, dev)
     num_chunks, rows = _chunks(V, K * token_blocks, cfg.block_v, ctas, dev, chunks)
     keys = torch.empty(K, N, num_chunks, k, dtype=torch.int64, device=dev)
     # token blocks fastest: the programs that read the same weight rows start together, so
     # with several token blocks the rows come from L2 after the first (N > 64)
     _vocab_topk_kernel[(token_blocks, num_chunks, K)](
-        w, h, keys, N, V, d, rows, num_chunks, *w_strides, *h_strides, **consts)
+        w, h, keys, N, V, d, rows, num_chunks, cap, *w_strides, *h_strides, **consts)
     values = torch.empty(N, K, k, dtype=torch.float32, device=dev)
     indices = torch.empty(N, K, k, dtype=torch.int64, device=dev)
     num_cand = num_chunks * k
@@ -580,6 +618,7 @@ def lm_head_topk_triton(
     gemv: bool | None = None,
     block_v: int | None = None,
     block_d: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher of stages 2 and 3 for one head without a ResBlock (arguments as
     ``lm_head_topk``, already checked; overrides as ``medusa_heads_topk_triton``).
@@ -596,7 +635,7 @@ def lm_head_topk_triton(
     if gemv:  # h in fp32, as the heads' h': the GEMV's one compiled form (fewer registers)
         hidden = hidden.float()
     values, indices = _vocab_topk(weight, (0, *weight.stride()), hidden, (0, *hidden.stride()),
-                                  1, N, V, d, k, gemv, cfg, chunks)  # fmt: skip
+                                  1, N, V, d, k, gemv, cfg, chunks, softcap)  # fmt: skip
     return values.view(N, k), indices.view(N, k)
 
 
@@ -667,13 +706,13 @@ def medusa_heads_topk(
 
 @torch.library.custom_op("medusa_kernels::lm_head_topk", mutates_args=())
 def _lm_head_topk_op(
-    hidden: torch.Tensor, weight: torch.Tensor, k: int, backend: str
+    hidden: torch.Tensor, weight: torch.Tensor, k: int, softcap: float | None, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _LM_IMPLS[backend](hidden, weight, k)
+    return _LM_IMPLS[backend](hidden, weight, k, softcap=softcap)
 
 
 @_lm_head_topk_op.register_fake
-def _(hidden, weight, k, backend):
+def _(hidden, weight, k, softcap, backend):
     shape = (hidden.shape[0], k)
     return (
         hidden.new_empty(shape, dtype=torch.float32),
@@ -682,7 +721,12 @@ def _(hidden, weight, k, backend):
 
 
 def lm_head_topk(
-    hidden: torch.Tensor, weight: torch.Tensor, k: int, *, backend: str = "auto"
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    *,
+    softcap: float | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of the base model's lm_head logits ``hidden @ weight.T`` without materialising
     them (greedy root token: k = 1 is the argmax).
@@ -691,14 +735,20 @@ def lm_head_topk(
         hidden: [N, d] final (normed) hidden states.
         weight: [V, d] lm_head weight (nn.Linear layout), hidden's dtype and device.
         k: top-k width, 1 <= k <= V.
+        softcap: final logit soft-capping (Gemma-2's ``final_logit_softcapping``): the
+            logits become ``softcap * tanh(logits / softcap)`` before the top-k, as
+            transformers computes them; None (default) leaves them as they are.
         backend: as ``medusa_heads_topk``.
     Returns:
-        values [N, k] float32 logits sorted descending, indices [N, k] int64 (ties: lower
-        vocabulary index first).
+        values [N, k] float32 (capped) logits sorted descending, indices [N, k] int64 (ties,
+        also those the capping creates where tanh reaches +-1: lower vocabulary index first).
+        The Triton kernel's tanh is within a few ulp of torch.tanh (exactly +-1 where torch's
+        is), so only capped logits that close to each other may order differently.
 
     Example: ``next_token = lm_head_topk(h[:, -1], model.lm_head.weight, 1)[1][:, 0]``.
     """
-    check_lm_head_topk_args(hidden, weight, k)
+    check_lm_head_topk_args(hidden, weight, k, softcap)
     name = pick_backend("lm_head_topk", backend, hidden.device, _LM_IMPLS,
                         triton_ok=triton_supports(hidden, k))
-    return _lm_head_topk_op(hidden, weight, k, name)
+    return _lm_head_topk_op(hidden, weight, k, None if softcap is None else float(softcap),
+                            name)
