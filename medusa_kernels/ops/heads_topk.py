@@ -44,7 +44,8 @@ Precision: logits accumulate in fp32. With one token (N = 1) the projections are
 cores with h and h' in fp32, as the reference computes. With N >= 2 they are tensor-core dots
 of [BLOCK_V, BLOCK_D] weight tiles with [BLOCK_D, BLOCK_N] token tiles (BLOCK_N = 16..64, the
 tokens padded): h' is rounded to the weights' dtype for the dot (as a bf16 ``nn.Linear`` head
-does), so near-ties may order differently from the fp32 reference.
+does), so near-ties may order differently from the fp32 reference. Soft-capping uses a tanh
+built from exp (``_tanh``: within a few ulp of torch.tanh, exactly +-1 where torch's is).
 
 Weight reads: W1 and W2 each read once per call for N <= 64 (one token block). Larger N runs
 ``cdiv(N, 64)`` token blocks; the grid puts them fastest, so the programs of one chunk start
