@@ -1,10 +1,13 @@
-"""Launch every Triton kernel once per launch configuration it takes at GPU shapes (the
-constexprs depend on tree size, GQA ratio, head dim, dtype, paging, not on batch or context
-length), at tiny batch and context so the interpreter finishes in seconds. Run by
-test_triton_compile.py with launch capture on; the results are not checked here (the kernel
-tests do that at small shapes), only compiled afterwards.
+"""Launch every Triton kernel once per launch configuration it takes at GPU shapes, with launch
+capture on (triton_aot.py); the results are not checked here (the kernel tests do that at small
+shapes), only compiled afterwards by test_triton_compile.py and bench/static_report.py.
 
-    TRITON_INTERPRET=1 python gpu_shape_launches.py SPECS.json
+Two kinds of launch: kernels whose constexprs depend on tree size, GQA ratio, head dim, dtype and
+paging but not on batch or context length run at tiny batch and context in the interpreter; the
+heads kernels are called at the benchmark shapes themselves on ``meta`` tensors (recorded with
+their grids for an H100's 132 SMs, never run), each inside ``case(...)``.
+
+    TRITON_INTERPRET=1 python gpu_shape_launches.py LAUNCHES.json
 """
 
 from __future__ import annotations
@@ -15,21 +18,19 @@ import sys
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
-from triton_aot import install_capture  # noqa: E402
+from triton_aot import case, install_capture  # noqa: E402
 
 install_capture(sys.argv[1])
 
+from medusa_kernels.ops import heads_topk  # noqa: E402
 from medusa_kernels.ops.acceptance import accept_greedy_ids_triton  # noqa: E402
 from medusa_kernels.ops.compact_kv import compact_kv_cache_triton  # noqa: E402
-from medusa_kernels.ops.heads_topk import (  # noqa: E402
-    lm_head_topk_triton,
-    medusa_heads_topk_triton,
-)
 from medusa_kernels.ops.tree_attention import pack_tree_mask, tree_attention_triton  # noqa: E402
 from medusa_kernels.tree import TREES, build_tree  # noqa: E402
 
 torch.manual_seed(0)
 DT = torch.float16  # the capture adds the bf16 variant of every fp16 launch
+H100_SMS = 132
 
 
 def _tree_attention(T, G, D, packed, paged, splits):
@@ -81,16 +82,43 @@ def acceptance_launches():
 
 
 def heads_launches():
-    # the launch config depends on the token-block bucket of N (1 = GEMV, 2-32, 33-64, > 64)
-    d, V = 128, 300
-    for N, ks in ((1, (1, 10, 32)), (8, (1, 10, 32)), (33, (10,)), (70, (10,))):
-        for k in ks:
-            K = 2
-            h = torch.randn(N, d, dtype=DT)
-            medusa_heads_topk_triton(h, 0.05 * torch.randn(K, d, d, dtype=DT),
-                                     torch.randn(K, d, dtype=DT),
-                                     0.05 * torch.randn(K, V, d, dtype=DT), k)
-        lm_head_topk_triton(torch.randn(N, d, dtype=DT), 0.05 * torch.randn(V, d, dtype=DT), 1)
+    """Medusa heads (K 4-5) and lm_head at the benchmark shapes: d 4096, V 32000 / 128256, N 1, 8,
+    64, 512 tokens, top-1 and top-10 in bf16 (fp16: the same configurations), and at V 32000
+    the other launch configurations: N 32 (BLOCK_N 32), the largest k (32), fp32; and the lm_head
+    with final logit soft-capping at Gemma-2-9B's shape (V 256000, d 3584, cap 30)."""
+    meta = dict(device="meta")
+    d, sms = 4096, heads_topk.sm_count
+    heads_topk.sm_count = lambda device: H100_SMS
+    try:
+        for V in (32000, 128256):
+            for N in (1, 8, 32, 64, 512):
+                for k, dtype, K in [(1, torch.bfloat16, 5), (10, torch.bfloat16, 5),
+                                    (10, torch.bfloat16, 4), (32, torch.bfloat16, 5),
+                                    (1, torch.float32, 5), (10, torch.float32, 5),
+                                    (32, torch.float32, 5)]:
+                    if (k == 32 or dtype == torch.float32 or N == 32) and V != 32000:
+                        continue
+                    if dtype == torch.float32 and N not in (1, 8) and (N, k) != (64, 10):
+                        continue  # fp32 programs take at most 16 tokens
+                    h = torch.empty(N, d, dtype=dtype, **meta)
+                    tag = f"N={N} V={V} d={d} k={k} {str(dtype).removeprefix('torch.')}"
+                    with case(f"heads K={K} {tag}"):
+                        heads_topk.medusa_heads_topk_triton(
+                            h, torch.empty(K, d, d, dtype=dtype, **meta),
+                            torch.empty(K, d, dtype=dtype, **meta),
+                            torch.empty(K, V, d, dtype=dtype, **meta), k)
+                    if K == 5:
+                        with case(f"lm_head {tag}"):
+                            heads_topk.lm_head_topk_triton(
+                                h, torch.empty(V, d, dtype=dtype, **meta), k)
+        for N in (1, 8, 64, 512):  # Gemma-2-9B's lm_head, final logit soft-capping 30
+            for k in (1, 10):
+                with case(f"lm_head N={N} V=256000 d=3584 k={k} bfloat16 softcap=30"):
+                    heads_topk.lm_head_topk_triton(
+                        torch.empty(N, 3584, dtype=torch.bfloat16, **meta),
+                        torch.empty(256000, 3584, dtype=torch.bfloat16, **meta), k, softcap=30.0)
+    finally:
+        heads_topk.sm_count = sms
 
 
 if __name__ == "__main__":

@@ -137,11 +137,15 @@ def test_random_inputs_tie_tolerant():
     assert_topk_close(values, indices, heads_logits(*args), k, *TOL[torch.float32])
 
 
-def test_more_than_64_tokens_run_two_token_blocks():
-    N, K, d, V, k = 65, 1, 16, 40, 2
-    hidden, w1, b1, w2 = planted(N, K, d, V, torch.float32, seed=65)
+@pytest.mark.parametrize("N,K", [(65, 1), (130, 2)])
+def test_more_than_64_tokens_run_several_token_blocks(poisoned_empty, N, K):
+    """Token blocks on the grid's fastest axis, with several chunks and heads on the others."""
+    d, V, k = 16, 70, 2
+    hidden, w1, b1, w2 = planted(N, K, d, V, torch.float32, seed=N)
     values, indices = medusa_heads_topk_triton(hidden, w1, b1, w2, k)
     assert_topk_exact(values, indices, heads_logits(hidden, w1, b1, w2), k, torch.float32)
+    values, indices = lm_head_topk_triton(hidden, w2[-1], k, chunks=3)
+    assert_topk_exact(values, indices, hidden.double() @ w2[-1].double().T, k, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -263,7 +267,10 @@ def test_opcheck_both_ops():
         torch.ops.medusa_kernels.medusa_heads_topk.default, (hidden, w1, b1, w2, 4, "torch")
     )
     torch.library.opcheck(
-        torch.ops.medusa_kernels.lm_head_topk.default, (hidden, w2[0], 4, "torch")
+        torch.ops.medusa_kernels.lm_head_topk.default, (hidden, w2[0], 4, None, "torch")
+    )
+    torch.library.opcheck(
+        torch.ops.medusa_kernels.lm_head_topk.default, (hidden, w2[0], 4, 2.5, "torch")
     )
     assert mk.ops.lm_head_topk is lm_head_topk
 
@@ -280,6 +287,108 @@ def test_reference_lm_head_equals_a_naive_loop():
         order = sorted(range(30), key=lambda j: -logits[j].item())[:4]
         assert indices[n].tolist() == order
         torch.testing.assert_close(values[n].double(), logits[order], atol=1e-6, rtol=0)
+
+
+# --- final logit soft-capping (Gemma-2's final_logit_softcapping) ------------------------------
+
+
+def capped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """transformers' Gemma-2 capping, in the logits' dtype: divide, tanh, multiply."""
+    return torch.tanh(logits / softcap) * softcap
+
+
+@pytest.mark.parametrize(
+    "N,dtype,softcap,launch",
+    [
+        pytest.param(1, F32, 30.0, {}, id="N1-gemv-cap30"),
+        pytest.param(1, F16, 3.0, dict(chunks=3), id="N1-fp16-gemv-cap3"),
+        pytest.param(3, F32, 0.5, dict(chunks=2, block_v=16), id="N3-dot-cap0.5"),
+        pytest.param(5, F16, 4.0, {}, id="N5-fp16-dot-cap4"),
+    ],
+)
+def test_lm_head_softcap_matches_reference(poisoned_empty, N, dtype, softcap, launch):
+    """Planted logits scaled so that the largest sit at 1.2 caps, where tanh bends them (slope
+    0.3) and ranks survive: capped values and indices as the float64 reference gives them."""
+    d, V, k = 32, 64, 8
+    hidden, _, _, w2 = planted(N, 1, d, V, torch.float32, seed=N + 11)
+    scale = 1.2 * softcap / (hidden @ w2[0].T).abs().max().item()
+    hidden, weight = hidden.to(dtype), (w2[0] * scale).to(dtype)
+    logits = capped(hidden.double() @ weight.double().T, softcap)
+    values, indices = lm_head_topk_triton(hidden, weight, k, softcap=softcap, **launch)
+    assert_topk_exact(values, indices, logits, k, dtype)
+    want = lm_head_topk_ref(hidden.double(), weight.double(), k, softcap=softcap)
+    assert torch.equal(indices, want[1].to(DEV))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("N", [1, 2])
+def test_softcap_ties_go_to_the_lower_index(backend, N):
+    """Integer logits (exact in every path): tanh(logit / 1.0) is exactly 1.0 from 9.0109 on, so
+    logits 10, 11, 12 tie after capping while 9 stays below (0.99999994): greedy takes the
+    lowest index among the saturated ones, as torch.argmax does on the capped logits."""
+    V, d = 40, 4
+    g = torch.Generator().manual_seed(N)
+    weight = torch.randint(-2, 3, (V, d), generator=g).float()
+    weight[:, 1:] = 0.0
+    weight[:, 0] = torch.randint(-8, 9, (V,), generator=g).float()  # logits -8 .. 8
+    weight[[17, 6, 30, 2, 25], 0] = torch.tensor([11.0, 10.0, 12.0, 9.0, 10.0])
+    hidden = torch.zeros(N, d)
+    hidden[:, 0] = 1.0
+    if N == 2:
+        hidden[1, 0] = -1.0  # the other end: -8 .. 8 flipped, -12 .. -9 at the bottom
+    args = (hidden.to(DEV), weight.to(DEV))
+    exact = hidden.double() @ weight.double().T
+    want_capped = capped(exact.float(), 1.0)  # fp32 capping, as the op computes
+    assert want_capped[0, 17] == want_capped[0, 6] == want_capped[0, 30] == 1.0 > \
+        want_capped[0, 2]
+    for k in (1, 3, 7):
+        values, indices = lm_head_topk(*args, k, softcap=1.0, backend=backend)
+        want_v, want_i = ht.topk_lower_index_first(want_capped, k)
+        assert torch.equal(indices, want_i.to(DEV)), (k, indices, want_i)
+        assert torch.equal(values, want_v.to(DEV))
+        assert torch.equal(indices[:, 0], want_capped.argmax(-1).to(DEV))
+    assert lm_head_topk(*args, 1, softcap=1.0, backend=backend)[1][0, 0].item() == 6
+    assert lm_head_topk(*args, 1, backend=backend)[1][0, 0].item() == 30  # uncapped: 12 wins
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on inf
+def test_kernel_tanh_is_within_a_few_ulp_and_saturates_where_torch_does():
+    """The kernels' tanh (exp only) over |x| <= 12 densely and 1e-8 .. 16 logarithmically:
+    within 4 ulp of float64 tanh (interpreter; the GPU's ex2.approx may add a few), exactly
+    +-1 from the same x as torch.tanh in fp32, odd, NaN / inf / -0.0 kept."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tanh_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + o, ht._tanh(tl.load(x_ptr + o, mask=o < n, other=0.0)), mask=o < n)
+
+    mag = torch.cat([torch.linspace(0, 12, 60001), torch.logspace(-8, 1.2, 8001)])
+    x = torch.cat([mag, -mag, torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0])])
+    x = x.float().to(DEV)
+    y = torch.full_like(x, float("nan"))
+    tanh_kernel[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096)
+    fin = torch.isfinite(x) & (x != 0)
+    want = torch.tanh(x.double())
+    ulps = (y.double() - want).abs() / (want.abs() * torch.finfo(torch.float32).eps)
+    assert ulps[fin].max().item() <= 4.0
+    assert torch.equal(y[fin] == 1.0, torch.tanh(x[fin]) == 1.0)  # saturation from 9.0109
+    assert torch.equal(y[: mag.numel()], -y[mag.numel(): 2 * mag.numel()])
+    assert y[-4].item() == 1.0 and y[-3].item() == -1.0 and y[-2].isnan()
+    assert y[-1].item() == 0.0 and torch.signbit(y[-1])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy on inf
+def test_softcap_keeps_nan_inf_and_signed_zero():
+    hidden = torch.tensor([[1.0, 0.0]], device=DEV)
+    weight = torch.tensor([[float("inf"), 0], [-float("inf"), 0], [-0.0, 0], [3.0, 0],
+                           [float("nan"), 0], [0.5, 0]], device=DEV)  # fmt: skip
+    for backend in ("torch", "triton"):
+        values, indices = lm_head_topk(hidden, weight, 6, softcap=2.0, backend=backend)
+        assert indices.tolist() == [[4, 0, 3, 5, 2, 1]], backend  # NaN first, as torch.sort
+        assert values[0, 1].item() == 2.0 and values[0, 5].item() == -2.0
+        assert values[0, 0].isnan()
 
 
 # --- argument checks -------------------------------------------------------------------------
@@ -330,6 +439,30 @@ def test_lm_head_bad_arguments(change, err, match):
         lm_head_topk(**args)
 
 
+@pytest.mark.parametrize(
+    "softcap,err,match",
+    [
+        (0.0, ValueError, r"softcap must be a finite number > 0 \(the logit cap\), got 0.0"),
+        (-30.0, ValueError, "got -30.0"),
+        (float("inf"), ValueError, "got inf"),
+        (float("nan"), ValueError, "got nan"),
+        ("30", TypeError, "softcap must be None or a number, got str '30'"),
+        (True, TypeError, "softcap must be None or a number, got bool True"),
+        (torch.tensor(30.0), TypeError, "got Tensor"),
+    ],
+)
+def test_lm_head_bad_softcap(softcap, err, match):
+    with pytest.raises(err, match=match):
+        lm_head_topk(torch.randn(2, 8), torch.randn(20, 8), 3, softcap=softcap)
+
+
+def test_lm_head_softcap_takes_ints():
+    hidden, weight = torch.randn(2, 8), torch.randn(20, 8)
+    got = lm_head_topk(hidden, weight, 3, softcap=30)
+    want = lm_head_topk_ref(hidden, weight, 3, softcap=30.0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_triton_refuses_what_it_does_not_support():
     hidden, w1, b1, w2 = planted(2, 2, 8, 40, torch.float64)
     with pytest.raises(ValueError, match="supports dtypes .* got torch.float64"):
@@ -343,15 +476,79 @@ def test_triton_refuses_what_it_does_not_support():
         lm_head_topk_triton(hidden, w2[0], 3, chunks=0)
 
 
-def test_chunking_uses_static_shapes_only(monkeypatch):
+def test_chunks_are_whole_tiles_in_one_wave(monkeypatch):
+    """Chunk sizes come from static shapes only: whole BLOCK_V tiles, as few rows per chunk as
+    one wave of ctas_per_sm programs per SM allows."""
     monkeypatch.setattr(ht, "sm_count", lambda device: 132)
     h100 = torch.device("cuda", 0)
-    gemv, dot = ht._config(1, torch.bfloat16), ht._config(16, torch.bfloat16)
-    assert ht._chunks(32000, 5, gemv, h100, None) == (100, 320)  # 500 programs <= 4 x 132
-    assert ht._chunks(32000, 5, dot, h100, None) == (52, 624)  # 260 programs <= 2 x 132
-    assert ht._chunks(128256, 5, dot, h100, None) == (52, 2480)
-    assert ht._chunks(100, 5, dot, h100, None) == (1, 128)  # at least one tile per chunk
-    assert ht._chunks(300, 1, dot, h100, 7) == (7, 43)
+    for N in (1, 8, 64):
+        cfg = ht._config(N, N == 1, torch.bfloat16, 10)
+        slots = cfg.ctas_per_sm * 132
+        for V in (100, 32000, 128256):
+            for programs in (1, 4, 5, 40):
+                chunks, rows = ht._chunks(V, programs, cfg.block_v, cfg.ctas_per_sm, h100, None)
+                assert rows % cfg.block_v == 0 and chunks == -(-V // rows)
+                assert chunks * programs <= max(programs, slots)  # one wave
+                fewer_rows = rows - cfg.block_v  # the next smaller chunk does not fit
+                assert fewer_rows == 0 or -(-V // fewer_rows) * programs > slots
+    gemv = ht._config(1, True, torch.bfloat16, 10)
+    assert (gemv.block_v, gemv.ctas_per_sm) == (32, 4)
+    assert ht._chunks(32000, 5, 32, 4, h100, None) == (100, 320)  # 1000 tiles, 10 per chunk
+    assert ht._chunks(128256, 5, 32, 4, h100, None) == (103, 1248)  # 4008 tiles, 39 per chunk
+    assert ht._chunks(300, 1, 32, 4, h100, 7) == (7, 43)  # explicit count: any rows
+
+
+def test_resblock_tiles_split_evenly(monkeypatch):
+    monkeypatch.setattr(ht, "sm_count", lambda device: 132)
+    h100 = torch.device("cuda", 0)
+    cfg = ht._config(1, True, torch.bfloat16, 10)
+    per_head, per_program, programs = ht._resblock_grid(5, 4096, 1, 8, 4, h100)
+    assert (per_head, per_program, programs) == (512, 5, 512)  # 2560 tiles, <= 528 programs
+    for K, d, tb in ((1, 40, 1), (4, 4096, 1), (5, 4096, 8), (3, 1000, 2)):
+        per_head, per_program, programs = ht._resblock_grid(K, d, tb, cfg.block_o,
+                                                            cfg.res_ctas_per_sm, h100)
+        assert per_head == -(-d // cfg.block_o) and (programs - 1) * per_program < K * per_head
+        assert programs * per_program >= K * per_head
+        assert programs <= max(1, cfg.res_ctas_per_sm * 132 // tb)
+
+
+class _GridSpy:
+    """Stands in for a Triton kernel: records each launch's grid, then launches."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.fn, self.grids = kernel, getattr(kernel, "fn", kernel), grids
+
+    def __getitem__(self, grid):
+        self.grids.append((self.fn.__name__, tuple(grid)))
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("N,ctas", [(1, 3), (5, 1), (20, 2)])
+def test_launchers_plan_with_the_occupancy_they_are_given(monkeypatch, N, ctas):
+    """The grids follow the CTAs/SM that ops._backend.ctas_per_sm answers (on CUDA: derived from
+    the compiled kernel; here: a stand-in), asked with each kernel and its static value."""
+    asked, grids = [], []
+
+    def fake_ctas_per_sm(kernel, args, kwargs, static, device):
+        asked.append((kernel.fn.__name__, static, kwargs["num_warps"]))
+        return ctas
+
+    monkeypatch.setattr(ht, "ctas_per_sm", fake_ctas_per_sm)
+    monkeypatch.setattr(ht, "sm_count", lambda device: 3)
+    for name in ("_resblock_kernel", "_vocab_topk_kernel"):
+        monkeypatch.setattr(ht, name, _GridSpy(getattr(ht, name), grids))
+    K, d, V, k = 3, 40, 300, 4
+    hidden, w1, b1, w2 = planted(N, K, d, V, torch.float32, seed=N)
+    values, indices = medusa_heads_topk_triton(hidden, w1, b1, w2, k)
+    assert_topk_exact(values, indices, heads_logits(hidden, w1, b1, w2), k, torch.float32)
+    cfg = ht._config(N, N == 1, torch.float32, k)
+    assert asked == [("_resblock_kernel", cfg.res_ctas_per_sm, cfg.num_warps),
+                     ("_vocab_topk_kernel", cfg.ctas_per_sm, cfg.num_warps)]
+    tb = -(-N // cfg.block_n)
+    _, per_program, programs = ht._resblock_grid(K, d, tb, cfg.block_o, ctas, hidden.device)
+    chunks, _ = ht._chunks(V, K * tb, cfg.block_v, ctas, hidden.device, None)
+    assert programs <= max(1, ctas * 3 // tb) and chunks * K * tb <= max(K * tb, ctas * 3)
+    assert grids == [("_resblock_kernel", (tb, programs)), ("_vocab_topk_kernel", (tb, chunks, K))]
 
 
 # --- GPU: 7B shapes in bf16 ----------------------------------------------------------------------

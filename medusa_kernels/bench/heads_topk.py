@@ -9,8 +9,9 @@ with N = 1):
 - ``torch_loop``: per head ``x = h + SiLU(linear(h, W1, b1))``, ``linear(x, W2)``, ``topk``
   (what the Medusa reference does);
 - ``bmm_topk``: all heads batched: ``baddbmm`` ResBlock, ``bmm`` to [K, N, V] logits, one topk.
-lm_head rows (k = 1, the greedy root token; quick: V = 128256, N = 1): ``triton``
-(``lm_head_topk``) against ``linear_topk`` = ``torch.topk(F.linear(h, W), k)``.
+lm_head rows (k = 1, the greedy token; N = 1, 8, 64, 512 at V = 32000 and 128256, and Gemma-2-9B's
+V = 256000, d = 3584 with final logit soft-capping 30; quick: V = 128256, N = 1): ``triton``
+(``lm_head_topk``) against ``linear_topk`` = ``torch.topk(F.linear(h, W), k)`` (capped alike).
 Every function is captured in a CUDA graph and the replay is timed (``mode`` "graph"); ``triton``
 is also timed as plain calls (``mode`` "eager"). ``triton`` rows carry ``check`` ("ok" or
 "FAIL: ...") against fp32 logits computed from the same weights, tie-tolerant: every index's
@@ -131,24 +132,35 @@ def _cuda_heads(ctx: BenchContext, N, V, dtype) -> list[dict]:
     return rows
 
 
-def _cuda_lm_head(ctx: BenchContext, N, V, dtype) -> list[dict]:
-    d, k = 4096, 1
+def _cuda_lm_head(ctx: BenchContext, N, V, dtype, d=4096, softcap=None) -> list[dict]:
+    k = 1
     case = dict(op="lm_head", N=N, K=1, d=d, V=V, k=k, dtype=str(dtype).removeprefix("torch."))
+    if softcap is not None:
+        case["softcap"] = softcap
     if not case_wanted(ctx, case):
         return []
     hidden, _, _, w = _inputs(N, 1, d, V, dtype, ctx.device, seed=V + N)
     weight = w[0]
     nbytes = (hidden.numel() + weight.numel()) * weight.element_size()
-    ours = lambda: lm_head_topk(hidden, weight, k, backend="triton")
+    ours = lambda: lm_head_topk(hidden, weight, k, softcap=softcap, backend="triton")
     values, indices = ours()
-    check = check_topk(values, indices, hidden.float() @ weight.float().T, k, 3e-2, 3e-3)
+    logits = hidden.float() @ weight.float().T
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    check = check_topk(values, indices, logits, k, 3e-2, 3e-3)
     rows = []
     for mode in ("graph", "eager"):
         row = timed_mode_row(ctx, SECTION, "triton", ours, nbytes, True, mode, **case)
         if row is not None:
             rows.append(row if "check" in row else row | {"check": check})  # FAIL stays
-    row = timed_mode_row(ctx, SECTION, "linear_topk",
-                         lambda: torch.topk(F.linear(hidden, weight), k), nbytes, False, **case)
+
+    def linear_topk():
+        out = F.linear(hidden, weight)
+        if softcap is not None:
+            out = torch.tanh(out / softcap) * softcap
+        return torch.topk(out, k)
+
+    row = timed_mode_row(ctx, SECTION, "linear_topk", linear_topk, nbytes, False, **case)
     if row is not None:
         rows.append(row)
     return rows
@@ -157,20 +169,26 @@ def _cuda_lm_head(ctx: BenchContext, N, V, dtype) -> list[dict]:
 def _cuda_rows(ctx: BenchContext) -> list[dict]:
     dtype = ctx.dtype if ctx.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     if ctx.quick:
-        heads, lm = ((32000, 1), (32000, 8), (128256, 1)), ((128256, 1),)
+        heads = ((32000, 1), (32000, 8), (128256, 1))
+        lm = (dict(V=128256, N=1),)
     else:
-        heads = lm = tuple((V, N) for V in (32000, 128256) for N in (1, 8))
+        heads = tuple((V, N) for V in (32000, 128256) for N in (1, 8))
+        # N 64 / 512: greedy verification of a 64-node tree at B = 1 / 8 (several token blocks)
+        lm = tuple(dict(V=V, N=N) for V in (32000, 128256) for N in (1, 8, 64, 512)) + (
+            dict(V=256000, N=1, d=3584, softcap=30.0),)  # Gemma-2-9B: final logit soft-capping
     rows = []
-    for op, run_case, cases in (("heads", _cuda_heads, heads), ("lm_head", _cuda_lm_head, lm)):
-        for V, N in cases:
-            try:
-                rows += run_case(ctx, N, V, dtype)
-            except torch.cuda.OutOfMemoryError:
-                ctx.notes.append(f"{SECTION}: {op} N={N} V={V} ran out of memory; no rows")
-            except Exception as e:  # inputs or the check raised: the next case runs
-                rows.append(failure_row(ctx, SECTION, "triton", e, True, op=op, N=N, V=V))
-            if not cuda_usable(ctx):
-                return rows
+    cases = [("heads", _cuda_heads, dict(V=V, N=N)) for V, N in heads]
+    cases += [("lm_head", _cuda_lm_head, c) for c in lm]
+    for op, run_case, kw in cases:
+        try:
+            rows += run_case(ctx, dtype=dtype, **kw)
+        except torch.cuda.OutOfMemoryError:
+            ctx.notes.append(f"{SECTION}: {op} {kw} ran out of memory; no rows")
+        except Exception as e:  # inputs or the check raised: the next case runs
+            rows.append(failure_row(ctx, SECTION, "triton", e, True, op=op, N=kw["N"],
+                                    V=kw["V"]))
+        if not cuda_usable(ctx):
+            return rows
     return rows
 
 

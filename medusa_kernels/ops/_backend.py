@@ -152,23 +152,73 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-# Per-SM limits of the GPU generations the kernels are tuned for (CUDA occupancy calculator):
-# registers, shared memory (bytes usable by CTAs), max resident CTAs and warps.
+# Per-SM limits of the GPU generations the kernels are tuned for (cuda_occupancy.h, CUDA 13):
+# registers, shared memory per SM and per CTA (opt-in maximum, bytes), resident CTAs and warps.
 SM_LIMITS = {
-    80: {"regs": 65536, "smem": 167936, "ctas": 32, "warps": 64},  # A100: 164 KB
-    89: {"regs": 65536, "smem": 102400, "ctas": 24, "warps": 48},  # L4/L40: 100 KB
-    90: {"regs": 65536, "smem": 233472, "ctas": 32, "warps": 64},  # H100/H200: 228 KB
+    80: {"regs": 65536, "smem": 167936, "smem_cta": 166912, "ctas": 32, "warps": 64},  # A100
+    89: {"regs": 65536, "smem": 102400, "smem_cta": 101376, "ctas": 24, "warps": 48},  # L4/L40
+    90: {"regs": 65536, "smem": 233472, "smem_cta": 232448, "ctas": 32, "warps": 64},  # H100/H200
 }
 SMEM_RESERVED_PER_CTA = 1024  # the driver reserves 1 KB of shared memory per CTA (sm_80+)
+SMEM_GRANULE = 128  # shared memory is allocated per CTA in units of 128 bytes (sm_80+)
+REG_GRANULE = 256  # registers are allocated per warp in units of 256
+SUB_PARTITIONS = 4  # an SM's register file is split between 4 schedulers, a warp lives in one
 
 
 def occupancy(n_regs: int, shared_bytes: int, num_warps: int, arch: int = 90) -> int:
-    """CTAs of a compiled kernel resident per SM: the minimum over registers (allocated per
-    warp in units of 256), shared memory (+1 KB reserved per CTA), warps and the CTA cap.
-    ``n_regs``/``shared_bytes``: the compiled kernel's metadata (``CompiledKernel.n_regs``,
-    ``.metadata.shared``); ``arch``: compute capability as 80, 89, 90."""
+    """CTAs of a compiled kernel resident per SM, as CUDA's occupancy calculator computes them
+    (cuda_occupancy.h, default carve-out; tested against it): the minimum over registers (per
+    warp in units of 256, per sub-partition: 4 x floor(16384 / registers per warp) warps),
+    shared memory (+1 KB reserved per CTA, in 128-byte units; 0 when one CTA exceeds the opt-in
+    maximum), warps and the CTA cap. ``n_regs``/``shared_bytes``: the compiled kernel's metadata
+    (``CompiledKernel.n_regs``, ``.metadata.shared``: Triton's shared memory is all dynamic);
+    ``arch``: compute capability as 80, 89, 90 (the nearest generation at or below it)."""
     lim = SM_LIMITS[min(SM_LIMITS, key=lambda a: (a > arch, abs(a - arch)))]
-    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
-    by_regs = lim["regs"] // (regs_per_warp * num_warps)
-    by_smem = lim["smem"] // (shared_bytes + SMEM_RESERVED_PER_CTA) if shared_bytes else 10**9
-    return max(0, min(by_regs, by_smem, lim["warps"] // num_warps, lim["ctas"]))
+    regs_per_warp = -(-max(n_regs, 1) * 32 // REG_GRANULE) * REG_GRANULE
+    warps_by_regs = SUB_PARTITIONS * (lim["regs"] // SUB_PARTITIONS // regs_per_warp)
+    cta_regs = regs_per_warp * -(-num_warps // SUB_PARTITIONS) * SUB_PARTITIONS
+    if n_regs > 255 or cta_regs > lim["regs"] or shared_bytes > lim["smem_cta"]:
+        return 0
+    smem = -(-(shared_bytes + SMEM_RESERVED_PER_CTA) // SMEM_GRANULE) * SMEM_GRANULE
+    by_smem = lim["smem"] // smem
+    return max(0, min(warps_by_regs // num_warps, by_smem, lim["warps"] // num_warps, lim["ctas"]))
+
+
+def _specialisation(arg) -> tuple:
+    """What Triton compiles into a kernel about one argument: a tensor's dtype and 16-byte
+    alignment, an int's being 1 or a multiple of 16 (``do_not_specialize`` aside)."""
+    if isinstance(arg, torch.Tensor):
+        return (str(arg.dtype), arg.data_ptr() % 16 == 0)
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return (arg == 1, arg % 16 == 0)
+    return (str(arg),)
+
+
+CAPTURE_OCCUPANCY: dict[str, int] | None = None  # the AOT capture's: kernel name -> CTAs/SM used
+_DERIVED_OCCUPANCY: dict[tuple, int] = {}
+
+
+def ctas_per_sm(kernel, args: Sequence, kwargs: dict, static: int, device: torch.device) -> int:
+    """CTAs per SM of ``kernel[grid](*args, **kwargs)`` for launch sizes that fill the GPU in one
+    wave: on CUDA derived from the compiled kernel's registers and shared memory (``occupancy``)
+    the first time a configuration (kernel, constexprs, warps, stages, dtypes, device) is seen,
+    then cached; elsewhere ``static``, which must equal what the sm_90 compile gives
+    (test_triton_compile.py checks it). No device sync; like any Triton kernel's first launch,
+    the first call of a configuration compiles and loads the kernel, so it belongs outside a
+    CUDA graph capture."""
+    name = getattr(kernel, "fn", kernel).__name__
+    value = static
+    if device.type == "cuda" and not triton_interpreted():
+        key = (name, device.index, tuple(sorted((k, str(v)) for k, v in kwargs.items())),
+               tuple(_specialisation(a) for a in args))
+        value = _DERIVED_OCCUPANCY.get(key)
+        if value is None:
+            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+            compiled._init_handles()  # loads the module: fills n_regs
+            major, minor = torch.cuda.get_device_capability(device)
+            value = max(1, occupancy(compiled.n_regs, compiled.metadata.shared,
+                                     compiled.metadata.num_warps, 10 * major + minor))
+            _DERIVED_OCCUPANCY[key] = value
+    if CAPTURE_OCCUPANCY is not None:
+        CAPTURE_OCCUPANCY[name] = value
+    return value

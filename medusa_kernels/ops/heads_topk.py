@@ -7,7 +7,8 @@ For token n and head k::
     logits[n, k] = W2[k] h'[n, k]
     values, indices = top-k of logits[n, k] over the vocabulary, sorted descending
 
-``lm_head_topk`` is the same without the ResBlock and with one head: top-k of ``W h[n]``.
+``lm_head_topk`` is the same without the ResBlock and with one head: top-k of ``W h[n]``, or
+with final logit soft-capping (Gemma-2) of ``softcap * tanh(W h[n] / softcap)``.
 
 Shapes: N tokens, d hidden size, K heads, V vocabulary, k top-k width.
 
@@ -21,13 +22,14 @@ descending sort of the logits the kernel computed.
 
 Triton path (``backend="triton"``), three launches, no host sync, no ``[N, K, V]`` logits:
 
-1. ``_resblock_kernel``: grid ``(cdiv(d, BLOCK_O), K, token blocks)``; each program computes
-   BLOCK_O output rows of ``W1[k] h`` for all tokens of its block (W1 read once), adds b1,
-   applies SiLU and the residual and writes ``h'`` ``[K, N, d]`` (tiny; fp32 for N = 1, else in
-   the weights' dtype).
-2. ``_vocab_topk_kernel``: grid ``(chunks, K, token blocks)``; chunk c of head k covers rows
-   ``[c * R, (c + 1) * R)`` of ``W2[k]`` (R rows per chunk, any value: the chunk count is set so
-   that every program moves the same bytes and all programs fit one wave of the GPU). It walks
+1. ``_resblock_kernel``: grid ``(token blocks, programs)``; the ``K * cdiv(d, BLOCK_O)`` row
+   tiles of W1 are split evenly over one wave of programs (each a run of whole tiles); a tile
+   is BLOCK_O output rows of ``W1[k] h`` for all tokens of the block (W1 read once), plus b1,
+   SiLU and the residual, written to ``h'`` ``[K, N, d]`` (tiny; fp32 for N = 1, else in the
+   weights' dtype).
+2. ``_vocab_topk_kernel``: grid ``(token blocks, chunks, K)``; chunk c of head k covers rows
+   ``[c * R, (c + 1) * R)`` of ``W2[k]`` (R a whole number of BLOCK_V tiles, as few as let all
+   programs fit one wave of the GPU, so that every program moves the same bytes). It walks
    its rows in tiles of BLOCK_V, computes the tile's logits for all tokens of its block and
    merges their keys into a running top-k list per token kept in registers; a tile none of whose
    keys beats any token's k-th key skips the merge (most tiles once the lists have filled).
@@ -42,37 +44,58 @@ Precision: logits accumulate in fp32. With one token (N = 1) the projections are
 cores with h and h' in fp32, as the reference computes. With N >= 2 they are tensor-core dots
 of [BLOCK_V, BLOCK_D] weight tiles with [BLOCK_D, BLOCK_N] token tiles (BLOCK_N = 16..64, the
 tokens padded): h' is rounded to the weights' dtype for the dot (as a bf16 ``nn.Linear`` head
-does), so near-ties may order differently from the fp32 reference.
+does), so near-ties may order differently from the fp32 reference. Soft-capping uses a tanh
+built from exp (``_tanh``: within a few ulp of torch.tanh, exactly +-1 where torch's is).
 
-Weight reads: W1 and W2 each read once per call for N <= 64 (one token block; larger N runs
-``cdiv(N, 64)`` token blocks, each reading the weights). Loads are 16-byte vectors along d
-(``ld.global.v4`` in the GEMV, 16-byte ``cp.async`` feeding wgmma in the dots) when d's stride
-is 1 and d a multiple of 8 (Triton specialises both).
+Weight reads: W1 and W2 each read once per call for N <= 64 (one token block). Larger N runs
+``cdiv(N, 64)`` token blocks; the grid puts them fastest, so the programs of one chunk start
+together, stream the same rows at the same pace and all but the first find them in L2 (the
+weights are read from HBM about once, not once per token block).
 
-Launch configuration (``_config``, ``_chunks``): chosen by reasoning and checked only by
-compiling for sm_90 (registers and spills of every config under Triton 3.6:
-bench/results/2026-11-23-sm90-triton3.6-registers.txt; no spills); TO BE TUNED ON THE GPU
-(block sizes, warps, stages, resident programs per SM):
+Every d loop is a ``cp.async`` ring of ``num_stages`` buffers (``num_stages - 1`` trips in
+flight; 16-byte copies along d when d's stride is 1 and d a multiple of 8, which Triton
+specialises), feeding FMAs in the GEMV and wgmma in the dots.
 
-- N = 1 (GEMV): stage 2 BLOCK_V 64 x BLOCK_D 64, 4 warps (96-115 registers: 4 programs per
-  SM assumed); stage 1 BLOCK_O 32 x BLOCK_I 128;
-- 2 <= N <= 32 (dot): BLOCK_V 128, BLOCK_D 64, BLOCK_N max(16, next_pow2(N)), 4 warps, 4
-  stages (72-80 KB shared memory, 128-168 registers: 2 programs per SM); stage 1 BLOCK_O 32;
-- 32 < N (dot, BLOCK_N 64): BLOCK_V 64, 8 warps, 4 stages (about 200 registers: 1 per SM);
-- fp32 (interpreter tests; on the GPU when asked for): small tiles, IEEE dots;
-- chunks per head: ``floor(programs per SM * SMs / (K * token blocks))`` (one full wave), with
-  at least one BLOCK_V tile per chunk, R rounded up to a multiple of 16 rows (Vicuna-7B heads:
-  100 chunks of 320 rows at N = 1, 52 of 624 at N = 8);
-- stage 3: BLOCK_C = min(4096, next_pow2(chunks * k)), 8 warps from 2048 (<= 80 registers).
+Launch configuration (``_config``, ``_chunks``, ``_resblock_grid``): chosen from the sm_90
+compile (registers, shared memory, CTAs per SM, instructions: ``python bench/static_report.py``
+records them under bench/results/, with the derivations); TO BE TUNED ON THE GPU. Programs per
+SM: on CUDA read from the compiled kernel at its first launch (``ops._backend.ctas_per_sm``),
+elsewhere ``SM90_CTAS_PER_SM`` (what the sm_90 compile gives; test_triton_compile.py checks):
+
+- N = 1 (GEMV, 4 warps, 5 stages, 8 KB per trip): stage 2 BLOCK_V 32 x BLOCK_D 128, stage 1
+  BLOCK_O 8 x BLOCK_I 512 (106-120 registers: 4 programs and 128 KB of weights in flight per
+  SM; small row tiles keep the one-wave split even: 10 tiles per chunk at V 32000, 5 per
+  ResBlock program);
+- 2 <= N <= 32 (dot, BLOCK_N max(16, next_pow2(N)), 4 warps, 5 stages): BLOCK_V 64 x BLOCK_D
+  64, stage 1 BLOCK_O 64 (wgmma); at BLOCK_N 16, 51 KB of shared memory and up to 128
+  registers: 4 programs per SM at any k;
+- 32 < N (dot, BLOCK_N 64, 8 warps, 5 stages): BLOCK_V 64, stage 1 BLOCK_O 32 (83 KB; top-1:
+  about 100 registers, 2 programs per SM; top-10: about 210 registers, 1: the running top-k
+  list sits in the wgmma accumulator layout, replicated over its 4 row warps);
+- fp32 (interpreter tests; on the GPU when asked for): small tiles, BLOCK_N <= 16, 8 warps (4
+  left ptxas spilling a few bytes in some), IEEE dots;
+- chunks per head: ``floor(programs per SM * SMs / (K * token blocks))`` (one full wave), each
+  a whole number of BLOCK_V tiles (Vicuna-7B heads: 100 chunks of 320 rows at N = 1);
+- stage 3: BLOCK_C 1024 (fp32: 256), 4 warps, one compiled kernel per k whatever the chunk
+  count (N and the candidate count are not specialised).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
-from ._backend import FLOAT_DTYPES, HAS_TRITON, check_dim, check_tensor, pick_backend, sm_count
+from ._backend import (
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    check_dim,
+    check_tensor,
+    ctas_per_sm,
+    pick_backend,
+    sm_count,
+)
 
 if HAS_TRITON:
     import triton
@@ -80,7 +103,7 @@ if HAS_TRITON:
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TOPK = 32  # the Triton kernels keep k candidates per token in registers
-MAX_BLOCK_N = 64  # tokens per program; more tokens run several token blocks
+MAX_BLOCK_N = 64  # tokens per program (16 in fp32); more tokens run several token blocks
 NO_INDEX = 2**31 - 1  # index of an empty slot in a candidate list (sorts after every index)
 
 
@@ -131,12 +154,18 @@ def medusa_heads_topk_ref(
 
 
 def lm_head_topk_ref(
-    hidden: torch.Tensor, weight: torch.Tensor, k: int
+    hidden: torch.Tensor, weight: torch.Tensor, k: int, softcap: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch lm_head + top-k: hidden [N, d], weight [V, d] -> (values [N, k] float32,
-    indices [N, k] int64). Computes in fp32 (float64 for float64 inputs)."""
+    indices [N, k] int64). Computes in fp32 (float64 for float64 inputs); ``softcap`` caps the
+    logits first as Gemma-2's ``final_logit_softcapping`` does in transformers: divide, tanh,
+    multiply."""
     dtype = _compute_dtype(hidden)
     logits = hidden.to(dtype) @ weight.to(dtype).T
+    if softcap is not None:
+        logits = logits / softcap
+        logits = torch.tanh(logits)
+        logits = logits * softcap
     if k == 1:  # argmax returns the first maximum: the same tie rule, without a sort over V
         values, indices = logits.max(dim=-1, keepdim=True)
         return values.float(), logits.argmax(dim=-1, keepdim=True)
@@ -165,11 +194,18 @@ def check_heads_topk_args(hidden, w1, b1, w2, k) -> None:
     _check_k(k, w2.shape[1])
 
 
-def check_lm_head_topk_args(hidden, weight, k) -> None:
+def check_lm_head_topk_args(hidden, weight, k, softcap=None) -> None:
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
     check_dim("weight", weight, 1, hidden.shape[1], "hidden size d of hidden")
     _check_k(k, weight.shape[0])
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be None or a number, got {type(softcap).__name__} "
+                            f"{softcap!r}")
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be a finite number > 0 (the logit cap), got "
+                             f"{softcap!r}")
 
 
 if HAS_TRITON:
@@ -181,7 +217,7 @@ if HAS_TRITON:
         w_ptr, h_ptr, m_r, n0, N, D,
         w_stride_r, w_stride_d, h_stride_n, h_stride_d,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+        GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
         """fp32 [BLOCK_R, BLOCK_N]: rows ``w_ptr + r * w_stride_r`` (r < BLOCK_R, masked by m_r)
         of a weight matrix times tokens n0 .. n0 + BLOCK_N - 1 of h (``GEMV``: one token, on
@@ -192,7 +228,7 @@ if HAS_TRITON:
         if GEMV:
             b_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
             p_h = h_ptr + n0.to(tl.int64) * h_stride_n + o_d * h_stride_d
-            for d0 in range(0, D, BLOCK_D):
+            for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
                 if EVEN_D:
                     b_w = tl.load(p_w, mask=m_r[:, None], other=0.0)
                     b_h = tl.load(p_h)
@@ -209,7 +245,7 @@ if HAS_TRITON:
             m_n = o_n < N
             b_acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
             p_h = h_ptr + o_n[None, :].to(tl.int64) * h_stride_n + o_d[:, None] * h_stride_d
-            for d0 in range(0, D, BLOCK_D):
+            for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
                 if EVEN_D:
                     b_w = tl.load(p_w, mask=m_r[:, None], other=0.0)
                     b_h = tl.load(p_h, mask=m_n[None, :], other=0.0)
@@ -221,6 +257,22 @@ if HAS_TRITON:
                 p_w += BLOCK_D * w_stride_d
                 p_h += BLOCK_D * h_stride_d
             return b_acc
+
+    @triton.jit
+    def _tanh(x):
+        """fp32 tanh from exp alone (runs in the interpreter too; libdevice does not), within a
+        few ulp of torch.tanh: an odd Taylor polynomial below |x| = 0.3, else
+        ``1 - 2e / (1 + e)`` with ``e = exp(-2|x|)``, whose last subtraction rounds the way a
+        correctly rounded tanh does near saturation (exactly +-1 from |x| = 9.0109 on, as in
+        torch); NaN stays NaN, +-inf gives +-1, -0.0 stays -0.0."""
+        a = tl.abs(x)
+        e = tl.exp(-2.0 * a)
+        b_t = 1.0 - 2.0 * e / (1.0 + e)
+        a2 = a * a
+        b_p = a + a * a2 * (-1.0 / 3 + a2 * (2.0 / 15 + a2 * (-17.0 / 315 + a2 * (
+            62.0 / 2835 + a2 * (-1382.0 / 155925)))))  # fmt: skip
+        b_t = tl.where(a < 0.3, b_p, b_t)
+        return tl.where(x < 0, -b_t, tl.where(x == 0, x, b_t))  # -0.0 stays -0.0
 
     @triton.jit
     def _sort_key(b_val, b_idx):
@@ -266,49 +318,57 @@ if HAS_TRITON:
             r_key = _merge_topk(r_key, c_key, TOPK, BLOCK_K)
         return r_key
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["tiles_per_program"])
     def _resblock_kernel(
         h_ptr, w1_ptr, b1_ptr, hr_ptr,
-        N, D,
+        N, D, tiles_per_head, tiles_per_program, num_tiles,
         h_stride_n, h_stride_d,
         w1_stride_k, w1_stride_o, w1_stride_i,
         b1_stride_k, b1_stride_o,
         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
-        GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+        GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
     ):  # fmt: skip
-        """hr[k, n, o] = h[n, o] + SiLU(W1[k, o] . h[n] + b1[k, o]): [K, N, D], computed in fp32."""
-        i_o, i_k, i_nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        o0 = i_o * BLOCK_O
-        o_o = o0 + tl.arange(0, BLOCK_O)
-        m_o = o_o < D
+        """hr[k, n, o] = h[n, o] + SiLU(W1[k, o] . h[n] + b1[k, o]): [K, N, D], computed in fp32.
+        Program (i_nb, i_p) computes the row tiles [i_p, i_p + 1) * tiles_per_program of the
+        K * tiles_per_head tiles of BLOCK_O rows (tile t: head t // tiles_per_head)."""
+        i_nb, i_p = tl.program_id(0), tl.program_id(1)
         n0 = i_nb * BLOCK_N
-        w_base = w1_ptr + i_k.to(tl.int64) * w1_stride_k + o0.to(tl.int64) * w1_stride_o
-        b_z = _rows_dot_tokens(w_base, h_ptr, m_o, n0, N, D, w1_stride_o, w1_stride_i,
-                               h_stride_n, h_stride_d, BLOCK_O, BLOCK_I, BLOCK_N, GEMV, EVEN_D,
-                               DOT_PREC)  # fmt: skip
-        b_b = tl.load(b1_ptr + i_k.to(tl.int64) * b1_stride_k + o_o * b1_stride_o, mask=m_o,
-                      other=0.0).to(tl.float32)  # fmt: skip
-        b_z = b_z + b_b[:, None]
         o_n = n0 + tl.arange(0, BLOCK_N)
-        m = m_o[:, None] & (o_n < N)[None, :]
-        b_h = tl.load(h_ptr + o_n[None, :].to(tl.int64) * h_stride_n + o_o[:, None] * h_stride_d,
-                      mask=m, other=0.0).to(tl.float32)  # fmt: skip
-        b_out = b_h + b_z * tl.sigmoid(b_z)
-        p_out = hr_ptr + (i_k * N + o_n[None, :]).to(tl.int64) * D + o_o[:, None]
-        tl.store(p_out, b_out.to(hr_ptr.dtype.element_ty), mask=m)
+        m_n = o_n < N
+        t0 = i_p * tiles_per_program
+        for t in range(t0, tl.minimum(t0 + tiles_per_program, num_tiles)):
+            i_k = t // tiles_per_head
+            o0 = (t - i_k * tiles_per_head) * BLOCK_O
+            o_o = o0 + tl.arange(0, BLOCK_O)
+            m_o = o_o < D
+            w_base = w1_ptr + i_k.to(tl.int64) * w1_stride_k + o0.to(tl.int64) * w1_stride_o
+            b_z = _rows_dot_tokens(w_base, h_ptr, m_o, n0, N, D, w1_stride_o, w1_stride_i,
+                                   h_stride_n, h_stride_d, BLOCK_O, BLOCK_I, BLOCK_N, GEMV,
+                                   EVEN_D, DOT_PREC, STAGES)  # fmt: skip
+            b_b = tl.load(b1_ptr + i_k.to(tl.int64) * b1_stride_k + o_o * b1_stride_o, mask=m_o,
+                          other=0.0).to(tl.float32)  # fmt: skip
+            b_z = b_z + b_b[:, None]
+            m = m_o[:, None] & m_n[None, :]
+            p_h = h_ptr + o_n[None, :].to(tl.int64) * h_stride_n + o_o[:, None] * h_stride_d
+            b_h = tl.load(p_h, mask=m, other=0.0).to(tl.float32)
+            b_out = b_h + b_z * tl.sigmoid(b_z)
+            p_out = hr_ptr + (i_k * N + o_n[None, :]).to(tl.int64) * D + o_o[:, None]
+            tl.store(p_out, b_out.to(hr_ptr.dtype.element_ty), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows_per_chunk", "num_chunks"])
     def _vocab_topk_kernel(
         w_ptr, h_ptr, pk_ptr,
-        N, V, D, rows_per_chunk, num_chunks,
+        N, V, D, rows_per_chunk, num_chunks, softcap,
         w_stride_k, w_stride_v, w_stride_d,
         h_stride_k, h_stride_n, h_stride_d,
         TOPK: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+        GEMV: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
+        SOFTCAP: tl.constexpr,
     ):  # fmt: skip
-        """Partial top-k of one vocabulary chunk of one head: keys pk [K, N, num_chunks, TOPK]."""
-        i_c, i_k, i_nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        """Partial top-k of one vocabulary chunk of one head: keys pk [K, N, num_chunks, TOPK]
+        (``SOFTCAP``: of ``softcap * tanh(logits / softcap)``)."""
+        i_nb, i_c, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n0 = i_nb * BLOCK_N
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < N
@@ -323,7 +383,10 @@ if HAS_TRITON:
             m_v = v0 + o_v < v_end
             b_s = _rows_dot_tokens(w_tile, h_head, m_v, n0, N, D,
                                    w_stride_v, w_stride_d, h_stride_n, h_stride_d,
-                                   BLOCK_V, BLOCK_D, BLOCK_N, GEMV, EVEN_D, DOT_PREC)  # fmt: skip
+                                   BLOCK_V, BLOCK_D, BLOCK_N, GEMV, EVEN_D, DOT_PREC,
+                                   STAGES)  # fmt: skip
+            if SOFTCAP:
+                b_s = _tanh(b_s / softcap) * softcap
             c_key = tl.where(m_v[:, None], _sort_key(b_s, (v0 + o_v)[:, None]), _EMPTY)
             r_key = _merge_if_better(r_key, c_key, m_n, TOPK, BLOCK_K)
             w_tile += BLOCK_V * w_stride_v
@@ -332,7 +395,7 @@ if HAS_TRITON:
         tl.store(pk_ptr + row * TOPK + o_j[:, None], r_key,
                  mask=(o_j < TOPK)[:, None] & m_n[None, :])  # fmt: skip
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "num_cand", "o_stride_n", "o_stride_k"])
     def _merge_topk_kernel(
         pk_ptr, ov_ptr, oi_ptr,
         N, num_cand,
@@ -355,43 +418,74 @@ if HAS_TRITON:
 
 
 class _Config(NamedTuple):
+    block_n: int  # tokens per program (1: the GEMV)
     block_v: int  # vocabulary rows per tile (stage 2)
-    block_d: int  # hidden columns per step (stage 2)
-    block_o: int  # ResBlock output rows per program (stage 1)
-    block_i: int  # hidden columns per step (stage 1)
+    block_d: int  # hidden columns per loop trip (stage 2)
+    block_o: int  # ResBlock output rows per tile (stage 1)
+    block_i: int  # hidden columns per loop trip (stage 1)
     block_c: int  # candidates per merge step (stage 3)
     num_warps: int
-    num_stages: int
+    num_stages: int  # cp.async ring of the d loops: num_stages - 1 trips in flight
     ctas_per_sm: int  # stage-2 programs resident per SM (sets the chunk count)
+    res_ctas_per_sm: int  # stage-1 programs resident per SM (sets the ResBlock grid)
 
 
-def _config(block_n: int, dtype: torch.dtype) -> _Config:
-    """Launch configuration for BLOCK_N tokens per program (1: the GEMV; see the module doc)."""
-    if dtype == torch.float32:  # correctness path: small tiles, no spills
-        return _Config(32, 32, 16, 32, 256, 4, 2, 2)
+# Programs resident per SM in the sm_90 compile (Triton 3.9) of each configuration, by (tokens
+# per program, fp32, running-list rows: 2 for top-1, 16 up to top-16, 32 above): (stage 2,
+# stage 1). The launchers plan with these off the GPU; on CUDA they take the number from the
+# compiled kernel at its first launch instead (``ops._backend.ctas_per_sm``).
+# test_triton_compile.py checks every entry against the sm_90 compile.
+SM90_CTAS_PER_SM = {
+    (1, False, 2): (4, 4), (1, False, 16): (4, 4), (1, False, 32): (4, 4),  # 106-120 registers
+    (16, False, 2): (4, 4), (16, False, 16): (4, 4), (16, False, 32): (4, 4),  # 51 KB / 116-128
+    (32, False, 2): (3, 3), (32, False, 16): (2, 3), (32, False, 32): (2, 3),  # merge: 210
+    (64, False, 2): (2, 2), (64, False, 16): (1, 2), (64, False, 32): (1, 2),  # merge: 210
+    (1, True, 2): (4, 6), (1, True, 16): (4, 6), (1, True, 32): (4, 6),  # fp32, 8 warps
+    (16, True, 2): (5, 4), (16, True, 16): (4, 4), (16, True, 32): (4, 4),
+}  # fmt: skip
+
+
+def _config(N: int, gemv: bool, dtype: torch.dtype, topk: int) -> _Config:
+    """Launch configuration for N tokens (``gemv``: the CUDA-core path, N = 1) and top-k width
+    ``topk``; see the module doc. The merge's registers grow with k, so the programs per SM
+    depend on it."""
+    fp32 = dtype == torch.float32
+    block_n = 1 if gemv else min(16 if fp32 else MAX_BLOCK_N, max(16, triton.next_power_of_2(N)))
+    ctas = SM90_CTAS_PER_SM[block_n, fp32, 2 if topk == 1 else 16 if topk <= 16 else 32]
+    if fp32:  # correctness path (interpreter; GPU when asked for): small tiles, IEEE dots
+        return _Config(block_n, 32, 32, 16, 32, 256, 8, 2, *ctas)
     if block_n == 1:
-        return _Config(64, 64, 32, 128, 4096, 4, 3, 4)
+        return _Config(block_n, 32, 128, 8, 512, 1024, 4, 5, *ctas)
     if block_n <= 32:
-        return _Config(128, 64, 32, 64, 4096, 4, 4, 2)
-    return _Config(64, 64, 32, 64, 4096, 8, 4, 1)
+        return _Config(block_n, 64, 64, 64, 64, 1024, 4, 5, *ctas)
+    return _Config(block_n, 64, 64, 32, 64, 1024, 8, 5, *ctas)
 
 
-def _chunks(V: int, programs: int, cfg: _Config, device: torch.device, chunks: int | None):
-    """(chunks per head, rows per chunk): one wave of ``ctas_per_sm`` programs per SM over the
-    ``programs`` (heads x token blocks) that share it, at least one tile of rows per chunk."""
+def _chunks(V: int, programs: int, block_v: int, ctas: int, device: torch.device,
+            chunks: int | None):  # fmt: skip
+    """(chunks per head, rows per chunk): one wave of ``ctas`` programs per SM over the
+    ``programs`` (heads x token blocks) that share it, each chunk a whole number of BLOCK_V tiles
+    (the last one shorter). ``chunks`` (tests) sets the count instead, with any rows per chunk."""
     if chunks is not None:
         if chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         rows = -(-V // chunks)
     else:
-        want = max(1, cfg.ctas_per_sm * sm_count(device) // programs)
-        rows = max(-(-V // want), cfg.block_v)
-        rows = -(-rows // 16) * 16
+        want = max(1, ctas * sm_count(device) // programs)
+        tiles = -(-V // block_v)
+        rows = -(-tiles // want) * block_v
     return -(-V // rows), rows
 
 
-def _block_n(N: int, gemv: bool) -> int:
-    return 1 if gemv else min(MAX_BLOCK_N, max(16, triton.next_power_of_2(N)))
+def _resblock_grid(K: int, d: int, token_blocks: int, block_o: int, ctas: int,
+                   device: torch.device):  # fmt: skip
+    """(tiles per head, tiles per program, programs per token block): the K * cdiv(d, BLOCK_O)
+    row tiles of W1 split evenly over one wave of ``ctas`` programs per SM."""
+    per_head = -(-d // block_o)
+    tiles = K * per_head
+    want = max(1, ctas * sm_count(device) // token_blocks)
+    per_program = -(-tiles // want)
+    return per_head, per_program, -(-tiles // per_program)
 
 
 def _check_triton_inputs(op: str, hidden: torch.Tensor, k: int) -> None:
@@ -419,40 +513,45 @@ def _vocab_topk(
     gemv: bool,
     cfg: _Config,
     chunks: int | None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stages 2 and 3: (values [N, K, k] float32, indices [N, K, k] int64) of W[k] h[k, n]."""
+    """Stages 2 and 3: (values [N, K, k] float32, indices [N, K, k] int64) of W[k] h[k, n]
+    (capped to ``softcap * tanh(. / softcap)`` when ``softcap`` is given)."""
     dev = h.device
-    block_n = _block_n(N, gemv)
+    block_n = cfg.block_n
     token_blocks = triton.cdiv(N, block_n)
-    num_chunks, rows = _chunks(V, K * token_blocks, cfg, dev, chunks)
     block_k = max(2, triton.next_power_of_2(k))
-    keys = torch.empty(K, N, num_chunks, k, dtype=torch.int64, device=dev)
-    _vocab_topk_kernel[(num_chunks, K, token_blocks)](
-        w, h, keys,
-        N, V, d, rows, num_chunks,
-        *w_strides, *h_strides,
+    consts = dict(
         TOPK=k, BLOCK_K=block_k, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, BLOCK_N=block_n,
         GEMV=gemv, EVEN_D=d % cfg.block_d == 0,
-        DOT_PREC="ieee" if w.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PREC="ieee" if w.dtype == torch.float32 else "tf32", STAGES=cfg.num_stages,
+        SOFTCAP=softcap is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    cap = float(softcap) if softcap is not None else 1.0
+    # the chunk count is not compiled in (do_not_specialize): any value serves to ask
+    ctas = ctas_per_sm(_vocab_topk_kernel, (w, h, torch.int64, N, V, d, 0, 0, cap, *w_strides,
+                                            *h_strides), consts, cfg.ctas_per_sm, dev)
+    num_chunks, rows = _chunks(V, K * token_blocks, cfg.block_v, ctas, dev, chunks)
+    keys = torch.empty(K, N, num_chunks, k, dtype=torch.int64, device=dev)
+    # token blocks fastest: the programs that read the same weight rows start together, so
+    # with several token blocks the rows come from L2 after the first (N > 64)
+    _vocab_topk_kernel[(token_blocks, num_chunks, K)](
+        w, h, keys, N, V, d, rows, num_chunks, cap, *w_strides, *h_strides, **consts)
     values = torch.empty(N, K, k, dtype=torch.float32, device=dev)
     indices = torch.empty(N, K, k, dtype=torch.int64, device=dev)
     num_cand = num_chunks * k
-    block_c = min(cfg.block_c, triton.next_power_of_2(num_cand))
     _merge_topk_kernel[(N, K)](
         keys, values, indices, N, num_cand, values.stride(0), values.stride(1),
-        TOPK=k, BLOCK_K=block_k, BLOCK_C=block_c,
-        num_warps=8 if block_c >= 2048 else 4,
+        TOPK=k, BLOCK_K=block_k, BLOCK_C=cfg.block_c, num_warps=4,
     )  # fmt: skip
     return values, indices
 
 
-def _launch_config(N, dtype, gemv, block_v, block_d, block_o, block_i) -> tuple[bool, _Config]:
+def _launch_config(N, dtype, k, gemv, block_v, block_d, block_o, block_i) -> tuple[bool, _Config]:
     gemv = (N == 1) if gemv is None else gemv
     if gemv and N != 1:
         raise ValueError(f"gemv=True needs N = 1 token, got N = {N}")
-    cfg = _config(_block_n(N, gemv), dtype)
+    cfg = _config(N, gemv, dtype, k)
     cfg = cfg._replace(block_v=block_v or cfg.block_v, block_d=block_d or cfg.block_d,
                        block_o=block_o or cfg.block_o, block_i=block_i or cfg.block_i)  # fmt: skip
     return gemv, cfg
@@ -485,20 +584,28 @@ def medusa_heads_topk_triton(
     if N == 0:
         return (hidden.new_empty(0, K, k, dtype=torch.float32),
                 hidden.new_empty(0, K, k, dtype=torch.int64))  # fmt: skip
-    gemv, cfg = _launch_config(N, hidden.dtype, gemv, block_v, block_d, block_o, block_i)
-    block_n = _block_n(N, gemv)
+    gemv, cfg = _launch_config(N, hidden.dtype, k, gemv, block_v, block_d, block_o, block_i)
+    block_n = cfg.block_n
     # h' in fp32 for the GEMV; in the weights' dtype for the dots, which round it to that anyway
     h_res = torch.empty(K, N, d, dtype=torch.float32 if gemv else hidden.dtype,
                         device=hidden.device)  # fmt: skip
-    _resblock_kernel[(triton.cdiv(d, cfg.block_o), K, triton.cdiv(N, block_n))](
-        hidden, w1, b1, h_res,
-        N, d,
-        *hidden.stride(), *w1.stride(), *b1.stride(),
+    token_blocks = triton.cdiv(N, block_n)
+    per_head = triton.cdiv(d, cfg.block_o)
+    consts = dict(
         BLOCK_O=cfg.block_o, BLOCK_I=cfg.block_i, BLOCK_N=block_n,
         GEMV=gemv, EVEN_D=d % cfg.block_i == 0,
-        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32", STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+    args = (N, d, per_head, 0, K * per_head, *hidden.stride(), *w1.stride(), *b1.stride())
+    ctas = ctas_per_sm(_resblock_kernel, (hidden, w1, b1, h_res, *args), consts,
+                       cfg.res_ctas_per_sm, hidden.device)  # fmt: skip
+    per_head, per_program, programs = _resblock_grid(K, d, token_blocks, cfg.block_o, ctas,
+                                                     hidden.device)  # fmt: skip
+    _resblock_kernel[(token_blocks, programs)](
+        hidden, w1, b1, h_res,
+        N, d, per_head, per_program, K * per_head,
+        *hidden.stride(), *w1.stride(), *b1.stride(), **consts)
     return _vocab_topk(w2, tuple(w2.stride()), h_res, tuple(h_res.stride()), K, N, V, d, k,
                        gemv, cfg, chunks)  # fmt: skip
 
@@ -512,6 +619,7 @@ def lm_head_topk_triton(
     gemv: bool | None = None,
     block_v: int | None = None,
     block_d: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher of stages 2 and 3 for one head without a ResBlock (arguments as
     ``lm_head_topk``, already checked; overrides as ``medusa_heads_topk_triton``).
@@ -524,9 +632,11 @@ def lm_head_topk_triton(
     if N == 0:
         return (hidden.new_empty(0, k, dtype=torch.float32),
                 hidden.new_empty(0, k, dtype=torch.int64))  # fmt: skip
-    gemv, cfg = _launch_config(N, hidden.dtype, gemv, block_v, block_d, None, None)
+    gemv, cfg = _launch_config(N, hidden.dtype, k, gemv, block_v, block_d, None, None)
+    if gemv:  # h in fp32, as the heads' h': the GEMV's one compiled form (fewer registers)
+        hidden = hidden.float()
     values, indices = _vocab_topk(weight, (0, *weight.stride()), hidden, (0, *hidden.stride()),
-                                  1, N, V, d, k, gemv, cfg, chunks)  # fmt: skip
+                                  1, N, V, d, k, gemv, cfg, chunks, softcap)  # fmt: skip
     return values.view(N, k), indices.view(N, k)
 
 
@@ -597,13 +707,13 @@ def medusa_heads_topk(
 
 @torch.library.custom_op("medusa_kernels::lm_head_topk", mutates_args=())
 def _lm_head_topk_op(
-    hidden: torch.Tensor, weight: torch.Tensor, k: int, backend: str
+    hidden: torch.Tensor, weight: torch.Tensor, k: int, softcap: float | None, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _LM_IMPLS[backend](hidden, weight, k)
+    return _LM_IMPLS[backend](hidden, weight, k, softcap=softcap)
 
 
 @_lm_head_topk_op.register_fake
-def _(hidden, weight, k, backend):
+def _(hidden, weight, k, softcap, backend):
     shape = (hidden.shape[0], k)
     return (
         hidden.new_empty(shape, dtype=torch.float32),
@@ -612,7 +722,12 @@ def _(hidden, weight, k, backend):
 
 
 def lm_head_topk(
-    hidden: torch.Tensor, weight: torch.Tensor, k: int, *, backend: str = "auto"
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    *,
+    softcap: float | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of the base model's lm_head logits ``hidden @ weight.T`` without materialising
     them (greedy root token: k = 1 is the argmax).
@@ -621,14 +736,20 @@ def lm_head_topk(
         hidden: [N, d] final (normed) hidden states.
         weight: [V, d] lm_head weight (nn.Linear layout), hidden's dtype and device.
         k: top-k width, 1 <= k <= V.
+        softcap: final logit soft-capping (Gemma-2's ``final_logit_softcapping``): the
+            logits become ``softcap * tanh(logits / softcap)`` before the top-k, as
+            transformers computes them; None (default) leaves them as they are.
         backend: as ``medusa_heads_topk``.
     Returns:
-        values [N, k] float32 logits sorted descending, indices [N, k] int64 (ties: lower
-        vocabulary index first).
+        values [N, k] float32 (capped) logits sorted descending, indices [N, k] int64 (ties,
+        also those the capping creates where tanh reaches +-1: lower vocabulary index first).
+        The Triton kernel's tanh is within a few ulp of torch.tanh (exactly +-1 where torch's
+        is), so only capped logits that close to each other may order differently.
 
     Example: ``next_token = lm_head_topk(h[:, -1], model.lm_head.weight, 1)[1][:, 0]``.
     """
-    check_lm_head_topk_args(hidden, weight, k)
+    check_lm_head_topk_args(hidden, weight, k, softcap)
     name = pick_backend("lm_head_topk", backend, hidden.device, _LM_IMPLS,
                         triton_ok=triton_supports(hidden, k))
-    return _lm_head_topk_op(hidden, weight, k, name)
+    return _lm_head_topk_op(hidden, weight, k, None if softcap is None else float(softcap),
+                            name)
