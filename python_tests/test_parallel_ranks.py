@@ -279,6 +279,8 @@ def test_tp_decoding_matches_one_process(ranks, reference, name):
     ref, got = reference[name], results[0]["families"][name]
     for key in ("prefill_logits", "step_logits", "heads_logits"):
         torch.testing.assert_close(got[key], ref[key], atol=2e-5, rtol=1e-5, msg=key)
+    worst = max((got[k] - ref[k]).abs().max().item() for k in ("prefill_logits", "step_logits"))
+    print(f"{name} tp={world}: max |logits - one process| = {worst:.1e}")
     for key in ("prefill_greedy", "step_greedy"):
         assert torch.equal(got[key], ref[key]), key
     assert torch.equal(got["heads_top3"][1], ref["heads_top3"][1])
