@@ -19,14 +19,15 @@ Parts run in the order 2, 1, 3.
 2. Real generation (``impl`` "plain_generate" / "medusa_generate"): greedy decoding of a few
    prompts with the model given by ``ctx.model_dir``/``ctx.medusa_dir`` or, by default, the
    bundled demo model (held-out prompts; CPU quick: 4 prompts x 64 tokens, 2 x 32 on gloo
-   ranks, CUDA: 4 x 128, 8 x 256 for a real checkpoint without --quick), with the default tree (or ``--tree``) and, for
-   the demo without ``--tree``, also with its shipped calibrated trees (``demo_trees``: 63
-   nodes grown from its heads' accuracies, and the size ``--nodes auto`` chose on a CPU); one
-   ``medusa_generate`` row per tree. Tokens/s leave out prefill and the first step (CUDA
-   graph capture, warm-up); ``mean_accepted``, the acceptance-length histogram ``accept_hist``
-   (accepted tokens per step -> steps) and ``identical``: Medusa's output equals plain greedy
-   decoding token for token (``check`` "ok"; in bf16/fp16 a divergence is reported as a note,
-   since the tree forward and the one-token forward round differently on near-ties).
+   ranks, CUDA: 4 x 128, 8 x 256 for a real checkpoint without --quick), with the default
+   tree (or ``--tree``) and, for the demo without ``--tree``, also with its shipped calibrated
+   trees (``demo_trees``: 63 nodes grown from its heads' accuracies, and the size ``--nodes
+   auto`` chose on a CPU); one ``medusa_generate`` row per tree. Tokens/s leave out prefill
+   and the first step (CUDA graph capture, warm-up); ``mean_accepted``, the acceptance-length
+   histogram ``accept_hist`` (accepted tokens per step -> steps) and ``identical``: Medusa's
+   output equals plain greedy decoding token for token (``check`` "ok"; in bf16/fp16 a
+   divergence is reported as a note, since the tree forward and the one-token forward round
+   differently on near-ties).
 
 3. Plain decoding against transformers (``impl`` "plain_decode" / "hf_generate"): greedy
    decoding of one random prompt (CUDA: 128 tokens, then 128 new; CPU: 32, then 32) with the
