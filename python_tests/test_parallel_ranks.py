@@ -298,7 +298,8 @@ def test_tp_decoding_matches_one_process(ranks, reference, name):
 def test_tp_ranks_hold_their_share_of_the_weights(ranks, checkpoints):
     """Each rank's resident weight bytes: the split tensors' 1/N (vocabulary shards of V =
     101 uneven: 51 + 50, 26 + 25 x 3 rows) plus the replicated norms and o/down biases; the
-    ranks together hold the model once plus N - 1 copies of the replicated part."""
+    ranks together hold the model once plus N - 1 copies of the replicated part; the heads'
+    projections once, their ResBlocks on every rank."""
     world, results = decoded(ranks)
     for name, base_dir, _ in checkpoints["families"]:
         whole = load_base_model(base_dir, torch.float32)
@@ -314,6 +315,10 @@ def test_tp_ranks_hold_their_share_of_the_weights(ranks, checkpoints):
             assert b > total * min(vocab_share, 1 / world) * 0.9, (name, rank, b / total)
         ratio = max(held) / total
         print(f"{name} tp={world}: rank weight bytes / model = {ratio:.3f} (1/N = {1 / world:.3f})")
+    heads = load_medusa_heads(checkpoints["families"][0][2], torch.float32)  # 3 heads, d = 64
+    whole_heads = (heads.w1.numel() + heads.b1.numel()) * 4  # ResBlocks: on every rank
+    held = [r["families"][FAMILIES[0]]["bytes"][1] for r in results]
+    assert sum(held) == world * whole_heads + heads.w2.numel() * 4
 
 
 def test_tp_heads_topk_ties_across_shard_boundaries(ranks, reference, checkpoints):
