@@ -13,7 +13,14 @@ Medusa heads, both layouts of the Medusa repository:
 Loading checks before it allocates a weight: config.json through ``ModelConfig.from_hf``'s audit,
 the safetensors headers against the config (every tensor used or explained, every expected one
 present with its shape, the layer count), the shard index against its shards. Errors are
-ValueError / TypeError / FileNotFoundError naming the file and the key or tensor.
+ValueError / TypeError / FileNotFoundError naming the file and the key or tensor. Weights are
+read one tensor at a time into the model's parameters, allocated once on the target device in
+the target dtype (``parallel.iter_shards``): the host holds one tensor beyond the model.
+
+Tensor parallelism (``load_model(..., tp=True)`` under ``torchrun``): every rank runs the same
+checks on the same headers, then reads only its slices of the split tensors (``parallel.layout``:
+attention by KV-head groups, MLP by intermediate chunks, embedding / lm_head / Medusa heads'
+projections by vocabulary rows); no process ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -25,11 +32,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .heads import MedusaHeads
 from .model import ModelConfig, Transformer
+from .parallel import (
+    SINGLE,
+    TPGroup,
+    TPLayout,
+    VocabLayout,
+    check_device,
+    init_tp,
+    iter_shards,
+    rank_device,
+    sync_random_state,
+    vocab_range,
+)
 
 HEADS_FILE = "medusa_lm_head.safetensors"
 HEADS_PREFIX = "medusa_head."
@@ -113,19 +133,6 @@ def tensor_index(files: list[str]) -> dict[str, TensorInfo]:
     return out
 
 
-def read_tensors(files: list[str], keep=lambda name: True) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in files:
-        try:
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    if keep(name):
-                        out[name] = f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise _safetensors_error(path, e) from None
-    return out
-
-
 def _layers_in(names) -> int:
     """How many decoder layers the names ``model.layers.{i}.*`` cover (max i + 1)."""
     found = [int(m.group(1)) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))]
@@ -182,11 +189,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_base_model(model_dir, dtype=None, device="cpu") -> Transformer:
-    """A ``Transformer`` from an HF-layout directory, in ``dtype`` on ``device``.
+def load_base_model(model_dir, dtype=None, device="cpu", tp: TPGroup = SINGLE) -> Transformer:
+    """A ``Transformer`` from an HF-layout directory, in ``dtype`` on ``device``; under tensor
+    parallelism (``tp``, world > 1) this rank's part of it, read as slices.
 
     Checks, before any weight is allocated: config.json (``ModelConfig.from_hf``'s audit), the
-    files (errors name them) and the tensors against the config (``check_base_tensors``)."""
+    files (errors name them), the tensors against the config (``check_base_tensors``) and, for
+    ``tp``, that the head counts and intermediate size divide by the world size (a ValueError
+    naming the config key)."""
     device = torch.device(device)
     cfg_path = os.path.join(model_dir, "config.json")
     _check_dir(model_dir)
@@ -208,19 +218,36 @@ def load_base_model(model_dir, dtype=None, device="cpu") -> Transformer:
             raise ValueError(f"{index_path}: weight_map disagrees with the shards about "
                              f"{len(wrong)} tensor(s), e.g. {wrong[:3]}")
     check_layer_count(cfg, index, str(model_dir))
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    try:
+        with torch.device("meta"):
+            model = Transformer(cfg, tp)
+    except ValueError as e:  # a size that does not split over the ranks
+        raise ValueError(f"{cfg_path}: {str(e).removeprefix('config.json ')}") from None
     check_base_tensors(model, index, str(model_dir))
-    model = model.to_empty(device="cpu")
+    model = model.to(dtype=dtype or default_dtype(device)).to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
         model.lm_head.weight = model.embed.weight
-    state = read_tensors(files, keep=lambda n: not n.startswith(HEADS_PREFIX))
-    model.load_hf_state_dict(state)
-    if cfg.tie_word_embeddings and "lm_head.weight" in state and \
-            not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
-        raise ValueError(f"{model_dir}: tie_word_embeddings is true but lm_head.weight differs "
+    layout = model.layout or TPLayout(1, 0, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                      cfg.intermediate_size, cfg.vocab_size)
+    wanted = set(model.hf_slots())
+    model.load_hf_tensors(iter_shards(files, layout, keep=wanted.__contains__))
+    if cfg.tie_word_embeddings and "lm_head.weight" in index:
+        _check_tied(files, layout, tp, device, str(model_dir))
+    return model.eval()
+
+
+def _check_tied(files, layout, tp: TPGroup, device, where: str) -> None:
+    """A saved lm_head of a tied model must equal the embedding (each rank compares its rows;
+    the ranks agree on the verdict, so all of them raise or none)."""
+    pair = dict(iter_shards(files, layout, keep=("lm_head.weight",
+                                                 "model.embed_tokens.weight").__contains__))
+    differs = torch.tensor([float(not torch.equal(pair["lm_head.weight"],
+                                                  pair["model.embed_tokens.weight"]))])
+    if tp.world > 1:
+        differs = tp.all_reduce(differs.to(device if tp.backend == "nccl" else "cpu")).cpu()
+    if differs.item():
+        raise ValueError(f"{where}: tie_word_embeddings is true but lm_head.weight differs "
                          "from model.embed_tokens.weight")
-    return model.to(device=device, dtype=dtype or default_dtype(device)).eval()
 
 
 def save_base_model(model: Transformer, out_dir, hf_config: dict) -> None:
@@ -233,7 +260,11 @@ def save_base_model(model: Transformer, out_dir, hf_config: dict) -> None:
 
 
 def heads_state_dict(heads: MedusaHeads) -> dict[str, torch.Tensor]:
-    """Heads weights under the public Medusa key names."""
+    """Heads weights under the public Medusa key names (one process's heads only)."""
+    if heads.tp.world > 1:
+        raise ValueError(f"heads_state_dict: these heads are rank {heads.tp.rank} of a "
+                         f"{heads.tp.world}-way tensor-parallel set and hold only its vocabulary "
+                         "rows; save from heads loaded in one process")
     out = {}
     for h in range(heads.num_heads):
         for layer in range(heads.num_layers):
@@ -246,16 +277,18 @@ def heads_state_dict(heads: MedusaHeads) -> dict[str, torch.Tensor]:
 _HEAD_KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")
 
 
-def heads_from_state(state: dict[str, torch.Tensor], num_heads: int | None,
-                     num_layers: int | None, source: str) -> MedusaHeads:
-    """Stack public-layout tensors into ``MedusaHeads``. ``num_heads`` / ``num_layers`` from
-    the heads' config.json (None: read from the tensors). Every tensor must be one of the
-    heads' (``{h}.{i}.linear.weight|bias``, ``{h}.{L}.weight``), heads 0..K-1 complete, with
-    consistent shapes: else a ValueError naming the tensors and ``source``."""
+def heads_dims(tensors: dict[str, tuple[tuple[int, ...], str, bool]], num_heads: int | None,
+               num_layers: int | None, source: str) -> tuple[int, int, int, int]:
+    """(K, L, d, V) of public-layout head tensors given as name -> (shape, dtype name, is
+    floating) (from the tensors, or from safetensors headers before reading any).
+    ``num_heads`` / ``num_layers`` from the heads' config.json (None: read from the names).
+    Every tensor must be one of the heads' (``{h}.{i}.linear.weight|bias``, ``{h}.{L}.weight``),
+    heads 0..K-1 complete, with consistent shapes: else a ValueError naming the tensors and
+    ``source``."""
     parsed = {}
-    for key, value in state.items():
+    for key in tensors:
         m = _HEAD_KEY.fullmatch(key) if isinstance(key, str) else None
-        if m is None or not isinstance(value, torch.Tensor):
+        if m is None:
             raise ValueError(f"{source}: {key!r} is not a Medusa head tensor "
                              "({h}.{i}.linear.weight, {h}.{i}.linear.bias, {h}.{L}.weight)")
         parsed[key] = (int(m.group(1)), int(m.group(2)), m.group(3))
@@ -274,33 +307,54 @@ def heads_from_state(state: dict[str, torch.Tensor], num_heads: int | None,
     need = {f"{h}.{num_layers}.weight" for h in range(num_heads)}
     need |= {f"{h}.{i}.linear.{p}" for h in range(num_heads) for i in range(num_layers)
              for p in ("weight", "bias")}
-    missing, extra = sorted(need - set(state)), sorted(set(state) - need)
+    missing, extra = sorted(need - set(tensors)), sorted(set(tensors) - need)
     if missing or extra:
         raise ValueError(f"{source}: Medusa head tensors do not fit medusa_num_layers = "
                          f"{num_layers}: missing {missing[:4]}, unexpected {extra[:4]}")
-    w2 = state[f"0.{num_layers}.weight"]
-    if w2.dim() != 2 or 0 in w2.shape:
+    w2_shape = tuple(tensors[f"0.{num_layers}.weight"][0])
+    if len(w2_shape) != 2 or 0 in w2_shape:
         raise ValueError(f"{source}: head tensor 0.{num_layers}.weight has shape "
-                         f"{list(w2.shape)}, expected [V, d] with V, d >= 1")
-    V, d = w2.shape
+                         f"{list(w2_shape)}, expected [V, d] with V, d >= 1")
+    V, d = w2_shape
     shapes = {"linear.weight": (d, d), "linear.bias": (d,), "weight": (V, d)}
     for key, (_, _, kind) in parsed.items():
-        if tuple(state[key].shape) != shapes[kind]:
-            raise ValueError(f"{source}: head tensor {key} has shape {list(state[key].shape)}, "
+        shape, dtype, floating = tensors[key]
+        if tuple(shape) != shapes[kind]:
+            raise ValueError(f"{source}: head tensor {key} has shape {list(shape)}, "
                              f"expected {list(shapes[kind])} (d = {d}, V = {V} from "
                              f"0.{num_layers}.weight)")
-        if not state[key].is_floating_point():
-            raise ValueError(f"{source}: head tensor {key} has dtype {state[key].dtype}, not float")
+        if not floating:
+            raise ValueError(f"{source}: head tensor {key} has dtype {dtype}, not float")
+    return num_heads, num_layers, d, V
+
+
+def heads_from_state(state: dict[str, torch.Tensor], num_heads: int | None,
+                     num_layers: int | None, source: str) -> MedusaHeads:
+    """Stack public-layout tensors into ``MedusaHeads`` (checked by ``heads_dims``)."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{source}: {key!r} is not a Medusa head tensor "
+                             "({h}.{i}.linear.weight, {h}.{i}.linear.bias, {h}.{L}.weight)")
+    num_heads, num_layers, d, V = heads_dims(
+        {k: (tuple(v.shape), v.dtype, v.is_floating_point()) for k, v in state.items()}, num_heads,
+        num_layers, source)
     with torch.device("meta"):
         heads = MedusaHeads(num_heads, num_layers, d, V)
     heads = heads.to_empty(device="cpu")
-    with torch.no_grad():
-        for h in range(num_heads):
-            heads.w2[h].copy_(state[f"{h}.{num_layers}.weight"])
-            for i in range(num_layers):
-                heads.w1[h, i].copy_(state[f"{h}.{i}.linear.weight"])
-                heads.b1[h, i].copy_(state[f"{h}.{i}.linear.bias"])
+    _fill_heads(heads, state.items())
     return heads
+
+
+def _fill_heads(heads: MedusaHeads, tensors) -> None:
+    """Copy (public name, tensor) pairs into ``heads`` (projections: this rank's rows)."""
+    with torch.no_grad():
+        for key, value in tensors:
+            h, i, kind = _HEAD_KEY.fullmatch(key).groups()
+            h, i = int(h), int(i)
+            if kind == "weight":
+                heads.w2[h].copy_(value)
+            else:
+                (heads.w1 if kind == "linear.weight" else heads.b1)[h, i].copy_(value)
 
 
 def has_heads(path) -> bool:
@@ -335,37 +389,65 @@ def _heads_config(path) -> tuple[int | None, int | None]:
     return out[0], out[1]
 
 
-def load_medusa_heads(path, dtype=None, device="cpu") -> MedusaHeads:
-    """Heads from layout (a) (heads-only directory) or (b) (base model dir with medusa_head.*)."""
+def load_medusa_heads(path, dtype=None, device="cpu", tp: TPGroup = SINGLE) -> MedusaHeads:
+    """Heads from layout (a) (heads-only directory) or (b) (base model dir with medusa_head.*);
+    under tensor parallelism (``tp``) this rank's vocabulary rows of every projection, read as
+    slices from safetensors (a ``medusa_lm_head.pt`` cannot be sliced: each rank reads it
+    whole, keeps its rows and frees the rest)."""
     device = torch.device(device)
+    dtype = dtype or default_dtype(device)
     _check_dir(path)
     num_heads, num_layers = _heads_config(path)
     st, pt = os.path.join(path, HEADS_FILE), os.path.join(path, "medusa_lm_head.pt")
-    source = path
+    prefix = ""
     if os.path.isfile(st):
-        state, source = read_tensors([st]), st
+        files, source = [st], st
     elif os.path.isfile(pt):
+        files, source = None, pt
+    else:  # layout (b): heads inside the base model's weights
+        try:
+            files = weight_files(path)
+        except FileNotFoundError:
+            files = []
+        prefix, source = HEADS_PREFIX, path
+    if files is None:
         try:
             state = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip and torch errors alike: name the file
             raise ValueError(f"{pt}: not a readable torch file ({type(e).__name__}: {e})") from None
         if not isinstance(state, dict):
             raise TypeError(f"{pt}: must hold a dict of tensors, got {type(state).__name__}")
-        source = pt
-    else:  # layout (b): heads inside the base model's weights
-        try:
-            files = weight_files(path)
-        except FileNotFoundError:
-            files = []
-        state = read_tensors(files, keep=lambda n: n.startswith(HEADS_PREFIX))
-        state = {k[len(HEADS_PREFIX):]: v for k, v in state.items()}
-        if not state:
-            raise FileNotFoundError(
-                f"{path}: no Medusa heads ({HEADS_FILE}, medusa_lm_head.pt or "
-                f"{HEADS_PREFIX}* tensors in the model weights)"
-            )
-    heads = heads_from_state(state, num_heads, num_layers, source=str(source))
-    return heads.to(device=device, dtype=dtype or default_dtype(device)).eval()
+        heads = heads_from_state(state, num_heads, num_layers, source=str(source))
+        if tp.world > 1:
+            whole, heads = heads, _empty_heads(heads.num_heads, heads.num_layers,
+                                               heads.hidden_size, heads.vocab_size, tp, dtype,
+                                               device)
+            start, stop = vocab_range(whole.vocab_size, tp.world, tp.rank)
+            with torch.no_grad():
+                for name in ("w1", "b1"):
+                    getattr(heads, name).copy_(getattr(whole, name))
+                heads.w2.copy_(whole.w2[:, start:stop])
+        return heads.to(device=device, dtype=dtype).eval()
+    index = {k[len(prefix):]: info for k, info in tensor_index(files).items()
+             if k.startswith(prefix)}
+    if not index:
+        raise FileNotFoundError(
+            f"{path}: no Medusa heads ({HEADS_FILE}, medusa_lm_head.pt or "
+            f"{HEADS_PREFIX}* tensors in the model weights)"
+        )
+    K, L, d, V = heads_dims({k: (info.shape, info.dtype, info.dtype in FLOAT_DTYPES)
+                             for k, info in index.items()}, num_heads, num_layers, str(source))
+    heads = _empty_heads(K, L, d, V, tp, dtype, device)
+    layout = VocabLayout(tp.world, tp.rank, V)
+    tensors = iter_shards(files, layout, keep=lambda n: n.startswith(prefix))
+    _fill_heads(heads, ((n[len(prefix):], t) for n, t in tensors))
+    return heads.eval()
+
+
+def _empty_heads(K, L, d, V, tp, dtype, device) -> MedusaHeads:
+    with torch.device("meta"):
+        heads = MedusaHeads(K, L, d, V, tp)
+    return heads.to(dtype=dtype).to_empty(device=device)
 
 
 def save_medusa_heads(heads: MedusaHeads, out_dir, base_model_name_or_path: str = "") -> None:
@@ -395,6 +477,11 @@ class MedusaModel:
     @property
     def device(self) -> torch.device:
         return self.base.lm_head.weight.device
+
+    @property
+    def tp(self) -> TPGroup:
+        """The tensor-parallel group this rank's model is part of (``SINGLE``: one process)."""
+        return self.base.tp
 
     @property
     def dtype(self) -> torch.dtype:
@@ -448,22 +535,41 @@ class MedusaModel:
         return self.__dict__["_tokenizer"]
 
 
-def load_model(base_dir, medusa=None, dtype=None, device="cpu") -> MedusaModel:
+def load_model(base_dir, medusa=None, dtype=None, device="cpu", tp=None) -> MedusaModel:
     """Load a base model (HF layout) and Medusa heads.
 
     ``medusa``: a heads directory (layout a or b), or None to take the heads stored in
     ``base_dir`` itself when it has any (layout b), else no heads.
+
+    ``tp``: tensor parallelism. None (default): the whole model in this process. True: under
+    ``torchrun --nproc-per-node N`` each of the N ranks loads its part (``parallel.init_tp``
+    joins or creates the process group: NCCL on ``cuda:LOCAL_RANK`` when ``device`` is CUDA,
+    gloo on CPUs; without torchrun, one process). A ``parallel.TPGroup`` or a
+    ``torch.distributed`` process group: that group. The model then runs ``generate`` on every
+    rank with identical results; rank 0's torch random state is copied to every rank here, so
+    unseeded sampling draws the same numbers on each.
     """
-    device = torch.device(device)
+    if tp is None or tp is False:
+        tp = SINGLE
+    elif tp is True:
+        tp = init_tp(device=device)
+    elif isinstance(tp, dist.ProcessGroup):
+        tp = init_tp(tp)
+    elif not isinstance(tp, TPGroup):
+        raise TypeError(f"tp must be None, True, a parallel.TPGroup or a torch.distributed "
+                        f"process group, got {type(tp).__name__} {tp!r}")
+    device = rank_device(device) if tp.world > 1 else torch.device(device)
+    check_device(tp, device)
     dtype = dtype or default_dtype(device)
-    base = load_base_model(base_dir, dtype, device)
+    base = load_base_model(base_dir, dtype, device, tp)
     heads_dir = medusa if medusa is not None else (base_dir if has_heads(base_dir) else None)
     heads = None
     if heads_dir is not None:
-        heads = load_medusa_heads(heads_dir, dtype, device)
+        heads = load_medusa_heads(heads_dir, dtype, device, tp)
         if (heads.hidden_size, heads.vocab_size) != (base.cfg.hidden_size, base.cfg.vocab_size):
             raise ValueError(
                 f"{heads_dir}: heads are d={heads.hidden_size}, V={heads.vocab_size} but the base "
                 f"model is d={base.cfg.hidden_size}, V={base.cfg.vocab_size}"
             )
+    sync_random_state(tp, device)
     return MedusaModel(base, heads, str(base_dir))

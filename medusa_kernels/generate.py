@@ -10,11 +10,18 @@ every other default are ``generate``'s (the device's default tree: a checkpoint'
 tree, else mc_sim_7b_63 on a GPU and small_7 on a CPU; the checkpoint's EOS). Ends with
 tokens/s, steps and mean accepted tokens. A bad argument or file: one line, exit status 2
 (``--debug`` shows the traceback).
+
+Tensor parallelism: ``torchrun --nproc-per-node N -m medusa_kernels.generate ...`` runs the same
+command on N ranks, each holding its part of the model (``load_model(..., tp=True)``: NCCL on
+``cuda:LOCAL_RANK`` with ``--device cuda``, gloo on CPUs). Rank 0 prints; an error that every
+rank meets alike (a flag, a file, a head count that does not divide) is rank 0's one line, any
+other is printed by the rank that met it, prefixed with its rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ._cli import DEBUG_HELP, Parser, check_device, check_dir, run_cli
@@ -97,6 +104,9 @@ def _main(argv: list[str]) -> int:
     if args.prompt is None and ids is None:
         raise ValueError("give --prompt TEXT or --input-ids 1,2,3")
     device = check_device("--device", args.device)
+    if _world() > 1 and device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: under torchrun give cpu or cuda (each rank takes "
+                         "cuda:LOCAL_RANK)")
 
     import torch
 
@@ -104,7 +114,9 @@ def _main(argv: list[str]) -> int:
     from .decoding import generate
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = load_model(args.model, medusa=args.medusa, dtype=dtype, device=device)
+    model = load_model(args.model, medusa=args.medusa, dtype=dtype, device=device,
+                       tp=True if _world() > 1 else None)
+    shown = sys.stdout if model.tp.is_main else open(os.devnull, "w")  # rank 0 prints
     if config.medusa and model.heads is None:
         raise ValueError(f"no Medusa heads in {args.model}: pass --medusa DIR, or --no-medusa for "
                          "plain decoding")
@@ -113,25 +125,49 @@ def _main(argv: list[str]) -> int:
                          "--prompt")
     stream = generate(model, args.prompt if ids is None else ids, config=config, stream=True)
     if args.prompt is not None:
-        print(args.prompt, end="", flush=True)
+        print(args.prompt, end="", flush=True, file=shown)
     for step in stream:
         if step.text is not None:
-            print(step.text[0], end="", flush=True)
+            print(step.text[0], end="", flush=True, file=shown)
         elif step[0]:
-            print(" ".join(map(str, step[0])), end=" ", flush=True)
+            print(" ".join(map(str, step[0])), end=" ", flush=True, file=shown)
     r = stream.result
     mode = f"medusa, tree {r.tree}" if config.medusa else "plain"
+    if model.tp.world > 1:
+        mode += f", {model.tp.world}-way tensor parallel"
     print(
         f"\n\n[{mode}] {r.num_tokens} tokens in {r.wall_time:.2f} s "
         f"({r.tokens_per_second:.1f} tokens/s after prefill), {r.steps} steps, "
         f"{r.mean_accepted:.2f} accepted tokens per step",
-        file=sys.stderr,
+        file=sys.stderr if model.tp.is_main else shown,
     )
+    model.tp.close()
     return 0
 
 
+def _world() -> int:
+    """torchrun's WORLD_SIZE (1 without it; a bad value is init_tp's error)."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    return int(raw) if raw.strip().isdigit() else 2
+
+
+def _ranked_main(argv: list[str]) -> int:
+    """``_main``; under torchrun an error every rank meets alike (ValueError, TypeError,
+    OSError: flags, files, configs, the same on every rank) is left to rank 0's one line, any
+    other is named with the rank that raised it."""
+    try:
+        return _main(argv)
+    except Exception as e:
+        rank = int(os.environ.get("RANK", "0")) if _world() > 1 else 0
+        if rank == 0 or "--debug" in argv:
+            raise
+        if isinstance(e, (ValueError, TypeError, OSError)):
+            return 2
+        raise RuntimeError(f"rank {rank}: {type(e).__name__}: {e}") from e
+
+
 def main(argv=None) -> int:
-    return run_cli(_main, argv, PROG)
+    return run_cli(_ranked_main, argv, PROG)
 
 
 if __name__ == "__main__":

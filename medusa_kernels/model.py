@@ -18,11 +18,19 @@ points:
 
 Both return the final normed hidden state [B, *, d]; ``logits(hidden)`` applies the lm_head (and
 the final soft-cap). ``ModelConfig.from_hf`` audits a transformers config.json (``hf_config``).
+
+Tensor parallelism (``Transformer(cfg, tp)``, Megatron style, ``parallel/``): a rank holds its KV
+heads and the query heads that read them, its MLP columns, its vocabulary rows of the embedding
+and lm_head; o_proj and down_proj end in an all-reduce (then their bias, once), so the residual
+stream, every norm (Gemma's post-norms included) and the hidden states are whole and identical
+on every rank. ``logits`` gathers the vocabulary, ``greedy`` merges per-rank top-1s exactly,
+the cache holds the rank's KV heads; the generation loop runs unchanged on every rank.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +40,18 @@ from torch import nn
 from . import hf_config
 from .ops import lm_head_topk, tree_attention
 from .ops.heads_topk import topk_lower_index_first
+from .parallel import (
+    SINGLE,
+    WHOLE,
+    Shard,
+    TPGroup,
+    TPLayout,
+    gather_vocab,
+    lm_head_topk_parallel,
+    row_parallel_linear,
+    shard_topk,
+    vocab_parallel_embedding,
+)
 
 
 def _gelu_tanh(x):
@@ -201,10 +221,13 @@ class KVCache:
     """Static cache: k, v [num_layers, B, S, Hkv, D] and seqlens [B] int32 on the device.
 
     A full cache in every layer (slot p holds position p), windowed layers included: their
-    attention only reads the window, so a rolling cache is a later memory saving."""
+    attention only reads the window, so a rolling cache is a later memory saving. Under tensor
+    parallelism Hkv is this rank's KV heads (``num_kv_heads``)."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype, device):
-        shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype, device,
+                 num_kv_heads: int | None = None):
+        heads = cfg.num_kv_heads if num_kv_heads is None else num_kv_heads
+        shape = (cfg.num_layers, batch, capacity, heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
@@ -244,12 +267,17 @@ def causal_attention(q, k, v, scale=None, window=None, softcap=None, mask=None) 
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    """GQA attention. Under tensor parallelism (``tp``) it holds this rank's KV heads and the
+    query heads that read them: wqkv is column-parallel ([q_r | k_r | v_r] rows), wo
+    row-parallel (its all-reduce completes the sum; the bias, whole, is added once after)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup = SINGLE):
         super().__init__()
-        self.cfg, self.layer, self.window = cfg, layer, cfg.window(layer)
+        self.cfg, self.layer, self.window, self.tp = cfg, layer, cfg.window(layer), tp
         local = self.window is not None and cfg.local_rope_theta is not None
         self.rope = "local" if local else "global"  # Gemma-3's windowed layers: their own rope
-        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_heads // tp.world, cfg.num_kv_heads // tp.world
+        q_out, kv_out = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden_size, q_out + 2 * kv_out, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_out, cfg.hidden_size, bias=cfg.o_bias)
         self.q_norm = self.k_norm = None
@@ -260,39 +288,46 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attend):
         """x [B, T, d] -> [B, T, d]; ``attend(self, q, k, v)`` does the attention proper
         (q [B, T, Hq, D], k, v [B, T, Hkv, D], roped) and returns [B, T, Hq, D]."""
-        cfg = self.cfg
+        D = self.cfg.head_dim
         B, T, _ = x.shape
-        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q_out, kv_out = self.num_heads * D, self.num_kv_heads * D
         q, k, v = self.wqkv(x).split([q_out, kv_out, kv_out], dim=-1)
-        q = q.view(B, T, cfg.num_heads, cfg.head_dim)
-        k = k.view(B, T, cfg.num_kv_heads, cfg.head_dim)
+        q = q.view(B, T, self.num_heads, D)
+        k = k.view(B, T, self.num_kv_heads, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(self, q, k, v.view(B, T, cfg.num_kv_heads, cfg.head_dim))
-        return self.wo(out.reshape(B, T, q_out))
+        out = attend(self, q, k, v.view(B, T, self.num_kv_heads, D))
+        return row_parallel_linear(out.reshape(B, T, q_out), self.wo.weight, self.wo.bias,
+                                   self.tp)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Gated MLP; under tensor parallelism this rank's intermediate chunk: w13 column-parallel
+    ([gate_r | up_r] rows), w2 row-parallel (all-reduce, then the bias once)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE):
         super().__init__()
-        self.act = ACTIVATIONS[cfg.hidden_act]
-        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act, self.tp = ACTIVATIONS[cfg.hidden_act], tp
+        inter = cfg.intermediate_size // tp.world
+        self.w13 = nn.Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
+        self.w2 = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(self.act(gate) * up)
+        return row_parallel_linear(self.act(gate) * up, self.w2.weight, self.w2.bias, self.tp)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    """Pre-norm residual block; Gemma's post-norms act on the all-reduced (full) outputs."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup = SINGLE):
         super().__init__()
         d, eps, offset = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset
         self.attention_norm = RMSNorm(d, eps, offset)
-        self.attention = Attention(cfg, layer)
+        self.attention = Attention(cfg, layer, tp)
         self.ffn_norm = RMSNorm(d, eps, offset)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
         self.post_attention_norm = RMSNorm(d, eps, offset) if cfg.sandwich_norms else None
         self.post_ffn_norm = RMSNorm(d, eps, offset) if cfg.sandwich_norms else None
 
@@ -308,13 +343,24 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The decoder, whole (``tp`` = ``SINGLE``) or this rank's part of a tensor-parallel one:
+    ``layout`` (a ``parallel.TPLayout``, None for one process) says which heads, MLP columns
+    and vocabulary rows it holds; ``cfg`` always describes the whole model. Every method
+    returns what one process would (hidden states, full logits, greedy ids), identical on every
+    rank, so the generation loop runs unchanged on each."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE):
         super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.cfg, self.tp, self.layout = cfg, tp, None
+        vocab_rows = cfg.vocab_size
+        if tp.world > 1:  # ValueErrors naming the config.json key that does not divide
+            self.layout = TPLayout(tp.world, tp.rank, cfg.num_heads, cfg.num_kv_heads,
+                                   cfg.head_dim, cfg.intermediate_size, cfg.vocab_size)
+            vocab_rows = self.layout.local_vocab_size
+        self.embed = nn.Embedding(vocab_rows, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_unit_offset)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self._rope_tables()
@@ -333,11 +379,16 @@ class Transformer(nn.Module):
         return self
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """A cache for this rank's KV heads (all of them for one process)."""
         p = self.lm_head.weight
-        return KVCache(self.cfg, batch, capacity, p.dtype, p.device)
+        return KVCache(self.cfg, batch, capacity, p.dtype, p.device,
+                       self.cfg.num_kv_heads // self.tp.world)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
+        if self.tp.world > 1:  # this rank's rows, zeros elsewhere, all-reduced
+            x = vocab_parallel_embedding(tokens, self.embed.weight, self.tp, self.cfg.vocab_size)
+        else:
+            x = self.embed(tokens)
         if self.cfg.embed_scale is not None:  # the scale rounded to the weights' dtype first
             x = x * torch.tensor(self.cfg.embed_scale).to(x.dtype)
         return x
@@ -431,30 +482,43 @@ class Transformer(nn.Module):
         return self._run(tokens, positions, positions.max(dim=1).values + 1, attend)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., d] -> logits [..., V] (soft-capped where the config says so); under
+        tensor parallelism each rank computes its vocabulary rows and gathers the rest."""
         logits = self.lm_head(hidden)
         cap = self.cfg.final_softcap
-        return logits if cap is None else cap * torch.tanh(logits / cap)
+        logits = logits if cap is None else cap * torch.tanh(logits / cap)
+        return gather_vocab(logits, self.tp, self.cfg.vocab_size) if self.tp.world > 1 else logits
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """argmax of ``logits(hidden)`` [..., d] -> [...] int64 (ties: lower id), without
-        writing the logits (``lm_head_topk`` with k = 1: fused on the GPU)."""
+        writing the logits (``lm_head_topk`` with k = 1: fused on the GPU). Under tensor
+        parallelism each rank's top-1 of its rows, merged exactly (``parallel.merge_topk``)."""
         flat = hidden.reshape(-1, hidden.shape[-1])
-        cap = self.cfg.final_softcap
+        cap, tp, V = self.cfg.final_softcap, self.tp, self.cfg.vocab_size
         if cap is not None:  # capped logits, ties (tanh saturates) to the lower id
             dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
             logits = F.linear(flat.to(dtype), self.lm_head.weight.to(dtype))
             capped = cap * torch.tanh(logits / cap)
-            ids = topk_lower_index_first(capped, 1)[1]  # TODO(merge): lm_head_topk(..., softcap=)
+            # TODO(merge): lm_head_topk(..., softcap=) (lm_head_topk_parallel under TP)
+            ids = shard_topk(capped, 1, tp, V)[1] if tp.world > 1 else \
+                topk_lower_index_first(capped, 1)[1]
             return ids.view(hidden.shape[:-1])
+        if tp.world > 1:
+            return lm_head_topk_parallel(flat, self.lm_head.weight, 1, tp, V)[1].view(
+                hidden.shape[:-1])
         return lm_head_topk(flat, self.lm_head.weight, 1)[1].view(hidden.shape[:-1])
 
     # ------------------------------------------------------------ transformers' tensor names
 
     def hf_layout(self) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
         """Each parameter's name -> the transformers tensors it stacks (rows, in order), each
-        with its shape: ``[q | k | v]`` from q/k/v_proj (Phi-3: its fused qkv_proj),
-        ``[gate | up]`` from gate/up_proj (Phi-3: gate_up_proj)."""
+        with its shape in the checkpoint (the whole model's, under tensor parallelism too):
+        ``[q | k | v]`` from q/k/v_proj (Phi-3: its fused qkv_proj), ``[gate | up]`` from
+        gate/up_proj (Phi-3: gate_up_proj)."""
         cfg = self.cfg
+        if self.tp.world > 1:  # the names and full shapes are the whole model's
+            with torch.device("meta"):
+                return Transformer(cfg).hf_layout()
         fused = cfg.model_type == "phi3"
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         names = {"embed.weight": ["model.embed_tokens.weight"],
@@ -492,26 +556,64 @@ class Transformer(nn.Module):
             layout[name] = [(n, (r, *param.shape[1:])) for n, r in zip(parts, rows, strict=True)]
         return layout
 
-    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy weights named as in transformers (``hf_layout``) into the parameters; a missing
-        tensor or a wrong shape raises a ValueError naming it (checkpoint.py checks files)."""
-        layout = self.hf_layout()
+    def hf_slots(self) -> dict[str, tuple[str, int, Shard, tuple[int, ...]]]:
+        """transformers tensor name -> (parameter name, its first row in the parameter, the
+        ``Shard`` of it this rank holds (``WHOLE`` for one process), its checkpoint shape)."""
+        slots = {}
+        for name, parts in self.hf_layout().items():
+            row = 0
+            for hf_name, shape in parts:
+                shard = WHOLE if self.layout is None else self.layout.shard(hf_name, shape)
+                slots[hf_name] = (name, row, shard, shape)
+                row += shard.local_shape(shape)[0]
+        return slots
+
+    def load_hf_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy (transformers name, this rank's part of it) pairs into the parameters, one at
+        a time (a stream from ``parallel.iter_shards`` keeps one tensor in flight); names
+        outside ``hf_layout`` are skipped. Every expected tensor must come, in this rank's
+        shape: else a ValueError naming it."""
+        slots, params = self.hf_slots(), dict(self.named_parameters())
+        missing = set(slots)
         with torch.no_grad():
-            for name, param in self.named_parameters():
-                parts = []
-                for hf_name, shape in layout[name]:
-                    if hf_name not in state:
-                        raise ValueError(f"checkpoint has no tensor {hf_name} (expected shape "
-                                         f"{list(shape)})")
-                    if tuple(state[hf_name].shape) != shape:
-                        raise ValueError(f"tensor {hf_name} has shape "
-                                         f"{list(state[hf_name].shape)}, config.json implies "
-                                         f"{list(shape)}")
-                    parts.append(state[hf_name])
-                param.copy_(torch.cat(parts) if len(parts) > 1 else parts[0])
+            for hf_name, tensor in tensors:
+                if hf_name not in slots:
+                    continue
+                name, row, shard, shape = slots[hf_name]
+                local = shard.local_shape(shape)
+                if tuple(tensor.shape) != local:
+                    what = "config.json implies" if shard.replicated else \
+                        f"rank {self.tp.rank} of {self.tp.world} holds"
+                    raise ValueError(f"tensor {hf_name} has shape {list(tensor.shape)}, {what} "
+                                     f"{list(local)}")
+                params[name][row: row + local[0]].copy_(tensor)
+                missing.discard(hf_name)
+        if missing:
+            hf_name = sorted(missing)[0]
+            raise ValueError(f"checkpoint has no tensor {hf_name} (expected shape "
+                             f"{list(slots[hf_name][3])}); {len(missing)} missing")
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy whole weights named as in transformers (``hf_layout``) into the parameters
+        (under tensor parallelism, this rank's slices of them); a missing tensor or a wrong
+        shape raises a ValueError naming it (checkpoint.py checks files)."""
+        slots = self.hf_slots()
+        for hf_name, (_, _, _, shape) in slots.items():
+            if hf_name not in state:
+                raise ValueError(f"checkpoint has no tensor {hf_name} (expected shape "
+                                 f"{list(shape)})")
+            if tuple(state[hf_name].shape) != shape:
+                raise ValueError(f"tensor {hf_name} has shape {list(state[hf_name].shape)}, "
+                                 f"config.json implies {list(shape)}")
+        self.load_hf_tensors((n, slots[n][2].take(state[n])) for n in slots)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights named as in transformers (the inverse of ``load_hf_state_dict``)."""
+        """Weights named as in transformers (the inverse of ``load_hf_state_dict``); one
+        process's model only (a tensor-parallel rank holds slices: a ValueError)."""
+        if self.tp.world > 1:
+            raise ValueError(f"hf_state_dict: this model is rank {self.tp.rank} of a "
+                             f"{self.tp.world}-way tensor-parallel one and holds only its "
+                             "slices; save from a model loaded in one process")
         out, layout = {}, self.hf_layout()
         for name, param in self.named_parameters():
             parts = param.split([shape[0] for _, shape in layout[name]])

@@ -1,12 +1,13 @@
-"""One rank of the tensor-parallel tests (test_parallel.py starts N of them with torchrun's
-environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+"""One rank of the tensor-parallel tests (test_parallel_ranks.py starts N of them with
+torchrun's environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 
 ``python parallel_worker.py WORKDIR``: reads WORKDIR/inputs.pt, joins the gloo group through
 ``init_tp()``, runs every vocabulary-parallel piece and a small tensor-parallel decoder
-(``tiny_forward``) on the weights ``read_shards`` gives this rank, and writes
+(``tiny_forward``) on the weights ``read_shards`` gives this rank, then the package's own
+decoder, loader and CLIs (``parallel_decode_worker.decode_part``), and writes
 WORKDIR/rank{r}.pt for the test to compare with one process. ``MK_TEST_DEVICE=cuda`` runs it
 on ``cuda:LOCAL_RANK`` with NCCL and also replays the vocabulary-parallel top-k and an
-all-reduce from a captured CUDA graph.
+all-reduce from a captured CUDA graph (and ``generate`` captures its steps).
 
 ``tiny_forward`` is the test's decoder, written once for any world size: an embedding, layers
 built from transformers tensors (separate q/k/v/gate/up with biases as Qwen2 and o_proj /
@@ -205,6 +206,10 @@ def main(workdir: str) -> None:
     if "big_files" in inputs:
         big = TPLayout.from_hf_config(inputs["big_config"], tp.world, tp.rank)
         out["memory"] = measure_read(inputs["big_files"], big)
+    if "decode" in inputs:  # the decoder, the loader and the CLIs (parallel_decode_worker.py)
+        from parallel_decode_worker import decode_part
+
+        out["decode"] = decode_part(inputs["decode"], tp, dev)
     torch.save(to_cpu(out), os.path.join(workdir, f"rank{tp.rank}.pt"))
     tp.barrier()
     tp.close()

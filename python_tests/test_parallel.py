@@ -1,27 +1,16 @@
-"""Tensor parallelism (medusa_kernels.parallel): the sharding rules, slice reads from safetensors,
-the vocabulary-parallel pieces, and 2 and 4 gloo ranks on this CPU against one process.
-
-The multi-rank tests start ``parallel_worker.py`` N times with torchrun's environment (RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR = 127.0.0.1, a free MASTER_PORT), once per world size for
-the module, under a hard timeout (a hang fails; the first rank to fail stops the others). The
-NCCL variant needs 2 CUDA GPUs and skips otherwise.
+"""Tensor parallelism's building blocks in one process (medusa_kernels.parallel): the group and
+its checks, the sharding rules against transformers' head mapping and the layer math, slice
+reads from safetensors, the exact top-k merge with ties, the fused top-k on vocabulary shards.
+The same pieces on 2 and 4 gloo ranks, and the decoder built from them: test_parallel_ranks.py.
 """
-
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from parallel_worker import attention_heads, mlp_hidden, tiny_outputs
+from parallel_worker import attention_heads, mlp_hidden
 from safetensors import safe_open
-from safetensors.torch import save_file
+from tp_checkpoints import MEDUSA_HEADS, TINY, tiny_tensors, write_checkpoint
 
 from medusa_kernels.ops import lm_head_topk, medusa_heads_topk
 from medusa_kernels.ops.heads_topk import topk_lower_index_first
@@ -47,188 +36,12 @@ from medusa_kernels.parallel import (
 )
 from medusa_kernels.parallel import load as load_module
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-WORKER = os.path.join(HERE, "parallel_worker.py")
-RUN_TIMEOUT = 120  # seconds for one multi-rank run (about 10 s for 4 ranks on 2 cores)
-
-# The tiny model the ranks run: GQA 2, head_dim 6 (q rows 48 != d 24), a vocabulary that
-# 2 and 4 ranks split unevenly (19 + 18; 10 + 9 + 9 + 9).
-TINY = dict(vocab_size=37, hidden_size=24, num_attention_heads=8, num_key_value_heads=4,
-            head_dim=6, intermediate_size=40, num_hidden_layers=2)
-MEDUSA_HEADS = 3
-# every shard boundary of 2 and 4 ranks (19; 10, 19, 28) from both sides, and both ends
-TOKENS = torch.tensor([[0, 9, 10, 18, 19, 36, 5], [36, 27, 28, 1, 2, 3, 20]])
-KS = (1, 2, 5, 9)  # 9: the smallest shard at 4 ranks
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def tiny_tensors(cfg: dict, medusa_heads: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights under transformers' names. Layer 0: separate q/k/v and gate/up with
-    biases (Qwen2), o_proj and MLP biases. Layer 1: Phi-3's fused qkv_proj and gate_up_proj,
-    Gemma's sandwich norms. Then Medusa heads (one ResBlock each), layout (b) names."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=0.3):
-        return torch.randn(*shape, generator=g) * scale
-
-    V, d = cfg["vocab_size"], cfg["hidden_size"]
-    Hq, Hkv, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    I, q, kv = cfg["intermediate_size"], Hq * D, Hkv * D
-    t = {"model.embed_tokens.weight": rnd(V, d, scale=1.0), "lm_head.weight": rnd(V, d),
-         "model.norm.weight": 1 + rnd(d, scale=0.1)}
-    p = "model.layers.0."
-    for name, rows in (("q", q), ("k", kv), ("v", kv)):
-        t[p + f"self_attn.{name}_proj.weight"] = rnd(rows, d)
-        t[p + f"self_attn.{name}_proj.bias"] = rnd(rows)
-    t[p + "self_attn.o_proj.weight"], t[p + "self_attn.o_proj.bias"] = rnd(d, q), rnd(d)
-    for name in ("gate", "up"):
-        t[p + f"mlp.{name}_proj.weight"], t[p + f"mlp.{name}_proj.bias"] = rnd(I, d), rnd(I)
-    t[p + "mlp.down_proj.weight"], t[p + "mlp.down_proj.bias"] = rnd(d, I), rnd(d)
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        t[p + norm + ".weight"] = 1 + rnd(d, scale=0.1)
-    if cfg["num_hidden_layers"] > 1:
-        p = "model.layers.1."
-        t[p + "self_attn.qkv_proj.weight"] = rnd(q + 2 * kv, d)
-        t[p + "self_attn.o_proj.weight"] = rnd(d, q)
-        t[p + "mlp.gate_up_proj.weight"] = rnd(2 * I, d)
-        t[p + "mlp.down_proj.weight"] = rnd(d, I)
-        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm"):
-            t[p + norm + ".weight"] = 1 + rnd(d, scale=0.1)
-    for h in range(medusa_heads):
-        t[f"medusa_head.{h}.0.linear.weight"] = rnd(d, d, scale=0.1)
-        t[f"medusa_head.{h}.0.linear.bias"] = rnd(d, scale=0.1)
-        t[f"medusa_head.{h}.1.weight"] = rnd(V, d)
-    return t
-
-
-def write_checkpoint(path, tensors: dict, cfg: dict, files: int = 2) -> list[str]:
-    """config.json + ``files`` safetensors shards with model.safetensors.index.json."""
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    names = sorted(tensors)
-    weight_map, paths = {}, []
-    for i in range(files):
-        shard = f"model-{i + 1:05d}-of-{files:05d}.safetensors"
-        part = {n: tensors[n].contiguous() for n in names[i::files]}
-        save_file(part, os.path.join(path, shard), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, shard))
-        paths.append(os.path.join(path, shard))
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    return paths
-
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     tensors = tiny_tensors(TINY, MEDUSA_HEADS)
     files = write_checkpoint(str(tmp_path_factory.mktemp("tiny")), tensors, TINY)
     return TINY, files, tensors
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_ckpt):
-    """One process: world 1, the same code."""
-    cfg, files, _ = tiny_ckpt
-    layout = TPLayout.from_hf_config(cfg, 1, 0)
-    w = read_shards(files, layout)
-    return tiny_outputs(TOKENS, w, layout, SINGLE, cfg["num_hidden_layers"], MEDUSA_HEADS)
-
-
-def tie_logits() -> torch.Tensor:
-    """[6, 2, 37] logits full of exact ties, many across shard boundaries: small integers; a
-    constant row; the maximum on both sides of every boundary; -0.0 against +0.0; NaN and
-    +-inf."""
-    g = torch.Generator().manual_seed(3)
-    logits = torch.randint(-2, 3, (6, 2, 37), generator=g).float()
-    logits[0] = 1.0
-    logits[1] = 0.0
-    logits[1, :, [9, 10, 18, 19, 27, 28]] = 5.0
-    logits[2] = torch.where(torch.rand(2, 37, generator=g) < 0.5, -0.0, 0.0)
-    logits[2, 0, 30] = -1.0
-    logits[3, 0, [4, 20, 33]] = float("nan")
-    logits[3, 1, [10, 36]] = float("inf")
-    logits[3, 1, [0, 19]] = -float("inf")
-    return logits
-
-
-# ----------------------------------------------------------------------------- ranks
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(world: int, workdir, device: str = "cpu", timeout: float = RUN_TIMEOUT) -> list:
-    """Start ``world`` workers with torchrun's environment; their rank{r}.pt results."""
-    port, procs, logs = _free_port(), [], []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MK_TEST_DEVICE=device)
-        logs.append(open(os.path.join(workdir, f"log{rank}.txt"), "w"))
-        procs.append(subprocess.Popen([sys.executable, WORKER, str(workdir)], env=env, cwd=ROOT,
-                                      stdout=logs[-1], stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-    deadline, hung = time.monotonic() + timeout, False
-    try:
-        while any(p.poll() is None for p in procs):
-            if any(p.returncode not in (None, 0) for p in procs):
-                break  # one rank failed: the others would wait for it
-            if time.monotonic() > deadline:
-                hung = True
-                break
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        for log in logs:
-            log.close()
-    if any(p.returncode != 0 for p in procs):
-        tails = []
-        for rank in range(world):
-            with open(os.path.join(workdir, f"log{rank}.txt")) as f:
-                tails.append(f"--- rank {rank} (exit {procs[rank].returncode}):\n"
-                             f"{f.read()[-2500:]}")
-        why = f"hung: killed after {timeout} s" if hung else "a rank failed"
-        pytest.fail(f"{world} ranks: {why}\n" + "\n".join(tails))
-    return [torch.load(os.path.join(workdir, f"rank{r}.pt"), weights_only=False)
-            for r in range(world)]
-
-
-BIG = dict(vocab_size=4096, hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
-           head_dim=64, intermediate_size=2048, num_hidden_layers=1)
-
-
-def _inputs(cfg, files, tmp_path_factory, big: bool) -> dict:
-    inputs = {"config": cfg, "files": files, "tokens": TOKENS, "tie_logits": tie_logits(),
-              "ks": KS, "num_layers": cfg["num_hidden_layers"],
-              "num_medusa_heads": MEDUSA_HEADS}
-    if big:  # about 40 MB: what a rank holds and pages in stands out of the process's noise
-        tensors = tiny_tensors(BIG, medusa_heads=1, seed=1)
-        inputs["big_config"] = BIG
-        inputs["big_files"] = write_checkpoint(str(tmp_path_factory.mktemp("big")), tensors,
-                                               BIG, files=1)
-    return inputs
-
-
-@pytest.fixture(scope="module", params=[2, 4], ids=["gloo2", "gloo4"])
-def gloo_run(request, tiny_ckpt, tmp_path_factory):
-    """(world, results of every rank): one multi-rank run per world size for the module."""
-    world = request.param
-    cfg, files, _ = tiny_ckpt
-    workdir = tmp_path_factory.mktemp(f"ranks{world}")
-    torch.save(_inputs(cfg, files, tmp_path_factory, big=world == 4),
-               os.path.join(workdir, "inputs.pt"))
-    return world, run_ranks(world, str(workdir))
 
 
 # ----------------------------------------------------------------------------- one process
@@ -527,8 +340,8 @@ def test_vocab_pieces_check_their_arguments():
         vocab_parallel_embedding(torch.tensor([-1]), torch.randn(37, 4), SINGLE, 37)
     with pytest.raises(TypeError, match="tokens must be int64"):
         vocab_parallel_embedding(torch.tensor([1.0]), table, two, 37)
-    with pytest.raises(ValueError, match="k must be an int in \\[1, 18\\]"):
-        shard_topk(torch.randn(2, 18), 19, two, 37)
+    with pytest.raises(ValueError, match="k must be an int in \\[1, vocab_size = 37\\]"):
+        shard_topk(torch.randn(2, 18), 38, two, 37)
     with pytest.raises(ValueError, match="k must be"):
         lm_head_topk_parallel(torch.randn(2, 4), table, 0, two, 37)
     with pytest.raises(ValueError, match="one shape"):
@@ -537,6 +350,12 @@ def test_vocab_pieces_check_their_arguments():
         merge_topk(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.int32), two)
     with pytest.raises(ValueError, match="global vocabulary ids"):
         merge_topk(torch.randn(2, 3), torch.full((2, 3), -1), two)
+    with pytest.raises(ValueError, match="k must be an int in \\[3, world x 3\\]"):
+        merge_topk(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.int64), two, k=2)
+    with pytest.raises(ValueError, match="k must be an int in \\[3, world x 3\\]"):
+        merge_topk(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.int64), two, k=7)
+    with pytest.raises(ValueError, match="world 1: 3"):
+        merge_topk(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.int64), SINGLE, k=4)
     with pytest.raises(ValueError, match="vocab_size must be"):
         gather_vocab(torch.randn(2, 1), two, 1)
     with pytest.raises(ValueError, match="contiguous"):
@@ -613,100 +432,3 @@ def test_read_shards_keep_and_errors(tmp_path):
     twice = write_checkpoint(str(tmp_path / "b"), {"model.norm.weight": torch.ones(4)}, {}, 1)
     with pytest.raises(ValueError, match="model.norm.weight is in both"):
         read_shards(files + twice, layout, keep=lambda n: "vision" not in n)
-
-
-# ----------------------------------------------------------------------------- gloo ranks
-
-
-def test_gloo_ranks_join_from_the_torchrun_environment(gloo_run):
-    world, results = gloo_run
-    for rank, out in enumerate(results):
-        assert out["env"] == (rank, world)
-        assert out["tp"] == (rank, world, True, True)  # init_tp made (and owned) the group
-        expected = torch.arange(4.0) * world + 10 * sum(range(world))
-        assert torch.equal(out["all_reduce"], expected)
-        assert out["all_gather"].tolist() == [[[r, -r]] for r in range(world)]
-
-
-def test_gloo_model_matches_one_process(gloo_run, reference):
-    """Embedding, two layers (biases, fused tensors, sandwich norms), final norm, gathered
-    logits, greedy / top-5 tokens and Medusa heads' top-4 across N ranks against one process;
-    every rank holds bit-identical results (acceptance then agrees without a broadcast)."""
-    world, results = gloo_run
-    first = results[0]["model"]
-    torch.testing.assert_close(first["hidden"], reference["hidden"], atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(first["logits"], reference["logits"], atol=2e-6, rtol=1e-5)
-    for key in ("greedy", "top5", "heads"):
-        assert torch.equal(first[key][1], reference[key][1]), key
-        torch.testing.assert_close(first[key][0], reference[key][0], atol=2e-6, rtol=1e-5)
-    assert torch.equal(first["top5"][1][:, :1], first["greedy"][1])
-    assert torch.equal(first["logits"].flatten(0, 1).argmax(-1, keepdim=True),
-                       first["greedy"][1])
-    for out in results[1:]:
-        for key, value in out["model"].items():
-            if isinstance(value, tuple):
-                assert all(torch.equal(a, b) for a, b in zip(value, first[key], strict=True)), key
-            else:
-                assert torch.equal(value, first[key]), key
-
-
-def test_gloo_topk_merge_ties_across_shards(gloo_run):
-    world, results = gloo_run
-    logits = tie_logits()
-    for k in KS:
-        exp_values, exp_ids = topk_lower_index_first(logits, k)
-        for out in results:
-            values, ids = out["ties"][k]
-            assert torch.equal(ids, exp_ids), (world, k)
-            torch.testing.assert_close(values, exp_values, atol=0, rtol=0, equal_nan=True)
-
-
-def test_gloo_ranks_hold_their_slices(gloo_run, tiny_ckpt):
-    world, results = gloo_run
-    cfg, _, full = tiny_ckpt
-    split_read = 0
-    for rank, out in enumerate(results):
-        layout = TPLayout.from_hf_config(cfg, world, rank)
-        for name, shape in out["shapes"].items():
-            assert shape == layout.shard(name, full[name].shape).local_shape(full[name].shape)
-        split_read += out["stats"]["split_read"]
-    assert split_read == results[0]["stats"]["split_full"]
-
-
-def test_gloo_rank_memory_is_its_share(gloo_run):
-    """A rank of 4 reading a 40 MB checkpoint keeps exactly its quarter of the split tensors
-    plus the whole ones (under 5%), and its anonymous memory grows by no more than that.
-    Not asserted: the file pages the reads touch (page cache shared by the ranks, as much as
-    the kernel's readahead brings in; safetensors hands out views of its memory map)."""
-    world, results = gloo_run
-    if world != 4:
-        pytest.skip("measured with 4 ranks and a 40 MB checkpoint")
-    mb = 2**20
-    for out in results:
-        mem, stats = out["memory"], out["memory"]["stats"]
-        if "RssAnon" not in mem["before"]:
-            pytest.skip("/proc/self/status has no RssAnon here")
-        assert stats["split_read"] * 4 == stats["split_full"]
-        assert stats["read"] - stats["split_read"] < 0.05 * stats["full"]
-        assert mem["held"] == stats["read"] < 0.3 * stats["full"]
-        anon = (mem["after"]["RssAnon"] - mem["before"]["RssAnon"]) * mb
-        assert anon < mem["held"] + 4 * mb, (anon / mb, mem)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL tensor parallelism needs 2 GPUs")
-def test_nccl_two_gpus_match_one_process_and_replay_in_a_cuda_graph(tiny_ckpt, reference,
-                                                                    tmp_path_factory):
-    cfg, files, _ = tiny_ckpt
-    workdir = tmp_path_factory.mktemp("nccl")
-    torch.save(_inputs(cfg, files, tmp_path_factory, big=False),
-               os.path.join(workdir, "inputs.pt"))
-    results = run_ranks(2, str(workdir), device="cuda")
-    for out in results:
-        assert out["tp"] == (out["env"][0], 2, True, True)
-        model = out["model"]
-        torch.testing.assert_close(model["hidden"], reference["hidden"], atol=1e-4, rtol=1e-4)
-        for key in ("greedy", "top5", "heads"):
-            assert torch.equal(model[key][1], reference[key][1]), key
-        graph, eager = out["cuda_graph"]["graph"], out["cuda_graph"]["eager"]
-        assert all(torch.equal(a, b) for a, b in zip(graph, eager, strict=True))

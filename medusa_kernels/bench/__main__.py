@@ -241,10 +241,18 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     bad = _check_paths(args)
-    if bad is not None:  # one line, before anything runs
-        print(f"python -m medusa_kernels.bench: error: {bad}", file=sys.stderr)
+    rank = int(os.environ.get("RANK", "0")) if os.environ.get("WORLD_SIZE", "1") != "1" else 0
+    if bad is None and os.environ.get("WORLD_SIZE", "1") != "1" and args.sections != ["e2e"]:
+        bad = "under torchrun (tensor parallelism) only --only e2e runs"
+    if rank:  # torchrun: rank 0 reports; the others write their JSON to OUT/rank<r>, quietly
+        args.out, sys.stdout = os.path.join(args.out, f"rank{rank}"), open(os.devnull, "w")
+    if bad is not None:  # one line, before anything runs (under torchrun: rank 0's)
+        if not rank:
+            print(f"python -m medusa_kernels.bench: error: {bad}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and os.environ.get("WORLD_SIZE", "1") != "1":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
     ready = _interpreter_ready(device)
     if ready is False:  # restart with TRITON_INTERPRET=1 in place before any kernel import
         env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})

@@ -18,15 +18,16 @@ Parts run in the order 2, 1, 3.
    rows time the step, whatever it accepts.)
 2. Real generation (``impl`` "plain_generate" / "medusa_generate"): greedy decoding of a few
    prompts with the model given by ``ctx.model_dir``/``ctx.medusa_dir`` or, by default, the
-   bundled demo model (held-out prompts; CPU quick: 4 prompts x 64 tokens, CUDA: 4 x 128, 8 x
-   256 for a real checkpoint without --quick), with the default tree (or ``--tree``) and, for
-   the demo without ``--tree``, also with its shipped calibrated trees (``demo_trees``: 63
-   nodes grown from its heads' accuracies, and the size ``--nodes auto`` chose on a CPU); one
-   ``medusa_generate`` row per tree. Tokens/s leave out prefill and the first step (CUDA
-   graph capture, warm-up); ``mean_accepted``, the acceptance-length histogram ``accept_hist``
-   (accepted tokens per step -> steps) and ``identical``: Medusa's output equals plain greedy
-   decoding token for token (``check`` "ok"; in bf16/fp16 a divergence is reported as a note,
-   since the tree forward and the one-token forward round differently on near-ties).
+   bundled demo model (held-out prompts; CPU quick: 4 prompts x 64 tokens, 2 x 32 on gloo
+   ranks, CUDA: 4 x 128, 8 x 256 for a real checkpoint without --quick), with the default
+   tree (or ``--tree``) and, for the demo without ``--tree``, also with its shipped calibrated
+   trees (``demo_trees``: 63 nodes grown from its heads' accuracies, and the size ``--nodes
+   auto`` chose on a CPU); one ``medusa_generate`` row per tree. Tokens/s leave out prefill
+   and the first step (CUDA graph capture, warm-up); ``mean_accepted``, the acceptance-length
+   histogram ``accept_hist`` (accepted tokens per step -> steps) and ``identical``: Medusa's
+   output equals plain greedy decoding token for token (``check`` "ok"; in bf16/fp16 a
+   divergence is reported as a note, since the tree forward and the one-token forward round
+   differently on near-ties).
 
 3. Plain decoding against transformers (``impl`` "plain_decode" / "hf_generate"): greedy
    decoding of one random prompt (CUDA: 128 tokens, then 128 new; CPU: 32, then 32) with the
@@ -40,6 +41,14 @@ Parts run in the order 2, 1, 3.
    note when transformers is not installed. Runs last, so a time limit costs it first.
 
 ``ctx.shapes`` filters by ``key=value`` words (``model=llama-1b``, ``L=1024``).
+
+Tensor parallelism: under ``torchrun --nproc-per-node N ... -m medusa_kernels.bench --only e2e``
+every rank holds its part of the model (``load_model(..., tp=True)``; random models built as
+``Transformer(cfg, tp)``): parts 1 and 2 run tensor-parallel and their rows carry ``tp`` = N,
+rank 0's times (NCCL on ``cuda:LOCAL_RANK``, collectives inside the captured graphs; gloo on
+CPUs, eager). Steps are timed with a fixed number of calls (the ranks must make the same calls:
+a time budget could differ between them). Part 3 needs one process (transformers' peer) and is
+skipped with a note.
 """
 
 from __future__ import annotations
@@ -54,9 +63,17 @@ from medusa_kernels.checkpoint import MedusaModel, load_model
 from medusa_kernels.decoding import generate, medusa_step, plain_step
 from medusa_kernels.heads import MedusaHeads
 from medusa_kernels.model import ModelConfig, Transformer
+from medusa_kernels.parallel import SINGLE, TPGroup, init_tp, launched_world, rank_device
 from medusa_kernels.tree import DEFAULT_TREE, TREES, build_tree, resolve_choices
 
-from ._common import BenchContext, case_wanted, cuda_usable, failure_row, timed_mode_row
+from ._common import (
+    BenchContext,
+    case_wanted,
+    cuda_usable,
+    failure_row,
+    graphed,
+    timed_mode_row,
+)
 
 SECTION = "e2e"
 
@@ -95,10 +112,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def random_model(cfg: ModelConfig, num_heads: int, dtype, device, seed: int = 0) -> MedusaModel:
-    """A base model and one-layer Medusa heads with random weights, built on ``device``."""
+def random_model(cfg: ModelConfig, num_heads: int, dtype, device, seed: int = 0,
+                 tp: TPGroup = SINGLE) -> MedusaModel:
+    """A base model and one-layer Medusa heads with random weights, built on ``device`` (under
+    tensor parallelism this rank's part, drawn from the same seed on every rank)."""
     with torch.device("meta"):
-        base, heads = Transformer(cfg), MedusaHeads(num_heads, 1, cfg.hidden_size, cfg.vocab_size)
+        base = Transformer(cfg, tp)
+        heads = MedusaHeads(num_heads, 1, cfg.hidden_size, cfg.vocab_size, tp)
     base = base.to(dtype=dtype).to_empty(device=device)
     heads = heads.to(dtype=dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
@@ -158,8 +178,10 @@ def step_fns(model: MedusaModel, trees: list, batch: int, context: int) -> list:
     return [fn(plain_step, plain_tree)] + [fn(medusa_step, t) for t in trees]
 
 
-def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 1) -> list[dict]:
-    """plain_step vs medusa_step of a random ``SHAPES[name]`` model at each context length."""
+def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 1,
+               tp: TPGroup = SINGLE) -> list[dict]:
+    """plain_step vs medusa_step of a random ``SHAPES[name]`` model at each context length
+    (this rank's part of it under tensor parallelism)."""
     cfg = ModelConfig(**SHAPES[name])
     dtype = ctx.dtype if ctx.cuda else torch.float32
     choices = resolve_choices(ctx.tree)
@@ -167,7 +189,7 @@ def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 
     num_heads = max(depth, 1)
     cases = [
         dict(model=name, B=B, L=L, tree=_tree_label(ctx), tree_nodes=len(choices) + 1,
-             dtype=_dtype_name(dtype))
+             dtype=_dtype_name(dtype), **_tp_case(tp))
         for L in lengths
     ]  # fmt: skip
     cases = [c for c in cases if case_wanted(ctx, c)]
@@ -176,29 +198,29 @@ def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 
     elsize = torch.finfo(dtype).bits // 8
     if ctx.cuda:
         kv_max = 2 * cfg.num_layers * B * (max(lengths) + 128) * cfg.num_kv_heads * cfg.head_dim
-        need = (_param_count(cfg, num_heads) + kv_max) * elsize + (3 << 30)
-        free = torch.cuda.mem_get_info(ctx.device)[0]
+        need = (_param_count(cfg, num_heads) + kv_max) * elsize // tp.world + (3 << 30)
+        free = torch.cuda.mem_get_info(_device(ctx, tp))[0]
         if free < need:
             ctx.notes.append(
                 f"{SECTION}: {name} skipped: needs ~{need / 2**30:.1f} GiB, "
                 f"{free / 2**30:.1f} GiB free"
             )
             return []
-    model = random_model(cfg, num_heads, dtype, ctx.device)
-    tree = build_tree(choices, num_heads, None, ctx.device)
+    model = random_model(cfg, num_heads, dtype, _device(ctx, tp), tp=tp)
+    tree = build_tree(choices, num_heads, None, model.device)
     weights = weight_bytes(model.base)
     heads = model.heads
     heads_bytes = sum(t[:depth].numel() for t in (heads.w1, heads.b1, heads.w2)) * elsize
     rows = []
     for case in cases:
         L = case["L"]
-        kv = 2 * cfg.num_layers * B * L * cfg.num_kv_heads * cfg.head_dim * elsize
+        kv = 2 * cfg.num_layers * B * L * cfg.num_kv_heads * cfg.head_dim * elsize // tp.world
         plain, medusa = step_fns(model, [tree], B, L)
 
         for mode in ("graph", "eager") if ctx.cuda else ("eager",):
             try:
                 rows += _time_pair(ctx, case, mode, plain, medusa, weights + kv,
-                                   weights + heads_bytes + kv)  # fmt: skip
+                                   weights + heads_bytes + kv, tp)  # fmt: skip
             except torch.cuda.OutOfMemoryError:
                 ctx.notes.append(f"{SECTION}: {name} L={L} {mode} ran out of GPU memory")
                 torch.cuda.empty_cache()
@@ -210,18 +232,63 @@ def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 
     return rows
 
 
-def _time_pair(ctx, case, mode, plain, medusa, plain_bytes, medusa_bytes) -> list[dict]:
+def _time_pair(ctx, case, mode, plain, medusa, plain_bytes, medusa_bytes,
+               tp: TPGroup = SINGLE) -> list[dict]:
     """Rows for plain_step and medusa_step in ``mode``; the Medusa row gets the time ratio."""
     rows = []
     with torch.inference_mode():
         for impl, fn, nbytes in (("plain_step", plain, plain_bytes),
                                  ("medusa_step", medusa, medusa_bytes)):  # fmt: skip
-            row = timed_mode_row(ctx, SECTION, impl, fn, nbytes, True, mode, **case)
+            if tp.world > 1:
+                row = _tp_timed_row(ctx, tp, impl, fn, nbytes, mode, **case)
+            else:
+                row = timed_mode_row(ctx, SECTION, impl, fn, nbytes, True, mode, **case)
             if row is not None:
                 rows.append(row)
     if len(rows) == 2 and all("median_us" in r for r in rows):
         rows[1]["ratio_vs_plain"] = rows[1]["median_us"] / rows[0]["median_us"]
     return rows
+
+
+def _tp_timed_row(ctx: BenchContext, group: TPGroup, impl: str, fn, bytes_moved: int,
+                  mode: str, **case) -> dict:
+    """``timed_row`` for a tensor-parallel step: every rank makes the same fixed number of
+    calls (a time budget could differ between ranks and leave one waiting in a collective);
+    rank 0's times (the collectives keep the ranks in step)."""
+    import statistics
+
+    run = graphed(fn) if mode == "graph" else fn
+    warmup, reps = (3, 10) if ctx.quick else (5, 50)
+    for _ in range(warmup):
+        run()
+    sync = torch.cuda.synchronize if ctx.cuda else (lambda: None)
+    sync()
+    group.barrier()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append(1e6 * (time.perf_counter() - t0))
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    median = statistics.median(times)
+    floor_us = bytes_moved / (ctx.copy_gbps * 1e9) * 1e6 if ctx.copy_gbps else None
+    row = dict(section=SECTION, impl=impl, **case, mode=mode, median_us=median, p20_us=q[1],
+               p80_us=q[7], gbps=bytes_moved / (median * 1e-6) / 1e9, floor_us=floor_us,
+               frac_floor=floor_us / median if floor_us else None)  # fmt: skip
+    if ctx.on_row is not None:
+        ctx.on_row(row)
+    return row
+
+
+def _tp_case(tp: TPGroup) -> dict:
+    """The ``tp`` key of a tensor-parallel row (none for one process: rows as before)."""
+    return {"tp": tp.world} if tp.world > 1 else {}
+
+
+def _device(ctx: BenchContext, tp: TPGroup) -> torch.device:
+    """This rank's device (``cuda:LOCAL_RANK`` under tensor parallelism on GPUs)."""
+    return rank_device(ctx.device) if tp.world > 1 else ctx.device
 
 
 def _each_model(ctx: BenchContext, names, rows_of, impl: str) -> list[dict]:
@@ -243,12 +310,24 @@ def _each_model(ctx: BenchContext, names, rows_of, impl: str) -> list[dict]:
     return rows
 
 
-def _step_section(ctx: BenchContext) -> list[dict]:
+def _step_section(ctx: BenchContext, tp: TPGroup = SINGLE) -> list[dict]:
     if ctx.cuda:
         names, lengths = ("llama-1b", "vicuna-7b"), (1024,) if ctx.quick else (1024, 4096)
     else:
         names, lengths = ("tiny",), (64, 256) if ctx.quick else (64, 256, 1024)
-    return _each_model(ctx, names, lambda name: _step_rows(ctx, name, lengths), "step")
+    names = [n for n in names if _splits(ctx, n, tp)]
+    return _each_model(ctx, names, lambda name: _step_rows(ctx, name, lengths, tp=tp), "step")
+
+
+def _splits(ctx: BenchContext, name: str, tp: TPGroup) -> bool:
+    """Whether ``SHAPES[name]``'s heads split over the ranks (else a note)."""
+    shape = SHAPES[name]
+    for key in ("num_kv_heads", "intermediate_size"):
+        if shape[key] % tp.world:
+            ctx.notes.append(f"{SECTION}: {name} skipped: {key} = {shape[key]} does not divide "
+                             f"by tp = {tp.world}")
+            return False
+    return True
 
 
 def hf_twin(base: Transformer):
@@ -459,7 +538,7 @@ def _medusa_row_checks(row: dict, plain_outs: list, outs: list, counts: list, dt
         )
 
 
-def _generation_rows(ctx: BenchContext) -> list[dict]:
+def _generation_rows(ctx: BenchContext, tp: TPGroup = SINGLE) -> list[dict]:
     demo = ctx.model_dir is None
     dtype = ctx.dtype if ctx.cuda else torch.float32
     if demo:
@@ -472,17 +551,20 @@ def _generation_rows(ctx: BenchContext) -> list[dict]:
         label = os.path.basename(os.path.normpath(model_dir))
     if ctx.cuda:
         n, max_new = (4, 128) if ctx.quick or demo else (8, 256)
+    elif tp.world > 1:  # gloo on CPUs: a check that TP decodes, not a speed to measure
+        n, max_new = (2, 32) if ctx.quick else (4, 64)
     else:
         n, max_new = (4, 64) if ctx.quick else (8, 128)
     # the demo without --tree: the default tree and the demo's own calibrated trees
     trees = [ctx.tree] + (demo_trees() if demo and ctx.tree is None else [])
     case = dict(model=label, dtype=_dtype_name(dtype), prompts=n, max_new_tokens=max_new,
-                mode="graph" if ctx.cuda else "eager")  # fmt: skip
+                mode="graph" if ctx.cuda else "eager", **_tp_case(tp))  # fmt: skip
     tree_label = {t: _tree_label(ctx) if t is ctx.tree else os.path.basename(t) for t in trees}
     trees = [t for t in trees if case_wanted(ctx, dict(case, tree=tree_label[t]))]
     if not trees:
         return []
-    model = load_model(model_dir, medusa=heads_dir, dtype=dtype, device=ctx.device)
+    model = load_model(model_dir, medusa=heads_dir, dtype=dtype, device=_device(ctx, tp),
+                       tp=tp if tp.world > 1 else None)
     if model.heads is None:
         ctx.notes.append(
             f"{SECTION}: {model_dir} has no Medusa heads: generation skipped (give --medusa DIR)"
@@ -532,9 +614,17 @@ def _generation_rows(ctx: BenchContext) -> list[dict]:
 def run(ctx: BenchContext) -> list[dict]:
     if ctx.tree is not None and str(ctx.tree) not in TREES and not os.path.isfile(ctx.tree):
         raise ValueError(f"tree {ctx.tree!r} is neither a known tree {sorted(TREES)} nor a file")
+    tp = init_tp(device=ctx.device) if launched_world() > 1 else SINGLE  # torchrun: TP mode
+    try:
+        return _run(ctx, tp)
+    finally:
+        tp.close()
+
+
+def _run(ctx: BenchContext, tp: TPGroup) -> list[dict]:
     rows: list[dict] = []
     try:  # the real generation first: a time limit should cost the random-weight parts
-        rows += _generation_rows(ctx)
+        rows += _generation_rows(ctx, tp)
     except Exception as e:  # on the GPU keep going; the CPU run raises as before
         if not ctx.cuda:
             raise
@@ -542,7 +632,11 @@ def run(ctx: BenchContext) -> list[dict]:
         rows.append(failure_row(ctx, SECTION, "generate", e, True, model=label))
     if ctx.cuda and not cuda_usable(ctx):
         return rows
-    rows += _step_section(ctx)
+    rows += _step_section(ctx, tp)
     if ctx.cuda and not cuda_usable(ctx):
+        return rows
+    if tp.world > 1:
+        ctx.notes.append(f"{SECTION}: plain decoding against transformers not run under "
+                         f"tensor parallelism (tp = {tp.world}): its peer runs in one process")
         return rows
     return rows + _decode_section(ctx)

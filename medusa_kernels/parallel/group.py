@@ -89,6 +89,18 @@ class TPGroup:
         _all_gather_flat(out, x.contiguous().view(-1), self.group)
         return out.view(self.world, *x.shape)
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``x`` on every rank, in place; returns ``x`` (world 1: untouched)."""
+        if self.world == 1:
+            return x
+        dist.broadcast(x, dist.get_global_rank(self.group, src), group=self.group)
+        return x
+
+    @property
+    def backend(self) -> str | None:
+        """The process group's backend ("nccl", "gloo"; None for world 1)."""
+        return None if self.world == 1 else str(dist.get_backend(self.group))
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier(group=self.group)
@@ -115,12 +127,47 @@ def rank_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def _env_world() -> int:
+def launched_world() -> int:
+    """``WORLD_SIZE`` from the environment (torchrun sets it; 1 without it)."""
     raw = os.environ.get("WORLD_SIZE", "1")
     try:
         return int(raw)
     except ValueError:
         raise ValueError(f"environment variable WORLD_SIZE must be an int, got {raw!r}") from None
+
+
+def check_device(tp: TPGroup, device: torch.device) -> None:
+    """The tensors of a tensor-parallel model must live where its backend communicates: NCCL
+    on CUDA, gloo on CPUs (gloo on CUDA tensors is refused: it cannot run inside a captured
+    CUDA graph, and NCCL is the backend for GPUs). A ValueError naming both otherwise."""
+    backend = tp.backend
+    if backend is None:
+        return
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"the process group's backend is nccl, which needs CUDA tensors; the "
+                         f"model's device is {device}: use a cuda device or a gloo group")
+    if backend == "gloo" and device.type == "cuda":
+        raise ValueError(f"the process group's backend is gloo but the model's device is "
+                         f"{device}: tensor parallelism on GPUs runs on nccl (init_tp picks it "
+                         f"for a cuda device)")
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        raise ValueError(f"rank {tp.rank}'s model is on {device} but its current CUDA device is "
+                         f"cuda:{torch.cuda.current_device()}: one GPU per rank, "
+                         f"cuda:LOCAL_RANK (rank_device)")
+
+
+def sync_random_state(tp: TPGroup, device: torch.device) -> None:
+    """Give every rank rank 0's torch random state (the CPU generator's, and ``device``'s when
+    it is CUDA): unseeded sampling then draws the same numbers on every rank, so the ranks
+    accept the same tokens. Ranks seeded alike keep their state. World 1: nothing."""
+    if tp.world == 1:
+        return
+    comm = device if tp.backend == "nccl" else torch.device("cpu")
+    state = tp.broadcast(torch.get_rng_state().to(comm))
+    torch.set_rng_state(state.cpu())
+    if device.type == "cuda":
+        state = tp.broadcast(torch.cuda.get_rng_state(device).to(comm))
+        torch.cuda.set_rng_state(state.cpu(), device)
 
 
 def init_tp(
@@ -146,7 +193,7 @@ def init_tp(
     if dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()
         return TPGroup(dist.get_rank(), world, dist.group.WORLD if world > 1 else None)
-    if _env_world() <= 1:
+    if launched_world() <= 1:
         return SINGLE
     missing = [name for name in TORCHRUN_ENV if name not in os.environ and name != "LOCAL_RANK"]
     if missing:

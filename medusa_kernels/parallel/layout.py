@@ -247,5 +247,33 @@ class TPLayout:
         return {name: self.shard(name, shape) for name, shape in shapes.items()}
 
 
+@dataclass(frozen=True)
+class VocabLayout:
+    """The layout of Medusa heads alone (no base model): rank ``rank`` of ``world`` holds
+    ``vocab_range(vocab_size, world, rank)`` of every head's projection ``{h}.{L}.weight`` and
+    every ResBlock whole; any other tensor is a ValueError naming it."""
+
+    world: int
+    rank: int
+    vocab_size: int
+
+    def __post_init__(self):
+        if not 0 <= self.rank < self.world or self.vocab_size < self.world:
+            raise ValueError(f"VocabLayout needs 0 <= rank < world <= vocab_size, got rank "
+                             f"{self.rank}, world {self.world}, vocab_size {self.vocab_size}")
+
+    def shard(self, name: str, shape: Sequence[int]) -> Shard:
+        rule = tensor_rule(name)
+        if rule == "whole" and "linear" in name:
+            return WHOLE
+        if rule == "vocab_rows" and re.search(r"^(medusa_head\.)?\d+\.\d+\.weight$", name):
+            if len(shape) != 2 or shape[0] != self.vocab_size:
+                raise ValueError(f"tensor {name} has shape {list(shape)}; the tensor-parallel "
+                                 f"layout expects {self.vocab_size} (vocab_size) along dim 0")
+            return Shard(0, (vocab_range(self.vocab_size, self.world, self.rank),))
+        raise ValueError(f"tensor {name!r} is not a Medusa head tensor ({{h}}.{{i}}.linear.weight, "
+                         f"{{h}}.{{i}}.linear.bias, {{h}}.{{L}}.weight)")
+
+
 def _shift(r: Range, offset: int) -> Range:
     return r[0] + offset, r[1] + offset

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from .layout import TPLayout
+from .layout import TPLayout, VocabLayout
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ReadStats:
 
 def iter_shards(
     files: Iterable[str | os.PathLike],
-    layout: TPLayout,
+    layout: TPLayout | VocabLayout,
     keep: Callable[[str], bool] | None = None,
     stats: ReadStats | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -55,26 +55,35 @@ def iter_shards(
     host's peak at one tensor). Tensors are CPU, contiguous, the file's dtype, shaped
     ``layout.shard(name, shape).local_shape(shape)``, and own their memory (no view of the
     file). A tensor no rule covers, or whose shape does not fit the layout, raises a
-    ValueError naming it; a name in two files too."""
+    ValueError naming it; a name in two files too, and an unreadable file (naming it).
+    ``layout``: a ``TPLayout``, or a ``VocabLayout`` for Medusa heads alone."""
     seen = {}
     for path in files:
         path = os.fspath(path)
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
+        try:
+            f = safe_open(path, framework="pt")
+            names = list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        with f:
+            for name in names:
                 if keep is not None and not keep(name):
                     continue
                 if name in seen:
                     raise ValueError(f"tensor {name} is in both {seen[name]} and {path}")
                 seen[name] = path
-                view = f.get_slice(name)
-                shape = tuple(view.get_shape())
-                shard = layout.shard(name, shape)
-                if shard.replicated:
-                    local = f.get_tensor(name).clone()
-                else:
-                    lead = (slice(None),) * shard.dim
-                    parts = [view[lead + (slice(start, stop),)] for start, stop in shard.ranges]
-                    local = torch.cat(parts, dim=shard.dim)  # a copy: owns its memory
+                try:
+                    view = f.get_slice(name)
+                    shape = tuple(view.get_shape())
+                    shard = layout.shard(name, shape)
+                    if shard.replicated:
+                        local = f.get_tensor(name).clone()
+                    else:
+                        lead = (slice(None),) * shard.dim
+                        parts = [view[lead + (slice(start, stop),)] for start, stop in shard.ranges]
+                        local = torch.cat(parts, dim=shard.dim)  # a copy: owns its memory
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"{path}: tensor {name} is not readable ({e})") from None
                 if stats is not None:
                     stats.add(local, _numel(shape), split=not shard.replicated)
                 yield name, local

@@ -18,9 +18,10 @@ ascending); indices are distinct, so this is a strict total order and the global
 first k elements. Take t in T, held by rank r: the elements of rank r that precede t also
 precede it globally, and fewer than k do, so t is among rank r's own first k, which is the
 rank's top-k list under the same order (``topk_lower_index_first``, or the fused kernels, on
-the rank's slice, with its local indices shifted by ``start``: shifting keeps the index order).
-So T lies in the union of the lists, and the first k of the union under the same order are T,
-in order; ties across shard boundaries included, since the order compares global indices.
+the rank's slice, with its local indices shifted by ``start``: shifting keeps the index order;
+a rank holding fewer than k rows lists them all, padded with keys that sort last). So T lies
+in the union of the lists, and the first k of the union under the same order are T, in order;
+ties across shard boundaries included, since the order compares global indices.
 
 The merge sends one int64 key per candidate, the fused kernels' key (``heads_topk.py``): the
 fp32 value mapped to an order-preserving int32 (-0.0 read as +0.0, every NaN as the positive
@@ -42,6 +43,7 @@ from .layout import vocab_range
 
 _LOW = 0xFFFFFFFF
 _MAGNITUDE = 0x7FFFFFFF
+_EMPTY_KEY = -(2**63)  # pads a short list: sorts after every key topk_keys makes
 
 
 def _rank_vocab(tp: TPGroup, vocab_size: int, rows: int, what: str) -> tuple[int, int]:
@@ -122,15 +124,18 @@ def merge_topk_keys(keys: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def merge_topk(
-    values: torch.Tensor, indices: torch.Tensor, tp: TPGroup
+    values: torch.Tensor, indices: torch.Tensor, tp: TPGroup, k: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge every rank's top-k into the top-k of the whole vocabulary.
 
-    values: [*S, k] this rank's top-k logits, sorted or not (float; compared as fp32);
-    indices: [*S, k] their GLOBAL vocabulary ids (int64, distinct across ranks, < 2**31 - 1).
+    values: [*S, k'] this rank's top-k' logits, sorted or not (float; compared as fp32);
+    indices: [*S, k'] their GLOBAL vocabulary ids (int64, distinct across ranks, < 2**31 - 1);
+    k: the width of the result (default k'). A rank with fewer than k vocabulary rows passes
+    k' < k (all its rows): its list is padded with keys that sort after every candidate, so k'
+    may differ between ranks as long as the ranks hold at least k candidates together.
     Returns (values [*S, k] float32 sorted descending, indices [*S, k] int64) on every rank:
     the single-rank ``topk_lower_index_first`` of the full logits (see the module docstring).
-    World 1: the inputs, untouched.
+    World 1: the inputs, untouched (k must then be k').
     """
     if values.shape != indices.shape or values.dim() < 1:
         raise ValueError(f"values and indices must have one shape [*S, k], got "
@@ -138,6 +143,12 @@ def merge_topk(
     if not values.dtype.is_floating_point or indices.dtype != torch.int64:
         raise TypeError(f"values must be floating and indices int64, got {values.dtype}, "
                         f"{indices.dtype}")
+    width = values.shape[-1]
+    k = width if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or k < width or \
+            (tp.world == 1 and k != width) or k > tp.world * max(width, 1):
+        raise ValueError(f"k must be an int in [{width}, world x {width}] (the lists' width "
+                         f"{width}; world 1: {width}), got {k!r}")
     if tp.world == 1:
         return values, indices
     if check_values(indices.device) and indices.numel():
@@ -145,8 +156,11 @@ def merge_topk(
         if low < 0 or high >= NO_INDEX:
             raise ValueError(f"indices must be global vocabulary ids in [0, {NO_INDEX}), got "
                              f"values in [{low}, {high}]")
-    gathered = tp.all_gather(topk_keys(values, indices))  # [world, *S, k]
-    return keys_topk(merge_topk_keys(gathered, values.shape[-1]))
+    keys = topk_keys(values, indices)
+    if width < k:  # fewer rows than k on this rank: pad with keys below every real one
+        keys = torch.cat([keys, keys.new_full((*keys.shape[:-1], k - width), _EMPTY_KEY)], -1)
+    gathered = tp.all_gather(keys)  # [world, *S, k]
+    return keys_topk(merge_topk_keys(gathered, k))
 
 
 def shard_topk(
@@ -154,11 +168,11 @@ def shard_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of vocabulary-split logits: this rank's logits [*S, Vr] -> (values [*S, k]
     float32, indices [*S, k] int64 global ids) of the whole vocabulary, ties to the lower id
-    (``topk_lower_index_first`` on the slice, then ``merge_topk``). 1 <= k <= Vr."""
+    (``topk_lower_index_first`` on the slice, then ``merge_topk``). 1 <= k <= V."""
     start, stop = _rank_vocab(tp, vocab_size, logits.shape[-1], "logits")
-    _check_k(k, stop - start, tp)
-    values, indices = topk_lower_index_first(logits, k)
-    return merge_topk(values.float(), indices + start, tp)
+    _check_k(k, vocab_size)
+    values, indices = topk_lower_index_first(logits, min(k, stop - start))
+    return merge_topk(values.float(), indices + start, tp, k)
 
 
 def lm_head_topk_parallel(
@@ -168,11 +182,11 @@ def lm_head_topk_parallel(
     """``ops.lm_head_topk`` over a vocabulary-split lm_head: hidden [N, d] (the same on every
     rank), weight [Vr, d] this rank's rows -> (values [N, k] float32, indices [N, k] int64
     global ids), as one rank with the full weight gives (k = 1: the greedy token).
-    1 <= k <= Vr."""
+    1 <= k <= V (a rank with fewer rows than k contributes all of them)."""
     start, stop = _rank_vocab(tp, vocab_size, weight.shape[0], "weight")
-    _check_k(k, stop - start, tp)
-    values, indices = lm_head_topk(hidden, weight, k, backend=backend)
-    return merge_topk(values, indices + start, tp)
+    _check_k(k, vocab_size)
+    values, indices = lm_head_topk(hidden, weight, min(k, stop - start), backend=backend)
+    return merge_topk(values, indices + start, tp, k)
 
 
 def medusa_heads_topk_parallel(
@@ -181,16 +195,16 @@ def medusa_heads_topk_parallel(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ops.medusa_heads_topk`` over vocabulary-split head projections: hidden [N, d], w1
     [K, d, d], b1 [K, d] (whole on every rank), w2 [K, Vr, d] this rank's rows -> (values
-    [N, K, k] float32, indices [N, K, k] int64 global ids). 1 <= k <= Vr."""
+    [N, K, k] float32, indices [N, K, k] int64 global ids). 1 <= k <= V."""
     if w2.dim() != 3:
         raise ValueError(f"w2 must be [K, Vr, d], got shape {tuple(w2.shape)}")
     start, stop = _rank_vocab(tp, vocab_size, w2.shape[1], "w2")
-    _check_k(k, stop - start, tp)
-    values, indices = medusa_heads_topk(hidden, w1, b1, w2, k, backend=backend)
-    return merge_topk(values, indices + start, tp)
+    _check_k(k, vocab_size)
+    values, indices = medusa_heads_topk(hidden, w1, b1, w2, min(k, stop - start),
+                                        backend=backend)
+    return merge_topk(values, indices + start, tp, k)
 
 
-def _check_k(k, rows: int, tp: TPGroup) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= rows:
-        raise ValueError(f"k must be an int in [1, {rows}] (rank {tp.rank}'s vocabulary rows "
-                         f"of {tp.world}), got {k!r}")
+def _check_k(k, vocab_size: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
+        raise ValueError(f"k must be an int in [1, vocab_size = {vocab_size}], got {k!r}")
