@@ -39,7 +39,6 @@ from torch import nn
 
 from . import hf_config
 from .ops import lm_head_topk, tree_attention
-from .ops.heads_topk import topk_lower_index_first
 from .parallel import (
     SINGLE,
     WHOLE,
@@ -49,7 +48,6 @@ from .parallel import (
     gather_vocab,
     lm_head_topk_parallel,
     row_parallel_linear,
-    shard_topk,
     vocab_parallel_embedding,
 )
 
@@ -490,23 +488,17 @@ class Transformer(nn.Module):
         return gather_vocab(logits, self.tp, self.cfg.vocab_size) if self.tp.world > 1 else logits
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
-        """argmax of ``logits(hidden)`` [..., d] -> [...] int64 (ties: lower id), without
-        writing the logits (``lm_head_topk`` with k = 1: fused on the GPU). Under tensor
+        """argmax of ``logits(hidden)`` [..., d] -> [...] int64 (ties: lower id; after the final
+        soft-cap where the family has one), without writing the logits (``lm_head_topk`` with
+        k = 1: fused on the GPU). Under tensor
         parallelism each rank's top-1 of its rows, merged exactly (``parallel.merge_topk``)."""
         flat = hidden.reshape(-1, hidden.shape[-1])
         cap, tp, V = self.cfg.final_softcap, self.tp, self.cfg.vocab_size
-        if cap is not None:  # capped logits, ties (tanh saturates) to the lower id
-            dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
-            logits = F.linear(flat.to(dtype), self.lm_head.weight.to(dtype))
-            capped = cap * torch.tanh(logits / cap)
-            # TODO(merge): lm_head_topk(..., softcap=) (lm_head_topk_parallel under TP)
-            ids = shard_topk(capped, 1, tp, V)[1] if tp.world > 1 else \
-                topk_lower_index_first(capped, 1)[1]
-            return ids.view(hidden.shape[:-1])
         if tp.world > 1:
-            return lm_head_topk_parallel(flat, self.lm_head.weight, 1, tp, V)[1].view(
-                hidden.shape[:-1])
-        return lm_head_topk(flat, self.lm_head.weight, 1)[1].view(hidden.shape[:-1])
+            ids = lm_head_topk_parallel(flat, self.lm_head.weight, 1, tp, V, softcap=cap)[1]
+        else:
+            ids = lm_head_topk(flat, self.lm_head.weight, 1, softcap=cap)[1]
+        return ids.view(hidden.shape[:-1])
 
     # ------------------------------------------------------------ transformers' tensor names
 

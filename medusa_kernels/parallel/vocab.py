@@ -177,15 +177,17 @@ def shard_topk(
 
 def lm_head_topk_parallel(
     hidden: torch.Tensor, weight: torch.Tensor, k: int, tp: TPGroup, vocab_size: int, *,
-    backend: str = "auto",
+    softcap: float | None = None, backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ops.lm_head_topk`` over a vocabulary-split lm_head: hidden [N, d] (the same on every
     rank), weight [Vr, d] this rank's rows -> (values [N, k] float32, indices [N, k] int64
-    global ids), as one rank with the full weight gives (k = 1: the greedy token).
+    global ids), as one rank with the full weight gives (k = 1: the greedy token; ``softcap``:
+    the final logit soft-cap, elementwise, so capping each shard is capping the whole).
     1 <= k <= V (a rank with fewer rows than k contributes all of them)."""
     start, stop = _rank_vocab(tp, vocab_size, weight.shape[0], "weight")
     _check_k(k, vocab_size)
-    values, indices = lm_head_topk(hidden, weight, min(k, stop - start), backend=backend)
+    values, indices = lm_head_topk(hidden, weight, min(k, stop - start), softcap=softcap,
+                                   backend=backend)
     return merge_topk(values, indices + start, tp, k)
 
 
