@@ -214,6 +214,168 @@ def test_opcheck_with_block_table():
     torch.library.opcheck(torch.ops.medusa_kernels.tree_attention.default, args)
 
 
+# --- sliding window, soft-capping, tree depths --------------------------------------------
+
+
+def brute_force(q, k, v, lens, mask, softmax_scale=None, block_table=None, sliding_window=None,
+                softcap=None, tree_depths=None):
+    """float64 loop over (b, t, h): the keys each query sees, by position (slot p holds position
+    p; tree node u sits at L + depth[u]); transformers' window ``kv_pos > q_pos - W``."""
+    if block_table is not None:
+        k, v = ta._gather_pages(k, block_table), ta._gather_pages(v, block_table)
+    q, k, v, mask = q.double().cpu(), k.double().cpu(), v.double().cpu(), mask.cpu()
+    B, T, Hq, D = q.shape
+    mask = mask if mask.dtype == torch.bool else unpack_tree_mask(mask, T)
+    group = Hq // k.shape[2]
+    depth = mask.sum(1) - 1 if tree_depths is None else tree_depths.cpu()
+    scale = 1 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    out = torch.empty(B, T, Hq, D, dtype=torch.float64)
+    W = math.inf if sliding_window is None else sliding_window
+    for b in range(B):
+        L = int(lens[b])
+        for t in range(T):
+            pos = L + int(depth[t])
+            slots = [j for j in range(L) if j > pos - W]
+            slots += [L + u for u in range(T) if mask[t, u] and L + int(depth[u]) > pos - W]
+            for h in range(Hq):
+                s = k[b, slots, h // group] @ q[b, t, h] * scale
+                if softcap is not None:
+                    s = softcap * torch.tanh(s / softcap)
+                out[b, t, h] = torch.softmax(s, 0) @ v[b, slots, h // group]
+    return out
+
+
+def check_options(lens, T, Hq, Hkv, D, dtype, mask, page=None, extra=3, nan_outside=False,
+                  **opts):
+    """Reference and Triton kernel (interpreter) against the float64 loop; with ``nan_outside``
+    every slot no query sees (before the earliest window, past L + T) holds NaN."""
+    launch = {n: opts.pop(n) for n in ("num_splits", "block_m", "block_n") if n in opts}
+    q, k, v, seqlens, bt = make_inputs(lens, T, Hq, Hkv, D, dtype, page, extra=extra)
+    mask = mask.to(DEV)
+    want = brute_force(q, k, v, seqlens, mask, block_table=bt, **opts)
+    atol, rtol = TOL[dtype]
+    ref = tree_attention_ref(q, k, v, seqlens, mask, block_table=bt, **opts)
+    torch.testing.assert_close(ref.double().cpu(), want, atol=atol, rtol=rtol)
+    same = tree_attention_ref(q, k, v, seqlens, mask, upcast=False, block_table=bt, **opts)
+    if nan_outside:
+        k, v = poison_unseen(k, v, seqlens, T, mask, bt, opts.get("sliding_window"),
+                             opts.get("tree_depths"))
+    got = tree_attention_triton(q, k, v, seqlens, mask, block_table=bt, **opts, **launch)
+    assert got.shape == q.shape and got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol)
+    if dtype != torch.float32:  # at most 2x the error of the same-dtype torch reference
+        err, err_torch = ((x.double().cpu() - want).abs().max().item() for x in (got, same))
+        assert err <= 2 * err_torch + 1e-5, (err, err_torch)
+    return got
+
+
+def poison_unseen(k, v, seqlens, T, mask, bt, window, depths):
+    """Copies of the caches with NaN in every slot that no query of its sequence sees."""
+    k, v = k.clone(), v.clone()
+    if mask.dtype != torch.bool:
+        mask = unpack_tree_mask(mask, T)
+    depth = (mask.sum(1) - 1) if depths is None else depths
+    for b, L in enumerate(seqlens.tolist()):
+        first = 0 if window is None else max(0, L + int(depth.min()) - window + 1)
+        S = k.shape[1] if bt is None else bt.shape[1] * k.shape[1]
+        for p in [*range(first), *range(L + T, S)]:
+            if bt is None:
+                k[b, p] = v[b, p] = float("nan")
+            else:
+                page = int(bt[b, p // k.shape[1]])
+                k[page, p % k.shape[1]] = v[page, p % k.shape[1]] = float("nan")
+    return k, v
+
+
+WINDOWED = [  # lens, T, mask, Hq, Hkv, D, dtype, options (incl. launch overrides)
+    pytest.param([130, 77, 0, 16], 9, random_tree(8, 11), 4, 1, 64, torch.float32,
+                 dict(sliding_window=16, block_n=16, num_splits=3),
+                 id="W16-L130-several-windows-ragged-gqa4-split3"),
+    pytest.param([100, 41], 6, chain(6), 2, 2, 64, torch.float32,
+                 dict(sliding_window=3, block_n=16, num_splits=2),
+                 id="W3-chain6-edge-inside-the-tree-mha"),
+    pytest.param([60, 33], 15, random_tree(14, 12), 8, 1, 64, torch.float32,
+                 dict(sliding_window=20, block_n=16, block_m=16, num_splits=4),
+                 id="W20-straddles-prefix-and-tree-gqa8-rowblocks"),
+    pytest.param([45, 2], 1, chain(1), 4, 1, 64, torch.float32,
+                 dict(sliding_window=8, block_n=16, num_splits=2), id="T1-decode-W8"),
+    pytest.param([45, 16], 5, random_tree(4, 13), 4, 4, 64, torch.float32,
+                 dict(sliding_window=1, block_n=16), id="W1-only-itself"),
+    pytest.param([20, 7], 5, random_tree(4, 14), 4, 1, 64, torch.float32,
+                 dict(sliding_window=500, block_n=16, num_splits=2), id="W-larger-than-cache"),
+    pytest.param([40, 39], 5, random_tree(4, 14), 4, 1, 64, torch.float32,
+                 dict(sliding_window=43, block_n=16, num_splits=2),
+                 id="W-just-below-the-capacity"),
+    pytest.param([70, 25], 7, random_tree(6, 15), 4, 2, 64, torch.float32,
+                 dict(softcap=2.5, block_n=16, num_splits=2), id="softcap-alone"),
+    pytest.param([90, 11], 7, random_tree(6, 16), 8, 1, 64, torch.float32,
+                 dict(softcap=1.5, sliding_window=24, scale=0.5, block_n=16, num_splits=3),
+                 id="softcap-and-W24-scale0.5-gqa8"),
+    pytest.param([150, 64, 5], 15, random_tree(14, 17), 4, 1, 128, torch.float16,
+                 dict(sliding_window=32, softcap=3.0, block_n=16, num_splits=2),
+                 id="fp16-W32-softcap-D128"),
+    pytest.param([80, 3], 9, wide(9), 4, 1, 64, torch.float16,
+                 dict(sliding_window=10, block_n=16), id="fp16-W10-wide-1split"),
+    pytest.param([50, 20], 40, random_tree(39, 18), 2, 1, 64, torch.float32,
+                 dict(sliding_window=6, block_n=16, block_m=32, num_splits=2),
+                 id="W6-T40-two-mask-words-deep-tree"),
+]
+
+
+@pytest.mark.parametrize("lens,T,mask,Hq,Hkv,D,dtype,opts", WINDOWED)
+def test_window_and_softcap(nan_empty, lens, T, mask, Hq, Hkv, D, dtype, opts):
+    opts = dict(opts)
+    if "scale" in opts:
+        opts["softmax_scale"] = opts.pop("scale")
+    check_options(lens, T, Hq, Hkv, D, dtype, mask, nan_outside=True, **opts)
+
+
+@pytest.mark.parametrize("page", [pytest.param(16, id="page16"), pytest.param(7, id="page7")])
+def test_window_paged_cache(nan_empty, page):
+    mask = pack_tree_mask(random_tree(8, 19))
+    check_options([120, 33, 70], 9, 4, 1, 64, torch.float32, mask, page=page, nan_outside=True,
+                  sliding_window=20, softcap=4.0, block_n=16, num_splits=3)
+
+
+def test_window_uses_given_depths():
+    """Depths that differ from the mask's (a node placed deeper) move the window."""
+    mask = random_tree(6, 20)
+    depths = (mask.sum(1) - 1) * 2  # every node twice as deep
+    got = check_options([60, 30], 7, 4, 1, 64, torch.float32, mask, sliding_window=9,
+                        tree_depths=depths.to(torch.int32), block_n=16, num_splits=2)
+    plain = tree_attention_ref(*make_inputs([60, 30], 7, 4, 1, 64, torch.float32)[:4],
+                               mask.to(DEV), sliding_window=9)
+    assert not torch.allclose(got, plain)
+
+
+def test_window_reads_only_the_window(monkeypatch):
+    """A long context costs O(window): count the key blocks each program folds in."""
+    calls = []
+    fold = ta._online_softmax
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fold(*args, **kwargs)
+
+    monkeypatch.setattr(ta, "_online_softmax", counting)
+    q, k, v, seqlens, _ = make_inputs([1000], 3, 1, 1, 64, torch.float32)
+    mask = chain(3).to(DEV)
+    tree_attention_triton(q, k, v, seqlens, mask, sliding_window=20, block_n=16, num_splits=1)
+    assert len(calls) <= 20 // 16 + 2 + 1, len(calls)  # window blocks (+ edge) + the tree
+    calls.clear()
+    tree_attention_triton(q, k, v, seqlens, mask, block_n=16, num_splits=1)
+    assert len(calls) == 1000 // 16 + 1 + 1  # no window: every prefix block and the tree
+
+
+def test_window_torch_and_triton_agree_through_the_public_op():
+    q, k, v, seqlens, bt = make_inputs([50, 9], 5, 4, 2, 64, torch.float32, page=8)
+    mask = random_tree(4, 21).to(DEV)
+    opts = dict(block_table=bt, sliding_window=7, softcap=2.0)
+    got = tree_attention(q, k, v, seqlens, mask, **opts, backend="triton")
+    want = tree_attention(q, k, v, seqlens, mask, **opts, backend="torch")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 # --- argument checks -------------------------------------------------------------------------
 
 
@@ -284,12 +446,13 @@ def test_triton_refuses_unsupported_shapes(change, match):
 # --- GPU: larger shapes, fp16 / bf16, error at most 2x the same-dtype torch reference ---------
 
 
-def _gpu_case(lens, T, Hq, Hkv, D, dtype, mask, page=None):
+def _gpu_case(lens, T, Hq, Hkv, D, dtype, mask, page=None, **opts):
     q, k, v, seqlens, bt = make_inputs(lens, T, Hq, Hkv, D, dtype, page)
     mask = mask.to(DEV)
-    ref32 = tree_attention_ref(q.float(), k.float(), v.float(), seqlens, mask, block_table=bt)
-    same = tree_attention_ref(q, k, v, seqlens, mask, upcast=False, block_table=bt)
-    got = tree_attention(q, k, v, seqlens, mask, block_table=bt)  # "auto" must take triton
+    ref32 = tree_attention_ref(q.float(), k.float(), v.float(), seqlens, mask, block_table=bt,
+                               **opts)  # fmt: skip
+    same = tree_attention_ref(q, k, v, seqlens, mask, upcast=False, block_table=bt, **opts)
+    got = tree_attention(q, k, v, seqlens, mask, block_table=bt, **opts)  # "auto": triton
     err = (got.float() - ref32).abs().max().item()
     err_torch = (same.float() - ref32).abs().max().item()
     assert err <= 2 * err_torch + 1e-4, (err, err_torch)
@@ -322,6 +485,22 @@ def test_gpu_tree(dtype, lens, Hkv, D, page):
 def test_gpu_decode_and_big_trees(dtype, lens, T, Hkv):
     mask = torch.ones(1, 1, dtype=torch.bool) if T == 1 else random_tree(T - 1, T)
     _gpu_case(lens, T, 32, Hkv, 128, dtype, mask)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "lens,Hkv,page,opts",
+    [
+        pytest.param([9000, 100, 4500], 8, None, dict(sliding_window=4096), id="W4096-ragged"),
+        pytest.param([3000, 17], 8, 16, dict(sliding_window=512, softcap=50.0),
+                     id="W512-softcap50-paged16"),
+        pytest.param([2000], 32, None, dict(softcap=30.0), id="softcap30-mha"),
+        pytest.param([5000, 40], 4, 256, dict(sliding_window=40), id="W40-inside-the-tree"),
+    ],
+)
+def test_gpu_window_softcap(dtype, lens, Hkv, page, opts):
+    _gpu_case(lens, 64, 32, Hkv, 128, dtype, GPU_TREE, page, **opts)
 
 
 @requires_cuda

@@ -25,6 +25,10 @@ Triton kernel (flash-decoding over the prefix, the tree mask only on the tree):
   device from cache_seqlens, so the work is balanced for the actual lengths) without any mask
   loads; only the last partial block bounds-checks. The last split also walks the T tree
   positions, where scores are masked with the tree mask (never a T x (L+T) mask).
+- Sliding window W: the tile's prefix range starts at the block of its earliest visible slot
+  (``L_b + min depth - W + 1``, on the device), so a step reads O(W + T) keys whatever L_b; the
+  few blocks where rows of different depths disagree are masked per row. Soft-capping is
+  ``tanh`` through ``exp2`` on the scores before any mask.
 - Each split writes its normalised partial output and log-sum-exp (base 2, fp32); a second small
   kernel merges the splits. One split writes the output directly.
 - The split count depends only on static shapes (capacity, B, Hkv, T, G, SM count): no host
@@ -242,15 +246,13 @@ if HAS_TRITON:
             return b.to(tl.int64) * kv_stride_b + pos.to(tl.int64) * kv_stride_s
 
     @triton.jit
-    def _online_softmax(b_acc, b_m, b_l, b_s, b_v, SAFE: tl.constexpr, DOT_PREC: tl.constexpr):
-        """Fold scores b_s [M, N] (log2 domain) and values b_v [N, D] into (acc, max, sum)."""
+    def _online_softmax(b_acc, b_m, b_l, b_s, b_v, DOT_PREC: tl.constexpr):
+        """Fold scores b_s [M, N] (log2 domain) and values b_v [N, D] into (acc, max, sum). The
+        running max starts finite (-1e30), so a row that has seen only -inf scores stays at
+        p = 0, alpha = 1 without (-inf) - (-inf)."""
         m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        if SAFE:  # rows may have seen nothing yet: keep exp2 away from (-inf) - (-inf)
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_sub = m_new
-        b_p = tl.math.exp2(b_s - m_sub[:, None])
-        alpha = tl.math.exp2(b_m - m_sub)
+        b_p = tl.math.exp2(b_s - m_new[:, None])
+        alpha = tl.math.exp2(b_m - m_new)
         b_l = b_l * alpha + tl.sum(b_p, 1)
         b_acc = b_acc * alpha[:, None]
         b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc, input_precision=DOT_PREC)
@@ -268,9 +270,55 @@ if HAS_TRITON:
             return tl.sum((b_c != 0).to(tl.int32) << tl.arange(0, 32)[None, :], 1)
 
     @triton.jit
+    def _scores(b_q, b_k, qk_scale, cap_in, cap_out, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+        """Scores [M, N] in the log2 domain: ``scale * q . k``, or with SOFTCAP Gemma-2's
+        ``softcap * tanh(scale * q . k / softcap)`` (tanh x = 1 - 2 / (1 + e^2x); cap_in =
+        2 log2(e) scale / softcap, cap_out = log2(e) softcap)."""
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
+        if SOFTCAP:
+            return cap_out * (1.0 - 2.0 / (1.0 + tl.math.exp2(b_s * cap_in)))
+        else:
+            return b_s * qk_scale
+
+    @triton.jit
+    def _prefix_block(
+        b_acc, b_m, b_l, b_q, k_head, v_head, i_b, start, seen_lo, seen_hi, first_r, m_d,
+        bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s, v_stride_b, v_stride_s,
+        qk_scale, cap_in, cap_out,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PAGED: tl.constexpr, PAGE: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
+        SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):  # fmt: skip
+        """Fold prefix slots ``start + [0, BLOCK_N)`` in. MASKED: only slots in [seen_lo,
+        seen_hi) are loaded (the others' values never reach the output, even NaN); WINDOW:
+        row r sees slots >= first_r[r]."""
+        pos = start + tl.arange(0, BLOCK_N)
+        r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s,
+                       PAGED, PAGE)  # fmt: skip
+        r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, v_stride_b, v_stride_s,
+                       PAGED, PAGE)  # fmt: skip
+        if MASKED:
+            m_n = (pos >= seen_lo) & (pos < seen_hi)
+            m_kv = m_n[:, None] & m_d[None, :]
+            b_k = tl.load(k_head + r_k[:, None], mask=m_kv, other=0.0)
+            b_v = tl.load(v_head + r_v[:, None], mask=m_kv, other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            b_k = tl.load(k_head + r_k[:, None])
+            b_v = tl.load(v_head + r_v[:, None])
+        else:
+            b_k = tl.load(k_head + r_k[:, None], mask=m_d[None, :], other=0.0)
+            b_v = tl.load(v_head + r_v[:, None], mask=m_d[None, :], other=0.0)
+        b_s = _scores(b_q, b_k, qk_scale, cap_in, cap_out, SOFTCAP, DOT_PREC)
+        if MASKED:
+            b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        if WINDOW:
+            b_s = tl.where(pos[None, :] >= first_r[:, None], b_s, float("-inf"))
+        return _online_softmax(b_acc, b_m, b_l, b_s, b_v, DOT_PREC)
+
+    @triton.jit
     def _tree_attention_kernel(
-        q_ptr, k_ptr, v_ptr, seqlens_ptr, mask_ptr, bt_ptr, o_ptr, op_ptr, lse_ptr,
-        qk_scale, T, Hkv, max_pages, num_splits,
+        q_ptr, k_ptr, v_ptr, seqlens_ptr, mask_ptr, depth_ptr, bt_ptr, o_ptr, op_ptr, lse_ptr,
+        qk_scale, cap_in, cap_out, window, T, Hkv, max_pages, num_splits,
         q_stride_b, q_stride_t, q_stride_h, q_stride_d,
         k_stride_b, k_stride_s, k_stride_h, k_stride_d,
         v_stride_b, v_stride_s, v_stride_h, v_stride_d,
@@ -279,7 +327,8 @@ if HAS_TRITON:
         G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
         PAGED: tl.constexpr, PAGE: tl.constexpr, MASK_PACKED: tl.constexpr,
-        MASK_WORDS: tl.constexpr, DOT_PREC: tl.constexpr,
+        MASK_WORDS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+        DOT_PREC: tl.constexpr,
     ):  # fmt: skip
         i_m, i_bh, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         i_b, i_kv = i_bh // Hkv, i_bh % Hkv
@@ -311,42 +360,45 @@ if HAS_TRITON:
         v_head = v_ptr + i_kv.to(tl.int64) * v_stride_h + o_d[None, :] * v_stride_d
 
         b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        b_m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: see _online_softmax
         b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-        # this split's share of the prefix blocks, from the length on the device
         L = tl.load(seqlens_ptr + i_b)
-        per_split = tl.cdiv(tl.cdiv(L, BLOCK_N), num_splits) * BLOCK_N
-        lo = i_s * per_split
-        hi = tl.minimum(lo + per_split, L)
-        hi_full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
-        for start in range(lo, hi_full, BLOCK_N):  # full prefix blocks: no masks at all
-            pos = start + o_n
-            r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s,
-                           PAGED, PAGE)  # fmt: skip
-            r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, v_stride_b, v_stride_s,
-                           PAGED, PAGE)  # fmt: skip
-            if HEAD_DIM == BLOCK_D:
-                b_k = tl.load(k_head + r_k[:, None])
-                b_v = tl.load(v_head + r_v[:, None])
-            else:
-                b_k = tl.load(k_head + r_k[:, None], mask=m_d[None, :], other=0.0)
-                b_v = tl.load(v_head + r_v[:, None], mask=m_d[None, :], other=0.0)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
-            b_acc, b_m, b_l = _online_softmax(b_acc, b_m, b_l, b_s, b_v, False, DOT_PREC)
-        if hi_full < hi:  # the last, partial prefix block (its first key is valid)
-            pos = hi_full + o_n
-            m_n = pos < hi
-            r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s,
-                           PAGED, PAGE)  # fmt: skip
-            r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, v_stride_b, v_stride_s,
-                           PAGED, PAGE)  # fmt: skip
-            m_kv = m_n[:, None] & m_d[None, :]
-            b_k = tl.load(k_head + r_k[:, None], mask=m_kv, other=0.0)
-            b_v = tl.load(v_head + r_v[:, None], mask=m_kv, other=0.0)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
-            b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-            b_acc, b_m, b_l = _online_softmax(b_acc, b_m, b_l, b_s, b_v, False, DOT_PREC)
+        # the window: row r (tree node t at position L + depth[t]) sees slots >= first_r; the
+        # tile reads slots >= w_lo (some row sees them)
+        w_lo = 0
+        first_r = w_lo
+        if WINDOW:
+            d_r = tl.load(depth_ptr + o_t, mask=m_r, other=0)
+            first_r = L + d_r - window + 1
+            w_lo = tl.maximum(tl.min(tl.where(m_r, first_r, L + T), 0), 0)
+        # this split's share of the prefix blocks [w_lo // BLOCK_N, cdiv(L, BLOCK_N)), from the
+        # length on the device: blocks wholly outside the window are never read
+        blk_lo = w_lo // BLOCK_N
+        per_split = tl.cdiv(tl.maximum(tl.cdiv(L, BLOCK_N) - blk_lo, 0), num_splits) * BLOCK_N
+        lo = blk_lo * BLOCK_N + i_s * per_split
+        hi = tl.maximum(tl.minimum(lo + per_split, L), lo)
+        if WINDOW:  # the block holding w_lo: its slots before w_lo are not loaded
+            if lo < w_lo:
+                b_acc, b_m, b_l = _prefix_block(
+                    b_acc, b_m, b_l, b_q, k_head, v_head, i_b, lo, w_lo, hi, first_r, m_d,
+                    bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s, v_stride_b,
+                    v_stride_s, qk_scale, cap_in, cap_out, BLOCK_N, BLOCK_D, HEAD_DIM, PAGED,
+                    PAGE, True, WINDOW, SOFTCAP, DOT_PREC)  # fmt: skip
+                lo = tl.minimum(lo + BLOCK_N, hi)
+        hi_full = lo + (hi - lo) // BLOCK_N * BLOCK_N
+        for start in range(lo, hi_full, BLOCK_N):  # full prefix blocks: no load masks
+            b_acc, b_m, b_l = _prefix_block(
+                b_acc, b_m, b_l, b_q, k_head, v_head, i_b, start, lo, hi, first_r, m_d,
+                bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s, v_stride_b, v_stride_s,
+                qk_scale, cap_in, cap_out, BLOCK_N, BLOCK_D, HEAD_DIM, PAGED, PAGE, False,
+                WINDOW, SOFTCAP, DOT_PREC)  # fmt: skip
+        if hi_full < hi:  # the last, partial prefix block
+            b_acc, b_m, b_l = _prefix_block(
+                b_acc, b_m, b_l, b_q, k_head, v_head, i_b, hi_full, lo, hi, first_r, m_d,
+                bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s, v_stride_b, v_stride_s,
+                qk_scale, cap_in, cap_out, BLOCK_N, BLOCK_D, HEAD_DIM, PAGED, PAGE, True,
+                WINDOW, SOFTCAP, DOT_PREC)  # fmt: skip
         if i_s == num_splits - 1:  # the tree: positions L + u, u < T, under the tree mask
             for u0 in tl.range(0, T, BLOCK_N, num_stages=1):
                 o_u = u0 + o_n
@@ -359,7 +411,7 @@ if HAS_TRITON:
                 m_kv = m_u[:, None] & m_d[None, :]
                 b_k = tl.load(k_head + r_k[:, None], mask=m_kv, other=0.0)
                 b_v = tl.load(v_head + r_v[:, None], mask=m_kv, other=0.0)
-                b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+                b_s = _scores(b_q, b_k, qk_scale, cap_in, cap_out, SOFTCAP, DOT_PREC)
                 i_w = o_u // 32
                 sh = o_u % 32
                 seen = (b_w0[:, None] >> sh[None, :]) & 1
@@ -369,9 +421,12 @@ if HAS_TRITON:
                     seen = tl.where((i_w == 2)[None, :], (b_w2[:, None] >> sh[None, :]) & 1, seen)
                 if MASK_WORDS > 3:
                     seen = tl.where((i_w == 3)[None, :], (b_w3[:, None] >> sh[None, :]) & 1, seen)
-                seen = seen != 0
-                b_s = tl.where(seen & m_u[None, :], b_s, float("-inf"))
-                b_acc, b_m, b_l = _online_softmax(b_acc, b_m, b_l, b_s, b_v, True, DOT_PREC)
+                seen = (seen != 0) & m_u[None, :]
+                if WINDOW:  # node u at position L + depth[u]
+                    d_u = tl.load(depth_ptr + o_u, mask=m_u, other=0)
+                    seen = seen & (d_u[None, :] > (d_r - window)[:, None])
+                b_s = tl.where(seen, b_s, float("-inf"))
+                b_acc, b_m, b_l = _online_softmax(b_acc, b_m, b_l, b_s, b_v, DOT_PREC)
 
         m_out = m_r[:, None] & m_d[None, :]
         if not SPLIT:
@@ -490,9 +545,6 @@ def tree_attention_triton(
         )
     if T > MAX_TREE:
         raise ValueError(f"tree_attention: the triton backend supports T <= {MAX_TREE}, got {T}")
-    if sliding_window is not None or softcap is not None:
-        raise ValueError("tree_attention: the triton backend has no sliding_window / softcap yet "
-                         "(use backend='torch')")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
     if B == 0 or T == 0:
@@ -509,8 +561,16 @@ def tree_attention_triton(
     else:
         page, max_pages, capacity = 1, 1, k_cache.shape[1]
         bt, bt_stride_b = cache_seqlens, 0  # unused
-    if num_splits is None:
-        num_splits = _num_splits(B * Hkv * row_blocks, capacity, cfg, R, q.device)
+    # a window of at least S keys sees the whole cache (node positions are < S): none at all
+    window = sliding_window if sliding_window is not None and sliding_window < capacity else None
+    if window is not None:
+        depths = tree_node_depths(tree_mask) if tree_depths is None else tree_depths
+        depths = depths.to(torch.int32).contiguous()
+    else:
+        window, depths = 0, cache_seqlens  # unused
+    if num_splits is None:  # a window reads at most W + T - 1 keys a row
+        keys = capacity if not window else min(capacity, window + T)
+        num_splits = _num_splits(B * Hkv * row_blocks, keys, cfg, R, q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     packed = tree_mask.dtype == torch.int32
@@ -521,14 +581,18 @@ def tree_attention_triton(
     else:
         o_part = lse = out  # unused
     block_d = triton.next_power_of_2(D)
+    log2e = math.log2(math.e)
+    cap_in = 0.0 if softcap is None else 2.0 * log2e * scale / softcap
+    cap_out = 0.0 if softcap is None else log2e * softcap
     _tree_attention_kernel[(row_blocks, B * Hkv, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, mask, bt, out, o_part, lse,
-        scale * math.log2(math.e), T, Hkv, max_pages, num_splits,
+        q, k_cache, v_cache, cache_seqlens, mask, depths, bt, out, o_part, lse,
+        scale * log2e, cap_in, cap_out, window, T, Hkv, max_pages, num_splits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         out.stride(0), out.stride(1), out.stride(2),
         mask.stride(0), bt_stride_b,
         G=G, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, SPLIT=num_splits > 1,
         PAGED=paged, PAGE=page, MASK_PACKED=packed, MASK_WORDS=triton.cdiv(T, 32),
+        WINDOW=bool(window), SOFTCAP=softcap is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -542,12 +606,11 @@ def tree_attention_triton(
     return out
 
 
-def triton_supports(q: torch.Tensor, sliding_window=None, softcap=None) -> bool:
+def triton_supports(q: torch.Tensor) -> bool:
     """Whether "auto" takes the Triton kernel for q: D in TRITON_HEAD_DIMS, fp16/bf16 (fp32 runs
     only when asked for: its dots spill registers) and T <= MAX_TREE."""
     return (
-        sliding_window is None and softcap is None
-        and q.shape[-1] in TRITON_HEAD_DIMS
+        q.shape[-1] in TRITON_HEAD_DIMS
         and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[1] <= MAX_TREE
     )
@@ -615,8 +678,9 @@ def tree_attention(
             block_table[b, p // page_size].
         sliding_window: W >= 1, or None for full attention. Tree node t sits at position
             ``L_b + tree_depths[t]`` and sees only keys at positions ``> its position - W``
-            (W keys including itself: transformers' ``kv_idx > q_idx - sliding_window``). The
-            cache is a full one (slot p holds position p); only the window is read.
+            (W keys including itself: transformers' ``kv_idx > q_idx - sliding_window``, the
+            rule of Mistral, Qwen2, Gemma-2 and Gemma-3). The cache is a full one (slot p holds
+            position p; a rolling cache of W slots is a later step); only the window is read.
         softcap: Gemma-2's attention logit soft-capping, ``softcap * tanh(scores / softcap)``
             on the scaled scores before the mask, or None.
         tree_depths: [T] int depth of each tree node (its position offset after the prefix),
@@ -641,7 +705,7 @@ def tree_attention(
                      device=q.device)
         check_dim("tree_depths", tree_depths, 0, q.shape[1], "T of q")
     name = pick_backend("tree_attention", backend, q.device, _IMPLS,
-                        triton_ok=triton_supports(q, sliding_window, softcap))
+                        triton_ok=triton_supports(q))
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _tree_attention_op(
         q, k_cache, v_cache, cache_seqlens, tree_mask, float(scale), name, block_table,
