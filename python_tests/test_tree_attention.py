@@ -253,13 +253,13 @@ def check_options(lens, T, Hq, Hkv, D, dtype, mask, page=None, extra=3, nan_outs
     q, k, v, seqlens, bt = make_inputs(lens, T, Hq, Hkv, D, dtype, page, extra=extra)
     mask = mask.to(DEV)
     want = brute_force(q, k, v, seqlens, mask, block_table=bt, **opts)
+    if nan_outside:
+        k, v = poison_unseen(k, v, seqlens, T, mask, bt, opts.get("sliding_window"),
+                             opts.get("tree_depths"))
     atol, rtol = TOL[dtype]
     ref = tree_attention_ref(q, k, v, seqlens, mask, block_table=bt, **opts)
     torch.testing.assert_close(ref.double().cpu(), want, atol=atol, rtol=rtol)
     same = tree_attention_ref(q, k, v, seqlens, mask, upcast=False, block_table=bt, **opts)
-    if nan_outside:
-        k, v = poison_unseen(k, v, seqlens, T, mask, bt, opts.get("sliding_window"),
-                             opts.get("tree_depths"))
     got = tree_attention_triton(q, k, v, seqlens, mask, block_table=bt, **opts, **launch)
     assert got.shape == q.shape and got.dtype == dtype and torch.isfinite(got).all()
     torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol)
@@ -374,6 +374,118 @@ def test_window_torch_and_triton_agree_through_the_public_op():
     got = tree_attention(q, k, v, seqlens, mask, **opts, backend="triton")
     want = tree_attention(q, k, v, seqlens, mask, **opts, backend="torch")
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+# --- edge and bad values: empty shapes, unused slots, unchecked lengths ---------------------
+
+
+@pytest.mark.parametrize("B,T", [(0, 3), (2, 0), (0, 0)])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_empty_batch_or_tree_gives_empty_output_on_every_backend(B, T, paged):
+    q = torch.randn(B, T, 4, 64, device=DEV)
+    if paged:
+        k = torch.randn(3, 8, 2, 64, device=DEV)
+        bt = torch.zeros(B, 2, dtype=torch.int32, device=DEV)
+    else:
+        k, bt = torch.randn(B, 16, 2, 64, device=DEV), None
+    lens = torch.full((B,), 5, dtype=torch.int32, device=DEV)
+    mask = torch.ones(T, T, dtype=torch.bool, device=DEV)
+    outs = [tree_attention(q, k, k.clone(), lens, m, block_table=bt, sliding_window=w,
+                           backend=name)
+            for name in ("torch", "triton") for m in (mask, pack_tree_mask(mask))
+            for w in (None, 4)]  # fmt: skip
+    for out in outs:
+        assert out.shape == (B, T, 4, 64) and out.dtype == q.dtype and out.is_contiguous()
+        assert torch.equal(out, outs[0])
+
+
+def test_zero_head_dim_or_heads_is_refused():
+    for shape in ((1, 2, 4, 0), (1, 2, 0, 8)):
+        q = torch.randn(shape)
+        k = torch.randn(1, 8, 2, shape[3])
+        with pytest.raises(ValueError, match=r"needs Hq >= 1 heads of D >= 1"):
+            tree_attention(q, k, k, torch.tensor([2], dtype=torch.int32), chain(2))
+
+
+def test_length_near_int32_max_is_refused():
+    """seqlens + T is computed in int64: 2**31 - 1 + 3 must not wrap into range."""
+    with pytest.raises(ValueError, match=r"cache_seqlens \+ T must lie in \[T, S = 15\]"):
+        tree_attention(**_args(cache_seqlens=torch.tensor([2**31 - 1, 3], dtype=torch.int32)))
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("page", [None, 8])
+def test_nan_in_unused_slots_never_leaks(window, page):
+    """Slots past L + T (a torch.empty cache, stale memory) and before every window hold NaN
+    and inf: every backend's output stays finite and equal to the clean one."""
+    lens, T = [30, 3, 17], 5
+    mask = random_tree(4, 22)
+    q, k, v, seqlens, bt = make_inputs(lens, T, 4, 2, 64, torch.float32, page, extra=20)
+    clean = tree_attention_ref(q, k, v, seqlens, mask.to(DEV), block_table=bt,
+                               sliding_window=window)  # fmt: skip
+    k, v = poison_unseen(k, v, seqlens, T, mask, bt, window, None)
+    v[torch.isnan(v)] = float("inf")
+    for name in ("torch", "triton"):
+        got = tree_attention(q, k, v, seqlens, mask.to(DEV), block_table=bt,
+                             sliding_window=window, backend=name)  # fmt: skip
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, clean, atol=2e-5, rtol=2e-5)
+
+
+def _bad_values():
+    q, k, v, _, bt = make_inputs([10, 10, 10, 10], 4, 4, 2, 64, torch.float32, page=8)
+    lens = torch.tensor([-5, 10, 9 + 7 * 8, 2**31 - 1], dtype=torch.int32, device=DEV)
+    bt = bt.clone()
+    bt[1, 0], bt[1, 1] = -3, 10**6  # page indices outside [0, num_pages)
+    return q, k, v, lens, bt
+
+
+def test_unchecked_bad_values_are_clamped_in_the_kernel():
+    """What CUDA does without MEDUSA_KERNELS_CHECKS: lengths clamped to [0, S - T], page indices
+    to [0, num_pages); the result equals the reference on the clamped values, nothing is read
+    outside the cache (the interpreter would fault or return garbage)."""
+    q, k, v, lens, bt = _bad_values()
+    mask = random_tree(3, 23).to(DEV)
+    S = bt.shape[1] * k.shape[1]
+    clamped_lens = lens.long().clamp(0, S - 4).to(torch.int32)
+    clamped_bt = bt.clamp(0, k.shape[0] - 1)
+    for window in (None, 5):
+        got = tree_attention_triton(q, k, v, lens, mask, block_table=bt, sliding_window=window,
+                                    block_n=16, num_splits=2)  # fmt: skip
+        ref = tree_attention_ref(q, k, v, lens, mask, block_table=bt, sliding_window=window)
+        want = tree_attention_ref(q, k, v, clamped_lens, mask, block_table=clamped_bt,
+                                  sliding_window=window)  # fmt: skip
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(ref, want, atol=0, rtol=0)
+
+
+def test_values_are_checked_where_check_values_says(monkeypatch):
+    """On CPU (and on CUDA with MEDUSA_KERNELS_CHECKS=1) bad values raise; where values are not
+    checked the call returns the clamped answer instead of failing."""
+    q, k, v, lens, bt = _bad_values()
+    mask = random_tree(3, 23).to(DEV)
+    if DEV == "cpu":
+        with pytest.raises(ValueError, match="cache_seqlens \\+ T must lie in"):
+            tree_attention(q, k, v, lens, mask, block_table=bt)
+        with pytest.raises(ValueError, match=r"tree_depths must lie in \[0, T = 4\)"):
+            tree_attention(q, k, v, lens.clamp(0, 10), mask, block_table=bt.clamp(0, 3),
+                           tree_depths=torch.tensor([0, 1, 4, 1]))  # fmt: skip
+    monkeypatch.setattr(ta, "check_values", lambda device: False)
+    for name in ("torch", "triton"):
+        out = tree_attention(q, k, v, lens, mask, block_table=bt, backend=name)
+        assert torch.isfinite(out).all()
+
+
+@requires_cuda
+def test_gpu_value_checks_follow_the_environment(monkeypatch):
+    q, k, v, lens, bt = _bad_values()
+    mask = random_tree(3, 23).to(DEV)
+    monkeypatch.setenv("MEDUSA_KERNELS_CHECKS", "1")
+    with pytest.raises(ValueError, match="cache_seqlens \\+ T must lie in"):
+        tree_attention(q, k, v, lens, mask, block_table=bt)
+    monkeypatch.setenv("MEDUSA_KERNELS_CHECKS", "0")
+    assert torch.isfinite(tree_attention(q, k, v, lens, mask, block_table=bt)).all()
 
 
 # --- argument checks -------------------------------------------------------------------------

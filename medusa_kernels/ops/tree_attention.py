@@ -63,7 +63,15 @@ from typing import NamedTuple
 
 import torch
 
-from ._backend import FLOAT_DTYPES, HAS_TRITON, check_dim, check_tensor, pick_backend, sm_count
+from ._backend import (
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    check_dim,
+    check_tensor,
+    check_values,
+    pick_backend,
+    sm_count,
+)
 
 if HAS_TRITON:
     import triton
@@ -131,49 +139,62 @@ def tree_attention_ref(
     with block_table [B, max_pages] int32); cache_seqlens: [B] int; tree_mask: [T, T] bool or
     packed int32 [T, ceil(T / 32)]. Computes in fp32 (or float64 for float64 inputs) when
     ``upcast``, else in q's dtype. Returns [B, T, Hq, D] in q's dtype. No host sync on a GPU
-    (on the CPU it reads the longest length, to skip the cache's unused capacity).
-    ``sliding_window``, ``softcap``, ``tree_depths``: as ``tree_attention``.
+    (on the CPU it reads the lengths, to skip the cache's unused capacity and the slots before
+    the window). ``sliding_window``, ``softcap``, ``tree_depths``: as ``tree_attention``.
+    Lengths are clamped to [0, S - T] and page indices to [0, num_pages), as in the kernel; the
+    values of slots no query sees are selected away, never multiplied by 0 (NaN cannot leak).
     """
     B, T, Hq, D = q.shape
+    if B == 0 or T == 0:
+        return q.new_empty(q.shape)
     if block_table is not None:
         k_cache, v_cache = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
     if tree_mask.dtype != torch.bool:
         tree_mask = unpack_tree_mask(tree_mask, T)
-    if q.device.type == "cpu" and B > 0:  # no device to sync with: skip the unused capacity
-        used = min(max(int(cache_seqlens.max()) + T, 0), k_cache.shape[1])
-        k_cache, v_cache = k_cache[:, :used], v_cache[:, :used]
+    depth = None
+    if sliding_window is not None:
+        depth = tree_node_depths(tree_mask) if tree_depths is None else tree_depths.to(torch.long)
+    lengths = cache_seqlens.to(torch.long).clamp(0, k_cache.shape[1] - T)  # [B]
+    start = 0
+    if q.device.type == "cpu":  # no device to sync with: skip what no query can see
+        used = int(lengths.max()) + T
+        if depth is not None:
+            start = max(0, int(lengths.min()) + int(depth.min()) - sliding_window + 1)
+        k_cache, v_cache = k_cache[:, start:used], v_cache[:, start:used]
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
     dtype = (torch.float64 if q.dtype == torch.float64 else torch.float32) if upcast else q.dtype
-    group = Hq // Hkv
-    k = k_cache.to(dtype).repeat_interleave(group, dim=2)
-    v = v_cache.to(dtype).repeat_interleave(group, dim=2)
-    scores = torch.einsum("bthd,bshd->bhts", q.to(dtype), k) * scale  # [B, Hq, T, S]
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    rel = torch.arange(S, device=q.device)[None, :] - cache_seqlens.to(torch.long)[:, None]
-    in_prefix = rel < 0  # [B, S]
+    slot = start + torch.arange(S, device=q.device)[None, :]  # [1, S] cache slot = position
+    rel = slot - lengths[:, None]  # [B, S]
+    in_prefix = rel < 0
     in_tree = (rel >= 0) & (rel < T)
     tree_visible = tree_mask[:, rel.clamp(0, T - 1)].permute(1, 0, 2)  # [B, T, S]
     visible = in_prefix[:, None, :] | (in_tree[:, None, :] & tree_visible)
-    if sliding_window is not None:  # query t at L + depth[t] sees keys at positions > it - W
-        depth = tree_node_depths(tree_mask) if tree_depths is None else tree_depths.to(torch.long)
-        lengths = cache_seqlens.to(torch.long)[:, None]
-        slot = torch.arange(S, device=q.device)[None, :]
-        key_pos = torch.where(in_tree, lengths + depth[rel.clamp(0, T - 1)], slot)  # [B, S]
-        query_pos = lengths + depth[None, :]  # [B, T]
+    if depth is not None:  # query t at L + depth[t] sees keys at positions > it - W
+        key_pos = torch.where(in_tree, lengths[:, None] + depth[rel.clamp(0, T - 1)], slot)
+        query_pos = lengths[:, None] + depth[None, :]  # [B, T]
         visible = visible & (key_pos[:, None, :] > query_pos[:, :, None] - sliding_window)
+    seen = visible.any(dim=1)[:, :, None, None]  # [B, S, 1, 1]: slots some query sees
+    group = Hq // Hkv
+    k = k_cache.to(dtype).repeat_interleave(group, dim=2)
+    v = torch.where(seen, v_cache.to(dtype), 0.0).repeat_interleave(group, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q.to(dtype), k) * scale  # [B, Hq, T, S]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bhts,bshd->bthd", probs, v).to(q.dtype).contiguous()
 
 
 def check_tree_attention_args(
-    q, k_cache, v_cache, cache_seqlens, tree_mask, block_table=None
+    q, k_cache, v_cache, cache_seqlens, tree_mask, block_table=None, tree_depths=None
 ) -> None:
-    """Validate shapes, dtypes and devices; on CPU also the lengths and page indices."""
+    """Validate shapes, dtypes and devices; where ``check_values`` (CPU tensors, or CUDA with
+    MEDUSA_KERNELS_CHECKS=1) also the lengths, page indices and depths."""
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, T, Hq, D = q.shape
+    if D == 0 or Hq == 0:
+        raise ValueError(f"q {tuple(q.shape)} = [B, T, Hq, D] needs Hq >= 1 heads of D >= 1")
     check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=q.device)
     check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=q.device)
     if k_cache.shape != v_cache.shape:
@@ -210,37 +231,46 @@ def check_tree_attention_args(
     where = "the cache" if block_table is None else "max_pages * page_size of the paged cache"
     if T > capacity:
         raise ValueError(f"T = {T} tree tokens do not fit {where} ({capacity} slots)")
-    # value checks cost no sync on the CPU; torch.compile cannot trace them (data-dependent)
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool((cache_seqlens < 0).any()) or bool((cache_seqlens + T > capacity).any()):
+    if tree_depths is not None:
+        check_tensor("tree_depths", tree_depths, ndim=1, dtypes=(torch.int32, torch.int64),
+                     device=q.device)  # fmt: skip
+        check_dim("tree_depths", tree_depths, 0, T, "T of q")
+    if not check_values(q.device):
+        return
+    lengths = cache_seqlens.long()  # int64: 2**31 - 1 + T must not wrap
+    if bool((lengths < 0).any()) or bool((lengths + T > capacity).any()):
+        raise ValueError(
+            f"cache_seqlens + T must lie in [T, S = {capacity}] for every sequence; "
+            f"got cache_seqlens = {cache_seqlens.tolist()} with T = {T}"
+        )
+    if tree_depths is not None and T > 0:
+        if bool((tree_depths < 0).any()) or bool((tree_depths >= T).any()):
+            raise ValueError(f"tree_depths must lie in [0, T = {T}), got {tree_depths.tolist()}")
+    if block_table is not None:
+        page = k_cache.shape[1]
+        used = (lengths + T + page - 1) // page  # pages each sequence touches
+        needed = torch.arange(block_table.shape[1], device=q.device)[None, :] < used[:, None]
+        bad = needed & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+        if bool(bad.any()):
+            b, p = (int(i) for i in bad.nonzero()[0])
             raise ValueError(
-                f"cache_seqlens + T must lie in [T, S = {capacity}] for every sequence; "
-                f"got cache_seqlens = {cache_seqlens.tolist()} with T = {T}"
+                f"block_table[{b}, {p}] = {int(block_table[b, p])} is not a page index in "
+                f"[0, {k_cache.shape[0]}) though sequence {b} uses that page"
             )
-        if block_table is not None:
-            page = k_cache.shape[1]
-            used = (cache_seqlens.long() + T + page - 1) // page  # pages each sequence touches
-            needed = torch.arange(block_table.shape[1])[None, :] < used[:, None]
-            bad = needed & ((block_table < 0) | (block_table >= k_cache.shape[0]))
-            if bool(bad.any()):
-                b, p = (int(i) for i in bad.nonzero()[0])
-                raise ValueError(
-                    f"block_table[{b}, {p}] = {int(block_table[b, p])} is not a page index in "
-                    f"[0, {k_cache.shape[0]}) though sequence {b} uses that page"
-                )
 
 
 if HAS_TRITON:
 
     @triton.jit
     def _kv_rows(
-        b, pos, bt_ptr, bt_stride_b, max_pages, kv_stride_b, kv_stride_s,
+        b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, kv_stride_b, kv_stride_s,
         PAGED: tl.constexpr, PAGE: tl.constexpr,
     ):  # fmt: skip
         """int64 offsets of cache positions ``pos`` of sequence b (page or batch + slot)."""
         if PAGED:
             i_pg = tl.minimum(pos // PAGE, max_pages - 1)  # clamped: always a valid table read
-            page = tl.load(bt_ptr + b.to(tl.int64) * bt_stride_b + i_pg).to(tl.int64)
+            page = tl.load(bt_ptr + b.to(tl.int64) * bt_stride_b + i_pg)
+            page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)  # never outside
             return page * kv_stride_b + (pos % PAGE).to(tl.int64) * kv_stride_s
         else:
             return b.to(tl.int64) * kv_stride_b + pos.to(tl.int64) * kv_stride_s
@@ -283,8 +313,8 @@ if HAS_TRITON:
     @triton.jit
     def _prefix_block(
         b_acc, b_m, b_l, b_q, k_head, v_head, i_b, start, seen_lo, seen_hi, first_r, m_d,
-        bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s, v_stride_b, v_stride_s,
-        qk_scale, cap_in, cap_out,
+        bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b, k_stride_s, v_stride_b,
+        v_stride_s, qk_scale, cap_in, cap_out,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
         PAGED: tl.constexpr, PAGE: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr,
         SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -293,10 +323,10 @@ if HAS_TRITON:
         seen_hi) are loaded (the others' values never reach the output, even NaN); WINDOW:
         row r sees slots >= first_r[r]."""
         pos = start + tl.arange(0, BLOCK_N)
-        r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s,
-                       PAGED, PAGE)  # fmt: skip
-        r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, v_stride_b, v_stride_s,
-                       PAGED, PAGE)  # fmt: skip
+        r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b,
+                       k_stride_s, PAGED, PAGE)  # fmt: skip
+        r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, v_stride_b,
+                       v_stride_s, PAGED, PAGE)  # fmt: skip
         if MASKED:
             m_n = (pos >= seen_lo) & (pos < seen_hi)
             m_kv = m_n[:, None] & m_d[None, :]
@@ -318,7 +348,7 @@ if HAS_TRITON:
     @triton.jit
     def _tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, seqlens_ptr, mask_ptr, depth_ptr, bt_ptr, o_ptr, op_ptr, lse_ptr,
-        qk_scale, cap_in, cap_out, window, T, Hkv, max_pages, num_splits,
+        qk_scale, cap_in, cap_out, window, T, Hkv, capacity, max_pages, num_pages, num_splits,
         q_stride_b, q_stride_t, q_stride_h, q_stride_d,
         k_stride_b, k_stride_s, k_stride_h, k_stride_d,
         v_stride_b, v_stride_s, v_stride_h, v_stride_d,
@@ -364,6 +394,7 @@ if HAS_TRITON:
         b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
 
         L = tl.load(seqlens_ptr + i_b)
+        L = tl.minimum(tl.maximum(L, 0), capacity - T)  # unchecked lengths stay in the cache
         # the window: row r (tree node t at position L + depth[t]) sees slots >= first_r; the
         # tile reads slots >= w_lo (some row sees them)
         w_lo = 0
@@ -382,7 +413,7 @@ if HAS_TRITON:
             if lo < w_lo:
                 b_acc, b_m, b_l = _prefix_block(
                     b_acc, b_m, b_l, b_q, k_head, v_head, i_b, lo, w_lo, hi, first_r, m_d,
-                    bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s, v_stride_b,
+                    bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b, k_stride_s, v_stride_b,
                     v_stride_s, qk_scale, cap_in, cap_out, BLOCK_N, BLOCK_D, HEAD_DIM, PAGED,
                     PAGE, True, WINDOW, SOFTCAP, DOT_PREC)  # fmt: skip
                 lo = tl.minimum(lo + BLOCK_N, hi)
@@ -390,23 +421,23 @@ if HAS_TRITON:
         for start in range(lo, hi_full, BLOCK_N):  # full prefix blocks: no load masks
             b_acc, b_m, b_l = _prefix_block(
                 b_acc, b_m, b_l, b_q, k_head, v_head, i_b, start, lo, hi, first_r, m_d,
-                bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s, v_stride_b, v_stride_s,
-                qk_scale, cap_in, cap_out, BLOCK_N, BLOCK_D, HEAD_DIM, PAGED, PAGE, False,
-                WINDOW, SOFTCAP, DOT_PREC)  # fmt: skip
+                bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b, k_stride_s, v_stride_b,
+                v_stride_s, qk_scale, cap_in, cap_out, BLOCK_N, BLOCK_D, HEAD_DIM, PAGED, PAGE,
+                False, WINDOW, SOFTCAP, DOT_PREC)  # fmt: skip
         if hi_full < hi:  # the last, partial prefix block
             b_acc, b_m, b_l = _prefix_block(
                 b_acc, b_m, b_l, b_q, k_head, v_head, i_b, hi_full, lo, hi, first_r, m_d,
-                bt_ptr, bt_stride_b, max_pages, k_stride_b, k_stride_s, v_stride_b, v_stride_s,
-                qk_scale, cap_in, cap_out, BLOCK_N, BLOCK_D, HEAD_DIM, PAGED, PAGE, True,
-                WINDOW, SOFTCAP, DOT_PREC)  # fmt: skip
+                bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b, k_stride_s, v_stride_b,
+                v_stride_s, qk_scale, cap_in, cap_out, BLOCK_N, BLOCK_D, HEAD_DIM, PAGED, PAGE,
+                True, WINDOW, SOFTCAP, DOT_PREC)  # fmt: skip
         if i_s == num_splits - 1:  # the tree: positions L + u, u < T, under the tree mask
             for u0 in tl.range(0, T, BLOCK_N, num_stages=1):
                 o_u = u0 + o_n
                 m_u = o_u < T
                 pos = L + o_u
-                r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, k_stride_b,
+                r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b,
                                k_stride_s, PAGED, PAGE)  # fmt: skip
-                r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, v_stride_b,
+                r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, v_stride_b,
                                v_stride_s, PAGED, PAGE)  # fmt: skip
                 m_kv = m_u[:, None] & m_d[None, :]
                 b_k = tl.load(k_head + r_k[:, None], mask=m_kv, other=0.0)
@@ -556,10 +587,10 @@ def tree_attention_triton(
     row_blocks = triton.cdiv(R, bm)
     paged = block_table is not None
     if paged:
-        page, max_pages = k_cache.shape[1], block_table.shape[1]
+        page, max_pages, num_pages = k_cache.shape[1], block_table.shape[1], k_cache.shape[0]
         capacity, bt, bt_stride_b = page * max_pages, block_table, block_table.stride(0)
     else:
-        page, max_pages, capacity = 1, 1, k_cache.shape[1]
+        page, max_pages, num_pages, capacity = 1, 1, 1, k_cache.shape[1]
         bt, bt_stride_b = cache_seqlens, 0  # unused
     # a window of at least S keys sees the whole cache (node positions are < S): none at all
     window = sliding_window if sliding_window is not None and sliding_window < capacity else None
@@ -586,7 +617,8 @@ def tree_attention_triton(
     cap_out = 0.0 if softcap is None else log2e * softcap
     _tree_attention_kernel[(row_blocks, B * Hkv, num_splits)](
         q, k_cache, v_cache, cache_seqlens, mask, depths, bt, out, o_part, lse,
-        scale * log2e, cap_in, cap_out, window, T, Hkv, max_pages, num_splits,
+        scale * log2e, cap_in, cap_out, window, T, Hkv, capacity, max_pages, num_pages,
+        num_splits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         out.stride(0), out.stride(1), out.stride(2),
         mask.stride(0), bt_stride_b,
@@ -668,11 +700,16 @@ def tree_attention(
         k_cache, v_cache: [B, S, Hkv, D], same dtype; the tree's own keys/values already stored
             at positions [cache_seqlens[b], cache_seqlens[b] + T). Hq must be a multiple of Hkv.
             With ``block_table``: paged caches [num_pages, page_size, Hkv, D].
-        cache_seqlens: [B] int32 prefix lengths, on the device (never read on the host).
+        cache_seqlens: [B] int32 prefix lengths in [0, S - T]. On CPU tensors (and on CUDA
+            with MEDUSA_KERNELS_CHECKS=1, one host sync) a length outside raises a ValueError,
+            as does a page index out of range or a depth outside [0, T). On CUDA without it
+            nothing is read on the host: the kernel clamps each length to [0, S - T] and each
+            page index to [0, num_pages), so a bad value gives a wrong answer for its own
+            sequence but never a read outside the cache.
         tree_mask: [T, T] bool, or packed int32 [T, ceil(T / 32)] (``pack_tree_mask``: bit
             u % 32, LSB first, of word u // 32 of row t); row t says which tree nodes query t
             sees (itself and its ancestors). The prefix is always visible.
-        softmax_scale: defaults to 1 / sqrt(D).
+        softmax_scale: defaults to 1 / sqrt(D) (Gemma's query_pre_attn_scalar s: s ** -0.5).
         block_table: optional [B, max_pages] int32 page indices of each sequence (paged KV, as
             ``flash_attn_with_kvcache``); position p is slot p % page_size of page
             block_table[b, p // page_size].
@@ -689,21 +726,19 @@ def tree_attention(
             the reference elsewhere), "torch" (the reference) or "triton" (also fp32; other
             head dims, float64 or T > 128 raise a ValueError).
     Returns:
-        [B, T, Hq, D] in q's dtype.
+        [B, T, Hq, D] in q's dtype (empty for B = 0 or T = 0, on every backend). Values in
+        slots no query sees (past L + T, before the window) never reach it, even NaN.
 
     Example: plain decode is ``tree_attention(q[:, :1], k, v, lens, torch.ones(1, 1, dtype=bool))``.
     """
-    check_tree_attention_args(q, k_cache, v_cache, cache_seqlens, tree_mask, block_table)
+    check_tree_attention_args(q, k_cache, v_cache, cache_seqlens, tree_mask, block_table,
+                              tree_depths)  # fmt: skip
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(
             sliding_window, int) or sliding_window < 1):
         raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(
             softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0):
         raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
-    if tree_depths is not None:
-        check_tensor("tree_depths", tree_depths, ndim=1, dtypes=(torch.int32, torch.int64),
-                     device=q.device)
-        check_dim("tree_depths", tree_depths, 0, q.shape[1], "T of q")
     name = pick_backend("tree_attention", backend, q.device, _IMPLS,
                         triton_ok=triton_supports(q))
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
