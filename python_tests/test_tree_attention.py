@@ -164,11 +164,14 @@ def test_pack_tree_mask_bit_order():
     assert packed[2].tolist() == [0, 1] and packed[3].tolist() == [2, 0]
 
 
-def test_split_counts_agree_and_scale_is_used():
-    q, k, v, seqlens, _ = make_inputs([70, 9], 3, 2, 1, 64, torch.float32)
-    mask = chain(3).to(DEV)
+@pytest.mark.parametrize("T,Hq", [(3, 2), (1, 1), (5, 4)], ids=["R6", "R1", "R20"])
+def test_split_counts_agree_and_scale_is_used(T, Hq):
+    """The merge at split counts below and past one chunk of 8 (BLOCK_S 16, 32), with
+    empty splits (the cache has 11 blocks) and rows that do not fill BLOCK_R."""
+    q, k, v, seqlens, _ = make_inputs([170, 9], T, Hq, 1, 64, torch.float32)
+    mask = chain(T).to(DEV)
     outs = [tree_attention_triton(q, k, v, seqlens, mask, 0.3, block_n=16, num_splits=s)
-            for s in (1, 2, 7)]
+            for s in (1, 2, 9, 17)]  # fmt: skip
     want = tree_attention_ref(q.double(), k.double(), v.double(), seqlens, mask, 0.3)
     for out in outs:
         torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)

@@ -30,7 +30,8 @@ Triton kernel (flash-decoding over the prefix, the tree mask only on the tree):
   few blocks where rows of different depths disagree are masked per row. Soft-capping is
   ``tanh`` through ``exp2`` on the scores before any mask.
 - Each split writes its normalised partial output and log-sum-exp (base 2, fp32); a second small
-  kernel merges the splits. One split writes the output directly.
+  kernel merges the splits: every log-sum-exp in one load, the partials up to 16 splits per
+  load (not one dependent round trip per split). One split writes the output directly.
 - The split count depends only on static shapes (capacity, B, Hkv, T, G, SM count): no host
   read of cache_seqlens, so a call can be captured in a CUDA graph.
 
@@ -479,33 +480,41 @@ if HAS_TRITON:
         T, Hkv, num_splits,
         o_stride_b, o_stride_t, o_stride_h,
         G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
     ):  # fmt: skip
+        """out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max) over the splits' partials of
+        BLOCK_R rows: every log-sum-exp in one load (BLOCK_S >= splits), then the partials
+        CHUNK_S splits per load, so 8 splits cost 2 dependent round trips instead of 16."""
         i_r, i_bh = tl.program_id(0), tl.program_id(1)
         i_b, i_kv = i_bh // Hkv, i_bh % Hkv
         R = T * G
         o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
         m_r = o_r < R
         o_d = tl.arange(0, BLOCK_D)
-        m_out = m_r[:, None] & (o_d < HEAD_DIM)[None, :]
+        m_d = o_d < HEAD_DIM
+        o_s = tl.arange(0, BLOCK_S)
         base = i_bh.to(tl.int64) * num_splits * R
-        b_max = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        for s in range(num_splits):
-            b_max = tl.maximum(b_max, tl.load(lse_ptr + base + s * R + o_r, mask=m_r,
-                                              other=float("-inf")))  # fmt: skip
-        b_max = tl.where(b_max == float("-inf"), 0.0, b_max)
+        p_lse = lse_ptr + base + o_s[:, None] * R + o_r[None, :]  # [BLOCK_S, BLOCK_R]
+        m_lse = (o_s < num_splits)[:, None] & m_r[None, :]
+        b_max = tl.max(tl.load(p_lse, mask=m_lse, other=float("-inf")), 0)
+        b_max = tl.where(b_max == float("-inf"), 0.0, b_max)  # a row no split saw
         b_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         b_den = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for s in range(num_splits):
-            row = base + s * R + o_r
-            w = tl.math.exp2(tl.load(lse_ptr + row, mask=m_r, other=float("-inf")) - b_max)
-            b_o = tl.load(op_ptr + row[:, None] * HEAD_DIM + o_d[None, :], mask=m_out, other=0.0)
-            b_acc += w[:, None] * b_o
-            b_den += w
+        for s0 in range(0, num_splits, CHUNK_S):
+            o_c = s0 + tl.arange(0, CHUNK_S)
+            m_c = (o_c < num_splits)[:, None] & m_r[None, :]  # [CHUNK_S, BLOCK_R]
+            row = base + o_c[:, None] * R + o_r[None, :]
+            b_w = tl.math.exp2(tl.load(lse_ptr + row, mask=m_c, other=float("-inf"))
+                               - b_max[None, :])  # fmt: skip
+            b_o = tl.load(op_ptr + row[:, :, None] * HEAD_DIM + o_d[None, None, :],
+                          mask=m_c[:, :, None] & m_d[None, None, :], other=0.0)  # fmt: skip
+            b_acc += tl.sum(b_w[:, :, None] * b_o, 0)
+            b_den += tl.sum(b_w, 0)
         b_out = b_acc / tl.where(m_r, b_den, 1.0)[:, None]
         o_t, o_h = o_r // G, i_kv * G + o_r % G
         p_o = (o_ptr + i_b.to(tl.int64) * o_stride_b + o_t[:, None] * o_stride_t
                + o_h[:, None] * o_stride_h + o_d[None, :])  # fmt: skip
-        tl.store(p_o, b_out.to(o_ptr.dtype.element_ty), mask=m_out)
+        tl.store(p_o, b_out.to(o_ptr.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
 
 
 class _Config(NamedTuple):
@@ -539,6 +548,17 @@ def _num_splits(programs: int, capacity: int, cfg: _Config, rows: int, device) -
     want = cfg.ctas_per_sm * sm_count(device) // programs
     most = max(1, capacity // ((2 if rows <= 16 else 4) * cfg.block_n))
     return max(1, min(want, most, 128))
+
+
+def _merge_blocks(num_splits: int, rows: int, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_S, BLOCK_R, CHUNK_S) of the merge: all splits' log-sum-exps at once (a power-of-two
+    bound), partials in chunks of up to 16 splits x BLOCK_R rows = 8192 fp32 (64 registers a
+    thread at 4 warps; more rows per program where fewer splits fill the chunk)."""
+    block_s = triton.next_power_of_2(num_splits)
+    chunk_s = min(block_s, 16)
+    block_r = max(1, min(triton.next_power_of_2(rows), 8192 // (chunk_s * block_d)))
+    chunk_s = max(chunk_s, min(block_s, 8192 // (block_r * block_d)))  # few rows: more splits
+    return block_s, block_r, chunk_s
 
 
 def tree_attention_triton(
@@ -629,11 +649,11 @@ def tree_attention_triton(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
-        block_r = 16
+        block_s, block_r, chunk_s = _merge_blocks(num_splits, R, block_d)
         _tree_attention_merge_kernel[(triton.cdiv(R, block_r), B * Hkv)](
             o_part, lse, out, T, Hkv, num_splits, out.stride(0), out.stride(1), out.stride(2),
-            G=G, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r,
-            num_warps=4,
+            G=G, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_S=block_s, CHUNK_S=chunk_s,
+            num_warps=8,
         )  # fmt: skip
     return out
 
