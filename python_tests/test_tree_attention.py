@@ -370,6 +370,29 @@ def test_window_reads_only_the_window(monkeypatch):
     assert len(calls) == 1000 // 16 + 1 + 1  # no window: every prefix block and the tree
 
 
+def test_tree_chunks_spread_over_the_last_splits(monkeypatch):
+    """No split walks a whole tree block on top of an equal prefix share: 4 chunks of 16 tree
+    keys go to the last 4 of 8 splits, one each (issue 19 item 6)."""
+    from triton.runtime.interpreter import interpreter_builder
+
+    walked = {}
+    fold = ta._online_softmax
+
+    def counting(b_acc, b_m, b_l, b_s, b_v, prec):
+        key = (interpreter_builder.grid_idx[2], int(b_s.shape[1].value))  # (split, tile keys)
+        walked[key] = walked.get(key, 0) + 1
+        return fold(b_acc, b_m, b_l, b_s, b_v, prec)
+
+    monkeypatch.setattr(ta, "_online_softmax", counting)
+    q, k, v, seqlens, _ = make_inputs([64 * 8], 64, 1, 1, 64, torch.float32)
+    mask = random_tree(63, 24).to(DEV)
+    assert ta._tree_chunk(64, 8, 64) == 16
+    got = tree_attention_triton(q, k, v, seqlens, mask, block_n=64, block_m=64, num_splits=8)
+    assert walked == {(s, 64): 1 for s in range(8)} | {(s, 16): 1 for s in range(4, 8)}
+    want = tree_attention_ref(q.double(), k.double(), v.double(), seqlens, mask)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
 def test_window_torch_and_triton_agree_through_the_public_op():
     q, k, v, seqlens, bt = make_inputs([50, 9], 5, 4, 2, 64, torch.float32, page=8)
     mask = random_tree(4, 21).to(DEV)

@@ -356,7 +356,7 @@ if HAS_TRITON:
         o_stride_b, o_stride_t, o_stride_h,
         mask_stride_t, bt_stride_b,
         G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TREE_N: tl.constexpr, SPLIT: tl.constexpr,
         PAGED: tl.constexpr, PAGE: tl.constexpr, MASK_PACKED: tl.constexpr,
         MASK_WORDS: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
         DOT_PREC: tl.constexpr,
@@ -369,11 +369,30 @@ if HAS_TRITON:
         m_r = o_r < R
         o_d = tl.arange(0, BLOCK_D)
         m_d = o_d < HEAD_DIM
-        o_n = tl.arange(0, BLOCK_N)
 
-        # the tile rows' packed tree-mask words first, while few registers are live (at most 4
-        # words a row; only the last split, which walks the tree, reads them)
-        m_w = o_r < tl.where(i_s == num_splits - 1, R, 0)
+        L = tl.load(seqlens_ptr + i_b)
+        L = tl.minimum(tl.maximum(L, 0), capacity - T)  # unchecked lengths stay in the cache
+        # the window: row r (tree node t at position L + depth[t]) sees slots >= first_r; the
+        # tile reads slots >= w_lo (some row sees them)
+        w_lo = 0
+        first_r = w_lo
+        if WINDOW:
+            d_r = tl.load(depth_ptr + o_t, mask=m_r, other=0)
+            first_r = L + d_r - window + 1
+            w_lo = tl.maximum(tl.min(tl.where(m_r, first_r, L + T), 0), 0)
+        # this split's share of the prefix blocks [w_lo // BLOCK_N, cdiv(L, BLOCK_N)), from the
+        # length on the device: blocks wholly outside the window are never read
+        blk_lo = w_lo // BLOCK_N
+        per_split = tl.cdiv(tl.maximum(tl.cdiv(L, BLOCK_N) - blk_lo, 0), num_splits) * BLOCK_N
+        lo = blk_lo * BLOCK_N + i_s * per_split
+        hi = tl.maximum(tl.minimum(lo + per_split, L), lo)
+        # and its chunks of TREE_N tree nodes: chunk j goes to split splits - 1 - j % splits,
+        # so the tree is spread over the last splits (the last has the smallest prefix share)
+        u_lo = (num_splits - 1 - i_s) * TREE_N
+
+        # the tile rows' packed tree-mask words (at most 4 a row), before the loops while few
+        # registers are live; only splits that walk tree blocks read them
+        m_w = o_r < tl.where(u_lo < T, R, 0)
         b_w0 = _mask_word(mask_ptr, o_t, m_w, 0, T, mask_stride_t, MASK_PACKED)
         b_w1 = b_w0
         b_w2 = b_w0
@@ -393,23 +412,6 @@ if HAS_TRITON:
         b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         b_m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: see _online_softmax
         b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
-
-        L = tl.load(seqlens_ptr + i_b)
-        L = tl.minimum(tl.maximum(L, 0), capacity - T)  # unchecked lengths stay in the cache
-        # the window: row r (tree node t at position L + depth[t]) sees slots >= first_r; the
-        # tile reads slots >= w_lo (some row sees them)
-        w_lo = 0
-        first_r = w_lo
-        if WINDOW:
-            d_r = tl.load(depth_ptr + o_t, mask=m_r, other=0)
-            first_r = L + d_r - window + 1
-            w_lo = tl.maximum(tl.min(tl.where(m_r, first_r, L + T), 0), 0)
-        # this split's share of the prefix blocks [w_lo // BLOCK_N, cdiv(L, BLOCK_N)), from the
-        # length on the device: blocks wholly outside the window are never read
-        blk_lo = w_lo // BLOCK_N
-        per_split = tl.cdiv(tl.maximum(tl.cdiv(L, BLOCK_N) - blk_lo, 0), num_splits) * BLOCK_N
-        lo = blk_lo * BLOCK_N + i_s * per_split
-        hi = tl.maximum(tl.minimum(lo + per_split, L), lo)
         if WINDOW:  # the block holding w_lo: its slots before w_lo are not loaded
             if lo < w_lo:
                 b_acc, b_m, b_l = _prefix_block(
@@ -431,34 +433,35 @@ if HAS_TRITON:
                 bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b, k_stride_s, v_stride_b,
                 v_stride_s, qk_scale, cap_in, cap_out, BLOCK_N, BLOCK_D, HEAD_DIM, PAGED, PAGE,
                 True, WINDOW, SOFTCAP, DOT_PREC)  # fmt: skip
-        if i_s == num_splits - 1:  # the tree: positions L + u, u < T, under the tree mask
-            for u0 in tl.range(0, T, BLOCK_N, num_stages=1):
-                o_u = u0 + o_n
-                m_u = o_u < T
-                pos = L + o_u
-                r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b,
-                               k_stride_s, PAGED, PAGE)  # fmt: skip
-                r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, v_stride_b,
-                               v_stride_s, PAGED, PAGE)  # fmt: skip
-                m_kv = m_u[:, None] & m_d[None, :]
-                b_k = tl.load(k_head + r_k[:, None], mask=m_kv, other=0.0)
-                b_v = tl.load(v_head + r_v[:, None], mask=m_kv, other=0.0)
-                b_s = _scores(b_q, b_k, qk_scale, cap_in, cap_out, SOFTCAP, DOT_PREC)
-                i_w = o_u // 32
-                sh = o_u % 32
-                seen = (b_w0[:, None] >> sh[None, :]) & 1
-                if MASK_WORDS > 1:
-                    seen = tl.where((i_w == 1)[None, :], (b_w1[:, None] >> sh[None, :]) & 1, seen)
-                if MASK_WORDS > 2:
-                    seen = tl.where((i_w == 2)[None, :], (b_w2[:, None] >> sh[None, :]) & 1, seen)
-                if MASK_WORDS > 3:
-                    seen = tl.where((i_w == 3)[None, :], (b_w3[:, None] >> sh[None, :]) & 1, seen)
-                seen = (seen != 0) & m_u[None, :]
-                if WINDOW:  # node u at position L + depth[u]
-                    d_u = tl.load(depth_ptr + o_u, mask=m_u, other=0)
-                    seen = seen & (d_u[None, :] > (d_r - window)[:, None])
-                b_s = tl.where(seen, b_s, float("-inf"))
-                b_acc, b_m, b_l = _online_softmax(b_acc, b_m, b_l, b_s, b_v, DOT_PREC)
+        # this split's tree chunks: positions L + u under the tree mask
+        o_n = tl.arange(0, TREE_N)
+        for u0 in tl.range(u_lo, T, num_splits * TREE_N, num_stages=1):
+            o_u = u0 + o_n
+            m_u = o_u < T
+            pos = L + o_u
+            r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b,
+                           k_stride_s, PAGED, PAGE)  # fmt: skip
+            r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, v_stride_b,
+                           v_stride_s, PAGED, PAGE)  # fmt: skip
+            m_kv = m_u[:, None] & m_d[None, :]
+            b_k = tl.load(k_head + r_k[:, None], mask=m_kv, other=0.0)
+            b_v = tl.load(v_head + r_v[:, None], mask=m_kv, other=0.0)
+            b_s = _scores(b_q, b_k, qk_scale, cap_in, cap_out, SOFTCAP, DOT_PREC)
+            i_w = o_u // 32
+            sh = o_u % 32
+            seen = (b_w0[:, None] >> sh[None, :]) & 1
+            if MASK_WORDS > 1:
+                seen = tl.where((i_w == 1)[None, :], (b_w1[:, None] >> sh[None, :]) & 1, seen)
+            if MASK_WORDS > 2:
+                seen = tl.where((i_w == 2)[None, :], (b_w2[:, None] >> sh[None, :]) & 1, seen)
+            if MASK_WORDS > 3:
+                seen = tl.where((i_w == 3)[None, :], (b_w3[:, None] >> sh[None, :]) & 1, seen)
+            seen = (seen != 0) & m_u[None, :]
+            if WINDOW:  # node u at position L + depth[u]
+                d_u = tl.load(depth_ptr + o_u, mask=m_u, other=0)
+                seen = seen & (d_u[None, :] > (d_r - window)[:, None])
+            b_s = tl.where(seen, b_s, float("-inf"))
+            b_acc, b_m, b_l = _online_softmax(b_acc, b_m, b_l, b_s, b_v, DOT_PREC)
 
         m_out = m_r[:, None] & m_d[None, :]
         if not SPLIT:
@@ -548,6 +551,12 @@ def _num_splits(programs: int, capacity: int, cfg: _Config, rows: int, device) -
     want = cfg.ctas_per_sm * sm_count(device) // programs
     most = max(1, capacity // ((2 if rows <= 16 else 4) * cfg.block_n))
     return max(1, min(want, most, 128))
+
+
+def _tree_chunk(T: int, num_splits: int, block_n: int) -> int:
+    """Tree nodes per chunk: the T tree keys spread over up to ``num_splits`` splits in chunks
+    of 16 to BLOCK_N keys, so no split walks a whole tree block on top of its prefix share."""
+    return max(16, min(block_n, triton.next_power_of_2(triton.cdiv(T, num_splits))))
 
 
 def _merge_blocks(num_splits: int, rows: int, block_d: int) -> tuple[int, int, int]:
@@ -642,7 +651,8 @@ def tree_attention_triton(
         *q.stride(), *k_cache.stride(), *v_cache.stride(),
         out.stride(0), out.stride(1), out.stride(2),
         mask.stride(0), bt_stride_b,
-        G=G, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, SPLIT=num_splits > 1,
+        G=G, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+        TREE_N=_tree_chunk(T, num_splits, bn), SPLIT=num_splits > 1,
         PAGED=paged, PAGE=page, MASK_PACKED=packed, MASK_WORDS=triton.cdiv(T, 32),
         WINDOW=bool(window), SOFTCAP=softcap is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
