@@ -264,17 +264,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _kv_rows(
-        b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, kv_stride_b, kv_stride_s,
-        PAGED: tl.constexpr, PAGE: tl.constexpr,
+        b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b, k_stride_s, v_stride_b,
+        v_stride_s, PAGED: tl.constexpr, PAGE: tl.constexpr,
     ):  # fmt: skip
-        """int64 offsets of cache positions ``pos`` of sequence b (page or batch + slot)."""
+        """int64 offsets of cache positions ``pos`` of sequence b in K and in V (page or batch,
+        then slot; one block-table read serves both)."""
         if PAGED:
             i_pg = tl.minimum(pos // PAGE, max_pages - 1)  # clamped: always a valid table read
             page = tl.load(bt_ptr + b.to(tl.int64) * bt_stride_b + i_pg)
             page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)  # never outside
-            return page * kv_stride_b + (pos % PAGE).to(tl.int64) * kv_stride_s
+            slot = (pos % PAGE).to(tl.int64)
+            return page * k_stride_b + slot * k_stride_s, page * v_stride_b + slot * v_stride_s
         else:
-            return b.to(tl.int64) * kv_stride_b + pos.to(tl.int64) * kv_stride_s
+            slot = pos.to(tl.int64)
+            return (b.to(tl.int64) * k_stride_b + slot * k_stride_s,
+                    b.to(tl.int64) * v_stride_b + slot * v_stride_s)  # fmt: skip
 
     @triton.jit
     def _online_softmax(b_acc, b_m, b_l, b_s, b_v, DOT_PREC: tl.constexpr):
@@ -324,10 +328,8 @@ if HAS_TRITON:
         seen_hi) are loaded (the others' values never reach the output, even NaN); WINDOW:
         row r sees slots >= first_r[r]."""
         pos = start + tl.arange(0, BLOCK_N)
-        r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b,
-                       k_stride_s, PAGED, PAGE)  # fmt: skip
-        r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, v_stride_b,
-                       v_stride_s, PAGED, PAGE)  # fmt: skip
+        r_k, r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b,
+                            k_stride_s, v_stride_b, v_stride_s, PAGED, PAGE)  # fmt: skip
         if MASKED:
             m_n = (pos >= seen_lo) & (pos < seen_hi)
             m_kv = m_n[:, None] & m_d[None, :]
@@ -390,19 +392,6 @@ if HAS_TRITON:
         # so the tree is spread over the last splits (the last has the smallest prefix share)
         u_lo = (num_splits - 1 - i_s) * TREE_N
 
-        # the tile rows' packed tree-mask words (at most 4 a row), before the loops while few
-        # registers are live; only splits that walk tree blocks read them
-        m_w = o_r < tl.where(u_lo < T, R, 0)
-        b_w0 = _mask_word(mask_ptr, o_t, m_w, 0, T, mask_stride_t, MASK_PACKED)
-        b_w1 = b_w0
-        b_w2 = b_w0
-        b_w3 = b_w0
-        if MASK_WORDS > 1:
-            b_w1 = _mask_word(mask_ptr, o_t, m_w, 1, T, mask_stride_t, MASK_PACKED)
-        if MASK_WORDS > 2:
-            b_w2 = _mask_word(mask_ptr, o_t, m_w, 2, T, mask_stride_t, MASK_PACKED)
-        if MASK_WORDS > 3:
-            b_w3 = _mask_word(mask_ptr, o_t, m_w, 3, T, mask_stride_t, MASK_PACKED)
         p_q = (q_ptr + i_b.to(tl.int64) * q_stride_b + o_t[:, None] * q_stride_t
                + o_h[:, None] * q_stride_h + o_d[None, :] * q_stride_d)  # fmt: skip
         b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
@@ -433,16 +422,28 @@ if HAS_TRITON:
                 bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b, k_stride_s, v_stride_b,
                 v_stride_s, qk_scale, cap_in, cap_out, BLOCK_N, BLOCK_D, HEAD_DIM, PAGED, PAGE,
                 True, WINDOW, SOFTCAP, DOT_PREC)  # fmt: skip
+        # the tile rows' packed tree-mask words (at most 4 a row), loaded only now so they are
+        # not live across the prefix loop; only splits with tree chunks read them
+        m_w = o_r < tl.where(u_lo < T, R, 0)
+        b_w0 = _mask_word(mask_ptr, o_t, m_w, 0, T, mask_stride_t, MASK_PACKED)
+        b_w1 = b_w0
+        b_w2 = b_w0
+        b_w3 = b_w0
+        if MASK_WORDS > 1:
+            b_w1 = _mask_word(mask_ptr, o_t, m_w, 1, T, mask_stride_t, MASK_PACKED)
+        if MASK_WORDS > 2:
+            b_w2 = _mask_word(mask_ptr, o_t, m_w, 2, T, mask_stride_t, MASK_PACKED)
+        if MASK_WORDS > 3:
+            b_w3 = _mask_word(mask_ptr, o_t, m_w, 3, T, mask_stride_t, MASK_PACKED)
         # this split's tree chunks: positions L + u under the tree mask
         o_n = tl.arange(0, TREE_N)
         for u0 in tl.range(u_lo, T, num_splits * TREE_N, num_stages=1):
             o_u = u0 + o_n
             m_u = o_u < T
             pos = L + o_u
-            r_k = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, k_stride_b,
-                           k_stride_s, PAGED, PAGE)  # fmt: skip
-            r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages, v_stride_b,
-                           v_stride_s, PAGED, PAGE)  # fmt: skip
+            r_k, r_v = _kv_rows(i_b, pos, bt_ptr, bt_stride_b, max_pages, num_pages,
+                                k_stride_b, k_stride_s, v_stride_b, v_stride_s, PAGED,
+                                PAGE)  # fmt: skip
             m_kv = m_u[:, None] & m_d[None, :]
             b_k = tl.load(k_head + r_k[:, None], mask=m_kv, other=0.0)
             b_v = tl.load(v_head + r_v[:, None], mask=m_kv, other=0.0)
