@@ -195,6 +195,36 @@ def test_split_count_uses_static_shapes_only(monkeypatch):
     assert splits(1, 64, 32, 1, 300) == 1  # a short cache: 4 blocks per split at least
 
 
+def test_register_budget_pins_the_occupancy():
+    assert ta._Config(16, 64, 4, 3, 3).max_regs == 168  # 3 x 4 warps x 32 x 168 <= 65536
+    assert ta._Config(128, 64, 8, 3, 2).max_regs == 128
+    assert ta._Config(64, 64, 4, 2, 2).max_regs is None  # 256 > 255: any kernel fits twice
+    assert ta._Config(128, 64, 8, 3, 1).max_regs is None
+
+
+def test_occupancy_comes_from_the_compiled_kernel_once_per_configuration(monkeypatch):
+    """On CUDA the split count uses the CTAs/SM of the kernel as compiled there (registers,
+    shared memory), measured at the first launch of each configuration."""
+    from types import SimpleNamespace
+
+    compiled = []
+
+    class FakeKernel:
+        def warmup(self, *args, grid, **kwargs):
+            compiled.append(kwargs)
+            meta = SimpleNamespace(shared=71680, num_warps=kwargs["num_warps"])
+            return SimpleNamespace(n_regs=170, metadata=meta, _init_handles=lambda: None)
+
+    monkeypatch.setattr(ta, "_CTAS_PER_SM", {})
+    monkeypatch.setattr(ta, "_cuda_arch", lambda device: 90)
+    dev, args = torch.device("cuda", 0), (torch.zeros(2, dtype=torch.float16), 3)
+    # 170 registers x 4 warps: 2 CTAs (168 would fit 3); 8 warps: 1
+    assert ta._compiled_ctas_per_sm(FakeKernel(), args, dict(BLOCK_M=16, num_warps=4), dev) == 2
+    assert ta._compiled_ctas_per_sm(FakeKernel(), args, dict(BLOCK_M=16, num_warps=4), dev) == 2
+    assert ta._compiled_ctas_per_sm(FakeKernel(), args, dict(BLOCK_M=16, num_warps=8), dev) == 1
+    assert len(compiled) == 2
+
+
 def test_strided_q_and_public_entry_point():
     q, k, v, seqlens, bt = make_inputs([12, 30], 5, 4, 2, 64, torch.float32, page=8)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, head-major strides
@@ -639,6 +669,21 @@ def test_gpu_decode_and_big_trees(dtype, lens, T, Hkv):
 )
 def test_gpu_window_softcap(dtype, lens, Hkv, page, opts):
     _gpu_case(lens, 64, 32, Hkv, 128, dtype, GPU_TREE, page, **opts)
+
+
+@requires_cuda
+def test_gpu_compiled_occupancy_equals_the_static_config():
+    """The CTAs/SM measured from the compiled kernel equal the config's (on sm_90, where the
+    static values come from); elsewhere the measured one is what the split count uses."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the static ctas_per_sm values are sm_90's")
+    for T, Hkv in ((1, 8), (64, 32), (64, 8)):
+        ta._CTAS_PER_SM.clear()
+        q, k, v, seqlens, _ = make_inputs([3000], T, 32, Hkv, 128, torch.float16)
+        mask = GPU_TREE if T == 64 else chain(1)
+        tree_attention(q, k, v, seqlens, mask.to(DEV))
+        cfg = ta._config(T * 32 // Hkv, 128, torch.float16)
+        assert set(ta._CTAS_PER_SM.values()) <= {cfg.ctas_per_sm}, (T, Hkv, ta._CTAS_PER_SM)
 
 
 @requires_cuda

@@ -6,7 +6,7 @@ compiler refuses (or compiles differently). This closes that gap:
 
 1. ``capture``: run under the interpreter with ``MEDUSA_CAPTURE_LAUNCHES=FILE`` set; every
    launch is recorded as (module, kernel, argument types, constexpr values, num_warps,
-   num_stages), deduplicated, and written to FILE as JSON when the process exits.
+   num_stages, maxnreg), deduplicated, and written to FILE as JSON when the process exits.
 2. ``python triton_aot.py FILE``: without the interpreter, imports each kernel and compiles it
    with ``triton.compile`` for sm_90 (``MEDUSA_AOT_ARCHS=80,90`` for more; fp16 launches also
    as bf16, the GPU's dtype), down to a cubin. Prints one line per failure and exits non-zero if any.
@@ -44,7 +44,7 @@ def _arg_type(value) -> str:
 def _spec(fn, args, kwargs) -> dict:
     params = list(inspect.signature(fn).parameters.values())
     bound = dict(zip((p.name for p in params), args, strict=False))
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     bound.update(kwargs)
     signature, constexprs, div16 = {}, {}, []
     for p in params:

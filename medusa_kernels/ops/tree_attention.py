@@ -70,6 +70,7 @@ from ._backend import (
     check_dim,
     check_tensor,
     check_values,
+    occupancy,
     pick_backend,
     sm_count,
 )
@@ -526,24 +527,34 @@ class _Config(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
-    ctas_per_sm: int  # programs resident per SM (shared memory / registers), for the splits
+    ctas_per_sm: int  # CTAs resident per SM as compiled for sm_90: the split count's base
+
+    @property
+    def max_regs(self) -> int | None:
+        """The register budget that keeps ``ctas_per_sm`` CTAs on an SM (``maxnreg``), where it
+        is below the 255 a thread can have anyway: a compiler that needs more must spill (the
+        AOT test fails) rather than silently lose a CTA."""
+        budget = 65536 // (self.ctas_per_sm * self.num_warps * 32) // 8 * 8
+        return budget if budget < 255 else None
 
 
 def _config(rows: int, D: int, dtype: torch.dtype) -> _Config:
     """Launch configuration for R = T * G rows (see the module doc; to be tuned on the GPU)."""
     if dtype == torch.float32:  # correctness path: fp32 dots spill at larger tiles
         return _Config(16, 32, 4, 2, 2)
+    if D <= 64:
+        if rows <= 16:
+            return _Config(16, 128, 4, 3, 3)
+        if rows <= 64:
+            return _Config(32 if rows <= 32 else 64, 128, 4, 3, 2)
+        return _Config(128, 64, 8, 3, 2)
     if rows <= 16:
-        cfg = _Config(16, 64, 4, 3, 3)
-    elif rows <= 32:
-        cfg = _Config(32, 64, 4, 3, 2)
-    elif rows <= 64:
-        cfg = _Config(64, 64, 4, 3, 2)
-    else:
-        cfg = _Config(128, 64, 8, 3, 1)
-    if D <= 64 and rows <= 64:
-        cfg = cfg._replace(block_n=128)
-    return cfg
+        return _Config(16, 64, 4, 3, 3)
+    if rows <= 32:
+        return _Config(32, 64, 4, 3, 2)
+    if rows <= 64:
+        return _Config(64, 64, 4, 2, 2)
+    return _Config(128, 64, 8, 3, 1)
 
 
 def _num_splits(programs: int, capacity: int, cfg: _Config, rows: int, device) -> int:
@@ -552,6 +563,46 @@ def _num_splits(programs: int, capacity: int, cfg: _Config, rows: int, device) -
     want = cfg.ctas_per_sm * sm_count(device) // programs
     most = max(1, capacity // ((2 if rows <= 16 else 4) * cfg.block_n))
     return max(1, min(want, most, 128))
+
+
+def static_ctas_per_sm(kernel: str, constexprs: dict, options: dict, arch: int = 90) -> int | None:
+    """The CTAs/SM the launcher assumes for a launch of ``kernel`` with these constexprs and
+    options, as the AOT compile records them: the config's value for sm_90, which the CPU path
+    uses and the compiled kernel must match. None where it assumes none: other GPUs (the split
+    count there uses the occupancy measured at run time), the merge kernel, block sizes
+    overridden by a test."""
+    if kernel != "_tree_attention_kernel" or arch != 90:
+        return None
+    launch = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], options.get("num_warps"),
+              options.get("num_stages"))  # fmt: skip
+    for rows in (16, 32, 64, MAX_TREE * 8):
+        cfg = _config(rows, constexprs["HEAD_DIM"], torch.float16)
+        if launch == (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages):
+            return cfg.ctas_per_sm
+    return None
+
+
+_CTAS_PER_SM: dict[tuple, int] = {}  # (device, dtypes, constexprs, options) -> compiled CTAs/SM
+
+
+def _cuda_arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _compiled_ctas_per_sm(kernel, args: tuple, kwargs: dict, device: torch.device) -> int:
+    """CTAs per SM of ``kernel`` compiled for these arguments on ``device``, from its registers
+    and shared memory (``_backend.occupancy``); compiled (``warmup``, no launch) and measured
+    once per configuration, then cached."""
+    dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+    key = (device.index, dtypes, tuple(sorted(kwargs.items())))
+    if key not in _CTAS_PER_SM:
+        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+        compiled._init_handles()  # loads the module: n_regs is known from here on
+        ctas = occupancy(compiled.n_regs, compiled.metadata.shared,
+                         compiled.metadata.num_warps, _cuda_arch(device))  # fmt: skip
+        _CTAS_PER_SM[key] = max(1, ctas)
+    return _CTAS_PER_SM[key]
 
 
 def _tree_chunk(T: int, num_splits: int, block_n: int) -> int:
@@ -629,36 +680,53 @@ def tree_attention_triton(
         depths = depths.to(torch.int32).contiguous()
     else:
         window, depths = 0, cache_seqlens  # unused
+    packed = tree_mask.dtype == torch.int32
+    mask = tree_mask.contiguous() if packed else tree_mask.contiguous().view(torch.uint8)
+    block_d = triton.next_power_of_2(D)
+    log2e = math.log2(math.e)
+    cap_in = 0.0 if softcap is None else 2.0 * log2e * scale / softcap
+    cap_out = 0.0 if softcap is None else log2e * softcap
+
+    def launch_args(o_part, lse, splits):
+        args = (
+            q, k_cache, v_cache, cache_seqlens, mask, depths, bt, out, o_part, lse,
+            scale * log2e, cap_in, cap_out, window, T, Hkv, capacity, max_pages, num_pages,
+            splits,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(),
+            out.stride(0), out.stride(1), out.stride(2),
+            mask.stride(0), bt_stride_b,
+        )  # fmt: skip
+        kwargs = dict(
+            G=G, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+            TREE_N=_tree_chunk(T, splits, bn), SPLIT=splits > 1,
+            PAGED=paged, PAGE=page, MASK_PACKED=packed, MASK_WORDS=triton.cdiv(T, 32),
+            WINDOW=bool(window), SOFTCAP=softcap is not None,
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if cfg.max_regs is not None:
+            kwargs["maxnreg"] = cfg.max_regs
+        return args, kwargs
+
     if num_splits is None:  # a window reads at most W + T - 1 keys a row
         keys = capacity if not window else min(capacity, window + T)
         num_splits = _num_splits(B * Hkv * row_blocks, keys, cfg, R, q.device)
+        if q.device.type == "cuda" and num_splits > 1:  # the occupancy as compiled here
+            scratch = torch.empty(16, dtype=torch.float32, device=q.device)
+            ctas = _compiled_ctas_per_sm(_tree_attention_kernel,
+                                         *launch_args(scratch, scratch, num_splits), q.device)
+            if ctas != cfg.ctas_per_sm:
+                num_splits = _num_splits(B * Hkv * row_blocks, keys,
+                                         cfg._replace(ctas_per_sm=ctas), R, q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    packed = tree_mask.dtype == torch.int32
-    mask = tree_mask.contiguous() if packed else tree_mask.contiguous().view(torch.uint8)
     if num_splits > 1:
         o_part = torch.empty(B * Hkv, num_splits, R, D, dtype=torch.float32, device=q.device)
         lse = torch.empty(B * Hkv, num_splits, R, dtype=torch.float32, device=q.device)
     else:
         o_part = lse = out  # unused
-    block_d = triton.next_power_of_2(D)
-    log2e = math.log2(math.e)
-    cap_in = 0.0 if softcap is None else 2.0 * log2e * scale / softcap
-    cap_out = 0.0 if softcap is None else log2e * softcap
-    _tree_attention_kernel[(row_blocks, B * Hkv, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, mask, depths, bt, out, o_part, lse,
-        scale * log2e, cap_in, cap_out, window, T, Hkv, capacity, max_pages, num_pages,
-        num_splits,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        out.stride(0), out.stride(1), out.stride(2),
-        mask.stride(0), bt_stride_b,
-        G=G, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
-        TREE_N=_tree_chunk(T, num_splits, bn), SPLIT=num_splits > 1,
-        PAGED=paged, PAGE=page, MASK_PACKED=packed, MASK_WORDS=triton.cdiv(T, 32),
-        WINDOW=bool(window), SOFTCAP=softcap is not None,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    args, kwargs = launch_args(o_part, lse, num_splits)
+    _tree_attention_kernel[(row_blocks, B * Hkv, num_splits)](*args, **kwargs)
     if num_splits > 1:
         block_s, block_r, chunk_s = _merge_blocks(num_splits, R, block_d)
         _tree_attention_merge_kernel[(triton.cdiv(R, block_r), B * Hkv)](
