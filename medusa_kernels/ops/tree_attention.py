@@ -538,10 +538,20 @@ class _Config(NamedTuple):
         return budget if budget < 255 else None
 
 
-def _config(rows: int, D: int, dtype: torch.dtype) -> _Config:
-    """Launch configuration for R = T * G rows (see the module doc; to be tuned on the GPU)."""
+PLAN_ARCH = 90  # the GPU the CPU / interpreter path plans launches for (compute capability)
+
+
+def _config(rows: int, D: int, dtype: torch.dtype, arch: int = 90) -> _Config:
+    """Launch configuration for R = T * G rows on compute capability ``arch`` (see the module
+    doc; to be tuned on the GPU)."""
     if dtype == torch.float32:  # correctness path: fp32 dots spill at larger tiles
         return _Config(16, 32, 4, 2, 2)
+    if arch < 90:  # mma.sync holds the operands in registers: smaller tiles than wgmma's
+        if rows <= 16:
+            return _Config(16, 128 if D <= 64 else 64, 4, 3, 2)
+        if rows <= 64:
+            return _Config(32, 64, 4, 3, 2)
+        return _Config(128, 32, 8, 3, 1)
     if D <= 64:
         if rows <= 16:
             return _Config(16, 128, 4, 3, 3)
@@ -576,7 +586,7 @@ def static_ctas_per_sm(kernel: str, constexprs: dict, options: dict, arch: int =
     launch = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], options.get("num_warps"),
               options.get("num_stages"))  # fmt: skip
     for rows in (16, 32, 64, MAX_TREE * 8):
-        cfg = _config(rows, constexprs["HEAD_DIM"], torch.float16)
+        cfg = _config(rows, constexprs["HEAD_DIM"], torch.float16, arch)
         if launch == (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages):
             return cfg.ctas_per_sm
     return None
@@ -662,7 +672,7 @@ def tree_attention_triton(
     if B == 0 or T == 0:
         return out
     R = T * G
-    cfg = _config(R, D, q.dtype)
+    cfg = _config(R, D, q.dtype, _cuda_arch(q.device) if q.device.type == "cuda" else PLAN_ARCH)
     cfg = cfg._replace(block_m=block_m or cfg.block_m, block_n=block_n or cfg.block_n)
     bm, bn = cfg.block_m, cfg.block_n
     row_blocks = triton.cdiv(R, bm)
