@@ -7,6 +7,8 @@ compiler refuses (or compiles differently). This closes that gap:
 1. ``capture``: run under the interpreter with ``MEDUSA_CAPTURE_LAUNCHES=FILE`` set; every
    launch is recorded as (module, kernel, argument types, constexpr values, num_warps,
    num_stages, maxnreg), deduplicated, and written to FILE as JSON when the process exits.
+   Launches captured while ``CAPTURE_ARCHS`` is set were planned for those GPUs only (a
+   launcher that picks its configuration by compute capability) and compile only for them.
 2. ``python triton_aot.py FILE``: without the interpreter, imports each kernel and compiles it
    with ``triton.compile`` for sm_90 (``MEDUSA_AOT_ARCHS=80,90`` for more; fp16 launches also
    as bf16, the GPU's dtype), down to a cubin. Prints one line per failure and exits non-zero if any.
@@ -27,6 +29,7 @@ DTYPES = {
     "torch.int32": "i32", "torch.int64": "i64", "torch.bool": "i1",
 }  # fmt: skip
 TARGETS = tuple(int(a) for a in os.environ.get("MEDUSA_AOT_ARCHS", "90").split(","))
+CAPTURE_ARCHS: tuple[int, ...] | None = None  # set while capturing launches planned for these
 
 
 def _arg_type(value) -> str:
@@ -60,8 +63,9 @@ def _spec(fn, args, kwargs) -> dict:
                        else is_int and value % 16 == 0)
             if aligned:
                 div16.append(p.name)
+    archs = {"archs": list(CAPTURE_ARCHS)} if CAPTURE_ARCHS else {}  # else every target
     return dict(module=fn.__module__, kernel=fn.__name__, signature=signature,
-                constexprs=constexprs, options=options, div16=div16)
+                constexprs=constexprs, options=options, div16=div16, **archs)
 
 
 def install_capture(path: str) -> None:
@@ -117,7 +121,7 @@ def compile_one(variant: dict) -> list[str]:
     names = list(variant["signature"])
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in variant.get("div16", [])}
     failures = []
-    for arch in TARGETS:
+    for arch in (a for a in TARGETS if a in variant.get("archs", TARGETS)):
         src = ASTSource(fn=fn, signature=variant["signature"], constexprs=variant["constexprs"],
                         attrs=attrs)
         try:
