@@ -40,7 +40,8 @@ torch.manual_seed(0)
 DT = torch.float16  # the capture adds the bf16 variant of every fp16 launch
 
 
-def _tree_attention(T, G, D, packed, paged, splits, Hkv=1, window=None, softcap=None):
+def _tree_attention(T, G, D, packed, paged, splits, Hkv=1, window=None, softcap=None,
+                    block_m=None):
     """One launch at a tiny context with what the compiled kernel depends on from a real one:
     T, G = Hq / Hkv, D, the split count, page size 256, and which ints are 1 or divisible by
     16 (Hkv 16 stands for 32, 2 for 8; a contiguous capacity of 256 + T for L + T)."""
@@ -59,7 +60,7 @@ def _tree_attention(T, G, D, packed, paged, splits, Hkv=1, window=None, softcap=
     depths = tree_node_depths(mask).to(torch.int32) if window else None
     tree_attention_triton(q, k, torch.randn_like(k), seqlens, m, block_table=table,
                           num_splits=splits, sliding_window=window, softcap=softcap,
-                          tree_depths=depths)
+                          tree_depths=depths, block_m=block_m)
 
 
 def tree_attention_benchmark_classes(arch: int, sms: int):
@@ -111,13 +112,13 @@ def tree_attention_launches():
             warnings.simplefilter("ignore", RuntimeWarning)
             for arch, sms in ((90, 132), (80, 108)):
                 ta.PLAN_ARCH, triton_aot.CAPTURE_ARCHS = arch, (arch,)
-                _tree_attention_launches(tree_attention_benchmark_classes(arch, sms))
+                _tree_attention_launches(tree_attention_benchmark_classes(arch, sms), arch)
     finally:
         ta._tree_attention_kernel, ta._tree_attention_merge_kernel = kernels
         ta.PLAN_ARCH, triton_aot.CAPTURE_ARCHS = plan, None
 
 
-def _tree_attention_launches(classes):
+def _tree_attention_launches(classes, arch):
     # every launch class at the benchmark shapes as generate runs it (contiguous cache, bool
     # mask); the options per (T, G, Hkv), split and not (they do not interact with the split
     # class otherwise): Gemma-2's window and softcap, every option at once (paged, packed
@@ -130,6 +131,9 @@ def _tree_attention_launches(classes):
             _tree_attention(T, G, 128, True, True, splits, Hkv, window=128, softcap=50.0)
         _tree_attention(T, G, 128, False, False, 8, Hkv, window=128)
         _tree_attention(T, G, 128, False, False, 8, Hkv, softcap=50.0)
+        if arch >= 90 and T * G > 64:  # the bench's A/B: 64-row tiles (issue 19 item 8)
+            for splits in (1, 8):
+                _tree_attention(T, G, 128, False, False, splits, Hkv, block_m=64)
     # beyond the benchmark: the other row-block configs (rows = T * G: 16, 32, 1024 with four
     # mask words) and head dims (64, Phi-3's 96), split and not
     for T, G, D in [(16, 1, 128), (32, 1, 128), (128, 8, 128), (64, 1, 64), (16, 1, 64),

@@ -650,7 +650,8 @@ def tree_attention_triton(
 ) -> torch.Tensor:
     """Launcher of the split-KV tree attention kernel (arguments as ``tree_attention``, already
     checked). ``num_splits``, ``block_m`` and ``block_n`` override the static choices (tests,
-    tuning). Returns a new contiguous [B, T, Hq, D] tensor in q's dtype; no host sync.
+    tuning; ``block_m`` takes the warps and stages of the rows-per-tile config it names).
+    Returns a new contiguous [B, T, Hq, D] tensor in q's dtype; no host sync.
     """
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -672,7 +673,8 @@ def tree_attention_triton(
     if B == 0 or T == 0:
         return out
     R = T * G
-    cfg = _config(R, D, q.dtype, _cuda_arch(q.device) if q.device.type == "cuda" else PLAN_ARCH)
+    arch = _cuda_arch(q.device) if q.device.type == "cuda" else PLAN_ARCH
+    cfg = _config(R if block_m is None else min(R, block_m), D, q.dtype, arch)
     cfg = cfg._replace(block_m=block_m or cfg.block_m, block_n=block_n or cfg.block_n)
     bm, bn = cfg.block_m, cfg.block_n
     row_blocks = triton.cdiv(R, bm)
