@@ -2,12 +2,14 @@
 
 For batch b, query token t and head h (KV head ``h // (Hq // Hkv)``)::
 
-    out[b, t, h] = softmax_j(scale * q[b, t, h] . k[b, j]) @ v[b, j]
-    over j < L_b (the whole prefix) and j = L_b + u for every tree node u with tree_mask[t, u]
+    out[b, t, h] = softmax_j(cap(scale * q[b, t, h] . k[b, j])) @ v[b, j]
+    over j < L_b (the whole prefix) and j = L_b + u for every tree node u with tree_mask[t, u],
+    with a window W only keys at positions > L_b + depth[t] - W; cap(x) = softcap tanh(x / softcap)
 
 Shapes: B batch, T tree nodes (T = 1 with ``[[True]]`` is plain decode), S cache capacity,
 L_b = cache_seqlens[b] prefix length, Hq/Hkv query/KV heads, G = Hq / Hkv, D head dim. The T tree
-tokens' keys and values are already stored at positions ``[L_b, L_b + T)`` of the cache.
+tokens' keys and values are already stored at positions ``[L_b, L_b + T)`` of the cache; tree node
+u sits at position ``L_b + depth[u]``. The cache is a full one: slot p holds position p.
 
 Caches are contiguous ``[B, S, Hkv, D]`` or paged ``[num_pages, page_size, Hkv, D]`` with a
 ``block_table [B, max_pages] int32`` (position p of sequence b lives in page
@@ -18,43 +20,29 @@ them. The tree mask is bool ``[T, T]`` or packed int32 ``[T, ceil(T / 32)]``: bi
 
 Triton kernel (flash-decoding over the prefix, the tree mask only on the tree):
 
-- Grid ``(row blocks, B * Hkv, splits)``. The rows of a tile are all ``T * G`` (tree token, query
-  head) pairs of one KV group, ``r = t * G + g``, padded to BLOCK_M, so each K/V tile feeds every
-  query head that uses it (row blocks of one group run side by side and share K/V in L2).
-- Split s walks its share of the prefix blocks ``[0, ceil(L_b / BLOCK_N))`` (computed on the
-  device from cache_seqlens, so the work is balanced for the actual lengths) without any mask
-  loads; only the last partial block bounds-checks. The last split also walks the T tree
-  positions, where scores are masked with the tree mask (never a T x (L+T) mask).
-- Sliding window W: the tile's prefix range starts at the block of its earliest visible slot
-  (``L_b + min depth - W + 1``, on the device), so a step reads O(W + T) keys whatever L_b; the
-  few blocks where rows of different depths disagree are masked per row. Soft-capping is
-  ``tanh`` through ``exp2`` on the scores before any mask.
-- Each split writes its normalised partial output and log-sum-exp (base 2, fp32); a second small
-  kernel merges the splits: every log-sum-exp in one load, the partials up to 16 splits per
-  load (not one dependent round trip per split). One split writes the output directly.
-- The split count depends only on static shapes (capacity, B, Hkv, T, G, SM count): no host
-  read of cache_seqlens, so a call can be captured in a CUDA graph.
+- Grid ``(row blocks, B * Hkv, splits)``; a tile's rows are the ``T * G`` (tree token, query
+  head) pairs of one KV group, ``r = t * G + g``, so each K/V tile feeds every head that uses it.
+- Split s walks its share of the prefix blocks, computed on the device from cache_seqlens (and
+  the window: blocks wholly before it are never read, so a step costs O(W + T) keys), with no
+  load masks but in the first and last block. The tree keys come in chunks of 16-64 spread over
+  the last splits, under the tree mask (never a T x (L + T) mask).
+- Splits write fp32 partials and base-2 log-sum-exps; a second kernel merges them (all
+  log-sum-exps in one load, partials 16 splits per load). One split writes the output itself.
+- No host read: the split count comes from static shapes and the occupancy, so a call is
+  captured in a CUDA graph whole. Lengths are clamped to [0, S - T] and page indices to
+  [0, num_pages) on the device.
 
-Launch configuration (``_config``, ``_num_splits``): chosen by reasoning and checked only by
-compiling for sm_90 with Triton 3.9 here (shared memory, registers, no spills, cp.async 16-byte
-loads, wgmma); TO BE TUNED ON THE GPU. fp16/bf16, D = 128 (smem / registers per thread):
+Launch configuration (``_config``): fp16/bf16, chosen from the sm_90 / sm_80 compile with Triton
+3.9 (no spills anywhere; registers and shared memory per configuration in the AOT compile's
+static report); GPU timings to be measured. On sm_90, by rows = T * G:
 
-- rows = T * G <= 16 (decode): BLOCK_M 16, BLOCK_N 64, 4 warps, 3 stages (70 KB / <= 168):
-  3 programs per SM, memory bound with ~96 KB of K/V in flight per program;
-- rows <= 32: BLOCK_M 32, BLOCK_N 64, 4 warps, 3 stages (76 KB / 248): 2 per SM;
-- rows <= 64: BLOCK_M 64, BLOCK_N 64, 4 warps, 3 stages (112 KB / 251 bool, 165 packed mask):
-  2 per SM;
-- rows > 64: BLOCK_M 128, BLOCK_N 64, 8 warps, 3 stages (128 KB / 218): 1 per SM, two warp
-  groups of wgmma;
-- D = 64: BLOCK_N 128 where rows <= 64; D = 80 / 96 run in the 128-wide tile, D masked;
-- fp32 (interpreter tests; on the GPU only when asked for): BLOCK_M 16, BLOCK_N 32, 2 stages;
-- splits: ``floor(programs per SM * SMs / (B * Hkv * row blocks))``: one wave, 1 split when the
-  batch fills the GPU; at least 2 (decode) or 4 BLOCK_N blocks of the cache capacity per split,
-  at most 128. Partials are fp32: R * D * 4 bytes per split and KV group, mostly L2-resident.
-- The tree loop is not pipelined (num_stages=1) and reads the mask as at most 4 words per row,
-  loaded (bool: packed) before the prefix loop, which keeps registers below the spill point.
-
-Loads are 16-byte vectors along D when D's stride is 1 (Triton specialises it).
+- <= 16 (decode): BLOCK_M 16, BLOCK_N 64, 3 CTAs/SM, kept by maxnreg 168;
+- <= 32: BLOCK_M 32, 2 CTAs/SM; <= 64: BLOCK_M 64, 2 stages (80 KB), 2 CTAs/SM;
+- > 64: BLOCK_M 128, 8 warps, 1 CTA/SM (128 KB) (a 64-row A/B is in the bench);
+- D <= 64 takes BLOCK_N 128 up to 64 rows; below sm_90 (mma.sync) the tiles are smaller
+  (BLOCK_M 32 up to 64 rows, BLOCK_N 32 above), which do not spill there.
+- splits: one wave of the CTAs/SM measured from the compiled kernel at its first launch (the
+  static value above on the CPU), at least 2 (decode) or 4 key blocks of the capacity each.
 """
 
 from __future__ import annotations
