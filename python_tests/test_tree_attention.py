@@ -1,6 +1,7 @@
 """Tree attention: the Triton kernel (CPU interpreter at small shapes, GPU at large ones) against
 a float64 reference; packed masks, paged caches, split-KV merges and argument checks."""
 
+import contextlib
 import importlib
 import math
 import random
@@ -217,6 +218,7 @@ def test_occupancy_comes_from_the_compiled_kernel_once_per_configuration(monkeyp
 
     monkeypatch.setattr(ta, "_CTAS_PER_SM", {})
     monkeypatch.setattr(ta, "_cuda_arch", lambda device: 90)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     dev, args = torch.device("cuda", 0), (torch.zeros(2, dtype=torch.float16), 3)
     # 170 registers x 4 warps: 2 CTAs (168 would fit 3); 8 warps: 1
     assert ta._compiled_ctas_per_sm(FakeKernel(), args, dict(BLOCK_M=16, num_warps=4), dev) == 2
@@ -245,6 +247,9 @@ def test_opcheck_with_block_table():
     q, k, v, seqlens, bt = make_inputs([3, 9], 3, 4, 2, 8, torch.float32, page=4)
     args = (q, k, v, seqlens, chain(3).to(DEV), 0.3, "torch", bt)
     torch.library.opcheck(torch.ops.medusa_kernels.tree_attention.default, args)
+    depths = torch.tensor([0, 1, 2], device=DEV)
+    torch.library.opcheck(torch.ops.medusa_kernels.tree_attention.default,
+                          (*args, 4, 2.0, depths))  # fmt: skip
 
 
 # --- sliding window, soft-capping, tree depths --------------------------------------------

@@ -47,6 +47,7 @@ static report); GPU timings to be measured. On sm_90, by rows = T * G:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -584,7 +585,14 @@ _CTAS_PER_SM: dict[tuple, int] = {}  # (device, dtypes, constexprs, options) -> 
 
 
 def _cuda_arch(device: torch.device) -> int:
-    major, minor = torch.cuda.get_device_capability(device)
+    """Compute capability of a CUDA device as 80, 90, ..."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_arch_of(index)
+
+
+@functools.cache
+def _cuda_arch_of(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
 
 
@@ -595,8 +603,9 @@ def _compiled_ctas_per_sm(kernel, args: tuple, kwargs: dict, device: torch.devic
     dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
     key = (device.index, dtypes, tuple(sorted(kwargs.items())))
     if key not in _CTAS_PER_SM:
-        compiled = kernel.warmup(*args, grid=(1,), **kwargs)
-        compiled._init_handles()  # loads the module: n_regs is known from here on
+        with torch.cuda.device(device):
+            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+            compiled._init_handles()  # loads the module: n_regs is known from here on
         ctas = occupancy(compiled.n_regs, compiled.metadata.shared,
                          compiled.metadata.num_warps, _cuda_arch(device))  # fmt: skip
         _CTAS_PER_SM[key] = max(1, ctas)
