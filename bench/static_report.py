@@ -110,7 +110,7 @@ def build(launches: list[dict], archs: tuple[int, ...]) -> list[dict]:
     rows = []
     for launch in launches:
         for v in triton_aot.variants(launch):
-            for arch in archs:
+            for arch in triton_aot.spec_archs(v, archs):
                 r = results[triton_aot.spec_key(v), arch]
                 row = {**v, **r}
                 if not r["error"]:

@@ -12,12 +12,16 @@ their grids for an H100's 132 SMs, never run), each inside ``case(...)``.
 
 from __future__ import annotations
 
+import importlib
+import itertools
 import os
 import sys
+import warnings
 
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
+import triton_aot  # noqa: E402
 from triton_aot import case, install_capture  # noqa: E402
 
 install_capture(sys.argv[1])
@@ -25,7 +29,11 @@ install_capture(sys.argv[1])
 from medusa_kernels.ops import heads_topk  # noqa: E402
 from medusa_kernels.ops.acceptance import accept_greedy_ids_triton  # noqa: E402
 from medusa_kernels.ops.compact_kv import compact_kv_cache_triton  # noqa: E402
-from medusa_kernels.ops.tree_attention import pack_tree_mask, tree_attention_triton  # noqa: E402
+from medusa_kernels.ops.tree_attention import (  # noqa: E402
+    pack_tree_mask,
+    tree_attention_triton,
+    tree_node_depths,
+)
 from medusa_kernels.tree import TREES, build_tree  # noqa: E402
 
 torch.manual_seed(0)
@@ -33,32 +41,106 @@ DT = torch.float16  # the capture adds the bf16 variant of every fp16 launch
 H100_SMS = 132
 
 
-def _tree_attention(T, G, D, packed, paged, splits):
-    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
-    q = torch.randn(1, T, G, D, dtype=DT)
-    S, page = 128 + T, 64
+def _tree_attention(T, G, D, packed, paged, splits, Hkv=1, window=None, softcap=None,
+                    block_m=None):
+    """One launch at a tiny context with what the compiled kernel depends on from a real one:
+    T, G = Hq / Hkv, D, the split count, page size 256, and which ints are 1 or divisible by
+    16 (Hkv 16 stands for 32, 2 for 8; a contiguous capacity of 256 + T for L + T)."""
+    mask = build_tree(TREES["mc_sim_7b_63"]).tree_mask if T == 64 else torch.tril(
+        torch.ones(T, T, dtype=torch.bool))
+    if Hkv > 1:
+        Hkv = 16 if Hkv % 16 == 0 else 2
+    q = torch.randn(1, T, G * Hkv, D, dtype=DT)
     if paged:
-        k = torch.randn(S // page + 1, page, 1, D, dtype=DT)
-        table = torch.arange(k.shape[0], dtype=torch.int32)[None]
+        k = torch.randn(3, 256, Hkv, D, dtype=DT)
+        table = torch.tensor([[2, 0]], dtype=torch.int32)
     else:
-        k, table = torch.randn(1, S, 1, D, dtype=DT), None
+        k, table = torch.randn(1, 256 + T, Hkv, D, dtype=DT), None
     m = pack_tree_mask(mask) if packed else mask
-    seqlens = torch.tensor([100], dtype=torch.int32)
+    seqlens = torch.tensor([20], dtype=torch.int32)
+    depths = tree_node_depths(mask).to(torch.int32) if window else None
     tree_attention_triton(q, k, torch.randn_like(k), seqlens, m, block_table=table,
-                          num_splits=splits)
+                          num_splits=splits, sliding_window=window, softcap=softcap,
+                          tree_depths=depths, block_m=block_m)
+
+
+def tree_attention_benchmark_classes(arch: int, sms: int):
+    """{(T, G, Hkv, num_splits)}: one of each launch the launcher picks at the benchmark shapes
+    (B 1/8, Hq 32, T 1/64, Hkv 32/8, L 1k-64k, D 128, paged 256 or not, window 4096 or none) on
+    a GPU of compute capability ``arch`` with ``sms`` SMs, deduplicated by what the compiled
+    kernels depend on (SPLIT, TREE_N, the merge blocks, num_splits 1 or divisible by 16)."""
+    ta = importlib.import_module("medusa_kernels.ops.tree_attention")
+    sm_count, ta.sm_count = ta.sm_count, lambda device: sms
+    classes = {}
+    try:
+        for T, Hkv, B, L, paged, window in itertools.product(
+                (1, 64), (32, 8), (1, 8), (1024, 4096, 16384, 65536), (False, True),
+                (None, 4096)):  # fmt: skip
+            G, R = 32 // Hkv, T * 32 // Hkv
+            cfg = ta._config(R, 128, DT, arch)
+            capacity = -(-(L + T) // 256) * 256 if paged else L + T
+            keys = capacity if window is None else min(capacity, window + T)
+            splits = ta._num_splits(B * Hkv * -(-R // cfg.block_m), keys, cfg, R,
+                                    torch.device("cuda", 0))  # fmt: skip
+            merge = ta._merge_blocks(splits, R, 128) if splits > 1 else None
+            key = (T, G, Hkv, splits == 1, splits % 16 == 0,
+                   ta._tree_chunk(T, splits, cfg.block_n), merge)  # fmt: skip
+            classes.setdefault(key, (T, G, Hkv, splits))
+    finally:
+        ta.sm_count = sm_count
+    return sorted(classes.values())
+
+
+class _OneProgram:
+    """A kernel that runs only its first program: the capture records the specialisation of
+    every launch all the same, the interpreter does 1/grid of the work (results unchecked)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return self.kernel[(1,) * len(grid)]
 
 
 def tree_attention_launches():
-    # every row-block config (rows = T * G) and head dim, packed mask as generate uses it
-    for T, G, D in [(1, 1, 128), (16, 1, 128), (64, 1, 128), (16, 4, 128), (64, 4, 128),
-                    (128, 8, 128), (64, 1, 64), (16, 1, 64), (64, 8, 64)]:
+    """The launches planned for H100/H200 (sm_90, 132 SMs) and for A100 (sm_80, 108 SMs), each
+    captured for its own arch (the configuration depends on it)."""
+    ta = importlib.import_module("medusa_kernels.ops.tree_attention")
+    kernels, plan = (ta._tree_attention_kernel, ta._tree_attention_merge_kernel), ta.PLAN_ARCH
+    ta._tree_attention_kernel, ta._tree_attention_merge_kernel = map(_OneProgram, kernels)
+    try:
+        with warnings.catch_warnings():  # the merge reads partials nobody wrote: casts overflow
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for arch, sms in ((90, 132), (80, 108)):
+                ta.PLAN_ARCH, triton_aot.CAPTURE_ARCHS = arch, (arch,)
+                _tree_attention_launches(tree_attention_benchmark_classes(arch, sms), arch)
+    finally:
+        ta._tree_attention_kernel, ta._tree_attention_merge_kernel = kernels
+        ta.PLAN_ARCH, triton_aot.CAPTURE_ARCHS = plan, None
+
+
+def _tree_attention_launches(classes, arch):
+    # every launch class at the benchmark shapes as generate runs it (contiguous cache, bool
+    # mask); the options per (T, G, Hkv), split and not (they do not interact with the split
+    # class otherwise): Gemma-2's window and softcap, every option at once (paged, packed
+    # mask), each alone; the window is 128 (< the tiny cache, divisible by 16 as 4096 is)
+    for T, G, Hkv, splits in classes:
+        _tree_attention(T, G, 128, False, False, splits, Hkv)
+    for T, G, Hkv in sorted({c[:3] for c in classes}):
+        for splits in (1, 8):
+            _tree_attention(T, G, 128, False, False, splits, Hkv, window=128, softcap=50.0)
+            _tree_attention(T, G, 128, True, True, splits, Hkv, window=128, softcap=50.0)
+        _tree_attention(T, G, 128, False, False, 8, Hkv, window=128)
+        _tree_attention(T, G, 128, False, False, 8, Hkv, softcap=50.0)
+        if arch >= 90 and T * G > 64:  # the bench's A/B: 64-row tiles (issue 19 item 8)
+            for splits in (1, 8):
+                _tree_attention(T, G, 128, False, False, splits, Hkv, block_m=64)
+    # beyond the benchmark: the other row-block configs (rows = T * G: 16, 32, 1024 with four
+    # mask words) and head dims (64, Phi-3's 96), split and not
+    for T, G, D in [(16, 1, 128), (32, 1, 128), (128, 8, 128), (64, 1, 64), (16, 1, 64),
+                    (64, 8, 64), (64, 1, 96)]:
         for splits in (1, 2):
             _tree_attention(T, G, D, True, False, splits)
-    # the bool mask and paged caches at the 7B tree shape
-    for packed in (False, True):
-        for paged in (False, True):
-            for splits in (1, 2):
-                _tree_attention(64, 4, 128, packed, paged, splits)
 
 
 def compact_launches():

@@ -1,6 +1,7 @@
 """Tree attention: the Triton kernel (CPU interpreter at small shapes, GPU at large ones) against
 a float64 reference; packed masks, paged caches, split-KV merges and argument checks."""
 
+import contextlib
 import importlib
 import math
 import random
@@ -164,11 +165,14 @@ def test_pack_tree_mask_bit_order():
     assert packed[2].tolist() == [0, 1] and packed[3].tolist() == [2, 0]
 
 
-def test_split_counts_agree_and_scale_is_used():
-    q, k, v, seqlens, _ = make_inputs([70, 9], 3, 2, 1, 64, torch.float32)
-    mask = chain(3).to(DEV)
+@pytest.mark.parametrize("T,Hq", [(3, 2), (1, 1), (5, 4)], ids=["R6", "R1", "R20"])
+def test_split_counts_agree_and_scale_is_used(T, Hq):
+    """The merge at split counts below and past one chunk of 8 (BLOCK_S 16, 32), with
+    empty splits (the cache has 11 blocks) and rows that do not fill BLOCK_R."""
+    q, k, v, seqlens, _ = make_inputs([170, 9], T, Hq, 1, 64, torch.float32)
+    mask = chain(T).to(DEV)
     outs = [tree_attention_triton(q, k, v, seqlens, mask, 0.3, block_n=16, num_splits=s)
-            for s in (1, 2, 7)]
+            for s in (1, 2, 9, 17)]  # fmt: skip
     want = tree_attention_ref(q.double(), k.double(), v.double(), seqlens, mask, 0.3)
     for out in outs:
         torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
@@ -192,6 +196,37 @@ def test_split_count_uses_static_shapes_only(monkeypatch):
     assert splits(1, 64, 32, 1, 300) == 1  # a short cache: 4 blocks per split at least
 
 
+def test_register_budget_pins_the_occupancy():
+    assert ta._Config(16, 64, 4, 3, 3).max_regs == 168  # 3 x 4 warps x 32 x 168 <= 65536
+    assert ta._Config(128, 64, 8, 3, 2).max_regs == 128
+    assert ta._Config(64, 64, 4, 2, 2).max_regs is None  # 256 > 255: any kernel fits twice
+    assert ta._Config(128, 64, 8, 3, 1).max_regs is None
+
+
+def test_occupancy_comes_from_the_compiled_kernel_once_per_configuration(monkeypatch):
+    """On CUDA the split count uses the CTAs/SM of the kernel as compiled there (registers,
+    shared memory), measured at the first launch of each configuration."""
+    from types import SimpleNamespace
+
+    compiled = []
+
+    class FakeKernel:
+        def warmup(self, *args, grid, **kwargs):
+            compiled.append(kwargs)
+            meta = SimpleNamespace(shared=71680, num_warps=kwargs["num_warps"])
+            return SimpleNamespace(n_regs=170, metadata=meta, _init_handles=lambda: None)
+
+    monkeypatch.setattr(ta, "_CTAS_PER_SM", {})
+    monkeypatch.setattr(ta, "_cuda_arch", lambda device: 90)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    dev, args = torch.device("cuda", 0), (torch.zeros(2, dtype=torch.float16), 3)
+    # 170 registers x 4 warps: 2 CTAs (168 would fit 3); 8 warps: 1
+    assert ta._compiled_ctas_per_sm(FakeKernel(), args, dict(BLOCK_M=16, num_warps=4), dev) == 2
+    assert ta._compiled_ctas_per_sm(FakeKernel(), args, dict(BLOCK_M=16, num_warps=4), dev) == 2
+    assert ta._compiled_ctas_per_sm(FakeKernel(), args, dict(BLOCK_M=16, num_warps=8), dev) == 1
+    assert len(compiled) == 2
+
+
 def test_strided_q_and_public_entry_point():
     q, k, v, seqlens, bt = make_inputs([12, 30], 5, 4, 2, 64, torch.float32, page=8)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, head-major strides
@@ -212,6 +247,306 @@ def test_opcheck_with_block_table():
     q, k, v, seqlens, bt = make_inputs([3, 9], 3, 4, 2, 8, torch.float32, page=4)
     args = (q, k, v, seqlens, chain(3).to(DEV), 0.3, "torch", bt)
     torch.library.opcheck(torch.ops.medusa_kernels.tree_attention.default, args)
+    depths = torch.tensor([0, 1, 2], device=DEV)
+    torch.library.opcheck(torch.ops.medusa_kernels.tree_attention.default,
+                          (*args, 4, 2.0, depths))  # fmt: skip
+
+
+# --- sliding window, soft-capping, tree depths --------------------------------------------
+
+
+def brute_force(q, k, v, lens, mask, softmax_scale=None, block_table=None, sliding_window=None,
+                softcap=None, tree_depths=None):
+    """float64 loop over (b, t, h): the keys each query sees, by position (slot p holds position
+    p; tree node u sits at L + depth[u]); transformers' window ``kv_pos > q_pos - W``."""
+    if block_table is not None:
+        k, v = ta._gather_pages(k, block_table), ta._gather_pages(v, block_table)
+    q, k, v, mask = q.double().cpu(), k.double().cpu(), v.double().cpu(), mask.cpu()
+    B, T, Hq, D = q.shape
+    mask = mask if mask.dtype == torch.bool else unpack_tree_mask(mask, T)
+    group = Hq // k.shape[2]
+    depth = mask.sum(1) - 1 if tree_depths is None else tree_depths.cpu()
+    scale = 1 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    out = torch.empty(B, T, Hq, D, dtype=torch.float64)
+    W = math.inf if sliding_window is None else sliding_window
+    for b in range(B):
+        L = int(lens[b])
+        for t in range(T):
+            pos = L + int(depth[t])
+            slots = [j for j in range(L) if j > pos - W]
+            slots += [L + u for u in range(T) if mask[t, u] and L + int(depth[u]) > pos - W]
+            for h in range(Hq):
+                s = k[b, slots, h // group] @ q[b, t, h] * scale
+                if softcap is not None:
+                    s = softcap * torch.tanh(s / softcap)
+                out[b, t, h] = torch.softmax(s, 0) @ v[b, slots, h // group]
+    return out
+
+
+def check_options(lens, T, Hq, Hkv, D, dtype, mask, page=None, extra=3, nan_outside=False,
+                  **opts):
+    """Reference and Triton kernel (interpreter) against the float64 loop; with ``nan_outside``
+    every slot no query sees (before the earliest window, past L + T) holds NaN."""
+    launch = {n: opts.pop(n) for n in ("num_splits", "block_m", "block_n") if n in opts}
+    q, k, v, seqlens, bt = make_inputs(lens, T, Hq, Hkv, D, dtype, page, extra=extra)
+    mask = mask.to(DEV)
+    want = brute_force(q, k, v, seqlens, mask, block_table=bt, **opts)
+    if nan_outside:
+        k, v = poison_unseen(k, v, seqlens, T, mask, bt, opts.get("sliding_window"),
+                             opts.get("tree_depths"))
+    atol, rtol = TOL[dtype]
+    ref = tree_attention_ref(q, k, v, seqlens, mask, block_table=bt, **opts)
+    torch.testing.assert_close(ref.double().cpu(), want, atol=atol, rtol=rtol)
+    same = tree_attention_ref(q, k, v, seqlens, mask, upcast=False, block_table=bt, **opts)
+    got = tree_attention_triton(q, k, v, seqlens, mask, block_table=bt, **opts, **launch)
+    assert got.shape == q.shape and got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol)
+    if dtype != torch.float32:  # at most 2x the error of the same-dtype torch reference
+        err, err_torch = ((x.double().cpu() - want).abs().max().item() for x in (got, same))
+        assert err <= 2 * err_torch + 1e-5, (err, err_torch)
+    return got
+
+
+def poison_unseen(k, v, seqlens, T, mask, bt, window, depths):
+    """Copies of the caches with NaN in every slot that no query of its sequence sees."""
+    k, v = k.clone(), v.clone()
+    if mask.dtype != torch.bool:
+        mask = unpack_tree_mask(mask, T)
+    depth = (mask.sum(1) - 1) if depths is None else depths
+    for b, L in enumerate(seqlens.tolist()):
+        first = 0 if window is None else max(0, L + int(depth.min()) - window + 1)
+        S = k.shape[1] if bt is None else bt.shape[1] * k.shape[1]
+        for p in [*range(first), *range(L + T, S)]:
+            if bt is None:
+                k[b, p] = v[b, p] = float("nan")
+            else:
+                page = int(bt[b, p // k.shape[1]])
+                k[page, p % k.shape[1]] = v[page, p % k.shape[1]] = float("nan")
+    return k, v
+
+
+WINDOWED = [  # lens, T, mask, Hq, Hkv, D, dtype, options (incl. launch overrides)
+    pytest.param([130, 77, 0, 16], 9, random_tree(8, 11), 4, 1, 64, torch.float32,
+                 dict(sliding_window=16, block_n=16, num_splits=3),
+                 id="W16-L130-several-windows-ragged-gqa4-split3"),
+    pytest.param([100, 41], 6, chain(6), 2, 2, 64, torch.float32,
+                 dict(sliding_window=3, block_n=16, num_splits=2),
+                 id="W3-chain6-edge-inside-the-tree-mha"),
+    pytest.param([60, 33], 15, random_tree(14, 12), 8, 1, 64, torch.float32,
+                 dict(sliding_window=20, block_n=16, block_m=16, num_splits=4),
+                 id="W20-straddles-prefix-and-tree-gqa8-rowblocks"),
+    pytest.param([45, 2], 1, chain(1), 4, 1, 64, torch.float32,
+                 dict(sliding_window=8, block_n=16, num_splits=2), id="T1-decode-W8"),
+    pytest.param([45, 16], 5, random_tree(4, 13), 4, 4, 64, torch.float32,
+                 dict(sliding_window=1, block_n=16), id="W1-only-itself"),
+    pytest.param([20, 7], 5, random_tree(4, 14), 4, 1, 64, torch.float32,
+                 dict(sliding_window=500, block_n=16, num_splits=2), id="W-larger-than-cache"),
+    pytest.param([40, 39], 5, random_tree(4, 14), 4, 1, 64, torch.float32,
+                 dict(sliding_window=43, block_n=16, num_splits=2),
+                 id="W-just-below-the-capacity"),
+    pytest.param([70, 25], 7, random_tree(6, 15), 4, 2, 64, torch.float32,
+                 dict(softcap=2.5, block_n=16, num_splits=2), id="softcap-alone"),
+    pytest.param([90, 11], 7, random_tree(6, 16), 8, 1, 64, torch.float32,
+                 dict(softcap=1.5, sliding_window=24, scale=0.5, block_n=16, num_splits=3),
+                 id="softcap-and-W24-scale0.5-gqa8"),
+    pytest.param([150, 64, 5], 15, random_tree(14, 17), 4, 1, 128, torch.float16,
+                 dict(sliding_window=32, softcap=3.0, block_n=16, num_splits=2),
+                 id="fp16-W32-softcap-D128"),
+    pytest.param([80, 3], 9, wide(9), 4, 1, 64, torch.float16,
+                 dict(sliding_window=10, block_n=16), id="fp16-W10-wide-1split"),
+    pytest.param([50, 20], 40, random_tree(39, 18), 2, 1, 64, torch.float32,
+                 dict(sliding_window=6, block_n=16, block_m=32, num_splits=2),
+                 id="W6-T40-two-mask-words-deep-tree"),
+]
+
+
+@pytest.mark.parametrize("lens,T,mask,Hq,Hkv,D,dtype,opts", WINDOWED)
+def test_window_and_softcap(nan_empty, lens, T, mask, Hq, Hkv, D, dtype, opts):
+    opts = dict(opts)
+    if "scale" in opts:
+        opts["softmax_scale"] = opts.pop("scale")
+    check_options(lens, T, Hq, Hkv, D, dtype, mask, nan_outside=True, **opts)
+
+
+@pytest.mark.parametrize("page", [pytest.param(16, id="page16"), pytest.param(7, id="page7")])
+def test_window_paged_cache(nan_empty, page):
+    mask = pack_tree_mask(random_tree(8, 19))
+    check_options([120, 33, 70], 9, 4, 1, 64, torch.float32, mask, page=page, nan_outside=True,
+                  sliding_window=20, softcap=4.0, block_n=16, num_splits=3)
+
+
+def test_window_uses_given_depths():
+    """Depths that differ from the mask's (a node placed deeper) move the window."""
+    mask = random_tree(6, 20)
+    depths = (mask.sum(1) - 1) * 2  # every node twice as deep
+    got = check_options([60, 30], 7, 4, 1, 64, torch.float32, mask, sliding_window=9,
+                        tree_depths=depths.to(torch.int32), block_n=16, num_splits=2)
+    plain = tree_attention_ref(*make_inputs([60, 30], 7, 4, 1, 64, torch.float32)[:4],
+                               mask.to(DEV), sliding_window=9)
+    assert not torch.allclose(got, plain)
+
+
+def test_window_reads_only_the_window(monkeypatch):
+    """A long context costs O(window): count the key blocks each program folds in."""
+    calls = []
+    fold = ta._online_softmax
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fold(*args, **kwargs)
+
+    monkeypatch.setattr(ta, "_online_softmax", counting)
+    q, k, v, seqlens, _ = make_inputs([1000], 3, 1, 1, 64, torch.float32)
+    mask = chain(3).to(DEV)
+    tree_attention_triton(q, k, v, seqlens, mask, sliding_window=20, block_n=16, num_splits=1)
+    assert len(calls) <= 20 // 16 + 2 + 1, len(calls)  # window blocks (+ edge) + the tree
+    calls.clear()
+    tree_attention_triton(q, k, v, seqlens, mask, block_n=16, num_splits=1)
+    assert len(calls) == 1000 // 16 + 1 + 1  # no window: every prefix block and the tree
+
+
+def test_tree_chunks_spread_over_the_last_splits(monkeypatch):
+    """No split walks a whole tree block on top of an equal prefix share: 4 chunks of 16 tree
+    keys go to the last 4 of 8 splits, one each (issue 19 item 6)."""
+    from triton.runtime.interpreter import interpreter_builder
+
+    walked = {}
+    fold = ta._online_softmax
+
+    def counting(b_acc, b_m, b_l, b_s, b_v, prec):
+        key = (interpreter_builder.grid_idx[2], int(b_s.shape[1].value))  # (split, tile keys)
+        walked[key] = walked.get(key, 0) + 1
+        return fold(b_acc, b_m, b_l, b_s, b_v, prec)
+
+    monkeypatch.setattr(ta, "_online_softmax", counting)
+    q, k, v, seqlens, _ = make_inputs([64 * 8], 64, 1, 1, 64, torch.float32)
+    mask = random_tree(63, 24).to(DEV)
+    assert ta._tree_chunk(64, 8, 64) == 16
+    got = tree_attention_triton(q, k, v, seqlens, mask, block_n=64, block_m=64, num_splits=8)
+    assert walked == {(s, 64): 1 for s in range(8)} | {(s, 16): 1 for s in range(4, 8)}
+    want = tree_attention_ref(q.double(), k.double(), v.double(), seqlens, mask)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_window_torch_and_triton_agree_through_the_public_op():
+    q, k, v, seqlens, bt = make_inputs([50, 9], 5, 4, 2, 64, torch.float32, page=8)
+    mask = random_tree(4, 21).to(DEV)
+    opts = dict(block_table=bt, sliding_window=7, softcap=2.0)
+    got = tree_attention(q, k, v, seqlens, mask, **opts, backend="triton")
+    want = tree_attention(q, k, v, seqlens, mask, **opts, backend="torch")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+# --- edge and bad values: empty shapes, unused slots, unchecked lengths ---------------------
+
+
+@pytest.mark.parametrize("B,T", [(0, 3), (2, 0), (0, 0)])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_empty_batch_or_tree_gives_empty_output_on_every_backend(B, T, paged):
+    q = torch.randn(B, T, 4, 64, device=DEV)
+    if paged:
+        k = torch.randn(3, 8, 2, 64, device=DEV)
+        bt = torch.zeros(B, 2, dtype=torch.int32, device=DEV)
+    else:
+        k, bt = torch.randn(B, 16, 2, 64, device=DEV), None
+    lens = torch.full((B,), 5, dtype=torch.int32, device=DEV)
+    mask = torch.ones(T, T, dtype=torch.bool, device=DEV)
+    outs = [tree_attention(q, k, k.clone(), lens, m, block_table=bt, sliding_window=w,
+                           backend=name)
+            for name in ("torch", "triton") for m in (mask, pack_tree_mask(mask))
+            for w in (None, 4)]  # fmt: skip
+    for out in outs:
+        assert out.shape == (B, T, 4, 64) and out.dtype == q.dtype and out.is_contiguous()
+        assert torch.equal(out, outs[0])
+
+
+def test_zero_head_dim_or_heads_is_refused():
+    for shape in ((1, 2, 4, 0), (1, 2, 0, 8)):
+        q = torch.randn(shape)
+        k = torch.randn(1, 8, 2, shape[3])
+        with pytest.raises(ValueError, match=r"needs Hq >= 1 heads of D >= 1"):
+            tree_attention(q, k, k, torch.tensor([2], dtype=torch.int32), chain(2))
+
+
+def test_length_near_int32_max_is_refused():
+    """seqlens + T is computed in int64: 2**31 - 1 + 3 must not wrap into range."""
+    with pytest.raises(ValueError, match=r"cache_seqlens \+ T must lie in \[T, S = 15\]"):
+        tree_attention(**_args(cache_seqlens=torch.tensor([2**31 - 1, 3], dtype=torch.int32)))
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("page", [None, 8])
+def test_nan_in_unused_slots_never_leaks(window, page):
+    """Slots past L + T (a torch.empty cache, stale memory) and before every window hold NaN
+    and inf: every backend's output stays finite and equal to the clean one."""
+    lens, T = [30, 3, 17], 5
+    mask = random_tree(4, 22)
+    q, k, v, seqlens, bt = make_inputs(lens, T, 4, 2, 64, torch.float32, page, extra=20)
+    clean = tree_attention_ref(q, k, v, seqlens, mask.to(DEV), block_table=bt,
+                               sliding_window=window)  # fmt: skip
+    k, v = poison_unseen(k, v, seqlens, T, mask, bt, window, None)
+    v[torch.isnan(v)] = float("inf")
+    for name in ("torch", "triton"):
+        got = tree_attention(q, k, v, seqlens, mask.to(DEV), block_table=bt,
+                             sliding_window=window, backend=name)  # fmt: skip
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, clean, atol=2e-5, rtol=2e-5)
+
+
+def _bad_values():
+    q, k, v, _, bt = make_inputs([10, 10, 10, 10], 4, 4, 2, 64, torch.float32, page=8)
+    lens = torch.tensor([-5, 10, 9 + 7 * 8, 2**31 - 1], dtype=torch.int32, device=DEV)
+    bt = bt.clone()
+    bt[1, 0], bt[1, 1] = -3, 10**6  # page indices outside [0, num_pages)
+    return q, k, v, lens, bt
+
+
+def test_unchecked_bad_values_are_clamped_in_the_kernel():
+    """What CUDA does without MEDUSA_KERNELS_CHECKS: lengths clamped to [0, S - T], page indices
+    to [0, num_pages); the result equals the reference on the clamped values, nothing is read
+    outside the cache (the interpreter would fault or return garbage)."""
+    q, k, v, lens, bt = _bad_values()
+    mask = random_tree(3, 23).to(DEV)
+    S = bt.shape[1] * k.shape[1]
+    clamped_lens = lens.long().clamp(0, S - 4).to(torch.int32)
+    clamped_bt = bt.clamp(0, k.shape[0] - 1)
+    for window in (None, 5):
+        got = tree_attention_triton(q, k, v, lens, mask, block_table=bt, sliding_window=window,
+                                    block_n=16, num_splits=2)  # fmt: skip
+        ref = tree_attention_ref(q, k, v, lens, mask, block_table=bt, sliding_window=window)
+        want = tree_attention_ref(q, k, v, clamped_lens, mask, block_table=clamped_bt,
+                                  sliding_window=window)  # fmt: skip
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(ref, want, atol=0, rtol=0)
+
+
+def test_values_are_checked_where_check_values_says(monkeypatch):
+    """On CPU (and on CUDA with MEDUSA_KERNELS_CHECKS=1) bad values raise; where values are not
+    checked the call returns the clamped answer instead of failing."""
+    q, k, v, lens, bt = _bad_values()
+    mask = random_tree(3, 23).to(DEV)
+    if DEV == "cpu":
+        with pytest.raises(ValueError, match="cache_seqlens \\+ T must lie in"):
+            tree_attention(q, k, v, lens, mask, block_table=bt)
+        with pytest.raises(ValueError, match=r"tree_depths must lie in \[0, T = 4\)"):
+            tree_attention(q, k, v, lens.clamp(0, 10), mask, block_table=bt.clamp(0, 3),
+                           tree_depths=torch.tensor([0, 1, 4, 1]))  # fmt: skip
+    monkeypatch.setattr(ta, "check_values", lambda device: False)
+    for name in ("torch", "triton"):
+        out = tree_attention(q, k, v, lens, mask, block_table=bt, backend=name)
+        assert torch.isfinite(out).all()
+
+
+@requires_cuda
+def test_gpu_value_checks_follow_the_environment(monkeypatch):
+    q, k, v, lens, bt = _bad_values()
+    mask = random_tree(3, 23).to(DEV)
+    monkeypatch.setenv("MEDUSA_KERNELS_CHECKS", "1")
+    with pytest.raises(ValueError, match="cache_seqlens \\+ T must lie in"):
+        tree_attention(q, k, v, lens, mask, block_table=bt)
+    monkeypatch.setenv("MEDUSA_KERNELS_CHECKS", "0")
+    assert torch.isfinite(tree_attention(q, k, v, lens, mask, block_table=bt)).all()
 
 
 # --- argument checks -------------------------------------------------------------------------
@@ -284,12 +619,13 @@ def test_triton_refuses_unsupported_shapes(change, match):
 # --- GPU: larger shapes, fp16 / bf16, error at most 2x the same-dtype torch reference ---------
 
 
-def _gpu_case(lens, T, Hq, Hkv, D, dtype, mask, page=None):
+def _gpu_case(lens, T, Hq, Hkv, D, dtype, mask, page=None, **opts):
     q, k, v, seqlens, bt = make_inputs(lens, T, Hq, Hkv, D, dtype, page)
     mask = mask.to(DEV)
-    ref32 = tree_attention_ref(q.float(), k.float(), v.float(), seqlens, mask, block_table=bt)
-    same = tree_attention_ref(q, k, v, seqlens, mask, upcast=False, block_table=bt)
-    got = tree_attention(q, k, v, seqlens, mask, block_table=bt)  # "auto" must take triton
+    ref32 = tree_attention_ref(q.float(), k.float(), v.float(), seqlens, mask, block_table=bt,
+                               **opts)  # fmt: skip
+    same = tree_attention_ref(q, k, v, seqlens, mask, upcast=False, block_table=bt, **opts)
+    got = tree_attention(q, k, v, seqlens, mask, block_table=bt, **opts)  # "auto": triton
     err = (got.float() - ref32).abs().max().item()
     err_torch = (same.float() - ref32).abs().max().item()
     assert err <= 2 * err_torch + 1e-4, (err, err_torch)
@@ -322,6 +658,37 @@ def test_gpu_tree(dtype, lens, Hkv, D, page):
 def test_gpu_decode_and_big_trees(dtype, lens, T, Hkv):
     mask = torch.ones(1, 1, dtype=torch.bool) if T == 1 else random_tree(T - 1, T)
     _gpu_case(lens, T, 32, Hkv, 128, dtype, mask)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "lens,Hkv,page,opts",
+    [
+        pytest.param([9000, 100, 4500], 8, None, dict(sliding_window=4096), id="W4096-ragged"),
+        pytest.param([3000, 17], 8, 16, dict(sliding_window=512, softcap=50.0),
+                     id="W512-softcap50-paged16"),
+        pytest.param([2000], 32, None, dict(softcap=30.0), id="softcap30-mha"),
+        pytest.param([5000, 40], 4, 256, dict(sliding_window=40), id="W40-inside-the-tree"),
+    ],
+)
+def test_gpu_window_softcap(dtype, lens, Hkv, page, opts):
+    _gpu_case(lens, 64, 32, Hkv, 128, dtype, GPU_TREE, page, **opts)
+
+
+@requires_cuda
+def test_gpu_compiled_occupancy_equals_the_static_config():
+    """The CTAs/SM measured from the compiled kernel equal the config's (on sm_90, where the
+    static values come from); elsewhere the measured one is what the split count uses."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the static ctas_per_sm values are sm_90's")
+    for T, Hkv in ((1, 8), (64, 32), (64, 8)):
+        ta._CTAS_PER_SM.clear()
+        q, k, v, seqlens, _ = make_inputs([3000], T, 32, Hkv, 128, torch.float16)
+        mask = GPU_TREE if T == 64 else chain(1)
+        tree_attention(q, k, v, seqlens, mask.to(DEV))
+        cfg = ta._config(T * 32 // Hkv, 128, torch.float16)
+        assert set(ta._CTAS_PER_SM.values()) <= {cfg.ctas_per_sm}, (T, Hkv, ta._CTAS_PER_SM)
 
 
 @requires_cuda

@@ -6,7 +6,8 @@ The interpreter (TRITON_INTERPRET=1) runs kernels as NumPy code and accepts prog
 compiler refuses (or compiles differently). This closes that gap:
 
 1. ``capture``: with ``install_capture(FILE)`` every launch under the interpreter is recorded as
-   (module, kernel, argument types, constexpr values, num_warps, num_stages) plus its grid, the
+   (module, kernel, argument types, constexpr values, num_warps, num_stages, maxnreg) plus its
+   grid, the
    benchmark case it belongs to (``case("...")``) and the CTAs per SM the launcher assumed for it
    (``ops._backend.ctas_per_sm``), and written to FILE as JSON when the process exits. A launch
    whose tensors are on the ``meta`` device is recorded and not run: the launchers are called at
@@ -37,6 +38,9 @@ DTYPES = {
     "torch.int32": "i32", "torch.int64": "i64", "torch.bool": "i1",
 }  # fmt: skip
 DEFAULT_ARCHS = (80, 90)
+# set while capturing launches that a launcher planned for these GPUs only (it picks its
+# configuration by compute capability): they compile only for them
+CAPTURE_ARCHS: tuple[int, ...] | None = None
 _CASE: list[str] = [""]
 
 
@@ -78,7 +82,7 @@ def _spec(fn, args, kwargs, do_not_specialize=()) -> dict:
     (``tt.divisibility``), except the parameters the kernel marks ``do_not_specialize``."""
     params = list(inspect.signature(fn).parameters.values())
     bound = dict(zip((p.name for p in params), args, strict=False))
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     bound.update(kwargs)
     plain = {params[i].name if isinstance(i, int) else i for i in do_not_specialize}
     signature, constexprs, div16 = {}, {}, []
@@ -94,13 +98,20 @@ def _spec(fn, args, kwargs, do_not_specialize=()) -> dict:
                 continue
             if _aligned(value) if _is_tensor(value) else is_int and value % 16 == 0:
                 div16.append(p.name)
+    archs = {"archs": list(CAPTURE_ARCHS)} if CAPTURE_ARCHS else {}  # else every target
     return dict(module=fn.__module__, kernel=fn.__name__, signature=signature,
-                constexprs=constexprs, options=options, div16=div16)
+                constexprs=constexprs, options=options, div16=div16, **archs)
 
 
 def spec_key(spec: dict) -> str:
-    return json.dumps({k: spec[k] for k in ("module", "kernel", "signature", "constexprs",
-                                            "options", "div16")}, sort_keys=True)
+    return json.dumps({k: spec.get(k) for k in ("module", "kernel", "signature", "constexprs",
+                                                "options", "div16", "archs")}, sort_keys=True)
+
+
+def spec_archs(spec: dict, archs) -> list[int]:
+    """The targets among ``archs`` that ``spec`` compiles for (a launch planned for some GPUs
+    only: those)."""
+    return [a for a in archs if a in spec.get("archs", archs)]
 
 
 def install_capture(path: str) -> None:
@@ -229,7 +240,7 @@ def compile_all(specs: list[dict], archs=DEFAULT_ARCHS, workers: int | None = No
     from concurrent.futures import ProcessPoolExecutor
 
     unique = {spec_key(v): v for s in specs for v in variants(s)}
-    jobs = [(spec, arch, sass) for spec in unique.values() for arch in archs]
+    jobs = [(spec, arch, sass) for spec in unique.values() for arch in spec_archs(spec, archs)]
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         results = list(map(_analyse_job, jobs))
@@ -262,7 +273,7 @@ def main(argv: list[str]) -> int:
         print(line)
     if args.json:
         rows = [{**v, **results[spec_key(v), arch]} for launch in launches
-                for v in variants(launch) for arch in archs]
+                for v in variants(launch) for arch in spec_archs(v, archs)]
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 1 if failures else 0

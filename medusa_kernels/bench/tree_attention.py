@@ -9,6 +9,8 @@ B 1 and 8, Hkv 32 and 8, L 1k/4k/16k/64k (quick: B 1, L 4k/16k), every sequence 
 - ``eager``: what the Medusa reference does: repeat_kv, matmul, add the float mask, fp32
   softmax, matmul;
 - ``sdpa_nomask``: SDPA without a mask (wrong answer, a speed reference for FlashAttention).
+- ``triton_bm64`` (sm_90, rows T * Hq / Hkv > 64): the kernel with 64-row tiles at 2 CTAs per
+  SM instead of 128-row tiles at 1, to be measured against ``triton`` (issue 19 item 8).
 A decode set (T = 1, the same B / Hkv, L 4k/16k/64k; quick: B 1, L 16k) times ``triton`` and
 ``sdpa_nomask`` (exact at T = 1). Every function is captured in a CUDA graph and the replay is
 timed (``mode`` "graph": device time, no Python launch overhead); ``triton`` is also timed as
@@ -30,7 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from medusa_kernels.ops._backend import triton_interpreted
-from medusa_kernels.ops.tree_attention import tree_attention, tree_attention_ref
+from medusa_kernels.ops.tree_attention import (
+    tree_attention,
+    tree_attention_ref,
+    tree_attention_triton,
+)
 from medusa_kernels.tree import TREES, build_tree
 
 from ._common import BenchContext, case_wanted, cuda_usable, failure_row, timed_mode_row, timed_row
@@ -111,6 +117,20 @@ def _cuda_case(ctx: BenchContext, B, L, T, Hkv) -> list[dict]:
         row = timed_mode_row(ctx, SECTION, "triton", ours, nbytes, True, mode, **case)
         if row is not None:
             rows.append(row if "check" in row else row | {"check": check, "max_err": err})
+    if T * Hq // Hkv > 64 and torch.cuda.get_device_capability(ctx.device) >= (9, 0):
+        # the A/B of issue 19 item 8: 64-row tiles, 2 CTAs per SM (one's softmax can overlap
+        # the other's wgmma) against the default 128-row tile, 1 CTA per SM
+        bm64 = lambda: tree_attention_triton(q, k, v, lens, mask, block_m=64)
+        try:
+            err64 = (bm64().float() - want.float()).abs().max().item()
+        except Exception as e:  # recorded under its own name; the case's other rows stay
+            rows.append(failure_row(ctx, SECTION, "triton_bm64", e, True, **case))
+        else:
+            row = timed_mode_row(ctx, SECTION, "triton_bm64", bm64, nbytes, True, "graph",
+                                 **case)  # fmt: skip
+            if row is not None:
+                check64 = "ok" if err64 <= 2e-2 else f"max_err {err64:.3g} > 2e-2"
+                rows.append(row if "check" in row else row | {"check": check64, "max_err": err64})
     del got, want
     peers = {"sdpa_nomask": lambda: _sdpa(q, k, v)}
     if T > 1:
