@@ -1,7 +1,6 @@
 """Tree attention: the Triton kernel (CPU interpreter at small shapes, GPU at large ones) against
 a float64 reference; packed masks, paged caches, split-KV merges and argument checks."""
 
-import contextlib
 import importlib
 import math
 import random
@@ -11,6 +10,7 @@ import torch
 from conftest import HAS_CUDA, requires_cuda
 
 import medusa_kernels as mk
+from medusa_kernels.ops import _backend
 from medusa_kernels.ops.tree_attention import (
     pack_tree_mask,
     tree_attention,
@@ -203,28 +203,26 @@ def test_register_budget_pins_the_occupancy():
     assert ta._Config(128, 64, 8, 3, 1).max_regs is None
 
 
-def test_occupancy_comes_from_the_compiled_kernel_once_per_configuration(monkeypatch):
-    """On CUDA the split count uses the CTAs/SM of the kernel as compiled there (registers,
-    shared memory), measured at the first launch of each configuration."""
-    from types import SimpleNamespace
+def test_split_count_follows_the_compiled_occupancy(monkeypatch):
+    """On CUDA the split count uses the CTAs/SM that ops._backend.ctas_per_sm derives from the
+    kernel as compiled there (tested in test_triton_compile.py); fewer CTAs, fewer splits."""
+    asked = []
 
-    compiled = []
+    def fake_ctas_per_sm(kernel, args, kwargs, static, device):
+        asked.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, static))
+        return 1
 
-    class FakeKernel:
-        def warmup(self, *args, grid, **kwargs):
-            compiled.append(kwargs)
-            meta = SimpleNamespace(shared=71680, num_warps=kwargs["num_warps"])
-            return SimpleNamespace(n_regs=170, metadata=meta, _init_handles=lambda: None)
-
-    monkeypatch.setattr(ta, "_CTAS_PER_SM", {})
-    monkeypatch.setattr(ta, "_cuda_arch", lambda device: 90)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    dev, args = torch.device("cuda", 0), (torch.zeros(2, dtype=torch.float16), 3)
-    # 170 registers x 4 warps: 2 CTAs (168 would fit 3); 8 warps: 1
-    assert ta._compiled_ctas_per_sm(FakeKernel(), args, dict(BLOCK_M=16, num_warps=4), dev) == 2
-    assert ta._compiled_ctas_per_sm(FakeKernel(), args, dict(BLOCK_M=16, num_warps=4), dev) == 2
-    assert ta._compiled_ctas_per_sm(FakeKernel(), args, dict(BLOCK_M=16, num_warps=8), dev) == 1
-    assert len(compiled) == 2
+    q, k, v, seqlens, _ = make_inputs([3000], 1, 4, 4, 64, torch.float32)
+    mask = chain(1).to(DEV)
+    with_static = ta.tree_attention_triton(q, k, v, seqlens, mask)
+    monkeypatch.setattr(ta, "ctas_per_sm", fake_ctas_per_sm)
+    split_plans = []
+    real = ta._num_splits
+    monkeypatch.setattr(ta, "_num_splits", lambda *a: split_plans.append(real(*a)) or real(*a))
+    torch.testing.assert_close(ta.tree_attention_triton(q, k, v, seqlens, mask), with_static)
+    cfg = ta._config(4, 64, torch.float32, ta.PLAN_ARCH)
+    assert asked == [("_tree_attention_kernel", cfg.ctas_per_sm)]
+    assert len(split_plans) == 2 and split_plans[1] < split_plans[0]
 
 
 def test_strided_q_and_public_entry_point():
@@ -683,12 +681,13 @@ def test_gpu_compiled_occupancy_equals_the_static_config():
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the static ctas_per_sm values are sm_90's")
     for T, Hkv in ((1, 8), (64, 32), (64, 8)):
-        ta._CTAS_PER_SM.clear()
+        _backend._DERIVED_OCCUPANCY.clear()
         q, k, v, seqlens, _ = make_inputs([3000], T, 32, Hkv, 128, torch.float16)
         mask = GPU_TREE if T == 64 else chain(1)
         tree_attention(q, k, v, seqlens, mask.to(DEV))
-        cfg = ta._config(T * 32 // Hkv, 128, torch.float16)
-        assert set(ta._CTAS_PER_SM.values()) <= {cfg.ctas_per_sm}, (T, Hkv, ta._CTAS_PER_SM)
+        cfg = ta._config(T * 32 // Hkv, 128, torch.float16, 90)
+        derived = _backend._DERIVED_OCCUPANCY
+        assert derived and set(derived.values()) <= {cfg.ctas_per_sm}, (T, Hkv, derived)
 
 
 @requires_cuda

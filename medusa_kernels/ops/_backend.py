@@ -184,6 +184,18 @@ def occupancy(n_regs: int, shared_bytes: int, num_warps: int, arch: int = 90) ->
     return max(0, min(warps_by_regs // num_warps, by_smem, lim["warps"] // num_warps, lim["ctas"]))
 
 
+def cuda_arch(device: torch.device) -> int:
+    """Compute capability of a CUDA device as 80, 86, 90, ..."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_arch_of(index)
+
+
+@functools.cache
+def _cuda_arch_of(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
 def _specialisation(arg) -> tuple:
     """What Triton compiles into a kernel about one argument: a tensor's dtype and 16-byte
     alignment, an int's being 1 or a multiple of 16 (``do_not_specialize`` aside)."""
@@ -213,11 +225,11 @@ def ctas_per_sm(kernel, args: Sequence, kwargs: dict, static: int, device: torch
                tuple(_specialisation(a) for a in args))
         value = _DERIVED_OCCUPANCY.get(key)
         if value is None:
-            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
-            compiled._init_handles()  # loads the module: fills n_regs
-            major, minor = torch.cuda.get_device_capability(device)
+            with torch.cuda.device(device):  # compiled and measured on the tensors' own GPU
+                compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+                compiled._init_handles()  # loads the module: fills n_regs
             value = max(1, occupancy(compiled.n_regs, compiled.metadata.shared,
-                                     compiled.metadata.num_warps, 10 * major + minor))
+                                     compiled.metadata.num_warps, cuda_arch(device)))
             _DERIVED_OCCUPANCY[key] = value
     if CAPTURE_OCCUPANCY is not None:
         CAPTURE_OCCUPANCY[name] = value

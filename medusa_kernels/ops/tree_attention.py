@@ -47,19 +47,20 @@ static report); GPU timings to be measured. On sm_90, by rows = T * G:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import torch
 
+from . import _backend
 from ._backend import (
     FLOAT_DTYPES,
     HAS_TRITON,
     check_dim,
     check_tensor,
     check_values,
-    occupancy,
+    ctas_per_sm,
+    cuda_arch,
     pick_backend,
     sm_count,
 )
@@ -564,54 +565,6 @@ def _num_splits(programs: int, capacity: int, cfg: _Config, rows: int, device) -
     return max(1, min(want, most, 128))
 
 
-def static_ctas_per_sm(kernel: str, constexprs: dict, options: dict, arch: int = 90) -> int | None:
-    """The CTAs/SM the launcher assumes for a launch of ``kernel`` with these constexprs and
-    options, as the AOT compile records them: the config's value for sm_90, which the CPU path
-    uses and the compiled kernel must match. None where it assumes none: other GPUs (the split
-    count there uses the occupancy measured at run time), the merge kernel, block sizes
-    overridden by a test."""
-    if kernel != "_tree_attention_kernel" or arch != 90:
-        return None
-    launch = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], options.get("num_warps"),
-              options.get("num_stages"))  # fmt: skip
-    for rows in (16, 32, 64, MAX_TREE * 8):
-        cfg = _config(rows, constexprs["HEAD_DIM"], torch.float16, arch)
-        if launch == (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages):
-            return cfg.ctas_per_sm
-    return None
-
-
-_CTAS_PER_SM: dict[tuple, int] = {}  # (device, dtypes, constexprs, options) -> compiled CTAs/SM
-
-
-def _cuda_arch(device: torch.device) -> int:
-    """Compute capability of a CUDA device as 80, 90, ..."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_arch_of(index)
-
-
-@functools.cache
-def _cuda_arch_of(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return 10 * major + minor
-
-
-def _compiled_ctas_per_sm(kernel, args: tuple, kwargs: dict, device: torch.device) -> int:
-    """CTAs per SM of ``kernel`` compiled for these arguments on ``device``, from its registers
-    and shared memory (``_backend.occupancy``); compiled (``warmup``, no launch) and measured
-    once per configuration, then cached."""
-    dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
-    key = (device.index, dtypes, tuple(sorted(kwargs.items())))
-    if key not in _CTAS_PER_SM:
-        with torch.cuda.device(device):
-            compiled = kernel.warmup(*args, grid=(1,), **kwargs)
-            compiled._init_handles()  # loads the module: n_regs is known from here on
-        ctas = occupancy(compiled.n_regs, compiled.metadata.shared,
-                         compiled.metadata.num_warps, _cuda_arch(device))  # fmt: skip
-        _CTAS_PER_SM[key] = max(1, ctas)
-    return _CTAS_PER_SM[key]
-
-
 def _tree_chunk(T: int, num_splits: int, block_n: int) -> int:
     """Tree nodes per chunk: the T tree keys spread over up to ``num_splits`` splits in chunks
     of 16 to BLOCK_N keys, so no split walks a whole tree block on top of its prefix share."""
@@ -670,7 +623,7 @@ def tree_attention_triton(
     if B == 0 or T == 0:
         return out
     R = T * G
-    arch = _cuda_arch(q.device) if q.device.type == "cuda" else PLAN_ARCH
+    arch = cuda_arch(q.device) if q.device.type == "cuda" else PLAN_ARCH
     cfg = _config(R if block_m is None else min(R, block_m), D, q.dtype, arch)
     cfg = cfg._replace(block_m=block_m or cfg.block_m, block_n=block_n or cfg.block_n)
     bm, bn = cfg.block_m, cfg.block_n
@@ -717,16 +670,19 @@ def tree_attention_triton(
             kwargs["maxnreg"] = cfg.max_regs
         return args, kwargs
 
-    if num_splits is None:  # a window reads at most W + T - 1 keys a row
+    planned = num_splits is None
+    if planned:  # a window reads at most W + T - 1 keys a row
         keys = capacity if not window else min(capacity, window + T)
         num_splits = _num_splits(B * Hkv * row_blocks, keys, cfg, R, q.device)
-        if q.device.type == "cuda" and num_splits > 1:  # the occupancy as compiled here
-            scratch = torch.empty(16, dtype=torch.float32, device=q.device)
-            ctas = _compiled_ctas_per_sm(_tree_attention_kernel,
-                                         *launch_args(scratch, scratch, num_splits), q.device)
-            if ctas != cfg.ctas_per_sm:
-                num_splits = _num_splits(B * Hkv * row_blocks, keys,
-                                         cfg._replace(ctas_per_sm=ctas), R, q.device)
+    if num_splits > 1 and (planned or _backend.CAPTURE_OCCUPANCY is not None):
+        # the CTAs/SM as compiled on this GPU (elsewhere the static value; the AOT capture
+        # records it to check it against the sm_90 compile)
+        scratch = torch.empty(16, dtype=torch.float32, device=q.device)
+        ctas = ctas_per_sm(_tree_attention_kernel, *launch_args(scratch, scratch, num_splits),
+                           cfg.ctas_per_sm, q.device)
+        if planned and ctas != cfg.ctas_per_sm:
+            num_splits = _num_splits(B * Hkv * row_blocks, keys, cfg._replace(ctas_per_sm=ctas),
+                                     R, q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if num_splits > 1:
