@@ -98,6 +98,9 @@ class _OneProgram:
     def __init__(self, kernel):
         self.kernel = kernel
 
+    def __getattr__(self, name):  # fn, warmup, ...: the kernel's
+        return getattr(self.kernel, name)
+
     def __getitem__(self, grid):
         return self.kernel[(1,) * len(grid)]
 

@@ -20,9 +20,9 @@ Every malformation kind is a test of its own (a few examples each), so each is e
 every backend. Deterministic (``derandomize=True``, no example database) and bounded: about
 25 s of CPU time on 2 cores (Triton interpreter calls cost 25-250 ms each).
 
-Defects found in ops this suite does not own (tree_attention, heads_topk) are excluded from the
-properties and pinned as ``xfail(strict=True)`` tests at the end: when one is fixed its xfail
-fails, and its case joins the property.
+The defects the first campaign found (issue 18: int32 length wrap, NaN leaking from unused
+slots, T = 0, D = 0, softmax_scale, K = 0 heads) are regression tests at the end, and their
+cases are part of the properties.
 """
 
 from __future__ import annotations
@@ -238,9 +238,9 @@ def tree_attention_case(data, backend: str, kind: str) -> Case:
     else:
         k, k_buf = guarded((B, S, Hkv, D), dtype, gen)
         v, v_buf = guarded((B, S, Hkv, D), dtype, gen)
-        for b in range(B):  # unused slots: NaN for Triton; finite garbage for torch (xfail below)
-            k[b, lens[b] + T :] = float("nan") if triton else 3e4
-            v[b, lens[b] + T :] = float("nan") if triton else -3e4
+        for b in range(B):  # unused slots hold NaN: no backend may read them into a result
+            k[b, lens[b] + T :] = float("nan")
+            v[b, lens[b] + T :] = float("nan")
     seqlens = torch.tensor(lens, dtype=torch.int32)
     mask = tree.tree_mask.clone()
     if data.draw(st.booleans(), label="packed"):
@@ -249,7 +249,7 @@ def tree_attention_case(data, backend: str, kind: str) -> Case:
                   block_table=table, backend=backend)
     if data.draw(st.booleans(), label="scale"):
         kwargs["softmax_scale"] = data.draw(st.floats(0.05, 2.0))
-    if not triton and data.draw(st.booleans(), label="window/softcap"):
+    if data.draw(st.booleans(), label="window/softcap"):
         kwargs["sliding_window"] = data.draw(st.integers(1, 20))
         kwargs["softcap"] = data.draw(st.sampled_from([None, 0.5, 30.0]))
     bad, why = None, f"valid B{B} T{T} G{G} Hkv{Hkv} D{D} {dtype} paged={paged}"
@@ -367,7 +367,7 @@ def heads_case(data, backend: str, kind: str, lm: bool = False) -> Case:
     gen = seeded(data)
     triton = backend == "triton"
     N = data.draw(st.sampled_from([2, 1, 3, 0]), label="N")
-    K = 1 if lm else data.draw(st.integers(1 if triton else 0, 3))  # K 0 on Triton: xfail below
+    K = 1 if lm else data.draw(st.integers(1, 3))  # K = 0: refused, test_regression_heads_topk_K0
     d = data.draw(st.integers(1, 24))
     V = data.draw(st.integers(1, 40))
     k = data.draw(st.integers(1, min(V, 32 if triton else 40)))
@@ -977,7 +977,7 @@ def test_acceptance_edge_cases_agree(B):
             assert a.dtype == c.dtype and torch.equal(a, c)
 
 
-# ------------------------- defects found in ops this suite does not own: xfail(strict=True)
+# ------------------------- regressions: defects this suite found in the first campaign (issue 18)
 
 def _attention_args(B=2, T=3, D=64, S=16):
     g = torch.Generator().manual_seed(0)
@@ -986,21 +986,14 @@ def _attention_args(B=2, T=3, D=64, S=16):
             torch.tril(torch.ones(T, T, dtype=torch.bool)))
 
 
-@pytest.mark.xfail(strict=True, reason="tree_attention (not owned here): the capacity check "
-                   "computes seqlens + T in int32, so 2**31 - 1 wraps and passes; torch then "
-                   "attends over the whole cache and the Triton kernel reads out of bounds "
-                   "(the interpreter segfaults, so only torch runs here), issue 18")
-def test_defect_tree_attention_int32_max_length_is_refused():
+def test_regression_tree_attention_int32_max_length_is_refused():
     q, k, v, _, mask = _attention_args()
     lens = torch.tensor([2**31 - 1, 0], dtype=torch.int32)
     with pytest.raises(ValueError, match="cache_seqlens"):
         ops.tree_attention(q, k, v, lens, mask, backend="torch")
 
 
-@pytest.mark.xfail(strict=True, reason="tree_attention (not owned here): the torch reference "
-                   "multiplies 0 probabilities by NaN/inf in slots past seqlens + T of a "
-                   "shorter sequence and returns NaN; Triton is right (issue 18)")
-def test_defect_tree_attention_torch_nan_in_unused_slots():
+def test_regression_tree_attention_torch_nan_in_unused_slots():
     q, k, v, lens, mask = _attention_args()
     k[0, 6:], v[0, 6:] = float("nan"), float("inf")  # sequence 0 uses slots 0..5
     out = ops.tree_attention(q, k, v, lens, mask, backend="torch")
@@ -1022,9 +1015,7 @@ def _same_outcome(calls, names: tuple[str, ...]):
     return outcomes[0]
 
 
-@pytest.mark.xfail(strict=True, reason="tree_attention (not owned here): T = 0 raises "
-                   "IndexError on torch, returns empty on Triton (issue 18)")
-def test_defect_tree_attention_T0_agrees():
+def test_regression_tree_attention_T0_agrees():
     q, k, v, lens, mask = _attention_args()
     got = _same_outcome([lambda b=b: ops.tree_attention(q[:, :0], k, v, lens, mask[:0, :0],
                                                         backend=b) for b in BACKENDS],
@@ -1032,27 +1023,20 @@ def test_defect_tree_attention_T0_agrees():
     assert got in ((2, 0, 2, 64), "refused")
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason="tree_attention (not owned "
-                   "here): D = 0 divides by zero instead of a ValueError naming q (issue 18)")
-def test_defect_tree_attention_D0_is_refused():
+def test_regression_tree_attention_D0_is_refused():
     q, k, v, lens, mask = _attention_args()
     with pytest.raises(ValueError, match="q|k_cache|head dim"):
         ops.tree_attention(q[..., :0], k[..., :0], v[..., :0], lens, mask, backend="torch")
 
 
-@pytest.mark.xfail(strict=True, reason="tree_attention (not owned here): softmax_scale is not "
-                   "checked: 'a' gives float()'s message without the argument, NaN returns NaN "
-                   "silently (issue 18)")
 @pytest.mark.parametrize("scale", ["a", [1.0], float("nan"), float("inf")])
-def test_defect_tree_attention_softmax_scale_is_checked(scale):
+def test_regression_tree_attention_softmax_scale_is_checked(scale):
     q, k, v, lens, mask = _attention_args(D=8)
     with pytest.raises((ValueError, TypeError), match="softmax_scale"):
         ops.tree_attention(q, k, v, lens, mask, scale, backend="torch")
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason="medusa_heads_topk (not owned "
-                   "here): K = 0 heads return empty on torch, ZeroDivisionError on Triton")
-def test_defect_heads_topk_K0_agrees():
+def test_regression_heads_topk_K0_agrees():
     h = torch.randn(3, 16)
     w1, b1, w2 = torch.randn(0, 16, 16), torch.randn(0, 16), torch.randn(0, 50, 16)
     got = _same_outcome([lambda b=b: ops.medusa_heads_topk(h, w1, b1, w2, 3, backend=b)

@@ -4,6 +4,7 @@ alone would not catch programs that only the compiler refuses), without spills, 
 resources the launchers' occupancy logic assumes. See triton_aot.py and gpu_shape_launches.py.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -204,7 +205,8 @@ def test_ctas_per_sm_derives_once_per_configuration_on_cuda(monkeypatch):
 
     monkeypatch.setattr(_backend, "triton_interpreted", lambda: False)
     monkeypatch.setattr(_backend, "_DERIVED_OCCUPANCY", {})
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    monkeypatch.setattr(_backend, "cuda_arch", lambda device: 80)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     log = {}
     monkeypatch.setattr(_backend, "CAPTURE_OCCUPANCY", log)
     cuda, kernel = torch.device("cuda", 0), FakeKernel()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 
@@ -138,6 +140,15 @@ def check_tensor(
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on {device} (like the other inputs), got {t.device}")
     return t
+
+
+def check_real(name: str, value: object, *, low: float = 0.0) -> float:
+    """``value`` as a float: a finite real number (not a bool) >= ``low``; errors name it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"{name} must be a finite number >= {low:g}, got {value!r}")
+    return float(value)
 
 
 def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) -> None:

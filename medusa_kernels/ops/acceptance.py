@@ -31,15 +31,13 @@ does in a few large kernels; the path selection after it is the same small graph
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
 from ._backend import (
     FLOAT_DTYPES,
     HAS_TRITON,
     INDEX_DTYPES,
+    check_real,
     check_tensor,
     check_values,
     pick_backend,
@@ -48,15 +46,6 @@ from ._backend import (
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-
-def check_real(name: str, value: object, *, low: float = 0.0) -> float:
-    """``value`` as a float: a finite real number (not a bool) >= ``low``; errors name it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < low:
-        raise ValueError(f"{name} must be a finite number >= {low:g}, got {value!r}")
-    return float(value)
 
 
 def _check_generator(generator: object) -> None:

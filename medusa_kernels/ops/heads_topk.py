@@ -183,6 +183,8 @@ def check_heads_topk_args(hidden, w1, b1, w2, k) -> None:
     N, d = hidden.shape
     check_tensor("w1", w1, ndim=3, dtypes=(hidden.dtype,), device=hidden.device)
     K = w1.shape[0]
+    if K < 1:
+        raise ValueError(f"w1 must hold K >= 1 heads, got shape {tuple(w1.shape)}")
     if tuple(w1.shape) != (K, d, d):
         raise ValueError(f"w1 must be [K, d, d] with d = {d} (hidden's), got {tuple(w1.shape)}")
     check_tensor("b1", b1, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)

@@ -57,6 +57,7 @@ from ._backend import (
     FLOAT_DTYPES,
     HAS_TRITON,
     check_dim,
+    check_real,
     check_tensor,
     check_values,
     ctas_per_sm,
@@ -800,13 +801,13 @@ def tree_attention(
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(
             sliding_window, int) or sliding_window < 1):
         raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(
-            softcap, (int, float)) or not math.isfinite(softcap) or softcap <= 0):
-        raise ValueError(f"softcap must be a finite float > 0 or None, got {softcap!r}")
-    name = pick_backend("tree_attention", backend, q.device, _IMPLS,
+    for name, value in (("softcap", softcap), ("softmax_scale", softmax_scale)):
+        if value is not None and check_real(name, value) <= 0:
+            raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
+    impl = pick_backend("tree_attention", backend, q.device, _IMPLS,
                         triton_ok=triton_supports(q))
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _tree_attention_op(
-        q, k_cache, v_cache, cache_seqlens, tree_mask, float(scale), name, block_table,
+        q, k_cache, v_cache, cache_seqlens, tree_mask, float(scale), impl, block_table,
         sliding_window, None if softcap is None else float(softcap), tree_depths,
     )
