@@ -29,7 +29,13 @@ A table (JSON) holds rows measured on one device, model and dtype::
 ``choose`` returns the tree as a tuple of path tuples in ``validate_choices`` order (hashable: a
 key for the loop's per-tree buffers and captured graphs; ``()`` is plain decoding), which
 ``tree.build_tree`` takes as it is. ``FixedTreePolicy`` always returns one tree (today's
-behaviour). This module imports only ``tree`` and the standard library.
+behaviour). Any object with ``choose(batch, context)`` and ``trees()`` is a policy
+(``is_policy``); ``generate`` refuses a step whose tree is not in ``trees()`` (its KV cache is
+sized for those). This module imports only ``tree`` and the standard library.
+
+In ``generate`` (``tree=`` a table file or a policy): ``batch`` is the number of rows the step
+computes (the running sequences, and finished ones until at most half of the rows still run),
+``context`` the longest running sequence (prompt + tokens so far).
 """
 
 from __future__ import annotations
@@ -78,6 +84,32 @@ class PolicyRow:
         if self.speedup is not None:
             row["speedup"] = self.speedup
         return row | dict(self.info)
+
+
+def is_policy(value) -> bool:
+    """Whether ``value`` is a policy object: it has callable ``choose`` and ``trees``."""
+    return callable(getattr(value, "choose", None)) and callable(getattr(value, "trees", None))
+
+
+def is_table_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a JSON file holding a policy table (an object with "rows"), rather
+    than a tree file; False for anything unreadable (the tree loader then names the problem)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "rows" in data
+
+
+def policy_label(policy) -> str:
+    """A short name for messages and reports: a table's file name, or the policy's repr."""
+    source = getattr(policy, "source", None)
+    if isinstance(source, str) and source != "TreePolicy":
+        return os.path.basename(source)
+    return repr(policy)
 
 
 def _is_int(x) -> bool:
