@@ -6,11 +6,7 @@ the torch reference given the same uniforms."""
 import pytest
 import torch
 from conftest import HAS_CUDA, requires_cuda
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from sampling_stats import chi2_sf, chi_square_p, hf_filter
 
 from medusa_kernels import build_tree
 from medusa_kernels.ops import accept_greedy_ids, accept_typical
@@ -28,47 +24,11 @@ DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 NEG = float("-inf")
 
 
-def hf_filter(scores, temperature, top_k=None, top_p=None, min_keep=1):
-    """transformers' warpers in GenerationConfig's order (temperature, top-k, top-p)."""
-    scores = TemperatureLogitsWarper(float(temperature))(None, scores.float().clone())
-    if top_k is not None:
-        scores = TopKLogitsWarper(top_k, min_tokens_to_keep=min_keep)(None, scores)
-    if top_p is not None and top_p < 1.0:
-        scores = TopPLogitsWarper(top_p, min_tokens_to_keep=min_keep)(None, scores)
-    return scores
-
-
-def chi2_sf(x: float, df: int) -> float:
-    """P(chi2_df > x), the regularised upper incomplete gamma function Q(df / 2, x / 2)."""
-    f64 = torch.float64
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=f64),
-                                         torch.tensor(x / 2, dtype=f64)))
-
-
 def test_chi2_sf_against_known_values():
     assert abs(chi2_sf(3.841458820694124, 1) - 0.05) < 1e-9  # the 95% quantile of chi2(1)
     assert abs(chi2_sf(23.209251158954356, 10) - 0.01) < 1e-9  # the 99% quantile of chi2(10)
     for x in (0.5, 4.0, 30.0):  # chi2(2) is Exp(1/2): P(X > x) = exp(-x / 2)
         assert abs(chi2_sf(x, 2) - torch.exp(torch.tensor(-x / 2, dtype=torch.float64))) < 1e-12
-
-
-def chi_square_p(samples: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's test of samples [N, k] (tokens) against the exact law probs [V] * k; cells with
-    an expected count below 5 are pooled into one. 0 when a sample has probability 0."""
-    V, k = probs.shape[0], samples.shape[1]
-    flat = torch.zeros(samples.shape[0], dtype=torch.long)
-    for j in range(k):
-        flat = flat * V + samples[:, j].cpu()
-    counts = torch.bincount(flat, minlength=V**k).double()
-    expected = samples.shape[0] * probs.flatten().double()
-    if bool((counts[probs.flatten() == 0] > 0).any()):
-        return 0.0
-    small = expected < 5
-    obs = torch.cat([counts[~small], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-    return chi2_sf(stat, int(keep.sum()) - 1)
 
 
 # ---------------------------------------------------------------------------------------------
