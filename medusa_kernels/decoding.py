@@ -327,7 +327,12 @@ def _plan(model: MedusaModel, prompt, config: GenerationConfig, propose) -> _Pla
     if not trees:
         raise ValueError(f"tree policy {label!r}: trees() lists no tree")
     for t in trees:  # asked for (or shipped): used whole, or a clear error
-        check_fits([list(p) for p in t], label, num_heads, V)
+        try:
+            check_fits([list(p) for p in t], label, num_heads, V)
+        except ValueError as e:
+            if isinstance(policy, FixedTreePolicy):
+                raise
+            raise ValueError(f"tree policy: a tree it can pick does not fit: {e}") from None
     depth = max(max((len(p) for p in t), default=0) for t in trees)
     nodes = max(len(t) + 1 for t in trees)
 

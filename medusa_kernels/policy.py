@@ -266,7 +266,8 @@ class TreePolicy:
         return out
 
     def __repr__(self) -> str:
-        return f"TreePolicy({self.source!r}, {len(self.rows)} rows, batches {self.batches})"
+        source = "" if self.source == "TreePolicy" else f"{self.source!r}, "
+        return f"TreePolicy({source}{len(self.rows)} rows, batches {self.batches})"
 
 
 class FixedTreePolicy:
