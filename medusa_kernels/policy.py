@@ -2,7 +2,7 @@
 
 A table (JSON) holds rows measured on one device, model and dtype::
 
-    {"version": 1,
+    {"version": 1, "tolerance": 0.02,
      "meta": {"device": "...", "model": "...", "dtype": "...", "command": "..."},
      "rows": [{"batch": 1, "context": 128, "tree": [[0], [1], [0, 0]], "speedup": 1.49},
               {"batch": 64, "context": 128, "tree": [], "speedup": 1.0}, ...]}
@@ -24,7 +24,9 @@ A table (JSON) holds rows measured on one device, model and dtype::
 3. Among the rows of that (batch, context): the highest speedup, ties to the tree with fewer
    nodes, then to the earlier row. Where they carry speedups, plain decoding competes at 1.0,
    so a tree estimated slower than plain is never chosen. A single row without a speedup is
-   taken as it is.
+   taken as it is. ``tolerance`` (a top-level key, default 0): speedups within this fraction
+   of the best count as ties (timing noise), so the tree with the fewest nodes among them wins
+   (plain decoding, the empty tree, is the smallest).
 
 ``choose`` returns the tree as a tuple of path tuples in ``validate_choices`` order (hashable: a
 key for the loop's per-tree buffers and captured graphs; ``()`` is plain decoding), which
@@ -161,11 +163,18 @@ class TreePolicy:
         source: str = "TreePolicy",
         num_heads: int | None = None,
         topk: int | None = None,
+        tolerance: float = 0.0,
     ):
         """rows: PolicyRow or JSON-like dicts; meta: free-form provenance (device, model,
         command, ...); source: names the table in errors (the file path for ``load``);
-        num_heads / topk: when given, every tree must fit (depth <= num_heads, ranks < topk)."""
+        num_heads / topk: when given, every tree must fit (depth <= num_heads, ranks < topk);
+        tolerance: in [0, 1), speedups that close to the best are ties (rule 3)."""
         self.source = str(source)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or \
+                not 0 <= tolerance < 1:
+            raise ValueError(f"{self.source}: tolerance must be a number in [0, 1), got "
+                             f"{tolerance!r}")
+        self.tolerance = float(tolerance)
         if meta is not None and not isinstance(meta, Mapping):
             raise ValueError(f"{self.source}: meta must be an object, got {type(meta).__name__}")
         self.meta = dict(meta or {})
@@ -208,24 +217,30 @@ class TreePolicy:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a tree policy is a JSON object with 'rows', got "
                              f"{type(data).__name__}")
-        unknown = sorted(set(data) - {"version", "meta", "rows"})
+        unknown = sorted(set(data) - {"version", "tolerance", "meta", "rows"})
         if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; expected 'version', 'meta', 'rows'")
+            raise ValueError(f"{path}: unknown keys {unknown}; expected 'version', 'tolerance', "
+                             f"'meta', 'rows'")
         if data.get("version", VERSION) != VERSION:
             raise ValueError(f"{path}: version {data['version']!r} is not supported "
                              f"(this code reads version {VERSION})")
         if "rows" not in data:
             raise ValueError(f"{path}: no 'rows'")
-        return cls(data["rows"], data.get("meta"), source=path, num_heads=num_heads, topk=topk)
+        return cls(data["rows"], data.get("meta"), source=path, num_heads=num_heads, topk=topk,
+                   tolerance=data.get("tolerance", 0.0))
 
     def to_json(self) -> dict:
-        return {"version": VERSION, "meta": self.meta, "rows": [r.to_json() for r in self.rows]}
+        out: dict = {"version": VERSION}
+        if self.tolerance:
+            out["tolerance"] = self.tolerance
+        return out | {"meta": self.meta, "rows": [r.to_json() for r in self.rows]}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table as JSON, one row per line."""
         rows = ",\n".join("  " + json.dumps(r.to_json()) for r in self.rows)
-        text = (f'{{\n "version": {VERSION},\n "meta": {json.dumps(self.meta, sort_keys=True)},\n'
-                f' "rows": [\n{rows}\n ]\n}}\n')
+        tolerance = f' "tolerance": {self.tolerance},\n' if self.tolerance else ""
+        text = (f'{{\n "version": {VERSION},\n{tolerance} "meta": '
+                f'{json.dumps(self.meta, sort_keys=True)},\n "rows": [\n{rows}\n ]\n}}\n')
         with open(path, "w") as f:
             f.write(text)
 
@@ -244,10 +259,13 @@ class TreePolicy:
         group = self._keys[(b, c)]
         if len(group) == 1 and group[0].speedup is None:
             return group[0]
-        best = min(group, key=lambda r: (-r.speedup, r.num_nodes))  # first of equals
-        if best.speedup < 1.0:
+        best = max(r.speedup for r in group)
+        if best < 1.0:
             return None
-        return best
+        near = best * (1 - self.tolerance)  # ties: the fewest nodes wins, then the earlier row
+        if self.tolerance and 1.0 >= near and all(r.tree for r in group):
+            return None  # plain decoding (1 node) is within the tolerance
+        return min((r for r in group if r.speedup >= near), key=lambda r: r.num_nodes)
 
     def choose(self, batch: int, context: int | None = None) -> Tree:
         """The tree to verify with ``batch`` running sequences (>= 1) at ``context`` tokens

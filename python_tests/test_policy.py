@@ -320,3 +320,19 @@ def test_a_shipped_table_is_the_default(model, dirs, tmp_path):
     assert got.tree == "tree_policy_cpu.json" and set(got.step_nodes) == {3}
     assert got.tokens == generate(model, ids, max_new_tokens=8, medusa=False).tokens
     assert generate(shipped, ids, max_new_tokens=8, tree="small_15").step_nodes[0] == 16
+
+
+def test_tolerance_prefers_the_smaller_tree_within_noise(tmp_path):
+    rows = [{"batch": 1, "tree": BIG, "speedup": 1.50}, {"batch": 1, "tree": SMALL, "speedup": 1.48},
+            {"batch": 8, "tree": SMALL, "speedup": 1.015}, {"batch": 8, "tree": BIG, "speedup": 0.9}]
+    assert table(rows).choose(1) == canon(BIG) and table(rows).choose(8) == canon(SMALL)
+    tolerant = TreePolicy(rows, tolerance=0.02)
+    assert tolerant.choose(1) == canon(SMALL)  # 1.48 is within 2% of 1.50
+    assert tolerant.choose(8) == ()  # plain (1.0) is within 2% of 1.015
+    path = tmp_path / "tol.json"
+    tolerant.save(path)
+    assert json.loads(path.read_text())["tolerance"] == 0.02
+    assert TreePolicy.load(path).choose(1) == canon(SMALL)
+    for bad in (-0.1, 1.0, "0.02", True):
+        with pytest.raises(ValueError, match="tolerance must be a number in"):
+            TreePolicy(rows, tolerance=bad)
