@@ -202,7 +202,7 @@ class GenerationConfig:
         put("max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, 1, INT32_MAX))
         put("medusa", check_bool("medusa", self.medusa))
         put("temperature", check_float("temperature", self.temperature, low=0.0))
-        put("top_k", check_int("top_k", self.top_k, 1, INT32_MAX, optional=True))
+        put("top_k", check_int("top_k", self.top_k, 1, optional=True))
         if self.top_p is not None:
             put("top_p", check_float("top_p", self.top_p, 0.0, 1.0))
             if self.top_p == 0:
