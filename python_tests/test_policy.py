@@ -323,8 +323,10 @@ def test_a_shipped_table_is_the_default(model, dirs, tmp_path):
 
 
 def test_tolerance_prefers_the_smaller_tree_within_noise(tmp_path):
-    rows = [{"batch": 1, "tree": BIG, "speedup": 1.50}, {"batch": 1, "tree": SMALL, "speedup": 1.48},
-            {"batch": 8, "tree": SMALL, "speedup": 1.015}, {"batch": 8, "tree": BIG, "speedup": 0.9}]
+    rows = [{"batch": 1, "tree": BIG, "speedup": 1.50},
+            {"batch": 1, "tree": SMALL, "speedup": 1.48},
+            {"batch": 8, "tree": SMALL, "speedup": 1.015},
+            {"batch": 8, "tree": BIG, "speedup": 0.9}]
     assert table(rows).choose(1) == canon(BIG) and table(rows).choose(8) == canon(SMALL)
     tolerant = TreePolicy(rows, tolerance=0.02)
     assert tolerant.choose(1) == canon(SMALL)  # 1.48 is within 2% of 1.50
