@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import requires_cuda
 from sampling_stats import chi_square_p, hf_filter
 from tiny_models import make_hf_model
 
@@ -179,3 +180,36 @@ def test_seeded_runs_repeat_and_exact_is_the_default(world):
                                             temperature=0.9, seed=3).tokens
     assert a.tokens != generate(world.model, ids, max_new_tokens=12, medusa=False,
                                 temperature=0.9, seed=4).tokens
+
+
+# --------------------------------------------------------------------------- on the GPU
+
+@requires_cuda
+@pytest.mark.parametrize("sampling", [dict(temperature=0.8), dict(temperature=1.0, top_k=20,
+                                                                    top_p=0.9)],
+                         ids=["t0.8", "k20-p0.9"])
+def test_exact_sampling_in_cuda_graphs_is_plain_sampling(tmp_path, sampling):
+    """Plain and exact Medusa sampling, eager and replayed from CUDA graphs (fp32, no TF32):
+    the same tokens for a seed; a tree policy switching trees (and graphs) mid-run too."""
+    from tiny_models import save_random_heads
+
+    from medusa_kernels.policy import TreePolicy
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    make_hf_model("llama-gqa-llama3rope", seed=3, path=tmp_path / "base")
+    save_random_heads(tmp_path / "heads", seed=3)
+    model = load_model(tmp_path / "base", medusa=tmp_path / "heads", dtype=torch.float32,
+                       device="cuda")
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (5, 17, 2, 9)]
+    kw = dict(max_new_tokens=24, seed=7, **sampling)
+    plain = generate(model, ids, medusa=False, cuda_graph=False, **kw).tokens
+    assert generate(model, ids, medusa=False, cuda_graph=True, **kw).tokens == plain
+    for graph in (False, True):
+        assert generate(model, ids, tree="mc_sim_7b_63", cuda_graph=graph, **kw).tokens == plain
+    policy = TreePolicy([{"batch": 1, "tree": [[0], [1], [0, 0]]}, {"batch": 2, "tree": [[0]]},
+                         {"batch": 4, "tree": []}])
+    eos = plain[0][3:5]  # some sequences end early: the rows shrink, the trees change
+    ref = generate(model, ids, medusa=False, eos_token_id=eos, **kw)
+    got = generate(model, ids, tree=policy, eos_token_id=eos, cuda_graph=True, **kw)
+    assert got.tokens == ref.tokens
