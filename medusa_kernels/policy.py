@@ -13,7 +13,9 @@ A table (JSON) holds rows measured on one device, model and dtype::
 - ``tree``: medusa_choices (``tree.validate_choices``); ``[]`` is the empty tree, plain decoding.
 - ``speedup`` (optional): estimated tokens/s relative to plain decoding at the same batch and
   context on that device (``tree calibrate``'s ``est_speedup``); plain decoding is 1.0.
-- Informational keys a row may also carry (kept as they are): ``INFO_KEYS``.
+- Informational keys a row may also carry (kept as they are): ``INFO_KEYS`` (``nodes``: the
+  tree's paths, the root not counted; accepted tokens per step, expected from the heads'
+  accuracies and measured by decoding; step times).
 
 ``TreePolicy.choose(batch, context)``, the rule:
 
@@ -54,7 +56,8 @@ from .tree import resolve_choices, validate_choices
 
 VERSION = 1
 ROW_KEYS = ("batch", "context", "tree", "speedup")
-INFO_KEYS = ("nodes", "expected_accepted", "step_ms", "plain_step_ms", "note")
+INFO_KEYS = ("nodes", "expected_accepted", "measured_accepted", "step_ms", "plain_step_ms",
+             "note")
 Tree = tuple[tuple[int, ...], ...]
 
 

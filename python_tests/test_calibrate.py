@@ -235,8 +235,18 @@ def test_policy_table_rows_and_choice():
 
     model = random_model(ModelConfig(**SHAPES["tiny"]), 3, torch.float32, "cpu")
     acc = hand_table(3, 4)
-    policy = policy_table(model, acc, [3, 1], [1, 3], context=16, quick=True,
+    with pytest.raises(ValueError, match="ascending"):
+        policy_table(model, acc, [3, 1], [1], context=16, quick=True)
+    policy = policy_table(model, acc, [1, 3], [1, 3], context=16, quick=True,
                           meta={"device": "test"})
+    assert policy.meta["speedup"] == "expected accepted"
+    measured = policy_table(model, acc, [1, 3], [2], context=16, quick=True,
+                            accepted=[1.5, 2.0])
+    assert [r.info["measured_accepted"] for r in measured.rows if r.tree] == [1.5, 2.0][
+        : len(measured.rows) - 1]
+    row = measured.rows[1]
+    assert row.speedup == pytest.approx(1.5 * measured.rows[0].info["step_ms"]
+                                        / row.info["step_ms"], rel=1e-3)
     assert policy.batches == [1, 3] and policy.tolerance == TOLERANCE
     assert policy.meta["device"] == "test" and policy.meta["sizes"] == [1, 3]
     for batch in (1, 3):
@@ -277,6 +287,8 @@ def test_cli_calibrate_batches_writes_a_policy_generate_uses(quick_demo, tmp_pat
     assert {r.tree for r in policy.rows if r.batch == 1} >= {()}
     err = capsys.readouterr().err
     assert "batch    1:" in err and "wrote" in err
+    assert all("measured_accepted" in r.info for r in policy.rows if r.tree)
+    assert policy.meta["speedup"] == "measured accepted"
     m = load_model(model_dir, medusa=heads_dir, dtype=torch.float32)
     ids = [m.tokenizer().encode(t).ids for t in ("class A:\n", "x = [")]
     plain = generate(m, ids, max_new_tokens=12, medusa=False).tokens
@@ -286,6 +298,8 @@ def test_cli_calibrate_batches_writes_a_policy_generate_uses(quick_demo, tmp_pat
                          (["--nodes", "auto", "--batches", "0,2"], "--batches must list"),
                          (["--nodes", "auto", "--batches", "x"], "--batches must be comma"),
                          (["--nodes", "auto", "--batches", "1", "--accuracies", str(prompts)],
-                          "needs \"accuracies\"")):
+                          "needs \"accuracies\""),
+                         (["--nodes", "auto", "--batches", "1", "--rounds", "0"],
+                          "--rounds must be >= 1")):
         assert main(args + bad) == 2
         assert message in capsys.readouterr().err

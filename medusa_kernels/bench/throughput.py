@@ -18,8 +18,11 @@ Row: ``tokens_per_s`` (the fastest run: a busy machine only slows a run down; ne
 prefill and the first step, whose CUDA graph capture is not timed, over their decode time),
 ``tokens_per_s_runs`` (every run), ``mean_accepted`` (tokens per step per running sequence),
 ``steps``, ``trees`` (tree nodes -> steps: 1 is a plain step), ``speedup`` (over plain, same
-B); adaptive rows also ``vs_best``: over the faster of plain and fixed. ``check``: the three
-outputs are identical (greedy decoding is lossless; in bf16/fp16 a difference is a note).
+B); adaptive rows also ``vs_best``: over the faster of plain and fixed. On a CPU with one torch
+thread (the CPU mode) the same with the process's CPU time instead of wall-clock time
+(``tokens_per_cpu_s``, ``cpu_speedup``, ``cpu_vs_best``): other processes on a shared machine
+inflate wall-clock times, hardly CPU times. ``check``: the three outputs are identical (greedy
+decoding is lossless; in bf16/fp16 a difference is a note).
 """
 
 from __future__ import annotations
@@ -101,24 +104,34 @@ def _policy(ctx: BenchContext, model, max_new: int, batches) -> tuple[object, st
 
 
 def _decode(model, prompts, max_new: int, eos, mode: str, fixed, policy):
-    """(tokens, result, new tokens after the first step, their seconds)."""
+    """(tokens, result, new tokens after the first step, their seconds, their CPU seconds)."""
     kwargs = {"plain": dict(medusa=False), "fixed": dict(tree=fixed),
               "adaptive": dict(tree=policy)}[mode]
     stream = generate(model, prompts, max_new_tokens=max_new, eos_token_id=eos, stream=True,
                       **kwargs)
-    t_first = t_last = None
+    first = last = None
     tokens = 0
     for i, new in enumerate(stream):
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()  # (the step's host copy already waited for it)
-        now = time.perf_counter()
+        now = (time.perf_counter(), time.process_time())
         if i == 1:  # after prefill (0) and the first step (graph capture, warm-up)
-            t_first = now
+            first = now
         elif i > 1:
             tokens += sum(len(t) for t in new)
-            t_last = now
-    seconds = t_last - t_first if t_last is not None else 0.0
-    return stream.result.tokens, stream.result, tokens, seconds
+            last = now
+    if last is None:
+        return stream.result.tokens, stream.result, 0, 0.0, 0.0
+    return (stream.result.tokens, stream.result, tokens, last[0] - first[0],
+            last[1] - first[1])
+
+
+def _best(values: list[float]) -> float:
+    """The fastest run (a busy machine only slows a run down)."""
+    finite = [v for v in values if v == v]
+    return max(finite) if finite else float("nan")
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(v, 1) for v in values]
 
 
 def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]:
@@ -139,6 +152,9 @@ def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]
     policy, policy_source = _policy(ctx, model, max_new, batches)
     eos = model.eos_token_id()
     dtype = str(model.dtype).removeprefix("torch.")
+    # one CPU thread: also the process's CPU time, which other processes on a shared machine
+    # do not inflate (the wall-clock figures they do)
+    cpu_time = not ctx.cuda and torch.get_num_threads() == 1
     rows: list[dict] = []
     for B in batches:
         case = dict(model=label, B=B, max_new_tokens=max_new, dtype=dtype,
@@ -155,22 +171,26 @@ def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]
                 runs[mode].append(_decode(model, prompts, max_new, eos, mode, fixed, policy))
         by_mode = {}
         for mode in MODES:
-            best = max(runs[mode], key=lambda r: r[2] / r[3] if r[3] > 0 else 0.0)
-            outs, result, tokens, seconds = best
-            tps = [r[2] / r[3] if r[3] > 0 else float("nan") for r in runs[mode]]
+            wall = [r[2] / r[3] if r[3] > 0 else float("nan") for r in runs[mode]]
+            outs, result = runs[mode][0][:2]
             row = dict(section=SECTION, impl=mode, **case,
                        tree={"plain": "-", "fixed": fixed_label,
                              "adaptive": policy_label(policy)}[mode],
                        tokens=sum(len(t) for t in outs), steps=result.steps,
-                       tokens_per_s=tokens / seconds if seconds > 0 else float("nan"),
-                       tokens_per_s_runs=tps, mean_accepted=result.mean_accepted,
+                       tokens_per_s=_best(wall), tokens_per_s_runs=_rounded(wall),
+                       mean_accepted=result.mean_accepted,
                        trees={str(k): v for k, v in sorted(Counter(result.step_nodes).items())})
+            if cpu_time:
+                cpu = [r[2] / r[4] if r[4] > 0 else float("nan") for r in runs[mode]]
+                row["tokens_per_cpu_s"], row["tokens_per_cpu_s_runs"] = _best(cpu), _rounded(cpu)
             by_mode[mode] = (row, outs)
             rows.append(row)
         plain_row, plain_outs = by_mode["plain"]
         for mode in ("fixed", "adaptive"):
             row, outs = by_mode[mode]
             row["speedup"] = row["tokens_per_s"] / plain_row["tokens_per_s"]
+            if cpu_time:
+                row["cpu_speedup"] = row["tokens_per_cpu_s"] / plain_row["tokens_per_cpu_s"]
             row["identical"] = outs == plain_outs
             if row["identical"]:
                 row["check"] = "ok"
@@ -178,9 +198,10 @@ def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]
                 row["check"] = f"FAIL: {mode} output differs from plain greedy"
             else:
                 row["check"] = f"note: {mode} differs from plain ({dtype} rounding, near-tie)"
-        adaptive = by_mode["adaptive"][0]
-        faster = max(plain_row["tokens_per_s"], by_mode["fixed"][0]["tokens_per_s"])
-        adaptive["vs_best"] = adaptive["tokens_per_s"] / faster
+        adaptive, fixed_row = by_mode["adaptive"][0], by_mode["fixed"][0]
+        for key, ratio in (("tokens_per_s", "vs_best"), ("tokens_per_cpu_s", "cpu_vs_best")):
+            if key in adaptive:
+                adaptive[ratio] = adaptive[key] / max(plain_row[key], fixed_row[key])
         if ctx.on_row is not None:
             for mode in MODES:
                 ctx.on_row(by_mode[mode][0])
