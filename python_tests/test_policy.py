@@ -338,3 +338,25 @@ def test_tolerance_prefers_the_smaller_tree_within_noise(tmp_path):
     for bad in (-0.1, 1.0, "0.02", True):
         with pytest.raises(ValueError, match="tolerance must be a number in"):
             TreePolicy(rows, tolerance=bad)
+
+
+def test_the_demo_ships_a_cpu_table():
+    """assets/demo/tree_policy_cpu.json: written by tree calibrate --batches on a CPU, batches
+    1 to 64, plain decoding at each, every tree fits the demo's heads; generate's default."""
+    import os
+
+    from medusa_kernels.demo import ASSETS
+    from medusa_kernels.tree import default_policy_file
+
+    path = os.path.join(ASSETS, "tree_policy_cpu.json")
+    if not os.path.isfile(path):
+        pytest.skip("no demo table shipped")
+    policy = TreePolicy.load(path, num_heads=4, topk=10)
+    assert policy.batches == [1, 2, 4, 8, 16, 32, 64] and policy.tolerance > 0
+    assert policy.meta["command"].startswith("python -m medusa_kernels.tree calibrate --nodes "
+                                             "auto --batches 1,2,4,8,16,32,64")
+    assert "threads" in policy.meta["device"] and policy.meta["cuda_graph"] is False
+    for b in policy.batches:
+        assert any(r.batch == b and r.tree == () and r.speedup == 1.0 for r in policy.rows)
+    assert default_policy_file("cpu", os.path.join(ASSETS, "model")) == path
+    assert default_policy_file("cuda", os.path.join(ASSETS, "model")) is None

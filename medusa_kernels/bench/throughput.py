@@ -2,8 +2,8 @@
 
 At each B in ``BATCHES`` (1, 4, 16, 64; ``--quick``: 1, 4, 16 and fewer tokens), B held-out
 prompts of the demo (or of ``--model``'s checkpoint: random ids) are decoded greedily to
-``max_new_tokens`` three ways, in turns (each mode first in turn), ``repeats`` times each (CPU
-5, GPU 3, quick 1):
+``max_new_tokens`` three ways, in turns (each mode first in turn), ``repeats`` times each (CPU:
+15 / sqrt(B), at least 5; GPU 3; quick 1):
 
 - ``plain``: plain decoding;
 - ``fixed``: Medusa with one tree at every step, the device's default (``tree.default_tree``:
@@ -54,11 +54,17 @@ QUICK_BATCHES = (1, 4, 16)
 MODES = ("plain", "fixed", "adaptive")
 
 
-def _settings(ctx: BenchContext) -> tuple[tuple[int, ...], int, int]:
-    """(batches, max_new_tokens, repeats)."""
+def _settings(ctx: BenchContext) -> tuple[tuple[int, ...], int]:
+    """(batches, max_new_tokens)."""
+    return (QUICK_BATCHES, 16) if ctx.quick else (BATCHES, 128)
+
+
+def repeats(ctx: BenchContext, batch: int) -> int:
+    """Runs per mode: on a CPU 15 / sqrt(B), at least 5 (short runs are the noisiest and the
+    cheapest); 3 on a GPU; 1 with --quick."""
     if ctx.quick:
-        return QUICK_BATCHES, 16, 1
-    return BATCHES, 128, 5 if not ctx.cuda else 3
+        return 1
+    return 3 if ctx.cuda else max(5, round(15 / batch**0.5))
 
 
 def _model(ctx: BenchContext):
@@ -137,7 +143,7 @@ def _rounded(values: list[float]) -> list[float]:
 
 def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]:
     """The section's rows (module doc); ``batches`` replaces the batch sizes (tests)."""
-    default_batches, max_new, repeats = _settings(ctx)
+    default_batches, max_new = _settings(ctx)
     batches = batches or default_batches
     model, label = _model(ctx)
     if model.heads is None:
@@ -167,7 +173,7 @@ def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]
             generate(model, prompts, max_new_tokens=4, eos_token_id=eos, tree=tree or None,
                      medusa=bool(tree))
         runs: dict[str, list] = {m: [] for m in MODES}
-        for r in range(repeats):  # in turns (each first in turn): drift slows every mode alike
+        for r in range(repeats(ctx, B)):  # in turns, each first in turn: drift hits all alike
             for mode in MODES[r % 3:] + MODES[: r % 3]:
                 runs[mode].append(_decode(model, prompts, max_new, eos, mode, fixed, policy))
         by_mode = {}
