@@ -12,9 +12,10 @@ not yet in the cache, and the hidden state that produced it)::
 
 Greedy acceptance makes the output identical to plain greedy decoding; exact acceptance makes
 it distributed exactly as plain sampling (temperature, top_k, top_p), and since the token at
-position t of sequence b is always drawn with the same uniform u(seed + b, t)
-(``ops.sampling.position_uniforms``), it is the very tokens plain sampling gives for the same
-seed, alone or in any batch, with or without CUDA graphs (up to floating-point differences
+position t of sequence b is always drawn with the same uniform u(seed_b, t)
+(``ops.sampling.position_uniforms``; seed_b: the sequence's own seed), it is the very tokens
+plain sampling gives for the same seed, alone or in any batch, with or without CUDA graphs
+(up to floating-point differences
 between the tree forward and the one-token forward that move a boundary of the inverse CDF
 across a draw). Everything stays on the device; the one host sync per step copies the new
 tokens out (streaming and the stop check).
@@ -33,14 +34,13 @@ depends on the model: prompt ids, EOS, trees, positions), then runs ``_decode``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .checkpoint import MedusaModel
 from .generation_config import (
-    SEED_RANGE,
     GenerationConfig,
     build_config,
     check_bool,
@@ -48,7 +48,13 @@ from .generation_config import (
     describe,
 )
 from .ops import accept_greedy_ids, accept_typical, compact_kv_cache
-from .ops.sampling import accept_exact, position_uniforms, sample_logits, seed_keys
+from .ops.sampling import (
+    accept_exact,
+    position_uniforms,
+    sample_logits,
+    seed_keys,
+    sequence_seeds,
+)
 from .policy import FixedTreePolicy, Tree, TreePolicy, policy_label
 from .text import IncrementalDetokenizer, prompt_token_lists
 from .tree import (
@@ -354,6 +360,9 @@ def _plan(model: MedusaModel, prompt, config: GenerationConfig, propose) -> _Pla
             f"({depth}) + tree nodes ({nodes}) = {capacity} exceeds max_seq_len = "
             f"{config.max_seq_len}"
         )
+    if isinstance(config.seed, tuple) and len(config.seed) != len(prompts):
+        raise ValueError(f"seed lists {len(config.seed)} seeds for {len(prompts)} sequences: "
+                         "give one per sequence, or one int")
     if config.cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on CUDA, not {device.type}")
     return _Plan(prompts, frozenset(eos), pad, policy, trees, label, capacity, tokenizer)
@@ -425,12 +434,14 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
     tokens, lengths = pad_prompts(plan.prompts, device)
     B = tokens.shape[0]
     keys, generator = None, None
-    if not config.greedy:  # sequence b draws position t's token with u(seed + b, t)
+    if not config.greedy:  # sequence b draws position t's token with u(seed_b, t)
         seed = config.seed if config.seed is not None else _fresh_seed()
-        keys = seed_keys([(seed + b) % SEED_RANGE for b in range(B)], device)
+        seeds = list(seed) if isinstance(seed, tuple) else sequence_seeds(seed, B)
+        keys = seed_keys(seeds, device)
     typical = config.medusa and not config.greedy and config.acceptance == "typical"
     if typical and config.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
+        first = config.seed[0] if isinstance(config.seed, tuple) else config.seed
+        generator = torch.Generator(device=device).manual_seed(first)
     # graphs replay greedy and sampling steps (typical acceptance's seeded generator needs
     # GRAPH_GENERATORS); `propose` (host code) runs eagerly
     graphable = device.type == "cuda" and propose is None and (
@@ -543,7 +554,7 @@ def generate(
     tree=None,
     eos_token_id=None,
     stream: bool = False,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     max_seq_len: int | None = None,
     propose: Proposer | None = None,
     cuda_graph: bool | None = None,
@@ -578,9 +589,10 @@ def generate(
         ``GenerationStream`` when ``stream``. Every argument is checked before any work: a
         bad one raises ``TypeError``/``ValueError`` naming it.
     A seed reproduces a run. Plain sampling and exact Medusa sampling draw the token at
-    position t of sequence b with u(seed + b, t), with or without CUDA graphs: the same seed
-    gives the same tokens (module doc). Typical acceptance draws from a torch generator, so
-    with CUDA graphs it draws other numbers than without them.
+    position t of sequence b with u(seed_b, t) (seed_b: the sequence's own seed, see
+    ``GenerationConfig.seed``), with or without CUDA graphs: the same seed gives the same
+    tokens (module doc). Typical acceptance draws from a torch generator seeded with the
+    (first) seed, so with CUDA graphs it draws other numbers than without them.
     """
     if not isinstance(model, MedusaModel):
         raise TypeError(f"model must be a MedusaModel (from load_model), got {describe(model)}")

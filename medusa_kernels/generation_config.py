@@ -129,6 +129,16 @@ def check_tree(value: Any):
     return paths, paths, None
 
 
+def check_seed(value: Any) -> int | tuple[int, ...] | None:
+    """None, an int in [0, 2**64), or a non-empty list of them (one per sequence: a tuple)."""
+    if value is None or is_int(value):
+        return check_int("seed", value, 0, SEED_RANGE - 1, optional=True)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise TypeError(f"seed must be an int in [0, 2**64), a non-empty list of them (one per "
+                        f"sequence) or None, got {describe(value)}")
+    return tuple(check_int(f"seed[{i}]", s, 0, SEED_RANGE - 1) for i, s in enumerate(value))
+
+
 ACCEPTANCE_RULES = ("exact", "typical")
 
 
@@ -169,9 +179,12 @@ class GenerationConfig:
         CPU), cut to the model's heads and vocabulary.
     eos_token_id: id(s) that end a sequence (kept in its output); None: the checkpoint's
         (generation_config.json, else config.json); [] never stops early.
-    seed: seeds sampling (an int in [0, 2**64)): sequence b samples with seed + b (mod 2**64),
-        so row b of a batch gives the tokens a run of its prompt alone with seed + b gives;
-        None: a fresh seed from torch's default generator.
+    seed: seeds sampling: an int in [0, 2**64), or one such int per sequence. Each sequence
+        samples with its own seed (the list's, or for an int ``s``: ``s`` for sequence 0 and a
+        hash of (s, b) for sequence b, ``ops.sampling.sequence_seeds``), so a sequence's
+        tokens depend on its prompt, its seed and the settings, never on the rest of the
+        batch, and different seeds give unrelated samples. None: a fresh seed from torch's
+        default generator.
     max_seq_len: refuse up front if the KV cache would need more positions than this.
     cuda_graph: replay each step from a CUDA graph (None: on for a model on CUDA).
     """
@@ -186,7 +199,7 @@ class GenerationConfig:
     posterior_alpha: float = 0.3
     tree: str | tuple[tuple[int, ...], ...] | Any | None = None
     eos_token_id: tuple[int, ...] | None = None
-    seed: int | None = None
+    seed: int | tuple[int, ...] | None = None
     max_seq_len: int | None = None
     cuda_graph: bool | None = None
     # the tree's paths, loaded from its name or file when the config is built
@@ -226,7 +239,7 @@ class GenerationConfig:
         put("tree_policy", policy)
         if self.eos_token_id is not None:
             put("eos_token_id", check_token_ids("eos_token_id", self.eos_token_id))
-        put("seed", check_int("seed", self.seed, 0, SEED_RANGE - 1, optional=True))
+        put("seed", check_seed(self.seed))
         put("max_seq_len", check_int("max_seq_len", self.max_seq_len, 1, INT32_MAX,
                                      optional=True))
         put("cuda_graph", check_bool("cuda_graph", self.cuda_graph, optional=True))

@@ -3,8 +3,8 @@
 The law of the first 3 new tokens after a prompt is computed exactly by enumeration: one
 transformers forward (float64) of the prompt followed by every pair (y1, y2) gives
 q1(y1) q2(y2 | y1) q3(y3 | y1, y2), each after transformers' own warpers (temperature, top-k,
-top-p). ``generate`` then decodes N = 20000 copies of the prompt in one call (sequence b samples
-with seed + b) and Pearson's chi-square test compares the empirical frequencies of every 2- and
+top-p). ``generate`` then decodes N = 20000 copies of the prompt in one call (each sequence with
+its own seed) and Pearson's chi-square test compares the empirical frequencies of every 2- and
 3-token continuation with that law (fixed seeds, p > 1e-3 required): Medusa with exact
 acceptance, plain sampling, both with top-k and top-p; typical acceptance fails it (the test
 has power); a ragged batch (two prompts of different lengths interleaved) matches each prompt's
@@ -16,9 +16,10 @@ one step along the greedy continuation plus noise, head 2 guesses at random. The
 up to 3 guessed tokens, so runs accept 1 to 4 tokens per step.
 
 "Batched and ragged runs match single runs" is checked two ways: distributionally (above), and
-token for token: the token at position t of sequence b is drawn with u(seed + b, t), so row b of
-a ragged batch equals a run of its prompt alone with seed + b, and Medusa's exact output equals
-plain sampling's for the same seed (up to a float rounding moving a CDF boundary across a draw).
+token for token: the token at position t of sequence b is drawn with u(seed_b, t) (seed_b: the
+sequence's own seed, ``sequence_seeds``), so row b of a ragged batch equals a run of its prompt
+alone with seed_b, and Medusa's exact output equals plain sampling's for the same seed (up to a
+float rounding moving a CDF boundary across a draw).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sampling_stats import chi_square_p, hf_filter
 from tiny_models import make_hf_model
 
 from medusa_kernels import generate, load_model
+from medusa_kernels.ops.sampling import sequence_seeds
 
 V = 12
 N = 20000
@@ -140,7 +142,7 @@ def test_medusa_exact_and_plain_sampling_follow_the_law(world, sampling):
     # 2 guesses) in at least 10% of the rows each, so the walks follow and leave the tree
     counts = torch.bincount(torch.tensor(result.accepted_per_step[0]), minlength=5)[1:] / N
     assert counts[1] > 0.1 and counts[2] > 0.1, counts
-    plain, _ = run(world, [PROMPTS[0]] * N, False, 2, **sampling)  # independent draws
+    plain, _ = run(world, [PROMPTS[0]] * N, False, 2, **sampling)  # unrelated draws
     p2, p3 = p_values(plain, law)
     assert p2 > 1e-3 and p3 > 1e-3, (p2, p3)
     # the same draws (seed 1): plain sampling gives Medusa's tokens, row for row
@@ -163,11 +165,30 @@ def test_ragged_batch_matches_each_prompts_law_and_single_runs(world):
     for i, prompt in enumerate(PROMPTS):
         p2, p3 = p_values(tokens[i::2], world.law(prompt, **sampling))
         assert p2 > 1e-3 and p3 > 1e-3, (prompt, p2, p3)
-    for b in (0, 1, 2, 7):  # row b alone, with seed + b: the same tokens
-        alone, _ = run(world, [prompts[b]], True, 5 + b, **sampling)
+    seeds = sequence_seeds(5, N)
+    for b in (0, 1, 2, 7):  # row b alone, with its own seed: the same tokens
+        alone, _ = run(world, [prompts[b]], True, seeds[b], **sampling)
         assert alone[0].tolist() == tokens[b].tolist(), b
+    listed, _ = run(world, prompts[:8], True, seeds[:8], **sampling)  # one seed per sequence
+    assert torch.equal(listed, tokens[:8])
     plain, _ = run(world, prompts[:500], False, 5, **sampling)
     assert torch.equal(plain, tokens[:500])
+
+
+def test_seeds_give_unrelated_streams(world):
+    """Seeds 1 and 2 share no rows, shifted or not (sequence b's seed is a hash of (seed, b)),
+    and agree on the first token about as often as independent draws do."""
+    a, _ = run(world, [PROMPTS[0]] * 4000, False, 1, temperature=1.0)
+    b, _ = run(world, [PROMPTS[0]] * 4000, False, 2, temperature=1.0)
+    q1 = world.law(PROMPTS[0], 1.0).sum((1, 2))
+    chance = float((q1**2).sum())  # P(two independent first tokens agree)
+    for shift in (0, 1, 2):
+        same = (a[shift:, 0] == b[: 4000 - shift, 0]).double().mean()
+        assert abs(float(same) - chance) < 0.05, (shift, float(same), chance)
+    with pytest.raises(ValueError, match="seed lists 2 seeds for 3 sequences"):
+        run(world, [PROMPTS[0]] * 3, False, [1, 2], temperature=1.0)
+    with pytest.raises(TypeError, match=r"seed\[1\] must be an int"):
+        run(world, [PROMPTS[0]] * 2, False, [1, 2.5], temperature=1.0)
 
 
 def test_seeded_runs_repeat_and_exact_is_the_default(world):

@@ -582,3 +582,37 @@ def test_custom_ops_pass_opcheck():
                           (logits, tokens, ri, u, 0.8, 3, 0.9, 1, "torch"))
     torch.library.opcheck(torch.ops.medusa_kernels.sample_logits.default,
                           (logits, u[:, :1].expand(3, 5).contiguous(), 0.8, None, None, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Draws keyed by (sequence seed, position)
+
+
+def test_position_uniforms_are_uniform_independent_and_stateless():
+    from medusa_kernels.ops.sampling import position_uniforms, seed_keys, sequence_seeds
+
+    seeds = sequence_seeds(12345, 4000)
+    assert seeds[0] == 12345 and len(set(seeds)) == 4000
+    assert sequence_seeds(12345, 3) == seeds[:3]  # a sequence's seed ignores the batch size
+    keys = seed_keys(seeds)
+    pos = torch.arange(5, 13).expand(4000, 8)
+    u = position_uniforms(keys, pos)
+    assert u.dtype == torch.float32 and u.shape == (4000, 8)
+    assert float(u.min()) >= 0 and float(u.max()) <= 1 - 2**-24
+    assert torch.equal(u, position_uniforms(keys, pos))  # a function of (key, position)
+    assert torch.equal(u[7:9, 3], position_uniforms(keys[7:9], pos[7:9, 3]))
+    assert torch.equal(u[:, 2:4], position_uniforms(keys, pos[:, 2:4].to(torch.int32)))
+    ten = (u * 10).long()
+    flat = torch.full((10,), 0.1, dtype=torch.float64)
+    p = chi_square_p(ten.reshape(-1, 1), flat)
+    pairs_pos = chi_square_p(ten[:, 3:5], flat[:, None] * flat)  # positions t, t + 1
+    pairs_row = chi_square_p(torch.stack([ten[:-1, 0], ten[1:, 0]], 1), flat[:, None] * flat)
+    assert p > 1e-3 and pairs_pos > 1e-3 and pairs_row > 1e-3, (p, pairs_pos, pairs_row)
+    other = position_uniforms(seed_keys(sequence_seeds(12346, 4000)), pos)
+    assert not bool((other[1:] == u[:-1]).all(1).any())  # seeds s and s + 1: no shifted rows
+    with pytest.raises(ValueError, match=r"seeds\[1\] must be an int in \[0, 2\*\*64\)"):
+        seed_keys([1, -1])
+    with pytest.raises(ValueError, match="keys must be \\[B, 2\\]"):
+        position_uniforms(keys[:3], pos[:2])
+    with pytest.raises(TypeError, match="positions must have dtype"):
+        position_uniforms(keys, pos.float())

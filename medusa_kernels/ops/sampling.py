@@ -56,8 +56,9 @@ nodes of one depth share it, and the walk visits one node per depth, so every dr
 is fresh. Both backends compute the samples of all nodes with the same torch code and differ
 only in the walk, so given the same uniforms they agree bit for bit.
 
-Draws keyed by position (``seed_keys``, ``position_uniforms``): the generation loop draws the
-token at absolute position t of sequence b with u = hash(seed_b, t), a counter-based generator
+Draws keyed by position (``sequence_seeds``, ``seed_keys``, ``position_uniforms``): the
+generation loop draws the token at absolute position t of sequence b with u = hash(seed_b, t)
+(seed_b: the sequence's own seed), a counter-based generator
 (three rounds of a 32-bit integer mixer over int64 tensors, on the device, no state). The walk
 at depth d draws the token at position root + d + 1, so it uses the same u that plain sampling
 uses for that position: for the same seed, exact Medusa sampling and plain sampling emit the
@@ -299,6 +300,14 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
     return x ^ (x >> 31)
+
+
+def sequence_seeds(seed: int, batch: int) -> list[int]:
+    """The seeds of ``batch`` sequences sampled with one ``seed`` (in [0, 2**64)): ``seed``
+    itself for sequence 0, a hash of (seed, b) for sequence b > 0. Different seeds give
+    unrelated streams, and sequence b of a batch samples as its prompt alone with
+    ``sequence_seeds(seed, B)[b]``."""
+    return [seed] + [_splitmix64((seed + _splitmix64(b)) & MASK64) for b in range(1, batch)]
 
 
 def seed_keys(seeds, device: torch.device | str = "cpu") -> torch.Tensor:
