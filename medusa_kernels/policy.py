@@ -38,8 +38,8 @@ behaviour). Any object with ``choose(batch, context)`` and ``trees()`` is a poli
 sized for those). This module imports only ``tree`` and the standard library.
 
 In ``generate`` (``tree=`` a table file or a policy): ``batch`` is the number of rows the step
-computes (the running sequences, and finished ones until at most half of the rows still run),
-``context`` the longest running sequence (prompt + tokens so far).
+computes (the running sequences, and finished ones until few enough still run:
+``decoding.KEEP_FRACTION``), ``context`` the longest running sequence (prompt + tokens so far).
 """
 
 from __future__ import annotations

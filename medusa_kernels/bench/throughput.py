@@ -12,8 +12,8 @@ prompts of the demo (or of ``--model``'s checkpoint: random ids) are decoded gre
   table (``tree.default_policy_file``; ``--tree TABLE.json`` replaces it), else, on a device
   without one, a table calibrated in this run from the head accuracies the checkpoint's
   calibrated tree records (``calibrate.policy_table``). It picks the tree before each step from
-  the rows the step computes (finished rows are dropped once half the batch is done: every
-  mode does that).
+  the rows the step computes (finished rows are dropped as the batch drains,
+  ``decoding.KEEP_FRACTION``: every mode does that).
 
 Row: ``tokens_per_s`` (the fastest run: a busy machine only slows a run down; new tokens after
 prefill and the first step, whose CUDA graph capture is not timed, over their decode time),
