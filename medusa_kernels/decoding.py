@@ -81,7 +81,8 @@ class GenerationResult:
     ``text``: the new tokens of each sequence decoded (special tokens skipped) when the model
     has a tokenizer, else None. ``tree``: the tree used ("plain" without Medusa).
     ``pad_token_id``: the checkpoint's pad id (else its EOS, else 0), for ``padded``.
-    ``step_nodes``: the nodes of the tree each step verified (1: a plain decoding step).
+    ``step_trees``: the tree each step verified (paths in ``validate_choices`` order; ``()``: a
+    plain decoding step); ``step_nodes`` their node counts.
     """
 
     tokens: list[list[int]]
@@ -92,7 +93,11 @@ class GenerationResult:
     text: list[str] | None = None
     tree: str = ""
     pad_token_id: int = 0
-    step_nodes: list[int] = field(default_factory=list)
+    step_trees: list[tuple] = field(default_factory=list)
+
+    @property
+    def step_nodes(self) -> list[int]:
+        return [len(t) + 1 for t in self.step_trees]
 
     @property
     def num_tokens(self) -> int:
@@ -532,7 +537,7 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
                 new[b], accepted[b] = row[:-1], row[-1]
             result.steps += 1
             result.accepted_per_step.append(accepted)
-            result.step_nodes.append(len(tree) + 1)
+            result.step_trees.append(tree)
             yield emit(stop.take(new, accepted))
     result.wall_time = time.perf_counter() - start
     if plan.tokenizer is not None:

@@ -55,6 +55,16 @@ def test_rows_per_batch_and_mode_with_a_table(ckpt, tmp_path):
         adaptive = by["adaptive", b]
         assert adaptive["vs_best"] == pytest.approx(adaptive["tokens_per_s"] / best)
     assert any("adaptive policy --tree" in n for n in ctx.notes)
+    assert by["adaptive", 1]["same_work_as_fixed"] is False
+
+
+def test_a_table_of_the_fixed_tree_does_the_same_work(ckpt, tmp_path):
+    from medusa_kernels.tree import TREES
+
+    table = tmp_path / "same.json"
+    TreePolicy([{"batch": 1, "tree": TREES["small_7"]}]).save(table)
+    rows = throughput.run(context(ckpt, str(table)), batches=(2,))
+    assert rows[2]["same_work_as_fixed"] is True and rows[2]["trees"] == rows[1]["trees"]
 
 
 def test_without_a_table_the_section_calibrates_one(ckpt):

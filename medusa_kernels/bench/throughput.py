@@ -19,7 +19,9 @@ Row: ``tokens_per_s`` (the fastest run: a busy machine only slows a run down; ne
 prefill and the first step, whose CUDA graph capture is not timed, over their decode time),
 ``tokens_per_s_runs`` (every run), ``mean_accepted`` (tokens per step per running sequence),
 ``steps``, ``trees`` (tree nodes -> steps: 1 is a plain step), ``speedup`` (over plain, same
-B); adaptive rows also ``vs_best``: over the faster of plain and fixed. On a CPU with one torch
+B); adaptive rows also ``vs_best``: over the faster of plain and fixed, and
+``same_work_as_fixed``: the policy verified the fixed tree at every step (then ``vs_best``
+measures the machine's noise). On a CPU with one torch
 thread (the CPU mode) the same with the process's CPU time instead of wall-clock time
 (``tokens_per_cpu_s``, ``cpu_speedup``, ``cpu_vs_best``): other processes on a shared machine
 inflate wall-clock times, hardly CPU times. ``check``: the three outputs are identical (greedy
@@ -206,6 +208,10 @@ def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]
             else:
                 row["check"] = f"note: {mode} differs from plain ({dtype} rounding, near-tie)"
         adaptive, fixed_row = by_mode["adaptive"][0], by_mode["fixed"][0]
+        # the policy verified the fixed tree at every step: the same work, so the two runs'
+        # ratio is the machine's noise
+        adaptive["same_work_as_fixed"] = \
+            runs["adaptive"][0][1].step_trees == runs["fixed"][0][1].step_trees
         for key, ratio in (("tokens_per_s", "vs_best"), ("tokens_per_cpu_s", "cpu_vs_best")):
             if key in adaptive:
                 adaptive[ratio] = adaptive[key] / max(plain_row[key], fixed_row[key])
