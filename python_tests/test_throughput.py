@@ -67,7 +67,11 @@ def test_a_table_of_the_fixed_tree_does_the_same_work(ckpt, tmp_path):
     assert rows[2]["same_work_as_fixed"] is True and rows[2]["trees"] == rows[1]["trees"]
 
 
-def test_without_a_table_the_section_calibrates_one(ckpt):
+def test_without_a_table_the_section_calibrates_one(ckpt, tmp_path):
+    import shutil
+
+    shutil.copytree(ckpt, tmp_path / "ckpt")  # its own copy: a calibrated tree is added
+    ckpt = tmp_path / "ckpt"
     acc = [[0.6, 0.2, 0.1], [0.5, 0.2, 0.1], [0.4, 0.2, 0.1]]
     (ckpt / "model" / "calibrated_tree_cpu.json").write_text(
         json.dumps({"choices": [[0], [0, 0]], "accuracies": acc}))
