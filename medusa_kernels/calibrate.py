@@ -19,14 +19,27 @@
    keeps the best (the smallest size within 2% of it: closer than that is timing noise).
    ``--batch B`` times B sequences per step: the bigger the batch, the sooner a step stops
    being bound by reading the weights, and the smaller the best tree.
+5. ``--nodes auto --batches 1,2,4,...`` (``policy_table``): the same timing at every batch
+   size, written as a tree policy table (``policy.py``): one row per batch and timed size with
+   its estimated speedup, plus the empty tree (plain decoding, 1.0), which ``generate`` reads
+   to pick the tree before each step. The speedup uses each tree's accepted tokens per step
+   measured by decoding ``ACCEPT_PROMPTS`` prompts with it (``batched_accepted``; the formula
+   of step 3 overrates big trees; ``--expected`` uses it anyway). At each batch the sizes are
+   timed smallest first; a size whose step costs more than ``PRUNE`` x its accepted tokens'
+   worth of plain steps cannot beat plain decoding, so the bigger sizes are skipped there. On
+   a CPU with one torch thread the steps are timed in process CPU time (``cpu_clock``), which
+   other processes on a shared machine hardly change, and paired per round with plain's.
 
 Output JSON: {"choices": [...], "expected_accepted": x, "accuracies": [[...]]} (with ``auto``
-also "speed": the timed sizes), which ``generate --tree FILE`` takes.
+also "speed": the timed sizes), which ``generate --tree FILE`` takes; with ``--batches``, the
+policy table ({"version", "tolerance", "meta", "rows"}), which ``generate --tree FILE`` takes
+too. ``--accuracies FILE`` reuses the accuracies of a tree JSON written before (no decoding).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import heapq
 import json
 import math
@@ -130,7 +143,7 @@ def measure_accuracies(
 
 
 # tree sizes (nodes besides the root) that --nodes auto times and chooses among
-AUTO_NODES = (3, 7, 15, 23, 31, 47, 63, 95, 127)
+AUTO_NODES = (1, 3, 7, 15, 23, 31, 47, 63, 95, 127)
 
 
 def max_nodes(acc: Sequence[Sequence[float]], max_depth: int | None = None) -> int:
@@ -140,17 +153,29 @@ def max_nodes(acc: Sequence[Sequence[float]], max_depth: int | None = None) -> i
     return sum(R**d for d in range(1, K + 1))
 
 
+def cpu_clock():
+    """The clock CPU step timings use: this process's CPU time when torch runs one thread
+    (steps cost the same whatever else a shared machine runs; the CPU mode's setting), else
+    wall-clock time (several threads: the CPU time would add them up)."""
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 @torch.inference_mode()
 def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
-               quick: bool = False, batch: int = 1, progress: bool = False
-               ) -> tuple[float, list[float]]:
+               quick: bool = False, batch: int = 1, progress: bool = False,
+               limits: Sequence[float] | None = None, rounds: int | None = None
+               ) -> tuple[float, list[float | None]]:
     """Median seconds of one plain decode step and of one Medusa step with each tree.
 
     ``batch`` sequences with ``context`` cached tokens each (random K/V, ``seqlens`` reset
     before every call), random root tokens and hidden states. CUDA: each step replayed from a
-    CUDA graph, as ``generate`` does, timed by ``triton.testing.do_bench`` (median). CPU: the
-    steps take turns, a few calls each per round (``quick``: fewer rounds), so a drifting
-    machine slows them alike. ``progress``: a bar over the timed calls.
+    CUDA graph, as ``generate`` does, timed by ``triton.testing.do_bench`` (median). CPU
+    (``cpu_clock``: the process's CPU time with one thread): the steps take turns, a few calls
+    each per round (enough for ~50 ms; ``rounds``, default 5; ``quick``: ~20 ms, 3 rounds); a
+    tree's time is plain's median times the median over rounds of its time over plain's in the
+    same round, so a drifting machine cancels out of the ratio. ``limits`` (per tree, with the trees
+    smallest first): once a tree's first timed step costs more than limits[i] plain steps, the
+    trees after it are not timed (their times are None). ``progress``: a bar.
     """
     from .bench.e2e import step_fns
     from .tree import build_tree
@@ -164,28 +189,53 @@ def step_times(model, trees: Sequence[Sequence[Sequence[int]]], context: int,
     device = model.device
     buffers = [build_tree(t, model.heads.num_heads, None, device) for t in trees]
     fns = step_fns(model, buffers, batch, context)  # plain first
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    clock = cpu_clock()
+    if cuda:
         from .bench._common import BenchContext, graphed, measure
 
         ctx = BenchContext(device=device, dtype=model.dtype)
-        times = [1e-6 * measure(graphed(fn), ctx)[0]  # do_bench median
-                 for fn in bar(fns, desc="step timing", unit="tree", enabled=progress)]
+
+        def once(fn):  # a graph replay, timed by do_bench (median)
+            return 1e-6 * measure(graphed(fn), ctx)[0]
     else:
-        rounds, calls = (3, 2) if quick else (5, 25)
-        samples: list[list[float]] = [[] for _ in fns]
-        with bar(total=len(fns) * (rounds * calls + 1), desc="step timing", unit="step",
-                 enabled=progress) as ticks:
-            for fn in fns:  # warm-up
+        def once(fn):  # the fastest of 3 calls after a warm-up (noise only slows a call)
+            fn()
+            best = math.inf
+            for _ in range(3):
+                start = clock()
                 fn()
-                ticks.update()
+                best = min(best, clock() - start)
+            return best
+
+    times: list[float | None] = []
+    over = False  # a tree was over its limit: the bigger ones are skipped
+    with bar(total=len(fns), desc=f"step timing (batch {batch})", unit="tree",
+             enabled=progress) as ticks:
+        for i, fn in enumerate(fns):  # a first time each, plain then the trees smallest first
+            times.append(None if over else once(fn))
+            if i > 0 and limits is not None and times[i] is not None:
+                over = times[i] > limits[i - 1] * times[0]
+            ticks.update()
+    if not cuda:  # refine: rounds of calls, the steps taking turns
+        rounds, target = (3, 0.02) if quick else (rounds or 5, 0.05)
+        timed = [i for i, t in enumerate(times) if t is not None]
+        calls = {i: max(1, min(25, round(target / max(times[i], 1e-9)))) for i in timed}
+        samples: dict[int, list[float]] = {i: [] for i in timed}
+        with bar(total=rounds * sum(calls.values()), desc=f"step timing (batch {batch})",
+                 unit="step", enabled=progress) as ticks:
             for _ in range(rounds):
-                for fn, sample in zip(fns, samples, strict=True):
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        fn()
-                    sample.append((time.perf_counter() - start) / calls)
-                    ticks.update(calls)
-        times = [statistics.median(sample) for sample in samples]
+                for i in timed:
+                    start = clock()
+                    for _ in range(calls[i]):
+                        fns[i]()
+                    samples[i].append((clock() - start) / calls[i])
+                    ticks.update(calls[i])
+        plain = samples[0]  # each tree against plain in the same round (paired): drift cancels
+        times[0] = statistics.median(plain)
+        for i in timed[1:]:
+            times[i] = times[0] * statistics.median(t / p for t, p in zip(samples[i], plain,
+                                                                          strict=True))
     return times[0], times[1:]
 
 
@@ -201,7 +251,67 @@ def speed_table(acc: Sequence[Sequence[float]], sizes: Sequence[int], plain_s: f
     return rows
 
 
-def best_size(rows: Sequence[dict], tolerance: float = 0.02) -> int:
+# a tree whose step costs more than PRUNE x (its expected accepted tokens) plain steps is
+# estimated at < 1 / PRUNE of plain's speed: it and the bigger trees are not timed further
+PRUNE = 1.25
+TOLERANCE = 0.02  # estimated speedups this close to the best are ties (timing noise)
+
+
+def policy_table(model, acc: Sequence[Sequence[float]], sizes: Sequence[int],
+                 batches: Sequence[int], context: int, max_depth: int | None = None,
+                 quick: bool = False, progress: bool = False, meta: dict | None = None,
+                 rounds: int | None = None, accepted: Sequence[float] | None = None):
+    """A ``TreePolicy`` measured on ``model``'s device: at each batch size, the step time of
+    plain decoding and of the grown tree of each size in ``sizes`` (ascending; pruned as the
+    module doc says), each tree's estimated speedup (accepted tokens per step x plain step
+    time / its step time, with ``accepted`` per size when given, measured, else the expected
+    accepted of the accuracies); rows of the empty tree (plain, 1.0) and of every timed size.
+    ``meta`` is stored."""
+    from .policy import TreePolicy
+
+    sizes = list(sizes)
+    if sizes != sorted(sizes):
+        raise ValueError(f"sizes must be ascending, got {sizes}")
+    trees = [grow_tree(acc, n, max_depth) for n in sizes]
+    expected = [expected_accepted(t, acc) for t in trees]
+    gain = list(accepted) if accepted is not None else expected
+    rows, pruned = [], {}
+    for batch in batches:
+        plain_s, medusa_s = step_times(model, trees, context, quick, batch, progress,
+                                       limits=[PRUNE * a for a in gain], rounds=rounds)
+        rows.append({"batch": batch, "context": context, "tree": [], "speedup": 1.0, "nodes": 0,
+                     "expected_accepted": 1.0, "step_ms": round(1e3 * plain_s, 4)})
+        for i, (n, tree, t) in enumerate(zip(sizes, trees, medusa_s, strict=True)):
+            if t is None:
+                pruned.setdefault(str(batch), []).append(n)
+                continue
+            row = {"batch": batch, "context": context, "tree": tree,
+                   "speedup": round(gain[i] * plain_s / t, 4), "nodes": n,
+                   "expected_accepted": round(expected[i], 4)}
+            if accepted is not None:
+                row["measured_accepted"] = round(accepted[i], 4)
+            rows.append(row | {"step_ms": round(1e3 * t, 4),
+                               "plain_step_ms": round(1e3 * plain_s, 4)})
+    meta = dict(meta or {}, context=context, sizes=sizes, pruned=pruned,
+                speedup="measured accepted" if accepted is not None else "expected accepted")
+    return TreePolicy(rows, meta, tolerance=TOLERANCE)
+
+
+def batched_accepted(model, prompts, trees, max_new_tokens: int, eos_token_id=None,
+                     progress: bool = False) -> list[float]:
+    """Mean accepted tokens per step (per running sequence) of greedy Medusa decoding of all
+    ``prompts`` at once with each tree (acceptance does not depend on the batch)."""
+    from .decoding import generate
+
+    out = []
+    for tree in bar(trees, desc="accepted per tree", unit="tree", enabled=progress):
+        r = generate(model, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
+                     tree=tree, eos_token_id=eos_token_id)
+        out.append(r.mean_accepted)
+    return out
+
+
+def best_size(rows: Sequence[dict], tolerance: float = TOLERANCE) -> int:
     """The smallest size whose estimated speedup is within ``tolerance`` (relative) of the
     best: near the optimum the curve is flat, and closer than timing noise is a tie."""
     best = max(r["est_speedup"] for r in rows)
@@ -210,6 +320,7 @@ def best_size(rows: Sequence[dict], tolerance: float = 0.02) -> int:
 
 # the demo: held-out prompts to calibrate on and other held-out prompts to measure on
 CALIBRATION_PROMPTS, MEASURE_PROMPTS = 64, 64
+ACCEPT_PROMPTS = 32  # --batches: prompts decoded (at once) with each tree for its acceptance
 
 
 def measured_accepted(model, prompts, tree, max_new_tokens: int, eos_token_id=None,
@@ -245,6 +356,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1,
                    help="sequences decoded together, for the step timing of --nodes auto (a "
                         "bigger batch makes each tree node dearer)")
+    p.add_argument("--batches", default=None,
+                   help="with --nodes auto: comma-separated batch sizes (e.g. 1,2,4,8,16,32,64) "
+                        "to time every size at; writes a tree policy table (the tree per batch "
+                        "size, plain decoding included) that generate --tree FILE uses")
+    p.add_argument("--expected", action="store_true",
+                   help="with --batches: estimate each tree's accepted tokens per step from the "
+                        "accuracies (the formula) instead of decoding up to "
+                        f"{ACCEPT_PROMPTS} of the prompts with it (measured: what decoding gets; "
+                        "the formula overrates big trees)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="CPU step timing: rounds of calls per tree (more: steadier on a busy "
+                        "machine, slower)")
+    p.add_argument("--accuracies", default=None,
+                   help="a tree JSON written before (its \"accuracies\"): skip measuring them")
     p.add_argument("--context", type=int, default=None,
                    help="cached tokens the step timing of --nodes auto assumes (default: mean "
                         "prompt length + max-new-tokens / 2)")
@@ -276,18 +401,33 @@ def _checked_args(args: argparse.Namespace) -> tuple[int, list[int]]:
                          ) from None
     if nodes < 0:
         raise ValueError(f"--nodes must be >= 0 or 'auto', got {nodes}")
+    args.batch_list = None
+    if args.batches is not None:
+        try:
+            args.batch_list = sorted({int(b) for b in args.batches.split(",") if b.strip()})
+        except ValueError:
+            raise ValueError(f"--batches must be comma-separated integers, got "
+                             f"{args.batches!r}") from None
+        if not args.batch_list or args.batch_list[0] < 1:
+            raise ValueError(f"--batches must list batch sizes >= 1, got {args.batches!r}")
+        if not auto:
+            raise ValueError("--batches needs --nodes auto (it times every size at each batch)")
+        if args.measure:
+            raise ValueError("--measure measures one tree; with --batches the output is a "
+                             "policy table")
     if auto and (not sizes or sizes[0] < 0):
         raise ValueError(f"--auto-nodes must list sizes >= 0, got {args.auto_nodes!r}")
     for flag, value, low in (("--batch", args.batch, 1), ("--topk", args.topk, 1),
                              ("--max-new-tokens", args.max_new_tokens, 1),
-                             ("--context", args.context, 1), ("--max-depth", args.max_depth, 1)):
+                             ("--context", args.context, 1), ("--max-depth", args.max_depth, 1),
+                             ("--rounds", args.rounds, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if args.model is not None:
         check_dir("--model", args.model, "config.json")
     if args.medusa is not None:
         check_dir("--medusa", args.medusa)
-    for flag in ("prompts", "measure_prompts"):
+    for flag in ("prompts", "measure_prompts", "accuracies"):
         if getattr(args, flag) is not None:
             check_file(f"--{flag.replace('_', '-')}", getattr(args, flag))
     args.device = check_device("--device", args.device)
@@ -298,6 +438,7 @@ def _main(argv: list[str]) -> int:
     if argv and argv[0] == "calibrate":
         argv = argv[1:]
     args = parse_args(argv)
+    args.argv = list(argv)
     auto = args.nodes == "auto"
     nodes, sizes = _checked_args(args)
     show = not args.no_progress
@@ -321,20 +462,29 @@ def _main(argv: list[str]) -> int:
         prompts = data.read_prompts(args.prompts, model.tokenizer())
     elif args.medusa is None and medusa is not None:
         prompts = demo_prompts(model, CALIBRATION_PROMPTS)
+    elif args.accuracies is not None and args.context is not None and (
+            not args.measure or args.measure_prompts is not None):
+        prompts = None  # nothing to decode
     else:
         raise ValueError("give --prompts FILE (a JSON list or one prompt per line)")
-    acc, positions = measure_accuracies(model, prompts, args.topk, args.max_new_tokens, eos,
-                                        progress=show)
+    if args.accuracies is not None:
+        acc, positions = read_accuracies(args.accuracies, model.heads.num_heads)
+    else:
+        acc, positions = measure_accuracies(model, prompts, args.topk, args.max_new_tokens,
+                                            eos, progress=show)
+    context = args.context or round(
+        sum(len(p) for p in prompts) / len(prompts) + args.max_new_tokens / 2)
+    if args.batch_list is not None:
+        return _write_policy(args, model, acc, sizes, context, label, show, prompts, eos)
     speed = None
     if auto:
         sizes = [n for n in sizes if n <= max_nodes(acc, args.max_depth)]
         if not sizes:
             raise ValueError(f"no size in --auto-nodes fits {len(acc)} heads x top-{args.topk} "
                              f"(at most {max_nodes(acc, args.max_depth)} nodes)")
-        context = args.context or round(
-            sum(len(p) for p in prompts) / len(prompts) + args.max_new_tokens / 2)
         trees = [grow_tree(acc, n, args.max_depth) for n in sizes]
-        plain_s, medusa_s = step_times(model, trees, context, batch=args.batch, progress=show)
+        plain_s, medusa_s = step_times(model, trees, context, batch=args.batch, progress=show,
+                                       rounds=args.rounds)
         rows = speed_table(acc, sizes, plain_s, medusa_s, args.max_depth)
         nodes = best_size(rows)
         from .bench.report import cpu_name
@@ -391,6 +541,72 @@ def _main(argv: list[str]) -> int:
               f"{out['expected_accepted']}", file=sys.stderr)
     else:
         print(text)
+    return 0
+
+
+def read_accuracies(path: str, num_heads: int) -> tuple[list[list[float]], int]:
+    """(acc [K][R], positions) from a tree JSON ``calibrate`` wrote; errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--accuracies {path}: not a readable JSON file ({e})") from None
+    acc = data.get("accuracies") if isinstance(data, dict) else None
+    if not isinstance(acc, list) or not acc or not all(
+            isinstance(row, list) and row and len(row) == len(acc[0]) and all(
+                isinstance(a, (int, float)) and 0 <= a <= 1 for a in row) for row in acc):
+        raise ValueError(f"--accuracies {path}: needs \"accuracies\", a K x R table of hit rates "
+                         f"in [0, 1] (as tree calibrate writes it)")
+    if len(acc) > num_heads:
+        raise ValueError(f"--accuracies {path}: {len(acc)} heads measured, the model has "
+                         f"{num_heads}")
+    return acc, int(data.get("positions", 0))
+
+
+def _write_policy(args, model, acc, sizes, context, label, show, prompts, eos) -> int:
+    """--batches: each size's acceptance, then every size timed at each batch: the table."""
+    from .bench.report import cpu_name
+
+    sizes = [n for n in sizes if n <= max_nodes(acc, args.max_depth)]
+    if not sizes:
+        raise ValueError(f"no size in --auto-nodes fits {len(acc)} heads x top-{len(acc[0])} "
+                         f"(at most {max_nodes(acc, args.max_depth)} nodes)")
+    accepted = None
+    if not args.expected:
+        if prompts is None:
+            raise ValueError("measuring each tree's acceptance needs prompts: give --prompts "
+                             "FILE, or --expected to use the accuracies' formula")
+        trees = [grow_tree(acc, n, args.max_depth) for n in sizes]
+        accepted = batched_accepted(model, prompts[:ACCEPT_PROMPTS], trees,
+                                    args.max_new_tokens, eos, progress=show)
+    cuda = model.device.type == "cuda"
+    meta = {"device": torch.cuda.get_device_name(model.device) if cuda else
+            f"{cpu_name()} ({torch.get_num_threads()} threads)",
+            "dtype": str(model.dtype).removeprefix("torch."), "model": label,
+            "cuda_graph": cuda, "torch": torch.__version__,
+            "accuracies": args.accuracies or "measured by this command",
+            "accepted": "expected (accuracies)" if accepted is None else
+            f"measured: {min(len(prompts), ACCEPT_PROMPTS)} prompts x {args.max_new_tokens} "
+            "tokens, greedy",
+            "timing": "CUDA graphs, do_bench medians" if cuda else
+            f"{args.rounds} rounds, " + ("process CPU time" if cpu_clock() is time.process_time
+                                         else "wall-clock time"),
+            "date": datetime.date.today().isoformat(),
+            "command": " ".join([PROG, *args.argv])}  # fmt: skip
+    policy = policy_table(model, acc, sizes, args.batch_list, context, args.max_depth,
+                          progress=show, meta=meta, rounds=args.rounds, accepted=accepted)
+    for batch in args.batch_list:
+        row = policy.row(batch, context)
+        timed = [r for r in policy.rows if r.batch == batch and r.tree]
+        print(f"batch {batch:4d}: " + ", ".join(
+            f"{r.info['nodes']}: {r.speedup:.2f}x" for r in timed) +
+            f"  <- {'plain' if row is None or not row.tree else row.info['nodes']}",
+            file=sys.stderr)
+    if args.out:
+        policy.save(args.out)
+        print(f"wrote {args.out}: a tree policy for batches {args.batch_list}", file=sys.stderr)
+    else:
+        print(json.dumps(policy.to_json(), indent=1))
     return 0
 
 

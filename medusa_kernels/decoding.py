@@ -7,32 +7,62 @@ not yet in the cache, and the hidden state that produced it)::
     one tree forward (KV written at [len, len + T))  ->  tree hidden states [B, T, d]
     acceptance: longest path the base model agrees with  ->  accepted nodes, next root
       (greedy: the base argmax per node from the fused lm_head top-1, no [B, T, V] logits;
-       typical: full logits)
+       sampling: exact (``accept_exact``) or typical, from full logits)
     compaction: accepted KV moved to [len, len + accepted), len += accepted
 
-Greedy acceptance makes the output identical to plain greedy decoding. Everything stays on the
-device; the one host sync per step copies the new tokens out (streaming and the stop check).
+Greedy acceptance makes the output identical to plain greedy decoding; exact acceptance makes
+it distributed exactly as plain sampling (temperature, top_k, top_p), and since the token at
+position t of sequence b is always drawn with the same uniform u(seed_b, t)
+(``ops.sampling.position_uniforms``; seed_b: the sequence's own seed), it is the very tokens
+plain sampling gives for the same seed, alone or in any batch, with or without CUDA graphs
+(up to floating-point differences
+between the tree forward and the one-token forward that move a boundary of the inverse CDF
+across a draw). Everything stays on the device; the one host sync per step copies the new
+tokens out (streaming and the stop check).
+
+Which tree: a policy (``policy.py``) picks it before each step from the rows the step computes
+and the longest context; the empty tree is a plain decoding step. Finished sequences ride along
+(accepting nothing) until at most ``KEEP_FRACTION`` of the rows still run (90%; 50% with CUDA
+graphs, where a smaller batch means new captures); then their rows are dropped from the batch
+(the KV cache rows of the others copied once), so the step's cost and the policy's choice
+follow the load. Tree buffers are built, and on CUDA a step graph captured, at the first
+step that uses the tree (per batch of rows).
 
 ``generate`` checks everything first (``GenerationConfig`` the settings, ``_plan`` what
-depends on the model: prompt ids, EOS, tree, positions), then runs ``_decode``.
+depends on the model: prompt ids, EOS, trees, positions), then runs ``_decode``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .checkpoint import MedusaModel
-from .generation_config import GenerationConfig, build_config, check_bool, check_token_ids, describe
-from .ops import accept_greedy_ids, accept_typical, compact_kv_cache, sample_tokens
+from .generation_config import (
+    GenerationConfig,
+    build_config,
+    check_bool,
+    check_token_ids,
+    describe,
+)
+from .ops import accept_greedy_ids, accept_typical, compact_kv_cache
+from .ops.sampling import (
+    accept_exact,
+    position_uniforms,
+    sample_logits,
+    seed_keys,
+    sequence_seeds,
+)
+from .policy import FixedTreePolicy, Tree, TreePolicy, policy_label
 from .text import IncrementalDetokenizer, prompt_token_lists
 from .tree import (
     TreeBuffers,
     build_tree,
     check_fits,
+    default_policy_file,
     default_tree,
     fit_choices,
     load_tree,
@@ -51,6 +81,8 @@ class GenerationResult:
     ``text``: the new tokens of each sequence decoded (special tokens skipped) when the model
     has a tokenizer, else None. ``tree``: the tree used ("plain" without Medusa).
     ``pad_token_id``: the checkpoint's pad id (else its EOS, else 0), for ``padded``.
+    ``step_trees``: the tree each step verified (paths in ``validate_choices`` order; ``()``: a
+    plain decoding step); ``step_nodes`` their node counts.
     """
 
     tokens: list[list[int]]
@@ -61,6 +93,11 @@ class GenerationResult:
     text: list[str] | None = None
     tree: str = ""
     pad_token_id: int = 0
+    step_trees: list[tuple] = field(default_factory=list)
+
+    @property
+    def step_nodes(self) -> list[int]:
+        return [len(t) + 1 for t in self.step_trees]
 
     @property
     def num_tokens(self) -> int:
@@ -129,30 +166,38 @@ class _Stop:
         return new
 
 
-def next_token(base, hidden, config: GenerationConfig = GREEDY, generator=None) -> torch.Tensor:
-    """hidden [B, d] -> the next token [B]: the argmax (without full logits) or a sample."""
+def next_token(base, hidden, config: GenerationConfig = GREEDY, generator=None, keys=None,
+               positions=None) -> torch.Tensor:
+    """hidden [B, d] -> the next token [B]: the argmax (without full logits) or a sample from
+    the filtered distribution, drawn with ``position_uniforms(keys, positions)`` (positions
+    [B]: where the token goes) when ``keys`` is given, else with ``generator``."""
     if config.greedy:
         return base.greedy(hidden)
-    return sample_tokens(base.logits(hidden), config.temperature, generator)
+    uniforms = None if keys is None else position_uniforms(keys, positions)
+    return sample_logits(base.logits(hidden), config.temperature, config.top_k, config.top_p,
+                         None if keys is not None else generator, uniforms=uniforms)
 
 
 def plain_step(model, tb, cache, root, last_hidden, running, config: GenerationConfig = GREEDY,
-               generator=None):
+               generator=None, keys=None):
     """One plain decoding step: root [B] goes into the cache, the next token comes out.
 
     Returns (new_tokens [B, 1], counts [B] int32 (0 for finished sequences), next root [B],
-    hidden [B, d]). Advances ``cache.seqlens`` of running sequences.
+    hidden [B, d]). Advances ``cache.seqlens`` of running sequences. ``keys`` [B, 2]: the
+    sequences' sampling keys (``seed_keys``); None: ``generator`` draws.
     """
     h = model.base.step(root[:, None], cache, tb.tree_mask, tb.depths)[:, 0]
-    next_root = next_token(model.base, h, config, generator)
+    positions = None if keys is None else cache.seqlens.long() + 1  # the next token's position
+    next_root = next_token(model.base, h, config, generator, keys, positions)
     counts = running.to(torch.int32)
     cache.seqlens.add_(counts)
     return next_root[:, None], counts, next_root, h
 
 
 def medusa_step(model, tb, cache, root, last_hidden, running, config: GenerationConfig = GREEDY,
-                generator=None, guesses=None):
-    """One Medusa step (see the module doc); ``guesses`` [B, K, k] replaces the heads' top-k.
+                generator=None, guesses=None, keys=None):
+    """One Medusa step (see the module doc); ``guesses`` [B, K, k] replaces the heads' top-k;
+    ``keys`` as ``plain_step``.
 
     Returns (new_tokens [B, A]: the first counts[b] are new, counts [B] int32 (0 for finished
     sequences), next root [B], its hidden state [B, d]). Compacts the cache.
@@ -165,13 +210,22 @@ def medusa_step(model, tb, cache, root, last_hidden, running, config: Generation
             _, guesses = model.heads.topk(last_hidden, tb.topk, tb.depth)
     candidates = tb.candidates(root, guesses)  # [B, T]
     h = model.base.step(candidates, cache, tb.tree_mask, tb.depths)  # [B, T, d]
+    ri = tb.retrieve_indices
     if config.greedy:  # argmax ids straight from the fused lm_head top-1
-        counts, path, next_root = accept_greedy_ids(
-            model.base.greedy(h), candidates, tb.retrieve_indices)
-    else:
+        counts, path, next_root = accept_greedy_ids(model.base.greedy(h), candidates, ri)
+    elif config.acceptance == "typical":
         counts, path, next_root = accept_typical(
-            model.base.logits(h), candidates, tb.retrieve_indices, config.temperature,
+            model.base.logits(h), candidates, ri, config.temperature,
             config.posterior_threshold, config.posterior_alpha, generator,
+        )  # fmt: skip
+    else:  # exact: the node at depth d draws the token at position root + d + 1
+        uniforms = None
+        if keys is not None:
+            depth = torch.arange(1, ri.shape[1] + 1, device=root.device)
+            uniforms = position_uniforms(keys, cache.seqlens.long()[:, None] + depth)
+        counts, path, next_root = accept_exact(
+            model.base.logits(h), candidates, ri, config.temperature, config.top_k,
+            config.top_p, None if keys is not None else generator, uniforms=uniforms,
         )  # fmt: skip
     counts = torch.where(running, counts, 0)
     last = (counts.long() - 1).clamp(min=0)[:, None]
@@ -182,6 +236,12 @@ def medusa_step(model, tb, cache, root, last_hidden, running, config: Generation
     compact_kv_cache(cache.k, cache.v, cache.seqlens, path, counts)
     return new_tokens, counts, next_root, next_hidden
 
+
+# finished rows are dropped from the batch once at most this fraction of it still runs: a drop
+# copies the kept rows' KV (a fraction of a step) and, with CUDA graphs, recaptures each tree.
+# (CPU, demo, B 64, 128 tokens: the policy's run at 0.5 / 0.75 / 0.9 gave 1.05 / 1.09 / 1.11x
+# plain, best of 4, process CPU time)
+KEEP_FRACTION = {"eager": 0.9, "graph": 0.5}
 
 # a seeded generator can drive sampling inside a CUDA graph (registered with it: its offset
 # advances with every replay); the default generator always can
@@ -221,19 +281,41 @@ class CapturedStep:
 
 @dataclass
 class _Plan:
-    """What ``generate`` settled before any work: the checked prompts, EOS ids, tree."""
+    """What ``generate`` settled before any work: the checked prompts, EOS ids, the tree policy
+    and every tree it can pick (checked to fit the model), the cache size."""
 
     prompts: list[list[int]]
     eos: frozenset[int]
     pad_token_id: int
-    tb: TreeBuffers
+    policy: object  # choose(batch, context) -> Tree, trees() -> [Tree] (policy.py)
+    trees: frozenset[Tree]
     tree: str
     capacity: int
     tokenizer: object | None
 
 
+def _policy(model: MedusaModel, config: GenerationConfig) -> tuple[object, str]:
+    """(policy, label) of the settings: plain decoding, a policy (given, or shipped for the
+    device), or one tree (given whole, or the device's default cut to the model)."""
+    num_heads = model.heads.num_heads if model.heads is not None else None
+    V = model.base.cfg.vocab_size
+    if not config.medusa:
+        return FixedTreePolicy([]), "plain"
+    if config.tree_policy is not None:
+        return config.tree_policy, policy_label(config.tree_policy)
+    if config.tree is None:
+        shipped = default_policy_file(model.device, model.model_dir)
+        if shipped is not None:  # a table measured for this checkpoint on such a device
+            policy = TreePolicy.load(shipped)
+            return policy, policy_label(policy)
+        source_tree = default_tree(model.device, model.model_dir)  # cut to the heads and V
+        return FixedTreePolicy(fit_choices(load_tree(source_tree), num_heads, V)), \
+            tree_label(source_tree)
+    return FixedTreePolicy(config.tree_choices), tree_label(config.tree)
+
+
 def _plan(model: MedusaModel, prompt, config: GenerationConfig, propose) -> _Plan:
-    """Every check that needs the model: prompt ids, EOS, heads, tree, positions, cache size."""
+    """Every check that needs the model: prompt ids, EOS, heads, trees, positions, cache size."""
     base, device = model.base, model.device
     V = base.cfg.vocab_size
     defaults = model.generation_defaults()
@@ -258,17 +340,19 @@ def _plan(model: MedusaModel, prompt, config: GenerationConfig, propose) -> _Pla
         raise ValueError("medusa=True needs Medusa heads: load_model(..., medusa=DIR), or "
                          "medusa=False for plain decoding")
     num_heads = model.heads.num_heads if model.heads is not None else None
-    if not config.medusa:
-        choices, label = [], "plain"
-    elif config.tree is None:  # the device's default, cut to the heads and the vocabulary
-        source_tree = default_tree(device, model.model_dir)
-        label = tree_label(source_tree)
-        choices = fit_choices(load_tree(source_tree), num_heads, V)
-    else:  # asked for: used whole, or a clear error
-        label = tree_label(config.tree)
-        choices = [list(p) for p in config.tree_choices]
-        check_fits(choices, label, num_heads, V)
-    tb = build_tree(choices, num_heads, None, device)
+    policy, label = _policy(model, config)
+    trees = frozenset(tuple(tuple(int(r) for r in p) for p in t) for t in policy.trees())
+    if not trees:
+        raise ValueError(f"tree policy {label!r}: trees() lists no tree")
+    for t in trees:  # asked for (or shipped): used whole, or a clear error
+        try:
+            check_fits([list(p) for p in t], label, num_heads, V)
+        except ValueError as e:
+            if isinstance(policy, FixedTreePolicy):
+                raise
+            raise ValueError(f"tree policy: a tree it can pick does not fit: {e}") from None
+    depth = max(max((len(p) for p in t), default=0) for t in trees)
+    nodes = max(len(t) + 1 for t in trees)
 
     longest = max(len(p) for p in prompts)
     max_positions = base.cfg.max_position_embeddings
@@ -280,17 +364,20 @@ def _plan(model: MedusaModel, prompt, config: GenerationConfig, propose) -> _Pla
         )
     # Before its last step a sequence holds < P + max_new - 1 cached tokens; that step may
     # accept up to depth + 1 (overshooting max_new), and finished rows still get the tree
-    # written (T nodes) at their seqlens while other rows run on.
-    capacity = longest + config.max_new_tokens + tb.depth + tb.num_nodes
+    # written (T nodes) at their seqlens while other rows run on. Any tree the policy can pick.
+    capacity = longest + config.max_new_tokens + depth + nodes
     if config.max_seq_len is not None and capacity > config.max_seq_len:
         raise ValueError(
             f"prompt ({longest}) + max_new_tokens ({config.max_new_tokens}) + tree depth "
-            f"({tb.depth}) + tree nodes ({tb.num_nodes}) = {capacity} exceeds max_seq_len = "
+            f"({depth}) + tree nodes ({nodes}) = {capacity} exceeds max_seq_len = "
             f"{config.max_seq_len}"
         )
+    if isinstance(config.seed, tuple) and len(config.seed) != len(prompts):
+        raise ValueError(f"seed lists {len(config.seed)} seeds for {len(prompts)} sequences: "
+                         "give one per sequence, or one int")
     if config.cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on CUDA, not {device.type}")
-    return _Plan(prompts, frozenset(eos), pad, tb, label, capacity, tokenizer)
+    return _Plan(prompts, frozenset(eos), pad, policy, trees, label, capacity, tokenizer)
 
 
 def _checked_guesses(guesses, batch: int, tb: TreeBuffers, vocab_size: int, device):
@@ -313,25 +400,72 @@ def _checked_guesses(guesses, batch: int, tb: TreeBuffers, vocab_size: int, devi
     return guesses.to(device=device, dtype=torch.long)
 
 
+def _fresh_seed() -> int:
+    """A seed from torch's default generator (so ``torch.manual_seed`` reproduces a run)."""
+    hi, lo = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
+    return (hi << 32) | lo
+
+
+class _Rows:
+    """The rows the steps compute (a subset of the B sequences, in order) and their device
+    state: the KV cache, root tokens [W], hidden states [W, d], running mask [W], sampling
+    keys [W, 2] (or None)."""
+
+    def __init__(self, batch, cache, root, last_hidden, keys):
+        self.index = list(range(batch))  # the sequence of each row
+        self.cache, self.root, self.last_hidden, self.keys = cache, root, last_hidden, keys
+        self.running = torch.ones(batch, dtype=torch.bool, device=root.device)
+        self.uploaded = [True] * batch  # the running mask as the device holds it
+
+    def keep(self, base, live: list[int]) -> None:
+        """Drop every row but ``live`` (row numbers), copying their cache rows out once."""
+        idx = torch.tensor(live, device=self.root.device)
+        old = self.cache
+        self.cache = base.new_cache(len(live), old.capacity)
+        torch.index_select(old.k, 1, idx, out=self.cache.k)
+        torch.index_select(old.v, 1, idx, out=self.cache.v)
+        self.cache.seqlens.copy_(old.seqlens[idx])
+        self.root, self.last_hidden = self.root[idx], self.last_hidden[idx]
+        self.keys = None if self.keys is None else self.keys[idx]
+        self.index = [self.index[i] for i in live]
+        self.running = torch.ones(len(live), dtype=torch.bool, device=idx.device)
+        self.uploaded = [True] * len(live)
+
+    def update_running(self, done: list[bool]) -> None:
+        """The only host-to-device copy of a step, when a sequence has ended."""
+        want = [not done[b] for b in self.index]
+        if want != self.uploaded:
+            self.running.copy_(torch.tensor(want))
+            self.uploaded = want
+
+
 def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: Proposer | None,
             result: GenerationResult) -> Iterator[StreamStep]:
     """Yields the new tokens (and text) of every sequence after prefill and after each step."""
-    base, device, tb = model.base, model.device, plan.tb
+    base, device = model.base, model.device
     tokens, lengths = pad_prompts(plan.prompts, device)
     B = tokens.shape[0]
-    generator = None
-    if config.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
-    # graphs replay greedy and sampling steps (a seeded generator needs GRAPH_GENERATORS);
-    # `propose` (host code) runs eagerly
+    keys, generator = None, None
+    if not config.greedy:  # sequence b draws position t's token with u(seed_b, t)
+        seed = config.seed if config.seed is not None else _fresh_seed()
+        seeds = list(seed) if isinstance(seed, tuple) else sequence_seeds(seed, B)
+        keys = seed_keys(seeds, device)
+    typical = config.medusa and not config.greedy and config.acceptance == "typical"
+    if typical and config.seed is not None:
+        first = config.seed[0] if isinstance(config.seed, tuple) else config.seed
+        generator = torch.Generator(device=device).manual_seed(first)
+    # graphs replay greedy and sampling steps (typical acceptance's seeded generator needs
+    # GRAPH_GENERATORS); `propose` (host code) runs eagerly
     graphable = device.type == "cuda" and propose is None and (
-        config.greedy or generator is None or GRAPH_GENERATORS)
+        not typical or generator is None or GRAPH_GENERATORS)
     use_graph = graphable if config.cuda_graph is None else config.cuda_graph and graphable
+    keep_fraction = KEEP_FRACTION["graph" if use_graph else "eager"]
     stop = _Stop(B, config.max_new_tokens, plan.eos)
     result.tokens = stop.tokens
     detok = None
     if plan.tokenizer is not None:
         detok = [IncrementalDetokenizer(plan.tokenizer) for _ in range(B)]
+    num_heads = model.heads.num_heads if model.heads is not None else None
 
     def emit(new: list[list[int]]) -> StreamStep:
         out = StreamStep(new)
@@ -340,46 +474,86 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
                         for d, t, done in zip(detok, new, stop.done, strict=True)]
         return out
 
+    buffers: dict[Tree, TreeBuffers] = {}
+    steps: dict[Tree, object] = {}  # per tree: the step on the current rows (eager or a graph)
+
+    def step_for(tree: Tree, rows: _Rows):
+        if tree not in plan.trees:  # the cache is sized for plan.trees only
+            raise ValueError(f"tree policy {plan.tree!r} chose a tree its trees() does not list "
+                             f"({len(tree) + 1} nodes): its KV cache cannot hold it")
+        if tree not in buffers:
+            buffers[tree] = build_tree(tree, num_heads, None, device)
+        tb, cache, keys = buffers[tree], rows.cache, rows.keys
+        if not tree:
+            def fn(root, last_hidden, running, guesses=None):
+                return plain_step(model, tb, cache, root, last_hidden, running, config,
+                                  generator, keys)
+        else:
+            def fn(root, last_hidden, running, guesses=None):
+                return medusa_step(model, tb, cache, root, last_hidden, running, config,
+                                   generator, guesses, keys)
+        if use_graph:
+            return CapturedStep(fn, rows.root, rows.last_hidden, rows.running,
+                                generator if typical else None)
+        return fn
+
     start = time.perf_counter()
     with torch.inference_mode():
         cache = base.new_cache(B, plan.capacity)
         hidden = base.prefill(tokens, lengths, cache)
         last_hidden = hidden[torch.arange(B, device=device), lengths.long() - 1]  # [B, d]
-        root = next_token(base, last_hidden, config, generator)
+        root = next_token(base, last_hidden, config, generator, keys, lengths.long())
         result.prefill_time = time.perf_counter() - start
         yield emit(stop.take([[t] for t in root.tolist()], [1] * B))
 
-        if config.medusa:
-            def step(root, last_hidden, running, guesses=None):
-                return medusa_step(model, tb, cache, root, last_hidden, running, config,
-                                   generator, guesses)
-        else:
-            def step(root, last_hidden, running):
-                return plain_step(model, tb, cache, root, last_hidden, running, config,
-                                  generator)
-        running = torch.ones(B, dtype=torch.bool, device=device)
-        run = step
-        if use_graph:
-            run = CapturedStep(step, root, last_hidden, running,
-                               generator if not config.greedy else None)
-        done_uploaded = [False] * B
+        rows = _Rows(B, cache, root, last_hidden, keys)
+        del cache, hidden, root, last_hidden, keys
         while not all(stop.done):
-            if stop.done != done_uploaded:  # the only host-to-device copy, when a sequence ends
-                running.copy_(torch.tensor([not d for d in stop.done]))
-                done_uploaded = list(stop.done)
-            if propose is not None:
-                guesses = propose(last_hidden, root, [len(t) for t in stop.tokens])
-                guesses = _checked_guesses(guesses, B, tb, base.cfg.vocab_size, device)
-                new_tokens, counts, root, last_hidden = step(root, last_hidden, running, guesses)
+            live = [i for i, b in enumerate(rows.index) if not stop.done[b]]
+            if len(live) <= keep_fraction * len(rows.index):  # drop the finished rows
+                rows.keep(base, live)
+                steps.clear()  # their graphs hold the old cache
             else:
-                new_tokens, counts, root, last_hidden = run(root, last_hidden, running)
+                rows.update_running(stop.done)
+            context = max(len(plan.prompts[b]) + len(stop.tokens[b]) for b in rows.index
+                          if not stop.done[b])
+            tree = tuple(tuple(p) for p in plan.policy.choose(len(rows.index), context))
+            if tree not in steps:
+                steps[tree] = step_for(tree, rows)
+            if propose is not None and tree:  # host code: eager, on the full batch
+                guesses = propose(*_full_batch(rows, B, stop))
+                guesses = _checked_guesses(guesses, B, buffers[tree], base.cfg.vocab_size,
+                                           device)
+                if len(rows.index) < B:
+                    guesses = guesses[torch.tensor(rows.index, device=device)]
+                out = steps[tree](rows.root, rows.last_hidden, rows.running, guesses)
+            else:
+                out = steps[tree](rows.root, rows.last_hidden, rows.running)
+            new_tokens, counts, rows.root, rows.last_hidden = out
             host = torch.cat([new_tokens, counts[:, None].to(new_tokens.dtype)], 1).tolist()
+            new: list[list[int]] = [[] for _ in range(B)]
+            accepted = [0] * B
+            for row, b in zip(host, rows.index, strict=True):
+                new[b], accepted[b] = row[:-1], row[-1]
             result.steps += 1
-            result.accepted_per_step.append([row[-1] for row in host])
-            yield emit(stop.take([row[:-1] for row in host], [row[-1] for row in host]))
+            result.accepted_per_step.append(accepted)
+            result.step_trees.append(tree)
+            yield emit(stop.take(new, accepted))
     result.wall_time = time.perf_counter() - start
     if plan.tokenizer is not None:
         result.text = [plan.tokenizer.decode(t, skip_special_tokens=True) for t in stop.tokens]
+
+
+def _full_batch(rows: _Rows, batch: int, stop: _Stop):
+    """``propose``'s arguments over all B sequences: last hidden [B, d] and root [B] (zeros for
+    the rows no longer computed), tokens generated so far per sequence."""
+    last_hidden, root = rows.last_hidden, rows.root
+    if len(rows.index) < batch:
+        idx = torch.tensor(rows.index, device=root.device)
+        last_hidden = last_hidden.new_zeros(batch, last_hidden.shape[1]).index_copy_(
+            0, idx, last_hidden)
+        root = root.new_zeros(batch).index_copy_(0, idx, root)
+    return last_hidden, root, [len(t) for t in stop.tokens]
 
 
 def generate(
@@ -393,12 +567,15 @@ def generate(
     tree=None,
     eos_token_id=None,
     stream: bool = False,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     max_seq_len: int | None = None,
     propose: Proposer | None = None,
     cuda_graph: bool | None = None,
     *,
     config: GenerationConfig | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    acceptance: str | None = None,
 ):
     """Decode up to ``max_new_tokens`` new tokens per sequence.
 
@@ -407,11 +584,13 @@ def generate(
         prompt: a string or a list of strings (encoded with the model's tokenizer.json), a
             flat list of token ids (one sequence), a list of B id lists of any lengths, or a
             [P] / [B, P] integer tensor.
-        max_new_tokens, medusa, temperature, posterior_threshold, posterior_alpha, tree,
-            eos_token_id, seed, max_seq_len, cuda_graph: the ``GenerationConfig`` settings
-            (see there; defaults 128, True, 0.0 = greedy, 0.09, 0.3, the device's default
-            tree, the checkpoint's EOS, unseeded, no limit, CUDA graphs on CUDA). A value
-            given here overrides ``config``'s; None keeps it.
+        max_new_tokens, medusa, temperature, top_k, top_p, acceptance, posterior_threshold,
+            posterior_alpha, tree, eos_token_id, seed, max_seq_len, cuda_graph: the
+            ``GenerationConfig`` settings (see there; defaults 128, True, 0.0 = greedy, no
+            top-k, no top-p, "exact", 0.09, 0.3, the checkpoint's policy table or the device's
+            default tree, the checkpoint's EOS, unseeded, no limit, CUDA graphs on CUDA). A
+            value given here overrides ``config``'s; None keeps it. ``tree`` also takes a
+            policy table file or a ``TreePolicy``: the tree is then picked before each step.
         config: a ``GenerationConfig`` holding the settings (default: ``GenerationConfig()``).
         stream: return a ``GenerationStream`` yielding, after prefill and every step, a
             ``StreamStep``: the list of new tokens of each sequence, with ``.text`` (the new
@@ -422,8 +601,11 @@ def generate(
         ``GenerationResult`` (tokens, text, steps, accepted tokens per step, times), or a
         ``GenerationStream`` when ``stream``. Every argument is checked before any work: a
         bad one raises ``TypeError``/``ValueError`` naming it.
-    Sampling with CUDA graphs draws other random numbers than without them, so a seed
-    reproduces a run of the same mode.
+    A seed reproduces a run. Plain sampling and exact Medusa sampling draw the token at
+    position t of sequence b with u(seed_b, t) (seed_b: the sequence's own seed, see
+    ``GenerationConfig.seed``), with or without CUDA graphs: the same seed gives the same
+    tokens (module doc). Typical acceptance draws from a torch generator seeded with the
+    (first) seed, so with CUDA graphs it draws other numbers than without them.
     """
     if not isinstance(model, MedusaModel):
         raise TypeError(f"model must be a MedusaModel (from load_model), got {describe(model)}")
@@ -431,6 +613,7 @@ def generate(
         config, max_new_tokens=max_new_tokens, medusa=medusa, temperature=temperature,
         posterior_threshold=posterior_threshold, posterior_alpha=posterior_alpha, tree=tree,
         eos_token_id=eos_token_id, seed=seed, max_seq_len=max_seq_len, cuda_graph=cuda_graph,
+        top_k=top_k, top_p=top_p, acceptance=acceptance,
     )  # fmt: skip
     stream = check_bool("stream", stream)
     if propose is not None and not callable(propose):

@@ -41,12 +41,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input-ids", default=None, help="comma-separated prompt token ids")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 128")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (lossless)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from the k likeliest tokens (needs --temperature > 0)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the likeliest tokens holding probability p (needs "
+                        "--temperature > 0)")
+    p.add_argument("--acceptance", choices=("exact", "typical"), default=None,
+                   help="how Medusa accepts guesses when sampling: exact (default: distributed "
+                        "as plain sampling, the same tokens for a seed) or typical (the paper's)")
     p.add_argument("--posterior-threshold", type=float, default=None, help="default 0.09")
     p.add_argument("--posterior-alpha", type=float, default=None, help="default 0.3")
     p.add_argument("--tree", default=None,
-                   help="tree name (medusa_kernels.tree.TREES) or JSON file; default: the "
-                        "device's (the checkpoint's calibrated tree, else mc_sim_7b_63 on a GPU, "
-                        "small_7 on a CPU)")
+                   help="tree name (medusa_kernels.tree.TREES), tree JSON file, or tree policy "
+                        "table (tree calibrate --batches: the tree per batch size); default: the "
+                        "checkpoint's policy table for the device, else the device's tree (the "
+                        "checkpoint's calibrated tree, else mc_sim_7b_63 on a GPU, small_7 on a "
+                        "CPU)")
     p.add_argument("--eos-token-id", default=None,
                    help="comma-separated ids that end generation, or 'none' (default: the "
                         "checkpoint's, from generation_config.json or config.json)")
@@ -78,7 +88,8 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
             parse_ids("--eos-token-id", args.eos_token_id)
     return build_config(
         None, max_new_tokens=args.max_new_tokens, medusa=not args.no_medusa,
-        temperature=args.temperature, posterior_threshold=args.posterior_threshold,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        acceptance=args.acceptance, posterior_threshold=args.posterior_threshold,
         posterior_alpha=args.posterior_alpha, tree=args.tree, eos_token_id=eos, seed=args.seed,
         cuda_graph=False if args.no_cuda_graph else None,
     )  # fmt: skip

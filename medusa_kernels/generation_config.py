@@ -102,25 +102,53 @@ def check_token_ids(name: str, value: Any, vocab_size: int | None = None) -> tup
 
 
 def check_tree(value: Any):
-    """A tree name, a JSON file (str or PathLike) or a list of paths -> (tree as stored,
-    its paths), loaded and checked now; None (the device's default) passes."""
+    """A tree name, a JSON file (str or PathLike: a tree, or a policy table), a list of paths or
+    a policy object -> (tree as stored, its paths or None, its policy or None), loaded and
+    checked now; None (the checkpoint's or the device's default) passes."""
+    from .policy import TreePolicy, is_policy, is_table_file
     from .tree import load_tree, validate_choices
 
     if value is None:
-        return None, None
+        return None, None, None
+    if is_policy(value):
+        return value, None, value
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if isinstance(value, str):
-        return value, tuple(tuple(p) for p in load_tree(value))
+        if is_table_file(value):
+            return value, None, TreePolicy.load(value)
+        return value, tuple(tuple(p) for p in load_tree(value)), None
     if isinstance(value, (bytes, bytearray)) or not isinstance(value, Sequence):
-        raise TypeError(f"tree must be a tree name, a JSON file or a list of paths (lists of "
-                        f"ranks), got {describe(value)}")
+        raise TypeError(f"tree must be a tree name, a JSON file (a tree or a policy table), a "
+                        f"list of paths (lists of ranks) or a TreePolicy, got {describe(value)}")
     try:
         validate_choices(value)
     except ValueError as e:
         raise ValueError(f"tree: {e}") from None
     paths = tuple(tuple(int(r) for r in p) for p in value)
-    return paths, paths
+    return paths, paths, None
+
+
+def check_seed(value: Any) -> int | tuple[int, ...] | None:
+    """None, an int in [0, 2**64), or a non-empty list of them (one per sequence: a tuple)."""
+    if value is None or is_int(value):
+        return check_int("seed", value, 0, SEED_RANGE - 1, optional=True)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise TypeError(f"seed must be an int in [0, 2**64), a non-empty list of them (one per "
+                        f"sequence) or None, got {describe(value)}")
+    return tuple(check_int(f"seed[{i}]", s, 0, SEED_RANGE - 1) for i, s in enumerate(value))
+
+
+ACCEPTANCE_RULES = ("exact", "typical")
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    """``value`` as one of the strings ``allowed``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {list(allowed)}, got {describe(value)}")
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -129,15 +157,34 @@ class GenerationConfig:
 
     max_new_tokens: new tokens per sequence (EOS may end one sooner), >= 1.
     medusa: Medusa decoding (needs heads) or, False, plain decoding: the baseline.
-    temperature: 0 = greedy (Medusa output identical to plain greedy); > 0 samples, with
-        typical acceptance for Medusa (``posterior_threshold``, ``posterior_alpha`` in [0, 1]:
-        a guess is kept when its probability > min(threshold, alpha * exp(-entropy))).
-    tree: a name in ``tree.TREES``, a JSON file or a list of paths; None: the device's default
-        (``tree.default_tree``: a checkpoint's calibrated tree, else ``mc_sim_7b_63`` on a GPU
-        and ``small_7`` on a CPU), cut to the model's heads and vocabulary.
+    temperature: 0 = greedy (Medusa output identical to plain greedy); > 0 samples from the
+        base model's distribution after temperature, ``top_k`` and ``top_p`` (transformers'
+        warpers, in its order).
+    top_k: None, or keep the k likeliest tokens (int >= 1; ties at the k-th kept).
+    top_p: None, or keep the likeliest tokens whose probabilities sum to top_p (in (0, 1]).
+        Both need temperature > 0 (greedy decoding ignores them, so setting them is an error).
+    acceptance: how Medusa accepts guesses when sampling. "exact" (default): the tree walk of
+        ``ops.sampling.accept_exact``, whose output is distributed exactly as plain sampling's
+        (for the same seed it is the same tokens). "typical": the paper's typical acceptance
+        (``posterior_threshold``, ``posterior_alpha`` in [0, 1]: a guess is kept when its
+        probability > min(threshold, alpha * exp(-entropy))), which changes the distribution
+        and takes no top_k / top_p. Greedy decoding ignores it.
+    tree: which tree verifies each step. A name in ``tree.TREES``, a tree JSON file or a list
+        of paths: that tree at every step. A policy table JSON file (``python -m
+        medusa_kernels.tree calibrate --nodes auto --batches ...``) or a ``policy.TreePolicy``:
+        before each step, the tree measured fastest for the rows the step computes (``[]``:
+        plain decoding). None: the checkpoint's policy table for the device if it ships one
+        (``tree.default_policy_file``), else the device's default tree (``tree.default_tree``:
+        a checkpoint's calibrated tree, else ``mc_sim_7b_63`` on a GPU and ``small_7`` on a
+        CPU), cut to the model's heads and vocabulary.
     eos_token_id: id(s) that end a sequence (kept in its output); None: the checkpoint's
         (generation_config.json, else config.json); [] never stops early.
-    seed: seeds sampling (an int in [0, 2**64)).
+    seed: seeds sampling: an int in [0, 2**64), or one such int per sequence. Each sequence
+        samples with its own seed (the list's, or for an int ``s``: ``s`` for sequence 0 and a
+        hash of (s, b) for sequence b, ``ops.sampling.sequence_seeds``), so a sequence's
+        tokens depend on its prompt, its seed and the settings, never on the rest of the
+        batch, and different seeds give unrelated samples. None: a fresh seed from torch's
+        default generator.
     max_seq_len: refuse up front if the KV cache would need more positions than this.
     cuda_graph: replay each step from a CUDA graph (None: on for a model on CUDA).
     """
@@ -145,16 +192,21 @@ class GenerationConfig:
     max_new_tokens: int = 128
     medusa: bool = True
     temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    acceptance: str = "exact"
     posterior_threshold: float = 0.09
     posterior_alpha: float = 0.3
-    tree: str | tuple[tuple[int, ...], ...] | None = None
+    tree: str | tuple[tuple[int, ...], ...] | Any | None = None
     eos_token_id: tuple[int, ...] | None = None
-    seed: int | None = None
+    seed: int | tuple[int, ...] | None = None
     max_seq_len: int | None = None
     cuda_graph: bool | None = None
     # the tree's paths, loaded from its name or file when the config is built
     tree_choices: tuple[tuple[int, ...], ...] | None = field(
         default=None, init=False, repr=False, compare=False)
+    # the policy a table file or a policy object gives (None for one tree)
+    tree_policy: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         def put(name, value):
@@ -163,15 +215,31 @@ class GenerationConfig:
         put("max_new_tokens", check_int("max_new_tokens", self.max_new_tokens, 1, INT32_MAX))
         put("medusa", check_bool("medusa", self.medusa))
         put("temperature", check_float("temperature", self.temperature, low=0.0))
+        put("top_k", check_int("top_k", self.top_k, 1, optional=True))
+        if self.top_p is not None:
+            put("top_p", check_float("top_p", self.top_p, 0.0, 1.0))
+            if self.top_p == 0:
+                raise ValueError("top_p must be a number in (0, 1] or None, got 0.0 (no token "
+                                 "would be kept)")
+        put("acceptance", check_choice("acceptance", self.acceptance, ACCEPTANCE_RULES))
+        filters = [f"{k} = {v}" for k, v in (("top_k", self.top_k), ("top_p", self.top_p))
+                   if v is not None]
+        if filters and self.temperature == 0:
+            raise ValueError(f"{' and '.join(filters)} needs temperature > 0: temperature 0 is "
+                             "greedy decoding, which top_k and top_p do not change")
+        if filters and self.acceptance == "typical" and self.medusa:
+            raise ValueError(f"{' and '.join(filters)} needs acceptance='exact': typical "
+                             "acceptance judges guesses on the unfiltered distribution")
         put("posterior_threshold",
             check_float("posterior_threshold", self.posterior_threshold, 0.0, 1.0))
         put("posterior_alpha", check_float("posterior_alpha", self.posterior_alpha, 0.0, 1.0))
-        tree, choices = check_tree(self.tree)
+        tree, choices, policy = check_tree(self.tree)
         put("tree", tree)
         put("tree_choices", choices)
+        put("tree_policy", policy)
         if self.eos_token_id is not None:
             put("eos_token_id", check_token_ids("eos_token_id", self.eos_token_id))
-        put("seed", check_int("seed", self.seed, 0, SEED_RANGE - 1, optional=True))
+        put("seed", check_seed(self.seed))
         put("max_seq_len", check_int("max_seq_len", self.max_seq_len, 1, INT32_MAX,
                                      optional=True))
         put("cuda_graph", check_bool("cuda_graph", self.cuda_graph, optional=True))

@@ -2,7 +2,7 @@
 
 A table (JSON) holds rows measured on one device, model and dtype::
 
-    {"version": 1,
+    {"version": 1, "tolerance": 0.02,
      "meta": {"device": "...", "model": "...", "dtype": "...", "command": "..."},
      "rows": [{"batch": 1, "context": 128, "tree": [[0], [1], [0, 0]], "speedup": 1.49},
               {"batch": 64, "context": 128, "tree": [], "speedup": 1.0}, ...]}
@@ -13,7 +13,9 @@ A table (JSON) holds rows measured on one device, model and dtype::
 - ``tree``: medusa_choices (``tree.validate_choices``); ``[]`` is the empty tree, plain decoding.
 - ``speedup`` (optional): estimated tokens/s relative to plain decoding at the same batch and
   context on that device (``tree calibrate``'s ``est_speedup``); plain decoding is 1.0.
-- Informational keys a row may also carry (kept as they are): ``INFO_KEYS``.
+- Informational keys a row may also carry (kept as they are): ``INFO_KEYS`` (``nodes``: the
+  tree's paths, the root not counted; accepted tokens per step, expected from the heads'
+  accuracies and measured by decoding; step times).
 
 ``TreePolicy.choose(batch, context)``, the rule:
 
@@ -24,12 +26,20 @@ A table (JSON) holds rows measured on one device, model and dtype::
 3. Among the rows of that (batch, context): the highest speedup, ties to the tree with fewer
    nodes, then to the earlier row. Where they carry speedups, plain decoding competes at 1.0,
    so a tree estimated slower than plain is never chosen. A single row without a speedup is
-   taken as it is.
+   taken as it is. ``tolerance`` (a top-level key, default 0): speedups within this fraction
+   of the best count as ties (timing noise), so the tree with the fewest nodes among them wins
+   (plain decoding, the empty tree, is the smallest).
 
 ``choose`` returns the tree as a tuple of path tuples in ``validate_choices`` order (hashable: a
 key for the loop's per-tree buffers and captured graphs; ``()`` is plain decoding), which
 ``tree.build_tree`` takes as it is. ``FixedTreePolicy`` always returns one tree (today's
-behaviour). This module imports only ``tree`` and the standard library.
+behaviour). Any object with ``choose(batch, context)`` and ``trees()`` is a policy
+(``is_policy``); ``generate`` refuses a step whose tree is not in ``trees()`` (its KV cache is
+sized for those). This module imports only ``tree`` and the standard library.
+
+In ``generate`` (``tree=`` a table file or a policy): ``batch`` is the number of rows the step
+computes (the running sequences, and finished ones until few enough still run:
+``decoding.KEEP_FRACTION``), ``context`` the longest running sequence (prompt + tokens so far).
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ from .tree import resolve_choices, validate_choices
 
 VERSION = 1
 ROW_KEYS = ("batch", "context", "tree", "speedup")
-INFO_KEYS = ("nodes", "expected_accepted", "step_ms", "plain_step_ms", "note")
+INFO_KEYS = ("nodes", "expected_accepted", "measured_accepted", "step_ms", "plain_step_ms",
+             "note")
 Tree = tuple[tuple[int, ...], ...]
 
 
@@ -78,6 +89,32 @@ class PolicyRow:
         if self.speedup is not None:
             row["speedup"] = self.speedup
         return row | dict(self.info)
+
+
+def is_policy(value) -> bool:
+    """Whether ``value`` is a policy object: it has callable ``choose`` and ``trees``."""
+    return callable(getattr(value, "choose", None)) and callable(getattr(value, "trees", None))
+
+
+def is_table_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a JSON file holding a policy table (an object with "rows"), rather
+    than a tree file; False for anything unreadable (the tree loader then names the problem)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "rows" in data
+
+
+def policy_label(policy) -> str:
+    """A short name for messages and reports: a table's file name, or the policy's repr."""
+    source = getattr(policy, "source", None)
+    if isinstance(source, str) and source != "TreePolicy":
+        return os.path.basename(source)
+    return repr(policy)
 
 
 def _is_int(x) -> bool:
@@ -129,11 +166,18 @@ class TreePolicy:
         source: str = "TreePolicy",
         num_heads: int | None = None,
         topk: int | None = None,
+        tolerance: float = 0.0,
     ):
         """rows: PolicyRow or JSON-like dicts; meta: free-form provenance (device, model,
         command, ...); source: names the table in errors (the file path for ``load``);
-        num_heads / topk: when given, every tree must fit (depth <= num_heads, ranks < topk)."""
+        num_heads / topk: when given, every tree must fit (depth <= num_heads, ranks < topk);
+        tolerance: in [0, 1), speedups that close to the best are ties (rule 3)."""
         self.source = str(source)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or \
+                not 0 <= tolerance < 1:
+            raise ValueError(f"{self.source}: tolerance must be a number in [0, 1), got "
+                             f"{tolerance!r}")
+        self.tolerance = float(tolerance)
         if meta is not None and not isinstance(meta, Mapping):
             raise ValueError(f"{self.source}: meta must be an object, got {type(meta).__name__}")
         self.meta = dict(meta or {})
@@ -176,24 +220,30 @@ class TreePolicy:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a tree policy is a JSON object with 'rows', got "
                              f"{type(data).__name__}")
-        unknown = sorted(set(data) - {"version", "meta", "rows"})
+        unknown = sorted(set(data) - {"version", "tolerance", "meta", "rows"})
         if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; expected 'version', 'meta', 'rows'")
+            raise ValueError(f"{path}: unknown keys {unknown}; expected 'version', 'tolerance', "
+                             f"'meta', 'rows'")
         if data.get("version", VERSION) != VERSION:
             raise ValueError(f"{path}: version {data['version']!r} is not supported "
                              f"(this code reads version {VERSION})")
         if "rows" not in data:
             raise ValueError(f"{path}: no 'rows'")
-        return cls(data["rows"], data.get("meta"), source=path, num_heads=num_heads, topk=topk)
+        return cls(data["rows"], data.get("meta"), source=path, num_heads=num_heads, topk=topk,
+                   tolerance=data.get("tolerance", 0.0))
 
     def to_json(self) -> dict:
-        return {"version": VERSION, "meta": self.meta, "rows": [r.to_json() for r in self.rows]}
+        out: dict = {"version": VERSION}
+        if self.tolerance:
+            out["tolerance"] = self.tolerance
+        return out | {"meta": self.meta, "rows": [r.to_json() for r in self.rows]}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table as JSON, one row per line."""
         rows = ",\n".join("  " + json.dumps(r.to_json()) for r in self.rows)
-        text = (f'{{\n "version": {VERSION},\n "meta": {json.dumps(self.meta, sort_keys=True)},\n'
-                f' "rows": [\n{rows}\n ]\n}}\n')
+        tolerance = f' "tolerance": {self.tolerance},\n' if self.tolerance else ""
+        text = (f'{{\n "version": {VERSION},\n{tolerance} "meta": '
+                f'{json.dumps(self.meta, sort_keys=True)},\n "rows": [\n{rows}\n ]\n}}\n')
         with open(path, "w") as f:
             f.write(text)
 
@@ -212,10 +262,13 @@ class TreePolicy:
         group = self._keys[(b, c)]
         if len(group) == 1 and group[0].speedup is None:
             return group[0]
-        best = min(group, key=lambda r: (-r.speedup, r.num_nodes))  # first of equals
-        if best.speedup < 1.0:
+        best = max(r.speedup for r in group)
+        if best < 1.0:
             return None
-        return best
+        near = best * (1 - self.tolerance)  # ties: the fewest nodes wins, then the earlier row
+        if self.tolerance and 1.0 >= near and all(r.tree for r in group):
+            return None  # plain decoding (1 node) is within the tolerance
+        return min((r for r in group if r.speedup >= near), key=lambda r: r.num_nodes)
 
     def choose(self, batch: int, context: int | None = None) -> Tree:
         """The tree to verify with ``batch`` running sequences (>= 1) at ``context`` tokens
@@ -234,7 +287,8 @@ class TreePolicy:
         return out
 
     def __repr__(self) -> str:
-        return f"TreePolicy({self.source!r}, {len(self.rows)} rows, batches {self.batches})"
+        source = "" if self.source == "TreePolicy" else f"{self.source!r}, "
+        return f"TreePolicy({source}{len(self.rows)} rows, batches {self.batches})"
 
 
 class FixedTreePolicy:

@@ -210,3 +210,96 @@ def test_cli_calibrate_auto_nodes(quick_demo, tmp_path, capsys):
     assert "error: --nodes must be an integer or 'auto'" in capsys.readouterr().err
     assert main(args + ["--nodes", "auto", "--auto-nodes", "100000"]) == 2
     assert "error: no size in --auto-nodes fits" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- policy tables
+
+
+def test_step_times_stops_at_the_first_tree_over_its_limit():
+    from medusa_kernels.bench.e2e import SHAPES, random_model
+    from medusa_kernels.model import ModelConfig
+
+    model = random_model(ModelConfig(**SHAPES["tiny"]), 3, torch.float32, "cpu")
+    trees = [grow_tree(hand_table(3, 4), n) for n in (1, 3, 15)]
+    plain_s, medusa_s = step_times(model, trees, context=20, quick=True, limits=[0.0, 9, 9])
+    assert plain_s > 0 and medusa_s[0] > 0 and medusa_s[1:] == [None, None]
+    plain_s, medusa_s = step_times(model, trees, context=20, quick=True, limits=[99] * 3)
+    assert all(t > 0 for t in medusa_s)
+
+
+def test_policy_table_rows_and_choice():
+    from medusa_kernels.bench.e2e import SHAPES, random_model
+    from medusa_kernels.calibrate import TOLERANCE, policy_table
+    from medusa_kernels.model import ModelConfig
+    from medusa_kernels.policy import TreePolicy
+
+    model = random_model(ModelConfig(**SHAPES["tiny"]), 3, torch.float32, "cpu")
+    acc = hand_table(3, 4)
+    with pytest.raises(ValueError, match="ascending"):
+        policy_table(model, acc, [3, 1], [1], context=16, quick=True)
+    policy = policy_table(model, acc, [1, 3], [1, 3], context=16, quick=True,
+                          meta={"device": "test"})
+    assert policy.meta["speedup"] == "expected accepted"
+    measured = policy_table(model, acc, [1, 3], [2], context=16, quick=True,
+                            accepted=[1.5, 2.0])
+    assert [r.info["measured_accepted"] for r in measured.rows if r.tree] == [1.5, 2.0][
+        : len(measured.rows) - 1]
+    row = measured.rows[1]
+    assert row.speedup == pytest.approx(1.5 * measured.rows[0].info["step_ms"]
+                                        / row.info["step_ms"], rel=1e-3)
+    assert policy.batches == [1, 3] and policy.tolerance == TOLERANCE
+    assert policy.meta["device"] == "test" and policy.meta["sizes"] == [1, 3]
+    for batch in (1, 3):
+        rows = [r for r in policy.rows if r.batch == batch]
+        assert rows[0].tree == () and rows[0].speedup == 1.0  # plain decoding competes
+        plain_ms = rows[0].info["step_ms"]
+        for r in rows[1:]:
+            want = r.info["expected_accepted"] * plain_ms / r.info["step_ms"]
+            assert r.speedup == pytest.approx(want, rel=1e-3)
+            assert r.info["expected_accepted"] == pytest.approx(
+                expected_accepted(grow_tree(acc, r.info["nodes"]), acc), abs=1e-4)
+        assert len(rows) + len(policy.meta["pruned"].get(str(batch), [])) == 3
+        best = max(r.speedup for r in rows)
+        chosen = policy.choose(batch)
+        speed = next(r.speedup for r in rows if r.tree == chosen)
+        assert speed >= best * (1 - TOLERANCE)
+    assert TreePolicy(policy.to_json()["rows"], tolerance=TOLERANCE).choose(3) == policy.choose(3)
+
+
+def test_cli_calibrate_batches_writes_a_policy_generate_uses(quick_demo, tmp_path, capsys):
+    from medusa_kernels.checkpoint import load_model
+    from medusa_kernels.decoding import generate
+    from medusa_kernels.demo import path
+    from medusa_kernels.policy import TreePolicy
+
+    model_dir, heads_dir = path(quick_demo)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["def f(x):\n    return", "import os\n"]))
+    out, tree_out = tmp_path / "policy.json", tmp_path / "tree.json"
+    args = ["calibrate", "--model", model_dir, "--medusa", heads_dir, "--prompts", str(prompts),
+            "--topk", "3", "--max-new-tokens", "8", "--device", "cpu", "--no-progress"]
+    tree_out.write_text(json.dumps({"choices": [[0]], "accuracies": hand_table(2, 3)}))
+    assert main(args + ["--nodes", "auto", "--auto-nodes", "1,3", "--batches", "2,1",
+                        "--accuracies", str(tree_out), "--context", "12", "--out", str(out)]) == 0
+    policy = TreePolicy.load(out)
+    assert policy.batches == [1, 2] and {r.context for r in policy.rows} == {12}
+    assert "--batches 2,1" in policy.meta["command"] and policy.meta["accuracies"] == str(tree_out)
+    assert {r.tree for r in policy.rows if r.batch == 1} >= {()}
+    err = capsys.readouterr().err
+    assert "batch    1:" in err and "wrote" in err
+    assert all("measured_accepted" in r.info for r in policy.rows if r.tree)
+    assert policy.meta["speedup"] == "measured accepted"
+    m = load_model(model_dir, medusa=heads_dir, dtype=torch.float32)
+    ids = [m.tokenizer().encode(t).ids for t in ("class A:\n", "x = [")]
+    plain = generate(m, ids, max_new_tokens=12, medusa=False).tokens
+    r = generate(m, ids, max_new_tokens=12, tree=str(out))
+    assert r.tokens == plain and r.tree == "policy.json"
+    for bad, message in ((["--nodes", "7", "--batches", "1,2"], "--batches needs --nodes auto"),
+                         (["--nodes", "auto", "--batches", "0,2"], "--batches must list"),
+                         (["--nodes", "auto", "--batches", "x"], "--batches must be comma"),
+                         (["--nodes", "auto", "--batches", "1", "--accuracies", str(prompts)],
+                          "needs \"accuracies\""),
+                         (["--nodes", "auto", "--batches", "1", "--rounds", "0"],
+                          "--rounds must be >= 1")):
+        assert main(args + bad) == 2
+        assert message in capsys.readouterr().err

@@ -202,3 +202,45 @@ def test_step_compiles_whole_with_torch_compile(medusa):
     assert eager[1].tolist()[1] == 0 and eager[1].tolist()[0] >= 1
     for name in ("k", "v", "seqlens"):
         torch.testing.assert_close(getattr(caches[1], name), getattr(caches[0], name))
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(top_k=5), ValueError, r"top_k = 5 needs temperature > 0"),
+    (dict(top_p=0.9), ValueError, r"top_p = 0.9 needs temperature > 0"),
+    (dict(temperature=0.7, top_k=0), ValueError, r"top_k must be an int >= 1"),
+    (dict(temperature=0.7, top_k=True), TypeError, r"top_k must be an int"),
+    (dict(temperature=0.7, top_p=0.0), ValueError, r"top_p must be a number in \(0, 1\]"),
+    (dict(temperature=0.7, top_p=1.5), ValueError, r"top_p must be a finite number in"),
+    (dict(temperature=0.7, top_p="0.9"), TypeError, r"top_p must be a finite number"),
+    (dict(temperature=0.7, top_k=4, acceptance="typical"), ValueError,
+     r"top_k = 4 needs acceptance='exact'"),
+    (dict(acceptance="greedy"), ValueError, r"acceptance must be one of \['exact', 'typical'\]"),
+    (dict(acceptance=None, config="x"), TypeError, r"config must be a GenerationConfig"),
+], ids=lambda v: None)
+def test_sampling_settings_are_checked(model, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        generate(model, [[1, 2]], max_new_tokens=4, **kwargs)
+    # plain decoding takes top_k / top_p whatever the acceptance rule
+    generate(model, [[1, 2]], max_new_tokens=2, medusa=False, temperature=0.5, top_k=3,
+             acceptance="typical")
+
+
+def test_cli_sampling_flags(model, capsys, tmp_path):
+    """--top-k / --top-p / --acceptance reach generate; exact Medusa sampling prints the tokens
+    plain sampling prints for the same seed; a flag without --temperature is one error line."""
+    from medusa_kernels.generate import main
+
+    heads = str(tmp_path / "heads")
+    save_random_heads(heads, seed=0)
+    base = ["--model", model.model_dir, "--medusa", heads, "--input-ids", "1,2,3",
+            "--max-new-tokens", "12", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9",
+            "--seed", "4", "--tree", "small_15"]
+    outs = []
+    for extra in ([], ["--no-medusa"], ["--acceptance", "exact"]):
+        assert main(base + extra) == 0
+        outs.append(capsys.readouterr().out.split())
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 12
+    assert main(base[:-10] + ["--top-k", "3"]) == 2
+    assert "error: top_k = 3 needs temperature > 0" in capsys.readouterr().err
+    assert main(base + ["--acceptance", "typical"]) == 2
+    assert "needs acceptance='exact'" in capsys.readouterr().err

@@ -1,11 +1,16 @@
 """Tree policy: the choice rule, the JSON table (round trip, errors naming the file), the fixed
-policy."""
+policy; and in ``generate``: trees switched mid-run (as sequences finish, as contexts grow) keep
+greedy output identical to plain greedy and exact sampling identical to plain sampling, the cache
+holds the biggest tree, a shipped table is the default."""
 
 import json
 
 import pytest
+import torch
+from tiny_models import VOCAB, make_hf_model, save_random_heads
 
-from medusa_kernels.policy import FixedTreePolicy, PolicyRow, TreePolicy
+from medusa_kernels import generate, load_model
+from medusa_kernels.policy import FixedTreePolicy, PolicyRow, TreePolicy, is_table_file
 from medusa_kernels.tree import TREES, build_tree, resolve_choices
 
 BIG = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
@@ -184,3 +189,174 @@ def test_policy_module_sits_low():
             imported.update(a.name for a in node.names)
     assert imported <= {"__future__", "bisect", "json", "math", "os", "collections.abc",
                         "dataclasses", "typing", ".tree"}, imported
+
+
+# --------------------------------------------------------------------------- in the loop
+
+DEEP = TREES["mc_sim_7b_63"]  # 64 nodes, 4 deep
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    base, heads = tmp_path_factory.mktemp("base"), tmp_path_factory.mktemp("heads")
+    make_hf_model("llama-gqa-llama3rope", seed=6, path=base)
+    save_random_heads(heads, num_heads=4, seed=6)
+    return base, heads
+
+
+@pytest.fixture(scope="module")
+def model(dirs):
+    return load_model(*dirs, dtype=torch.float32)
+
+
+def ragged_prompts(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (k,), generator=g).tolist() for k in (5, 1, 9, 3)[:n]]
+
+
+def oracle(reference):
+    """Heads that guess the reference continuation right at rank 0 (heads 0-2), wrong at head 3."""
+
+    def propose(last_hidden, root, num_generated):
+        g = torch.Generator().manual_seed(sum(num_generated))
+        guesses = torch.randint(0, VOCAB, (root.shape[0], 4, 10), generator=g)
+        for b, n in enumerate(num_generated):
+            for k in range(3):
+                if n + k < len(reference[b]):
+                    guesses[b, k, 0] = reference[b][n + k]
+        return guesses
+
+    return propose
+
+
+# plain with 4 rows, the small tree with 2 or 3, the 64-node tree alone
+BY_LOAD = [{"batch": 1, "tree": DEEP}, {"batch": 2, "tree": SMALL}, {"batch": 4, "tree": []}]
+
+
+def finishing_at_different_steps(model, ids, max_new, **kw):
+    """EOS ids that end the sequences at different lengths (and the plain decoding output)."""
+    plain = generate(model, ids, max_new_tokens=max_new, medusa=False, eos_token_id=[],
+                     **kw).tokens
+    eos = [plain[0][3], plain[1][9]]  # sequence 0 ends by token 4, sequence 1 by token 10
+    return eos, generate(model, ids, max_new_tokens=max_new, medusa=False, eos_token_id=eos,
+                         **kw)
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["heads", "oracle"])
+def test_greedy_stays_plain_greedy_when_trees_change_as_sequences_finish(model, forced):
+    ids = ragged_prompts()
+    eos, plain = finishing_at_different_steps(model, ids, 24)
+    lengths = sorted(len(t) for t in plain.tokens)
+    assert lengths[0] < lengths[1] < lengths[3], lengths  # the load falls step by step
+    longer = generate(model, ids, max_new_tokens=30, medusa=False, eos_token_id=[]).tokens
+    policy = TreePolicy(BY_LOAD)
+    got = generate(model, ids, max_new_tokens=24, tree=policy, eos_token_id=eos,
+                   propose=oracle(longer) if forced else None)
+    assert got.tokens == plain.tokens
+    assert got.tree == repr(policy) and len(got.step_nodes) == got.steps
+    # 4 running: plain; 2 left: the small tree; 1 left: the 64-node tree
+    assert got.step_nodes[0] == 1 and set(got.step_nodes) == {1, 3, 64}, got.step_nodes
+    assert got.step_nodes == sorted(got.step_nodes)  # the load only falls
+    if forced:  # the oracle makes the trees accept: 3 guesses right on the big tree
+        assert max(max(s) for s in got.accepted_per_step) == 4
+
+
+def test_context_buckets_switch_trees_mid_run(model, tmp_path):
+    path = tmp_path / "ctx.json"
+    TreePolicy([{"batch": 1, "context": 0, "tree": SMALL, "speedup": 1.3},
+                {"batch": 1, "context": 12, "tree": DEEP, "speedup": 1.2},
+                {"batch": 1, "context": 20, "tree": [], "speedup": 1.0}]).save(path)
+    assert is_table_file(path) and not is_table_file(tmp_path / "missing.json")
+    ids = ragged_prompts(3, seed=2)
+    plain = generate(model, ids, max_new_tokens=25, medusa=False)
+    got = generate(model, ids, max_new_tokens=25, tree=path)
+    assert got.tokens == plain.tokens and got.tree == "ctx.json"
+    assert {3, 64, 1} <= set(got.step_nodes)  # contexts from 9 to 34: every bucket
+
+
+def test_exact_sampling_under_a_policy_is_plain_sampling(model):
+    ids = ragged_prompts()
+    kw = dict(temperature=0.9, top_p=0.95, seed=11)
+    eos, plain = finishing_at_different_steps(model, ids, 20, **kw)
+    assert len({len(t) for t in plain.tokens}) > 1
+    got = generate(model, ids, max_new_tokens=20, tree=TreePolicy(BY_LOAD), eos_token_id=eos,
+                   **kw)
+    assert got.tokens == plain.tokens and len(set(got.step_nodes)) > 1
+
+
+def test_the_cache_holds_the_biggest_tree_the_policy_can_pick(model):
+    """max_seq_len counts the deepest and widest tree of the table, even one only picked when
+    sequences have finished; and a tree the table can pick must fit the heads."""
+    ids = ragged_prompts(2)
+    with pytest.raises(ValueError, match=r"tree depth \(4\) \+ tree nodes \(64\)"):
+        generate(model, ids, max_new_tokens=10, tree=TreePolicy(BY_LOAD), max_seq_len=80)
+    generate(model, ids, max_new_tokens=10, tree=TreePolicy(BY_LOAD), max_seq_len=87)
+    deep5 = [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match=r"tree policy: a tree it can pick .* only 4 Medusa heads"):
+        generate(model, ids, max_new_tokens=4, tree=TreePolicy([{"batch": 8, "tree": deep5}]))
+
+
+def test_a_policy_that_picks_an_unlisted_tree_is_refused(model):
+    class Sneaky:
+        def choose(self, batch, context=None):
+            return tuple(tuple(p) for p in DEEP)
+
+        def trees(self):
+            return [((0,),)]
+
+    with pytest.raises(ValueError, match="chose a tree its trees\\(\\) does not list"):
+        generate(model, [[1, 2, 3]], max_new_tokens=6, tree=Sneaky())
+
+
+def test_a_shipped_table_is_the_default(model, dirs, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(dirs[0], ckpt / "model")
+    TreePolicy([{"batch": 1, "tree": SMALL}]).save(ckpt / "tree_policy_cpu.json")
+    shipped = load_model(ckpt / "model", medusa=dirs[1], dtype=torch.float32)
+    ids = ragged_prompts(1)
+    got = generate(shipped, ids, max_new_tokens=8)
+    assert got.tree == "tree_policy_cpu.json" and set(got.step_nodes) == {3}
+    assert got.tokens == generate(model, ids, max_new_tokens=8, medusa=False).tokens
+    assert generate(shipped, ids, max_new_tokens=8, tree="small_15").step_nodes[0] == 16
+
+
+def test_tolerance_prefers_the_smaller_tree_within_noise(tmp_path):
+    rows = [{"batch": 1, "tree": BIG, "speedup": 1.50},
+            {"batch": 1, "tree": SMALL, "speedup": 1.48},
+            {"batch": 8, "tree": SMALL, "speedup": 1.015},
+            {"batch": 8, "tree": BIG, "speedup": 0.9}]
+    assert table(rows).choose(1) == canon(BIG) and table(rows).choose(8) == canon(SMALL)
+    tolerant = TreePolicy(rows, tolerance=0.02)
+    assert tolerant.choose(1) == canon(SMALL)  # 1.48 is within 2% of 1.50
+    assert tolerant.choose(8) == ()  # plain (1.0) is within 2% of 1.015
+    path = tmp_path / "tol.json"
+    tolerant.save(path)
+    assert json.loads(path.read_text())["tolerance"] == 0.02
+    assert TreePolicy.load(path).choose(1) == canon(SMALL)
+    for bad in (-0.1, 1.0, "0.02", True):
+        with pytest.raises(ValueError, match="tolerance must be a number in"):
+            TreePolicy(rows, tolerance=bad)
+
+
+def test_the_demo_ships_a_cpu_table():
+    """assets/demo/tree_policy_cpu.json: written by tree calibrate --batches on a CPU, batches
+    1 to 64, plain decoding at each, every tree fits the demo's heads; generate's default."""
+    import os
+
+    from medusa_kernels.demo import ASSETS
+    from medusa_kernels.tree import default_policy_file
+
+    path = os.path.join(ASSETS, "tree_policy_cpu.json")
+    if not os.path.isfile(path):
+        pytest.skip("no demo table shipped")
+    policy = TreePolicy.load(path, num_heads=4, topk=10)
+    assert policy.batches == [1, 2, 4, 8, 16, 32, 64] and policy.tolerance > 0
+    assert policy.meta["command"].startswith("python -m medusa_kernels.tree calibrate --nodes "
+                                             "auto --batches 1,2,4,8,16,32,64")
+    assert "threads" in policy.meta["device"] and policy.meta["cuda_graph"] is False
+    for b in policy.batches:
+        assert any(r.batch == b and r.tree == () and r.speedup == 1.0 for r in policy.rows)
+    assert default_policy_file("cpu", os.path.join(ASSETS, "model")) == path
+    assert default_policy_file("cuda", os.path.join(ASSETS, "model")) is None

@@ -6,11 +6,7 @@ the torch reference given the same uniforms."""
 import pytest
 import torch
 from conftest import HAS_CUDA, requires_cuda
-from transformers.generation.logits_process import (
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from sampling_stats import chi2_sf, chi_square_p, hf_filter
 
 from medusa_kernels import build_tree
 from medusa_kernels.ops import accept_greedy_ids, accept_typical
@@ -28,47 +24,11 @@ DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 NEG = float("-inf")
 
 
-def hf_filter(scores, temperature, top_k=None, top_p=None, min_keep=1):
-    """transformers' warpers in GenerationConfig's order (temperature, top-k, top-p)."""
-    scores = TemperatureLogitsWarper(float(temperature))(None, scores.float().clone())
-    if top_k is not None:
-        scores = TopKLogitsWarper(top_k, min_tokens_to_keep=min_keep)(None, scores)
-    if top_p is not None and top_p < 1.0:
-        scores = TopPLogitsWarper(top_p, min_tokens_to_keep=min_keep)(None, scores)
-    return scores
-
-
-def chi2_sf(x: float, df: int) -> float:
-    """P(chi2_df > x), the regularised upper incomplete gamma function Q(df / 2, x / 2)."""
-    f64 = torch.float64
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=f64),
-                                         torch.tensor(x / 2, dtype=f64)))
-
-
 def test_chi2_sf_against_known_values():
     assert abs(chi2_sf(3.841458820694124, 1) - 0.05) < 1e-9  # the 95% quantile of chi2(1)
     assert abs(chi2_sf(23.209251158954356, 10) - 0.01) < 1e-9  # the 99% quantile of chi2(10)
     for x in (0.5, 4.0, 30.0):  # chi2(2) is Exp(1/2): P(X > x) = exp(-x / 2)
         assert abs(chi2_sf(x, 2) - torch.exp(torch.tensor(-x / 2, dtype=torch.float64))) < 1e-12
-
-
-def chi_square_p(samples: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's test of samples [N, k] (tokens) against the exact law probs [V] * k; cells with
-    an expected count below 5 are pooled into one. 0 when a sample has probability 0."""
-    V, k = probs.shape[0], samples.shape[1]
-    flat = torch.zeros(samples.shape[0], dtype=torch.long)
-    for j in range(k):
-        flat = flat * V + samples[:, j].cpu()
-    counts = torch.bincount(flat, minlength=V**k).double()
-    expected = samples.shape[0] * probs.flatten().double()
-    if bool((counts[probs.flatten() == 0] > 0).any()):
-        return 0.0
-    small = expected < 5
-    obs = torch.cat([counts[~small], counts[small].sum()[None]])
-    exp = torch.cat([expected[~small], expected[small].sum()[None]])
-    keep = exp > 0
-    stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-    return chi2_sf(stat, int(keep.sum()) - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,3 +582,37 @@ def test_custom_ops_pass_opcheck():
                           (logits, tokens, ri, u, 0.8, 3, 0.9, 1, "torch"))
     torch.library.opcheck(torch.ops.medusa_kernels.sample_logits.default,
                           (logits, u[:, :1].expand(3, 5).contiguous(), 0.8, None, None, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Draws keyed by (sequence seed, position)
+
+
+def test_position_uniforms_are_uniform_independent_and_stateless():
+    from medusa_kernels.ops.sampling import position_uniforms, seed_keys, sequence_seeds
+
+    seeds = sequence_seeds(12345, 4000)
+    assert seeds[0] == 12345 and len(set(seeds)) == 4000
+    assert sequence_seeds(12345, 3) == seeds[:3]  # a sequence's seed ignores the batch size
+    keys = seed_keys(seeds)
+    pos = torch.arange(5, 13).expand(4000, 8)
+    u = position_uniforms(keys, pos)
+    assert u.dtype == torch.float32 and u.shape == (4000, 8)
+    assert float(u.min()) >= 0 and float(u.max()) <= 1 - 2**-24
+    assert torch.equal(u, position_uniforms(keys, pos))  # a function of (key, position)
+    assert torch.equal(u[7:9, 3], position_uniforms(keys[7:9], pos[7:9, 3]))
+    assert torch.equal(u[:, 2:4], position_uniforms(keys, pos[:, 2:4].to(torch.int32)))
+    ten = (u * 10).long()
+    flat = torch.full((10,), 0.1, dtype=torch.float64)
+    p = chi_square_p(ten.reshape(-1, 1), flat)
+    pairs_pos = chi_square_p(ten[:, 3:5], flat[:, None] * flat)  # positions t, t + 1
+    pairs_row = chi_square_p(torch.stack([ten[:-1, 0], ten[1:, 0]], 1), flat[:, None] * flat)
+    assert p > 1e-3 and pairs_pos > 1e-3 and pairs_row > 1e-3, (p, pairs_pos, pairs_row)
+    other = position_uniforms(seed_keys(sequence_seeds(12346, 4000)), pos)
+    assert not bool((other[1:] == u[:-1]).all(1).any())  # seeds s and s + 1: no shifted rows
+    with pytest.raises(ValueError, match=r"seeds\[1\] must be an int in \[0, 2\*\*64\)"):
+        seed_keys([1, -1])
+    with pytest.raises(ValueError, match="keys must be \\[B, 2\\]"):
+        position_uniforms(keys[:3], pos[:2])
+    with pytest.raises(TypeError, match="positions must have dtype"):
+        position_uniforms(keys, pos.float())

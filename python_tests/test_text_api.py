@@ -219,13 +219,13 @@ def test_default_tree_policy(tmp_path):
 
 @shipped
 def test_api_and_cli_use_the_same_default_tree(demo_model, capsys):
-    """On a CPU the demo decodes with its calibrated CPU tree through the API and the CLI."""
+    """On a CPU the demo decodes with its CPU tree policy through the API and the CLI."""
     from medusa_kernels.generate import main
 
     r = generate(demo_model, "def ", max_new_tokens=8)
-    assert r.tree == "calibrated_tree_cpu.json"
+    assert r.tree == "tree_policy_cpu.json"
     assert main(["--device", "cpu", "--max-new-tokens", "8"]) == 0
-    assert "[medusa, tree calibrated_tree_cpu.json]" in capsys.readouterr().err
+    assert "[medusa, tree tree_policy_cpu.json]" in capsys.readouterr().err
 
 
 def test_default_tree_is_cut_to_the_heads(tiny_dirs):

@@ -56,6 +56,17 @@ nodes of one depth share it, and the walk visits one node per depth, so every dr
 is fresh. Both backends compute the samples of all nodes with the same torch code and differ
 only in the walk, so given the same uniforms they agree bit for bit.
 
+Draws keyed by position (``sequence_seeds``, ``seed_keys``, ``position_uniforms``): the
+generation loop draws the token at absolute position t of sequence b with u = hash(seed_b, t)
+(seed_b: the sequence's own seed), a counter-based generator
+(three rounds of a 32-bit integer mixer over int64 tensors, on the device, no state). The walk
+at depth d draws the token at position root + d + 1, so it uses the same u that plain sampling
+uses for that position: for the same seed, exact Medusa sampling and plain sampling emit the
+same tokens (the node's distribution is the base model's after the same prefix), and a row's
+draws do not depend on the batch around it, on CUDA graphs or on the tree. A position's u is
+only looked at by the step that emits the token there (draws the walk computed beyond the
+node where it stopped decide nothing), so every draw that decides a token is fresh.
+
 Backends: the work over V (warpers, softmax, cumsum, searchsorted, for every node) is a few large
 torch kernels in both. The walk, ~6 small torch ops per depth, is one Triton program per
 sequence (``_accept_exact_kernel``), as ``acceptance._accept_greedy_kernel``. Nothing syncs with
@@ -266,6 +277,75 @@ def sample_logits(
     draws = _draws(logits.shape[:-1], generator, uniforms, logits.device, "sample_logits")
     return _sample_logits_op(logits, draws, float(temperature), top_k,
                              None if top_p is None else float(top_p), min_tokens_to_keep)
+
+
+MASK32 = 0xFFFFFFFF
+MASK64 = 0xFFFFFFFFFFFFFFFF
+# hash-prospector's lowbias32 multipliers, both < 2**31: x * m < 2**63 for x < 2**32, so the
+# products fit in int64 and are exact
+_MIX1, _MIX2 = 0x21F0AAAD, 0x735A2D97
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit mixer (lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MIX2) & MASK32
+    return x ^ (x >> 15)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def sequence_seeds(seed: int, batch: int) -> list[int]:
+    """The seeds of ``batch`` sequences sampled with one ``seed`` (in [0, 2**64)): ``seed``
+    itself for sequence 0, a hash of (seed, b) for sequence b > 0. Different seeds give
+    unrelated streams, and sequence b of a batch samples as its prompt alone with
+    ``sequence_seeds(seed, B)[b]``."""
+    return [seed] + [_splitmix64((seed + _splitmix64(b)) & MASK64) for b in range(1, batch)]
+
+
+def seed_keys(seeds, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-sequence keys of ``position_uniforms``: seeds (B ints in [0, 2**64)) -> [B, 2] int64,
+    two 32-bit words of splitmix64(seed) each (computed on the host, once)."""
+    words = []
+    for i, seed in enumerate(seeds):
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MASK64:
+            raise ValueError(f"seeds[{i}] must be an int in [0, 2**64), got {seed!r}")
+        h = _splitmix64(seed)
+        words.append([h & MASK32, h >> 32])
+    return torch.tensor(words, dtype=torch.int64, device=device).view(-1, 2)
+
+
+def position_uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The draw of the token at each position of each sequence, no host sync, no state.
+
+    Args:
+        keys: [B, 2] int64 from ``seed_keys``.
+        positions: [B, n] (or [B]) integer absolute positions (>= 0) of the tokens to draw.
+    Returns:
+        [B, n] (or [B]) float32 uniforms in [0, 1 - 2**-24], multiples of 2**-24: a function of
+        (key, position) only.
+    """
+    check_tensor("keys", keys, dtypes=(torch.int64,))
+    check_tensor("positions", positions, dtypes=(torch.int64, torch.int32), device=keys.device)
+    if keys.dim() != 2 or keys.shape[1] != 2 or positions.dim() not in (1, 2) or \
+            positions.shape[0] != keys.shape[0]:
+        raise ValueError(f"keys must be [B, 2] and positions [B] or [B, n], got "
+                         f"{list(keys.shape)} and {list(positions.shape)}")
+    flat = positions.dim() == 1
+    t = positions.long().view(keys.shape[0], -1) & MASK32
+    k0, k1 = keys[:, :1], keys[:, 1:]
+    x = _mix32(t ^ k0)
+    x = _mix32(x ^ k1)
+    x = _mix32((x + k0) & MASK32)
+    u = (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    return u[:, 0] if flat else u
 
 
 def tree_node_depths(retrieve_indices: torch.Tensor, num_nodes: int) -> torch.Tensor:

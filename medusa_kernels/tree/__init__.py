@@ -13,7 +13,11 @@ Buffers (T = 1 + number of paths, A = max depth + 1, P = number of leaves):
 - ``retrieve_indices [P, A]`` int64: node indices of each root-to-leaf path, padded with -1
   (never with a token id, so a short path cannot be falsely accepted).
 
-Which tree ``generate`` and the CLIs use when none is given (``default_tree``): on a GPU the
+What ``generate`` and the CLIs use when no tree is given: the checkpoint's policy table for the
+device if it ships one (``default_policy_file``: ``tree_policy_cpu.json`` /
+``tree_policy_cuda.json``, written by ``python -m medusa_kernels.tree calibrate --nodes auto
+--batches ...``; see ``policy.py``), which picks the tree per step by load; else one tree
+(``default_tree``): on a GPU the
 checkpoint's ``calibrated_tree.json`` if it ships one, else the paper's ``mc_sim_7b_63``; on a
 CPU, which pays for every tree node, ``calibrated_tree_cpu.json`` if shipped, else the 7-node
 ``small_7``. A checkpoint ships a tree in its model directory or the directory above it (the
@@ -65,6 +69,8 @@ DEFAULT_TREE = "mc_sim_7b_63"  # the paper's: the default on a GPU until calibra
 CPU_DEFAULT_TREE = "small_7"  # the default on a CPU without a calibrated tree
 # the calibrated trees a checkpoint may ship, by device type ("cuda": any GPU)
 CALIBRATED_TREE_FILES = {"cpu": "calibrated_tree_cpu.json", "cuda": "calibrated_tree.json"}
+# the policy tables (tree per batch size, measured on such a device) a checkpoint may ship
+TREE_POLICY_FILES = {"cpu": "tree_policy_cpu.json", "cuda": "tree_policy_cuda.json"}
 
 
 @dataclass
@@ -218,20 +224,36 @@ def check_fits(choices: Sequence[Sequence[int]], label: str, num_heads: int | No
         )
 
 
+def _shipped(files: dict[str, str], device, model_dir) -> str | None:
+    """The file ``files[device type]`` in ``model_dir`` or the directory above it, or None."""
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    if model_dir is None:
+        return None
+    model_dir = os.path.abspath(model_dir)
+    for folder in (model_dir, os.path.dirname(model_dir)):
+        candidate = os.path.join(folder, files[kind])
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
 def default_tree(device: torch.device | str = "cpu", model_dir: str | os.PathLike | None = None
                  ) -> str:
-    """The tree to use when none is given (a name in ``TREES`` or a shipped file's path), by
-    device type: the checkpoint's calibrated tree for it (``CALIBRATED_TREE_FILES``, looked for
-    in ``model_dir`` then the directory above it) if it ships one, else ``mc_sim_7b_63`` on a
-    GPU and ``small_7`` on a CPU."""
-    kind = "cuda" if str(device).startswith("cuda") else "cpu"
-    if model_dir is not None:
-        model_dir = os.path.abspath(model_dir)
-        for folder in (model_dir, os.path.dirname(model_dir)):
-            candidate = os.path.join(folder, CALIBRATED_TREE_FILES[kind])
-            if os.path.isfile(candidate):
-                return candidate
-    return DEFAULT_TREE if kind == "cuda" else CPU_DEFAULT_TREE
+    """The tree to use when none is given and no policy table is shipped (a name in ``TREES``
+    or a shipped file's path), by device type: the checkpoint's calibrated tree for it
+    (``CALIBRATED_TREE_FILES``, looked for in ``model_dir`` then the directory above it) if it
+    ships one, else ``mc_sim_7b_63`` on a GPU and ``small_7`` on a CPU."""
+    shipped = _shipped(CALIBRATED_TREE_FILES, device, model_dir)
+    if shipped is not None:
+        return shipped
+    return DEFAULT_TREE if str(device).startswith("cuda") else CPU_DEFAULT_TREE
+
+
+def default_policy_file(device: torch.device | str = "cpu",
+                        model_dir: str | os.PathLike | None = None) -> str | None:
+    """The checkpoint's policy table for the device type (``TREE_POLICY_FILES``, in
+    ``model_dir`` or the directory above it), or None: then ``default_tree`` applies."""
+    return _shipped(TREE_POLICY_FILES, device, model_dir)
 
 
 def tree_label(tree) -> str:

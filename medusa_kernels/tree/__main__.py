@@ -7,7 +7,8 @@ import sys
 PROG = "python -m medusa_kernels.tree"
 COMMANDS = {
     "calibrate": "grow a tree from the heads' measured top-k accuracies\n"
-                 "             (--nodes auto: its size timed fastest on this device)",
+                 "             (--nodes auto: its size timed fastest on this device;\n"
+                 "              --nodes auto --batches 1,2,4,...: a tree policy table)",
 }
 HELP = f"""usage: {PROG} COMMAND [options]
 
@@ -17,6 +18,8 @@ Medusa candidate trees (medusa_kernels.tree). Commands:
   {PROG} calibrate --model DIR --medusa DIR --prompts FILE \\
       --nodes auto --out tree.json
   {PROG} calibrate --out tree.json   # the demo model, its held-out prompts
+  {PROG} calibrate --nodes auto --batches 1,2,4,8,16,32,64 \\
+      --out tree_policy_cpu.json   # the tree per batch size
 """
 
 
