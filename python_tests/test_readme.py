@@ -66,4 +66,4 @@ def test_troubleshooting_quotes_real_errors():
 
 
 def test_readme_states_the_test_suite_duration():
-    assert re.search(r"test suite took about [\d.]+ minutes on a quiet 2-core machine", README)
+    assert re.search(r"test suite \(about \d+ tests\) takes about [\d.]+ minutes on a quiet 2-core machine", README)

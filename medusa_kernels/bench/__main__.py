@@ -5,10 +5,11 @@
     python -m medusa_kernels.bench --only tree_attention,compact_kv --shapes "L=4096 B=1"
     python -m medusa_kernels.bench --only e2e --model vicuna-7b/ --medusa medusa-vicuna-7b/
 
-Sections: tree_attention, heads_topk, compact_kv, e2e (in this order). The copy bandwidth is
-measured first: each row's ``frac_floor`` is its minimum traffic over that bandwidth divided by
-its median time. A section that cannot be imported, raises, or whose kernel check fails is
-recorded as failed in the JSON and the command exits with status 1 once everything has run.
+Sections: tree_attention, heads_topk, compact_kv, e2e, throughput (in this order). The copy
+bandwidth is measured first: each row's ``frac_floor`` is its minimum traffic over that bandwidth
+divided by its median time. A section that cannot be imported, raises, or whose kernel check
+fails is recorded as failed in the JSON and the command exits with status 1 once everything has
+run.
 On the GPU a case, capture or peer that raises becomes a row ("FAIL: ..." for ours, "not run:
 ..." for a peer) and the other rows are kept; the JSON is rewritten after every section, so a
 run stopped by a time limit keeps what it measured.
