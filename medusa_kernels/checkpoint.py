@@ -189,6 +189,38 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+MODEL_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+                "fp32": torch.float32, "float": torch.float32, "float64": torch.float64}
+
+
+def check_load_args(base_dir, medusa, dtype, device) -> tuple[torch.dtype | None, torch.device]:
+    """``load_model``'s arguments checked before any file is read: paths (str / os.PathLike),
+    ``dtype`` (None, a float torch.dtype or one of ``MODEL_DTYPES``' names), ``device`` (a
+    torch.device or its name, present on this machine). Returns (dtype, device)."""
+    for name, value in (("base_dir", base_dir), ("medusa", medusa)):
+        if value is not None and not isinstance(value, (str, os.PathLike)) or (
+                name == "base_dir" and value is None):
+            raise TypeError(f"{name} must be a directory path (str or os.PathLike), got "
+                            f"{type(value).__name__} {value!r}")
+    if isinstance(dtype, str):
+        if dtype not in MODEL_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(MODEL_DTYPES)} or a floating "
+                             f"torch.dtype, got {dtype!r}")
+        dtype = MODEL_DTYPES[dtype]
+    elif dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be None, a floating torch.dtype or one of "
+                        f"{sorted(MODEL_DTYPES)}, got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a name like 'cpu', 'cuda' or "
+                         f"'cuda:1', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA device is available here")
+    return dtype, device
+
+
 def load_base_model(model_dir, dtype=None, device="cpu", tp: TPGroup = SINGLE) -> Transformer:
     """A ``Transformer`` from an HF-layout directory, in ``dtype`` on ``device``; under tensor
     parallelism (``tp``, world > 1) this rank's part of it, read as slices.
@@ -549,6 +581,7 @@ def load_model(base_dir, medusa=None, dtype=None, device="cpu", tp=None) -> Medu
     rank with identical results; rank 0's torch random state is copied to every rank here, so
     unseeded sampling draws the same numbers on each.
     """
+    dtype, device = check_load_args(base_dir, medusa, dtype, device)
     if tp is None or tp is False:
         tp = SINGLE
     elif tp is True:

@@ -318,3 +318,26 @@ def test_corrupt_heads_files_name_the_file(tmp_path, content):
     (tmp_path / "medusa_lm_head.safetensors").write_bytes(content)
     with pytest.raises(ValueError, match=f"{tmp_path / 'medusa_lm_head.safetensors'}: not a"):
         load_medusa_heads(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(base_dir=123), TypeError, r"base_dir must be a directory path .* got int 123"),
+    (dict(base_dir=None), TypeError, r"base_dir must be a directory path"),
+    (dict(medusa=5), TypeError, r"medusa must be a directory path .* got int 5"),
+    (dict(dtype="f16"), ValueError, r"dtype must be one of .* got 'f16'"),
+    (dict(dtype=torch.int32), TypeError, r"dtype must be None, a floating torch.dtype"),
+    (dict(device="gpu"), ValueError, r"device must be a torch.device or a name .* got 'gpu'"),
+], ids=["base_dir-int", "base_dir-none", "medusa-int", "dtype-name", "dtype-int", "device-name"])
+def test_load_model_arguments_are_checked_up_front(kwargs, error, match):
+    from medusa_kernels.demo import path as demo_path
+
+    base, _ = demo_path()
+    with pytest.raises(error, match=match):
+        load_model(**{"base_dir": base, **kwargs})
+
+
+def test_load_model_takes_dtype_names():
+    from medusa_kernels.demo import path as demo_path
+
+    base, heads = demo_path()
+    assert load_model(base, medusa=heads, dtype="bf16").dtype == torch.bfloat16
