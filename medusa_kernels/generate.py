@@ -122,11 +122,23 @@ def _main(argv: list[str]) -> int:
     import torch
 
     from .checkpoint import load_model
-    from .decoding import generate
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_model(args.model, medusa=args.medusa, dtype=dtype, device=device,
                        tp=True if _world() > 1 else None)
+    try:
+        _print_stream(model, args, config, ids)
+    except BaseException:
+        model.tp.close(sync=False)  # a peer may never reach the barrier
+        raise
+    model.tp.close()
+    return 0
+
+
+def _print_stream(model, args, config, ids) -> None:
+    """Decode and print: text (or ids) as they come, then one stats line (rank 0 only)."""
+    from .decoding import generate
+
     shown = sys.stdout if model.tp.is_main else open(os.devnull, "w")  # rank 0 prints
     if config.medusa and model.heads is None:
         raise ValueError(f"no Medusa heads in {args.model}: pass --medusa DIR, or --no-medusa for "
@@ -152,8 +164,6 @@ def _main(argv: list[str]) -> int:
         f"{r.mean_accepted:.2f} accepted tokens per step",
         file=sys.stderr if model.tp.is_main else shown,
     )
-    model.tp.close()
-    return 0
 
 
 def _world() -> int:

@@ -199,13 +199,15 @@ def _main(argv: list[str]) -> int:
                             args.temperature, args.batch_size, args.seed, args.top_logits,
                             args.format, args.limit, str(device), DTYPES.get(args.dtype or ""),
                             not args.no_progress)
+        finished = False
         try:
             self_distill(cfg, rank=rank, world=world)
+            finished = True
         finally:
             if owned:
-                import torch.distributed as dist
+                from .parallel import destroy_group
 
-                dist.destroy_process_group()
+                destroy_group(sync=finished)
         return 0
     result = train(config_from_args(args))
     if result.accept:

@@ -34,6 +34,7 @@ from medusa_kernels.parallel import (
     vocab_parallel_embedding,
     vocab_range,
 )
+from medusa_kernels.parallel import group as group_module
 from medusa_kernels.parallel import load as load_module
 
 
@@ -73,6 +74,39 @@ def test_tp_group_checks():
         TPGroup(rank=0, world=2)
     with pytest.raises(TypeError, match="world"):
         TPGroup(rank=0, world=2.0)
+
+
+def test_close_meets_at_a_barrier_before_tearing_down(monkeypatch):
+    """An owned group's close: a barrier, then destroy (gloo aborts a rank whose peer hangs up
+    mid-shutdown); sync=False (an error path) skips the barrier; a failed barrier still
+    destroys; an unowned group or no group at all is left alone."""
+    calls = []
+    fake = dict(is_initialized=lambda: True, get_world_size=lambda: 2,
+                barrier=lambda: calls.append("barrier"),
+                destroy_process_group=lambda: calls.append("destroy"))
+    for name, fn in fake.items():
+        monkeypatch.setattr(group_module.dist, name, fn)
+    pg = object()
+    TPGroup(0, 2, pg, owned=True).close()
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    TPGroup(1, 2, pg, owned=True).close(sync=False)
+    assert calls == ["destroy"]
+    calls.clear()
+    TPGroup(1, 2, pg).close()
+    assert calls == []
+
+    def broken():
+        raise RuntimeError("peer hung up")
+
+    monkeypatch.setattr(group_module.dist, "barrier", broken)
+    with pytest.raises(RuntimeError, match="peer hung up"):
+        TPGroup(0, 2, pg, owned=True).close()
+    assert calls == ["destroy"]
+    monkeypatch.setattr(group_module.dist, "is_initialized", lambda: False)
+    calls.clear()
+    TPGroup(0, 2, pg, owned=True).close()
+    assert calls == []
 
 
 def test_init_tp_names_missing_torchrun_variables(monkeypatch):

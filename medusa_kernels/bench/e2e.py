@@ -616,9 +616,12 @@ def run(ctx: BenchContext) -> list[dict]:
         raise ValueError(f"tree {ctx.tree!r} is neither a known tree {sorted(TREES)} nor a file")
     tp = init_tp(device=ctx.device) if launched_world() > 1 else SINGLE  # torchrun: TP mode
     try:
-        return _run(ctx, tp)
-    finally:
-        tp.close()
+        rows = _run(ctx, tp)
+    except BaseException:
+        tp.close(sync=False)
+        raise
+    tp.close()
+    return rows
 
 
 def _run(ctx: BenchContext, tp: TPGroup) -> list[dict]:

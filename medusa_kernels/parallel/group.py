@@ -105,10 +105,24 @@ class TPGroup:
         if self.world > 1:
             dist.barrier(group=self.group)
 
-    def close(self) -> None:
-        """Destroy the default process group if ``init_tp`` created it for this object."""
-        if self.owned and dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, sync: bool = True) -> None:
+        """Destroy the default process group if ``init_tp`` created it for this object (see
+        ``destroy_group``; ``sync=False`` on an error path, where a peer may never arrive)."""
+        if self.owned:
+            destroy_group(sync)
+
+
+def destroy_group(sync: bool = True) -> None:
+    """Destroy the default process group, if any; with ``sync``, after a barrier, so that no
+    rank tears its connections down while a peer is still finishing (gloo aborts a rank whose
+    peer hangs up under it: "terminate called without an active exception")."""
+    if not dist.is_initialized():
+        return
+    try:
+        if sync and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 SINGLE = TPGroup()

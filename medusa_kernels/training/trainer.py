@@ -43,6 +43,7 @@ from ..checkpoint import (
 )
 from ..heads import MedusaHeads
 from ..model import Transformer
+from ..parallel import destroy_group
 from ..tree import DEFAULT_TREE, resolve_choices
 from .data import collate, load_dataset, pack, shifted_targets
 from .distill import DistillConfig, resolve_prompts, self_distill
@@ -379,11 +380,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     ``out/train_report.json``.
     """
     rank, world, device, owned = setup_distributed(cfg.device)
+    finished = False
     try:
-        return _train(cfg, rank, world, device)
+        result = _train(cfg, rank, world, device)
+        finished = True
+        return result
     finally:
         if owned:
-            dist.destroy_process_group()
+            destroy_group(sync=finished)
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> TrainResult:
