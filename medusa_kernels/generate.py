@@ -24,7 +24,7 @@ import argparse
 import os
 import sys
 
-from ._cli import DEBUG_HELP, Parser, check_device, check_dir, run_cli
+from ._cli import DEBUG_HELP, Parser, check_device, check_dir, exit_process, run_cli
 from .generation_config import GenerationConfig, build_config
 
 PROG = "python -m medusa_kernels.generate"
@@ -192,4 +192,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

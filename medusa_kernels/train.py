@@ -47,9 +47,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from ._cli import DEBUG_HELP, Parser, check_dir, check_file, run_cli
+from ._cli import DEBUG_HELP, Parser, check_dir, check_file, exit_process, run_cli
 
 PROG = "python -m medusa_kernels.train"
 DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")  # training.trainer.DTYPES
@@ -221,4 +220,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

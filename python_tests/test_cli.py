@@ -215,3 +215,22 @@ def test_generate_cli_answers_any_flags_with_a_result_or_one_line(tiny, capsys, 
         assert rc == 0, (argv, err)
         assert "tokens in" in err and "Traceback" not in err
         assert 1 <= len(out.split()) <= int(flags["--max-new-tokens"])
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_exit_process_under_torchrun_skips_the_teardown(world):
+    """A torchrun rank (WORLD_SIZE > 1) flushes what it printed and leaves with its code without
+    the interpreter's teardown (where gloo's destructors can abort a finished run); one process
+    exits normally, atexit handlers included."""
+    script = ("import atexit, sys\n"
+              "from medusa_kernels._cli import exit_process\n"
+              "atexit.register(lambda: print('teardown', flush=True))\n"
+              "print('tokens', end='')\n"
+              "print('stats', end='', file=sys.stderr)\n"
+              "exit_process(3)\n")
+    env = dict(os.environ, WORLD_SIZE=world)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 3
+    assert out.stderr == "stats"
+    assert out.stdout == ("tokens" if world == "2" else "tokensteardown\n")

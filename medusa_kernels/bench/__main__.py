@@ -32,6 +32,7 @@ import traceback
 
 import torch
 
+from .._cli import exit_process
 from . import SECTIONS
 
 DTYPES = {
@@ -352,4 +353,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
