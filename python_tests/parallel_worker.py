@@ -25,6 +25,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from medusa_kernels._cli import exit_process
 from medusa_kernels.parallel import (
     ReadStats,
     TPGroup,
@@ -217,3 +218,4 @@ def main(workdir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_process(0)  # as the CLIs leave under torchrun: no interpreter teardown
