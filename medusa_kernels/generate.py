@@ -119,19 +119,13 @@ def _main(argv: list[str]) -> int:
         raise ValueError(f"--device {device}: under torchrun give cpu or cuda (each rank takes "
                          "cuda:LOCAL_RANK)")
 
-    import torch
-
     from .checkpoint import load_model
+    from .parallel import group_ending
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = load_model(args.model, medusa=args.medusa, dtype=dtype, device=device,
+    model = load_model(args.model, medusa=args.medusa, dtype=args.dtype, device=device,
                        tp=True if _world() > 1 else None)
-    try:
+    with group_ending(model.tp.owned):
         _print_stream(model, args, config, ids)
-    except BaseException:
-        model.tp.close(sync=False)  # a peer may never reach the barrier
-        raise
-    model.tp.close()
     return 0
 
 

@@ -198,15 +198,10 @@ def _main(argv: list[str]) -> int:
                             args.temperature, args.batch_size, args.seed, args.top_logits,
                             args.format, args.limit, str(device), DTYPES.get(args.dtype or ""),
                             not args.no_progress)
-        finished = False
-        try:
-            self_distill(cfg, rank=rank, world=world)
-            finished = True
-        finally:
-            if owned:
-                from .parallel import destroy_group
+        from .parallel import group_ending
 
-                destroy_group(sync=finished)
+        with group_ending(owned):
+            self_distill(cfg, rank=rank, world=world)
         return 0
     result = train(config_from_args(args))
     if result.accept:

@@ -24,6 +24,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from parallel_decode_worker import decode_part, to_cpu
 
 from medusa_kernels._cli import exit_process
 from medusa_kernels.parallel import (
@@ -167,16 +168,6 @@ def graph_replay(w, layout: TPLayout, tp: TPGroup, dev: torch.device) -> dict:
             "eager": (eager_values, eager_indices, tp.all_reduce(x.clone()))}
 
 
-def to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
 def main(workdir: str) -> None:
     inputs = torch.load(os.path.join(workdir, "inputs.pt"), weights_only=False)
     dev = rank_device(os.environ.get("MK_TEST_DEVICE", "cpu"))
@@ -208,12 +199,9 @@ def main(workdir: str) -> None:
         big = TPLayout.from_hf_config(inputs["big_config"], tp.world, tp.rank)
         out["memory"] = measure_read(inputs["big_files"], big)
     if "decode" in inputs:  # the decoder, the loader and the CLIs (parallel_decode_worker.py)
-        from parallel_decode_worker import decode_part
-
         out["decode"] = decode_part(inputs["decode"], tp, dev)
     torch.save(to_cpu(out), os.path.join(workdir, f"rank{tp.rank}.pt"))
-    tp.barrier()
-    tp.close()
+    tp.close()  # a barrier, then destroy
 
 
 if __name__ == "__main__":

@@ -63,7 +63,14 @@ from medusa_kernels.checkpoint import MedusaModel, load_model
 from medusa_kernels.decoding import generate, medusa_step, plain_step
 from medusa_kernels.heads import MedusaHeads
 from medusa_kernels.model import ModelConfig, Transformer
-from medusa_kernels.parallel import SINGLE, TPGroup, init_tp, launched_world, rank_device
+from medusa_kernels.parallel import (
+    SINGLE,
+    TPGroup,
+    group_ending,
+    init_tp,
+    launched_world,
+    rank_device,
+)
 from medusa_kernels.tree import DEFAULT_TREE, TREES, build_tree, resolve_choices
 
 from ._common import (
@@ -615,13 +622,8 @@ def run(ctx: BenchContext) -> list[dict]:
     if ctx.tree is not None and str(ctx.tree) not in TREES and not os.path.isfile(ctx.tree):
         raise ValueError(f"tree {ctx.tree!r} is neither a known tree {sorted(TREES)} nor a file")
     tp = init_tp(device=ctx.device) if launched_world() > 1 else SINGLE  # torchrun: TP mode
-    try:
-        rows = _run(ctx, tp)
-    except BaseException:
-        tp.close(sync=False)
-        raise
-    tp.close()
-    return rows
+    with group_ending(tp.owned):
+        return _run(ctx, tp)
 
 
 def _run(ctx: BenchContext, tp: TPGroup) -> list[dict]:

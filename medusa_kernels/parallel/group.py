@@ -18,6 +18,7 @@ collective before capturing). gloo runs eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -110,6 +111,20 @@ class TPGroup:
         ``destroy_group``; ``sync=False`` on an error path, where a peer may never arrive)."""
         if self.owned:
             destroy_group(sync)
+
+
+@contextlib.contextmanager
+def group_ending(owned: bool = True):
+    """Run the block, then destroy the default process group when ``owned``: after a barrier
+    when the block finished, at once when it raised (a peer may never reach the barrier)."""
+    try:
+        yield
+    except BaseException:
+        if owned:
+            destroy_group(sync=False)
+        raise
+    if owned:
+        destroy_group()
 
 
 def destroy_group(sync: bool = True) -> None:

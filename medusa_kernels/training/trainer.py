@@ -43,7 +43,7 @@ from ..checkpoint import (
 )
 from ..heads import MedusaHeads
 from ..model import Transformer
-from ..parallel import destroy_group
+from ..parallel import group_ending
 from ..tree import DEFAULT_TREE, resolve_choices
 from .data import collate, load_dataset, pack, shifted_targets
 from .distill import DistillConfig, resolve_prompts, self_distill
@@ -380,14 +380,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     ``out/train_report.json``.
     """
     rank, world, device, owned = setup_distributed(cfg.device)
-    finished = False
-    try:
-        result = _train(cfg, rank, world, device)
-        finished = True
-        return result
-    finally:
-        if owned:
-            destroy_group(sync=finished)
+    with group_ending(owned):
+        return _train(cfg, rank, world, device)
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> TrainResult:
