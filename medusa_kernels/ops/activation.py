@@ -83,7 +83,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _sigmoid(x):
-        return 1.0 / (1.0 + tl.exp(-x))
+        """1 / (1 + exp(-x)) from exp(-|x|): no overflow at any x."""
+        e = tl.exp(-tl.abs(x))
+        return tl.where(x >= 0, 1.0, e) / (1.0 + e)
 
     @triton.jit
     def _gated_act_kernel(

@@ -89,25 +89,31 @@ def rope_kv_write_ref(
 ) -> torch.Tensor:
     """Plain PyTorch (the ground truth and the ``torch`` backend): the decoder's q/k norm,
     ``apply_rope`` and ``index_put_`` cache write op for op. Returns the rotated q [B, T, Hq, D]
-    (contiguous). On a CPU an out-of-range slot raises; elsewhere it is skipped (its slot is
-    written back unchanged)."""
+    (contiguous). On a CPU an out-of-range slot raises; elsewhere it is skipped."""
     if q_norm_weight is not None:
         q = rms_norm_ref(q, q_norm_weight, eps, unit_offset=unit_offset)[0].to(q.dtype)
     if k_norm_weight is not None:
         k = rms_norm_ref(k, k_norm_weight, eps, unit_offset=unit_offset)[0].to(k.dtype)
     q, k = apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)
-    B, S = write_pos.shape[0], k_cache.shape[2]
-    batch = torch.arange(B, device=write_pos.device)[:, None]
-    kl, vl = k_cache[layer], v_cache[layer]
-    if write_pos.device.type == "cpu":
-        _check_slots(write_pos, S)
-        kl[batch, write_pos], vl[batch, write_pos] = k, v
-    else:  # no host read: out-of-range slots write their clamped slot back unchanged
-        ok = ((write_pos >= 0) & (write_pos < S))[:, :, None, None]
-        pos = write_pos.clamp(0, S - 1)
-        kl[batch, pos] = torch.where(ok, k, kl[batch, pos])
-        vl[batch, pos] = torch.where(ok, v, vl[batch, pos])
+    write_slots_ref(k_cache[layer], v_cache[layer], k, v, write_pos,
+                    checked=write_pos.device.type == "cpu")  # fmt: skip
     return q.contiguous()
+
+
+def write_slots_ref(k_layer, v_layer, k, v, write_pos, checked: bool) -> None:
+    """``k_layer[b, write_pos[b, t]] = k[b, t]`` (and v) for caches [B, S, Hkv, D]. ``checked``:
+    an out-of-range slot raises (a host read); else it is skipped without one (its clamped slot
+    is written back unchanged: a valid token writing the same clamped slot races with it)."""
+    S = k_layer.shape[1]
+    batch = torch.arange(write_pos.shape[0], device=write_pos.device)[:, None]
+    if checked:
+        _check_slots(write_pos, S)
+        k_layer[batch, write_pos], v_layer[batch, write_pos] = k, v
+        return
+    ok = ((write_pos >= 0) & (write_pos < S))[:, :, None, None]
+    pos = write_pos.clamp(0, S - 1)
+    k_layer[batch, pos] = torch.where(ok, k, k_layer[batch, pos])
+    v_layer[batch, pos] = torch.where(ok, v, v_layer[batch, pos])
 
 
 def check_rope_kv_write_args(
