@@ -245,7 +245,6 @@ def test_rope_kv_write_cpu_checks_slots_and_names_write_pos():
 ACT_SHAPES = [
     pytest.param((3, 5), 67, id="B3-T5-I67"),
     pytest.param((1, 1), 1100, id="B1-T1-I1100"),
-    pytest.param((), 1, id="1d-I1"),
 ]
 
 
@@ -261,13 +260,16 @@ def test_gated_act_triton_matches_float64(lead, inter, act, dtype):
 
 
 def test_gated_act_reads_strided_rows_and_extreme_values():
-    """Rows of a wider buffer (a view), and gates at +-80 (exp overflows in fp32 inside)."""
+    """Rows of a wider buffer (a view), gates at +-80 (where a naive sigmoid's exp overflows),
+    and a 1-d gate_up of one gate and one up."""
     buf = torch.randn(4, 3, 2 * 50 + 7)
     buf[..., :8] = torch.tensor([-80.0, 80.0, -20.0, 20.0, 0.0, -0.0, 1e-30, -1e-30])
     gate_up = buf[..., :100]
+    tiny = torch.randn(2)  # 1-d, I = 1
     for act in TRITON_ACTIVATIONS:
-        out = gated_act(gate_up, act, backend="triton")
-        assert_near(out, gated_act_ref(gate_up.double(), act), gated_act_ref(gate_up, act), act)
+        for g in (gate_up, tiny):
+            out = gated_act(g, act, backend="triton")
+            assert_near(out, gated_act_ref(g.double(), act), gated_act_ref(g, act), act)
 
 
 def test_gated_act_torch_backend_is_transformers_formula_for_every_activation():
@@ -429,3 +431,60 @@ def test_cuda_graph_captures_the_fused_ops_and_they_match_the_reference():
     assert_near(kc[m].cpu(), kc64[m].cpu(), kcs[m].cpu(), "k_cache")
     assert_near(act.cpu(), gated_act_ref(gate_up.double(), "silu").cpu(),
                 gated_act_ref(gate_up, "silu").cpu(), "act")  # fmt: skip
+
+
+# ------------------------------------------------------------------------- custom ops and autograd
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_custom_ops_pass_opcheck(backend):
+    """The registered ops (what torch.compile traces): schema with the declared mutations
+    (k_cache, v_cache and nothing else), fake tensors, AOT dispatch; the same values as eager."""
+    torch.manual_seed(6)
+    x, r, w = torch.randn(3, 40), torch.randn(3, 40), torch.randn(40)
+    q, k, v, cos, sin, kc, vc, pos = _rope_inputs(2, 3, 4, 2, 16, 8, torch.float32, S=6)
+    kc.normal_(), vc.normal_()  # opcheck compares caches across runs: no NaN
+    gate_up = torch.randn(2, 3, 10)
+    ops = torch.ops.medusa_kernels
+    cases = [
+        (ops.rms_norm, (x, w, 1e-6, True, backend), rms_norm(x, w, 1e-6, unit_offset=True)),
+        (ops.add_rms_norm, (x, w, r, 1e-6, False, backend), rms_norm(x, w, 1e-6, residual=r)),
+        (ops.gated_act, (gate_up, "gelu", backend), gated_act(gate_up, "gelu")),
+        (ops.rope_kv_write, (q, k, v, cos, sin, kc, vc, 1, pos, w[:16], None, 1e-6, False,
+                             backend), None),  # fmt: skip
+    ]
+    # AOT dispatch traces the fake implementation, the same for both backends: once
+    utils = ("test_schema", "test_faketensor") + (("test_aot_dispatch_dynamic",)
+                                                  if backend == "torch" else ())  # fmt: skip
+    for op, args, want in cases:
+        torch.library.opcheck(op, args, test_utils=utils)
+        if want is not None:
+            got = op(*args)
+            for a, b in zip(got if isinstance(got, tuple) else (got,),
+                            want if isinstance(want, tuple) else (want,), strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = rope_kv_write(q, k, v, cos, sin, kc2, vc2, 1, pos, q_norm_weight=w[:16])
+    torch.testing.assert_close(ops.rope_kv_write(*cases[3][1]), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc, kc2, atol=1e-5, rtol=1e-5)
+
+
+def test_autograd_flows_through_the_reference_and_triton_refuses_it():
+    """Medusa-2 trains the backbone: with inputs that require grad "auto" takes the reference
+    (which differentiates); "triton" (no backward) raises."""
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, 24, requires_grad=True)
+    w = torch.randn(24, requires_grad=True)
+    out, h = rms_norm(x, w, 1e-6, residual=x.detach() * 2)
+    gated_act(torch.cat([out, h], -1), "silu").sum().backward()
+    assert x.grad is not None and w.grad is not None and x.grad.abs().sum() > 0
+    q, k, v, cos, sin, kc, vc, pos = _rope_inputs(1, 2, 4, 2, 16, 16, torch.float32, S=5)
+    q = q.detach().requires_grad_()
+    rope_kv_write(q, k, v, cos, sin, kc, vc, 0, pos).square().sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="backward"):
+        rms_norm(x, w, 1e-6, backend="triton")
+    with pytest.raises(RuntimeError, match="backward"):
+        gated_act(x, "silu", backend="triton")
+    with torch.no_grad():
+        assert rms_norm(x, w, 1e-6, backend="triton").shape == x.shape
