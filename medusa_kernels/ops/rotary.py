@@ -373,7 +373,8 @@ def rope_kv_write(
         k_cache, v_cache: [NL, B, S, Hkv, D] contiguous, q's dtype: the whole cache, written in
             place at ``[layer, b, write_pos[b, t]]``.
         layer: int in [0, NL).
-        write_pos: [B, T] int32/int64 cache slot of each token (any strides). Checked to lie in
+        write_pos: [B, T] int32/int64 cache slot of each token (any strides; distinct within
+            a row, else which token lands there is unspecified). Checked to lie in
             [0, S) for CPU tensors (or with MEDUSA_KERNELS_CHECKS=1); on CUDA an out-of-range
             slot is skipped (nothing written out of bounds).
         q_norm_weight, k_norm_weight: optional [D] RMSNorm weights applied to each q / k head
