@@ -410,7 +410,8 @@ def plot_groups(rows: Iterable[dict]) -> dict[str, dict]:
 
     Returns ``{title: {"lines": {label: [(L, median, p20, p80), ...]}, "floor": [(L, us)]}}``:
     one panel per section and case (every case key but the context length), one line per
-    implementation (and mode), the floor the smallest ``floor_us`` at each L.
+    implementation (and mode), the floor the smallest ``roofline_us`` (else ``floor_us``) at
+    each L (``"roofline"``: whether any row had one).
     """
     groups: dict[str, dict] = {}
     for row in rows:
@@ -424,8 +425,10 @@ def plot_groups(rows: Iterable[dict]) -> dict[str, dict]:
         group["lines"].setdefault(label, []).append(
             (x, row["median_us"], row.get("p20_us"), row.get("p80_us"))
         )
-        if row.get("floor_us"):
-            group["floor"][x] = min(group["floor"].get(x, math.inf), row["floor_us"])
+        limit = row.get("roofline_us") or row.get("floor_us")  # the roofline where known
+        if limit:
+            group["floor"][x] = min(group["floor"].get(x, math.inf), limit)
+            group["roofline"] = group.get("roofline", False) or bool(row.get("roofline_us"))
     for group in groups.values():
         for points in group["lines"].values():
             points.sort()
@@ -435,7 +438,8 @@ def plot_groups(rows: Iterable[dict]) -> dict[str, dict]:
 
 def plot(result: dict, path: str, max_panels: int = 16) -> str:
     """Write the PNG: median time vs context length per implementation (p20-p80 band) with the
-    bandwidth floor dashed; a bar chart of every median when no row has a context length."""
+    roofline (or, without a peak, the bandwidth floor) dashed; a bar chart of every median when
+    no row has a context length."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -476,7 +480,8 @@ def plot(result: dict, path: str, max_panels: int = 16) -> str:
                                     alpha=0.2)  # fmt: skip
             if group["floor"]:
                 fx, fy = zip(*group["floor"], strict=True)
-                ax.plot(fx, fy, "k--", marker="_", markersize=14, label="bandwidth floor")
+                ax.plot(fx, fy, "k--", marker="_", markersize=14,
+                        label="roofline" if group.get("roofline") else "bandwidth floor")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(sorted(xs_all), [str(x) for x in sorted(xs_all)])
