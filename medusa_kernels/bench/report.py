@@ -36,8 +36,9 @@ RESULT_KEYS = {
 HIDDEN_IN_TABLE = {"section", "floor_us", "p20_us", "p80_us", "sample", "flops"}
 # results shown first (the rest follow in the order the rows carry them), so the first of the
 # narrow tables a terminal gets holds the verdicts
-FIRST_RESULTS = ("median_us", "p20-p80", "tokens_per_s", "speedup", "ratio_vs_plain",
-                 "frac_floor", "frac_roofline", "target", "check")
+FIRST_RESULTS = ("median_us", "p20-p80", "tokens_per_s", "speedup", "cpu_speedup", "vs_best",
+                 "cpu_vs_best", "ratio_vs_plain", "frac_floor", "frac_roofline", "target",
+                 "check")
 CONTEXT_KEYS = ("L", "context_len")  # the x axis of the plot
 CPU_NOTE = (
     "No CUDA GPU: CPU mode. Tiny shapes; every Triton kernel is checked in the Triton "
@@ -154,14 +155,15 @@ def table_columns(rows: Sequence[dict]) -> tuple[list[str], str]:
     return cols + results, caption
 
 
-CELL_CAP = 40  # a terminal cell folds past this width
+CELL_CAP = 32  # a terminal cell folds past this width
 
 
 def split_columns(cols: Sequence[str], rows: Sequence[dict], width: int) -> list[list[str]]:
     """``cols`` as one or more column lists whose tables fit ``width`` terminal characters:
-    each repeats the identifying columns (labels and varying case keys), the results are
-    shared out in order. Widths as rich draws a table without edges: each column's widest
-    cell (at most ``CELL_CAP``) and 3 characters between columns."""
+    each repeats the identifying columns (labels and varying case keys), the results go, in
+    order, each to the first table with room (so the first holds the verdicts). Widths as rich
+    draws a table without edges: each column's widest cell (at most ``CELL_CAP``) and 3
+    characters between columns."""
     ident = set(LABEL_KEYS) | set(case_keys(rows))
     keys = [c for c in cols if c in ident]
     results = [c for c in cols if c not in ident]
@@ -170,15 +172,17 @@ def split_columns(cols: Sequence[str], rows: Sequence[dict], width: int) -> list
         cells = [len(header(c))] + [len(cell(r, c)) for r in rows]
         return min(max(cells), max(CELL_CAP, len(header(c)))) + 3
 
-    used = sum(w(c) for c in keys) - 3
-    parts: list[list[str]] = [[]]
-    left = width - used
-    for c in results:
-        if parts[-1] and w(c) > left:
+    room = width - (sum(w(c) for c in keys) - 3)
+    parts: list[list[str]] = []
+    left: list[int] = []
+    for c in results:  # first fit: each column into the first table with room, in order
+        i = next((i for i, n in enumerate(left) if w(c) <= n), None)
+        if i is None:
             parts.append([])
-            left = width - used
-        parts[-1].append(c)
-        left -= w(c)
+            left.append(room)
+            i = len(parts) - 1
+        parts[i].append(c)
+        left[i] -= w(c)
     return [keys + part for part in parts]
 
 
