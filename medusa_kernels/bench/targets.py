@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .report import case_keys, case_label, fmt, header, tally
 
@@ -42,7 +42,6 @@ class Target:
     device: str = "cuda"  # "cuda", "cpu" or "any"
     peer: dict | None = None  # overrides of the row's identity naming the row to compare with
     decoding: bool = False  # a ratio of decoding runs: judged only when they are long enough
-    label: str = field(default="", compare=False)
 
     def text(self) -> str:
         if self.peer:
