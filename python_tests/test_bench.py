@@ -28,7 +28,9 @@ def quick_run(tmp_path_factory):
     cmd = [sys.executable, "-m", "medusa_kernels.bench", "--quick", "--device", "cpu",
            "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
-    files = {ext: glob.glob(str(out / f"*.{ext}")) for ext in ("json", "md", "png")}
+    files = {ext: [f for f in glob.glob(str(out / f"*.{ext}")) if "-profile." not in f]
+             for ext in ("json", "md", "png")}  # fmt: skip
+    files["profile"] = sorted(glob.glob(str(out / "*-profile.*")))
     result = json.loads(open(files["json"][0]).read()) if files["json"] else None
     return proc, files, result
 
@@ -62,7 +64,8 @@ def test_quick_json_has_every_section_with_sane_values(quick_run):
                 assert 0 < row["p20_us"] <= row["median_us"] <= row["p80_us"], row
                 assert row["gbps"] > 0
             if row.get("frac_floor") is not None:
-                assert 0 < row["frac_floor"] <= 1.5, row
+                # the floor is a 64 MB copy's: the tiny CPU shapes sit in cache and can beat it
+                assert 0 < row["frac_floor"] <= 4, row
             for key, value in row.items():
                 if key.startswith("check"):
                     assert value == "ok", row
@@ -109,6 +112,24 @@ def test_quick_e2e_plain_decoding_against_transformers(quick_run):
             assert r["identical"] is True, r
     ours = next(r for r in rows if r["impl"] == "plain_decode")
     assert ours["speedup_vs_hf_dynamic"] > 0 and ours["speedup_vs_hf_static"] > 0
+
+
+def test_quick_targets_profile_and_short_runs(quick_run):
+    """Targets judged in the run (issue 23: the 16-token throughput runs are "too short to
+    judge", not "ok"); the step profile beside the JSON (issue 22)."""
+    proc, files, result = quick_run
+    assert [os.path.basename(f) for f in files["profile"]] == [
+        os.path.basename(files["json"][0])[: -len(".json")] + f"-profile.{ext}"
+        for ext in ("json", "md")]  # fmt: skip
+    assert "CPU ops (self time" in open(files["profile"][1]).read()
+    for row in result["sections"]["throughput"]["rows"]:
+        if row["impl"] == "adaptive" or (row["impl"] == "fixed" and row["B"] == 1):
+            assert row["target"].startswith("too short to judge: 16 new tokens"), row
+    records = result["targets"]
+    assert records and all(r["verdict"] for r in records)
+    assert any(r["verdict"].startswith("too short to judge") for r in records)
+    assert "targets: " in proc.stdout.splitlines()[-1]
+    assert "## Targets: " in open(files["md"][0]).read()
 
 
 def test_failed_section_recorded_and_exit_status(tmp_path, monkeypatch):

@@ -5,11 +5,14 @@
     python -m medusa_kernels.bench --only tree_attention,compact_kv --shapes "L=4096 B=1"
     python -m medusa_kernels.bench --only e2e --model vicuna-7b/ --medusa medusa-vicuna-7b/
 
-Sections: tree_attention, heads_topk, compact_kv, e2e, throughput (in this order). The copy
-bandwidth is measured first: each row's ``frac_floor`` is its minimum traffic over that bandwidth
-divided by its median time. A section that cannot be imported, raises, or whose kernel check
-fails is recorded as failed in the JSON and the command exits with status 1 once everything has
-run.
+Sections: tree_attention, heads_topk, compact_kv, e2e, step_profile, throughput (in this
+order). The copy bandwidth is measured first: each row's ``frac_floor`` is its minimum traffic
+over that bandwidth divided by its median time; ``frac_roofline`` is the roofline (the larger of
+that floor and the row's FLOPs at the GPU's dense bf16 peak) over its median. Rows a stated
+target judges get a ``target`` cell (met / missed / too short to judge), summarised at the end.
+A section that cannot be imported, raises, or whose kernel check fails is recorded as failed in
+the JSON and the command exits with status 1 once everything has run; a missed target does not
+change the exit status.
 On the GPU a case, capture or peer that raises becomes a row ("FAIL: ..." for ours, "not run:
 ..." for a peer) and the other rows are kept; the JSON is rewritten after every section, so a
 run stopped by a time limit keeps what it measured.
@@ -98,8 +101,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch CPU threads (CPU mode default 1: the shapes are tiny, and one "
         "thread keeps timings steady on a busy machine)",
     )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense bf16 peak in TFLOP/s, for the roofline (default: the "
+        "datasheet figure of a known GPU; none on a CPU)",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        p.error(f"--peak-tflops: expected a positive number of TFLOP/s, got {args.peak_tflops}")
     args.sections = _sections(args.only, p)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -261,8 +273,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "medusa_kernels.bench", *argv]
         return subprocess.call(cmd, env=env)
 
-    from . import report
-    from ._common import BenchContext, copy_bandwidth_gbps
+    from . import report, targets
+    from ._common import BenchContext, copy_bandwidth_gbps, peak_bf16_tflops
 
     t0 = time.perf_counter()
     if args.threads is not None or device.type == "cpu":
@@ -281,6 +293,11 @@ def main(argv=None) -> int:
 
     meta = report.metadata(device, dtype, args.quick, argv)
     meta["sections"] = args.sections
+    known = peak_bf16_tflops(meta["device_name"]) if device.type == "cuda" else None
+    if args.peak_tflops is not None:
+        known = (args.peak_tflops, "--peak-tflops")
+    meta["peak_bf16_tflops"], meta["peak_source"] = known or (None, None)
+    ctx.peak_tflops, ctx.meta = meta["peak_bf16_tflops"], meta
     # start-up cost: the package alone (lazy: no torch, no Triton) and the decoding stack
     for module in ("medusa_kernels", "medusa_kernels.decoding"):
         meta[f"import_{module.replace('.', '_')}_s"] = import_seconds(module)
@@ -296,17 +313,20 @@ def main(argv=None) -> int:
         say("[bold red]TRITON_INTERPRET=1 is set: Triton timings are the interpreter's[/]")
     ctx.copy_gbps = copy_bandwidth_gbps(ctx)
     say(f"copy bandwidth {ctx.copy_gbps:.1f} GB/s (the floor of every frac_floor)")
+    say(report.peak_line({"meta": meta, "copy_gbps": ctx.copy_gbps}), markup=False)
     sections: dict[str, dict] = {}
     # the JSON so far after every row and section: a run stopped by a time limit keeps what it
     # measured
     os.makedirs(args.out, exist_ok=True)
-    partial_path = os.path.join(args.out, report.result_stem(meta) + ".json")
+    ctx.out_dir, ctx.stem = args.out, report.result_stem(meta)
+    partial_path = os.path.join(args.out, ctx.stem + ".json")
 
     def write_partial(running: dict | None = None) -> None:
-        report.write_json(partial_path, {
-            "meta": meta, "copy_gbps": ctx.copy_gbps, "sections": {**sections, **(running or {})},
-            "notes": ctx.notes, "status": f"partial: {len(sections)} of "
-            f"{len(args.sections)} sections"})  # fmt: skip
+        partial = {"meta": meta, "copy_gbps": ctx.copy_gbps,
+                   "sections": {**sections, **(running or {})}, "notes": ctx.notes,
+                   "status": f"partial: {len(sections)} of {len(args.sections)} sections"}
+        partial["targets"] = targets.summary(partial)
+        report.write_json(partial_path, partial)  # fmt: skip
 
     with _Progress(len(args.sections), console) as progress:
         for name in args.sections:
@@ -322,8 +342,10 @@ def main(argv=None) -> int:
             ctx.on_row = on_row
             sections[name] = _run_section(name, ctx)
             sec = sections[name]
+            judged = targets.judge(name, sec["rows"], device.type)
+            verdicts = f"; targets: {report.tally(judged)}" if judged else ""
             progress.done(f"{name}: {sec['status']}, {len(sec['rows'])} rows, "
-                          f"{sec['seconds']:.1f} s")  # fmt: skip
+                          f"{sec['seconds']:.1f} s{verdicts}")  # fmt: skip
             write_partial()
     ctx.on_row = None
 
@@ -336,6 +358,7 @@ def main(argv=None) -> int:
         "notes": ctx.notes,
         "status": "failed" if failed else "ok",
     }
+    result["targets"] = targets.summary(result)
     report.print_tables(result, console)
     paths = report.write_all(result, args.out, make_plot=not args.no_plot)
     for kind, path in paths.items():
@@ -348,7 +371,8 @@ def main(argv=None) -> int:
     if device.type != "cuda":
         say("CPU mode: these are CPU times at tiny shapes. GPU numbers need a GPU.")
     say(f"done in {meta['seconds']:.1f} s: " + ("all sections ok" if not failed else
-        f"{len(failed)} section(s) failed: {', '.join(failed)}"), markup=False)  # fmt: skip
+        f"{len(failed)} section(s) failed: {', '.join(failed)}") +
+        f"; targets: {report.tally(result['targets'])}", markup=False)  # fmt: skip
     return 1 if failed else 0
 
 

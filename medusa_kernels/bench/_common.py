@@ -3,10 +3,15 @@
 Every section module in this package exposes ``run(ctx: BenchContext) -> list[dict]``: one row
 per (case, implementation), built with ``timed_row``. Times are medians with 20th/80th
 percentiles: ``triton.testing.do_bench`` on CUDA, a wall-clock loop on the CPU.
+
+Each timed row is set against two limits: the bytes floor (its minimum traffic over the copy
+bandwidth measured in the same run) and the roofline, the larger of that floor and its minimum
+FLOPs at the device's dense bf16 tensor-core peak (``PEAK_BF16_TFLOPS``, from the datasheets).
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 import traceback
@@ -28,10 +33,70 @@ class BenchContext:
     medusa_dir: str | None = None  # e2e: its Medusa heads (None = heads inside model_dir)
     tree: str | None = None  # e2e: tree name or JSON file (None = mc_sim_7b_63)
     on_row: Callable[[dict], None] | None = None  # progress hook, called by ``timed_row``
+    peak_tflops: float | None = None  # dense bf16 tensor-core peak (None: no roofline)
+    out_dir: str | None = None  # where the run writes (sections may put files beside the JSON)
+    stem: str | None = None  # the result files' name without extension
+    meta: dict | None = None  # the run's metadata (device, versions, commit), for such files
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks, TFLOP/s, as NVIDIA's datasheets state them
+# (the datasheets print the sparse figure, twice these). fp16 has the same peak on these parts.
+# First match wins: the more specific names come first.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float, str], ...] = (
+    (r"\bH100\b.*\bPCIe\b", 756.0, "NVIDIA H100 datasheet, PCIe: 1513 with sparsity"),
+    (r"\bH100\b.*\bNVL\b", 835.5, "NVIDIA H100 NVL datasheet: 1671 with sparsity"),
+    (r"\bH200\b.*\bNVL\b", 835.5, "NVIDIA H200 datasheet, NVL: 1671 with sparsity"),
+    (r"\bGH200\b", 989.4, "NVIDIA GH200 datasheet: 1979 with sparsity"),
+    (r"\bH200\b", 989.4, "NVIDIA H200 datasheet, SXM: 1979 with sparsity"),
+    (r"\bH100\b", 989.4, "NVIDIA H100 datasheet, SXM: 1979 with sparsity"),
+    (r"\bA100\b", 312.0, "NVIDIA A100 datasheet (SXM and PCIe): 624 with sparsity"),
+    (r"\bL40S\b", 362.05, "NVIDIA L40S datasheet: 733 with sparsity"),
+    (r"\bL4\b", 121.0, "NVIDIA L4 datasheet: 242 with sparsity"),
+    (r"\bA10\b", 125.0, "NVIDIA A10 datasheet: 250 with sparsity"),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> tuple[float, str] | None:
+    """(dense bf16 peak in TFLOP/s, its source) for a GPU name as torch reports it, e.g.
+    "NVIDIA H100 80GB HBM3", or None for a device not in ``PEAK_BF16_TFLOPS`` (CPUs too)."""
+    for pattern, tflops, source in PEAK_BF16_TFLOPS:
+        if re.search(pattern, device_name):
+            return tflops, source
+    return None
+
+
+def roofline(bytes_moved: int, flops: int | None, copy_gbps: float | None,
+             peak_tflops: float | None, median_us: float | None = None) -> dict:
+    """The limits of one timed row, in microseconds.
+
+    ``floor_us`` = bytes / copy bandwidth; ``roofline_us`` = max(floor_us, flops / peak), the
+    fastest the row could run on this device (None without a peak or without its FLOPs);
+    ``bound`` says which limit that is ("memory" or "compute"); ``intensity`` = FLOP per byte
+    (compute-bound when above the ridge, peak / bandwidth); ``frac_*`` = limit / median.
+    """
+    floor_us = bytes_moved / (copy_gbps * 1e9) * 1e6 if copy_gbps else None
+    out: dict = {"floor_us": floor_us}
+    if flops is not None:
+        out["flops"] = int(flops)
+        if flops:  # a copy (0 FLOPs) has no intensity to show
+            out["intensity"] = flops / bytes_moved if bytes_moved else None
+    roof = bound = None
+    if flops is not None and floor_us is not None and peak_tflops:
+        compute_us = flops / (peak_tflops * 1e12) * 1e6
+        roof, bound = max(floor_us, compute_us), "compute" if compute_us > floor_us else "memory"
+    if flops is not None:
+        out["roofline_us"], out["bound"] = roof, bound
+    if median_us:
+        if median_us > 0 and flops:
+            out["tflops"] = flops / (median_us * 1e-6) / 1e12
+        out["frac_floor"] = floor_us / median_us if floor_us else None
+        if flops is not None:
+            out["frac_roofline"] = roof / median_us if roof else None
+    return out
 
 
 def case_wanted(ctx: BenchContext, case: dict) -> bool:
@@ -92,16 +157,19 @@ def timed_row(
     impl: str,
     fn: Callable[[], object],
     bytes_moved: int,
+    *,
+    flops: int | None = None,
     **case: object,
 ) -> dict:
-    """Time ``fn`` and return a row: times, GB/s and the fraction of the bandwidth floor.
+    """Time ``fn`` and return a row: times, GB/s, the fraction of the bandwidth floor and, with
+    ``flops``, of the roofline.
 
-    ``bytes_moved`` is the minimum traffic of the op (what must be read and written once); the
-    floor is ``bytes_moved / copy bandwidth`` and ``frac_floor = floor / median`` (1.0 = at it).
+    ``bytes_moved`` is the minimum traffic of the op (what must be read and written once), and
+    ``flops`` its minimum arithmetic (multiply-adds count 2; None: not stated, no roofline);
+    the floor is ``bytes_moved / copy bandwidth`` and ``frac_floor = floor / median`` (1.0 = at
+    it); ``roofline_us`` and ``frac_roofline`` as ``roofline`` computes them.
     """
     median, p20, p80 = measure(fn, ctx)
-    gbps = bytes_moved / (median * 1e-6) / 1e9
-    floor_us = bytes_moved / (ctx.copy_gbps * 1e9) * 1e6 if ctx.copy_gbps else None
     row = {
         "section": section,
         "impl": impl,
@@ -109,9 +177,8 @@ def timed_row(
         "median_us": median,
         "p20_us": p20,
         "p80_us": p80,
-        "gbps": gbps,
-        "floor_us": floor_us,
-        "frac_floor": floor_us / median if floor_us else None,
+        "gbps": bytes_moved / (median * 1e-6) / 1e9,
+        **roofline(bytes_moved, flops, ctx.copy_gbps, ctx.peak_tflops, median),
     }
     if ctx.on_row is not None:
         ctx.on_row(row)
@@ -153,15 +220,15 @@ def cuda_usable(ctx: BenchContext) -> bool:
 
 def timed_mode_row(
     ctx: BenchContext, section: str, impl: str, fn: Callable[[], object], bytes_moved: int,
-    ours: bool, mode: str = "graph", **case: object,
+    ours: bool, mode: str = "graph", *, flops: int | None = None, **case: object,
 ) -> dict | None:
     """``timed_row`` of ``fn`` called eagerly or replayed from a CUDA graph (``mode``), the
     graph's memory given back afterwards (so the pools of several implementations do not add
-    up). Out of memory: a note and None. Another error: on the GPU a ``failure_row`` (the
-    section's other rows survive), on the CPU it propagates."""
+    up); ``flops`` as in ``timed_row``. Out of memory: a note and None. Another error: on the
+    GPU a ``failure_row`` (the section's other rows survive), on the CPU it propagates."""
     try:
         run = graphed(fn) if mode == "graph" else fn
-        row = timed_row(ctx, section, impl, run, bytes_moved, mode=mode, **case)
+        row = timed_row(ctx, section, impl, run, bytes_moved, flops=flops, mode=mode, **case)
     except torch.cuda.OutOfMemoryError:
         ctx.notes.append(f"{section}: {impl} {mode} {case} ran out of memory; no row")
         torch.cuda.empty_cache()

@@ -31,9 +31,9 @@ REPS = 20  # calls per timed function (amortises the length reset)
 
 def _per_call(row: dict, calls: int) -> dict:
     """Rescale a row that timed ``calls`` calls (with ``calls`` times the bytes) to one call:
-    times and the floor divide by ``calls``; GB/s and the fraction of the floor are ratios of
+    times, the floor and the roofline divide by ``calls``; GB/s and the fractions are ratios of
     the two and stay as they are."""
-    for key in ("median_us", "p20_us", "p80_us", "floor_us"):
+    for key in ("median_us", "p20_us", "p80_us", "floor_us", "roofline_us"):
         if row.get(key) is not None:
             row[key] /= calls
     return row
@@ -75,7 +75,8 @@ def _cuda_case(ctx: BenchContext, H: int, impls: list[str]) -> list[dict]:
         """Rows of ``fn`` (``calls`` calls of the op) in both modes; a failure is a row."""
         for mode in ("eager", "graph"):
             ours = impl in ("triton", "cuda")
-            row = timed_mode_row(ctx, SECTION, impl, fn, calls * nbytes, ours, mode, **case)
+            row = timed_mode_row(ctx, SECTION, impl, fn, calls * nbytes, ours, mode, flops=0,
+                                 **case)  # a copy: no arithmetic, the roofline is the floor
             if row is not None:
                 rows.append(row if "check" in row else _per_call(row, calls) | (extra or {}))
 
@@ -137,7 +138,7 @@ def _cpu_rows(ctx: BenchContext) -> list[dict]:
         lens.copy_(lens0)
         compact_kv_cache_ref(k, v, lens, idx, acc)
 
-    row = timed_row(ctx, SECTION, "torch", ref, nbytes, **case)
+    row = timed_row(ctx, SECTION, "torch", ref, nbytes, flops=0, **case)
     if triton_interpreted():
         row["check"], row["max_err"] = _check("triton", k, v, lens0, idx, acc)
         table = torch.arange(B * 4, dtype=torch.int32).view(B, 4)  # paged: bs 16, 4 blocks each

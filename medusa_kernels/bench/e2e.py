@@ -12,7 +12,8 @@ Parts run in the order 2, 1, 3.
    skipped with a note when the GPU lacks the memory. CPU: a tiny model (2 layers, d 128),
    fp32, L 64 and 256 (full: also 1024).
    bytes_moved = the weights a step must read (base, plus the heads the tree uses for Medusa)
-   + the K/V prefix, so ``frac_floor`` is the fraction of the weight-streaming floor.
+   + the K/V prefix, so ``frac_floor`` is the fraction of the weight-streaming floor; flops =
+   2 x weights x tokens (B, or B x T nodes) + attention over the prefix (for the roofline).
    ``ratio_vs_plain`` (Medusa step time / plain step time, same mode) is the break-even: Medusa
    wins when the mean accepted tokens per step exceed it. (Random heads accept ~nothing: these
    rows time the step, whatever it accepts.)
@@ -79,6 +80,7 @@ from ._common import (
     cuda_usable,
     failure_row,
     graphed,
+    roofline,
     timed_mode_row,
 )
 
@@ -219,15 +221,19 @@ def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 
     heads = model.heads
     heads_bytes = sum(t[:depth].numel() for t in (heads.w1, heads.b1, heads.w2)) * elsize
     rows = []
+    T, visible = tree.num_nodes, int(tree.tree_mask.sum())
     for case in cases:
         L = case["L"]
         kv = 2 * cfg.num_layers * B * L * cfg.num_kv_heads * cfg.head_dim * elsize // tp.world
+        attn = 4 * B * cfg.num_layers * cfg.num_heads * cfg.head_dim // tp.world  # per key
+        flops = (2 * B * weights // elsize + attn * (L + 1),
+                 2 * B * (T * weights + heads_bytes) // elsize + attn * (T * L + visible))
         plain, medusa = step_fns(model, [tree], B, L)
 
         for mode in ("graph", "eager") if ctx.cuda else ("eager",):
             try:
                 rows += _time_pair(ctx, case, mode, plain, medusa, weights + kv,
-                                   weights + heads_bytes + kv, tp)  # fmt: skip
+                                   weights + heads_bytes + kv, tp, flops)  # fmt: skip
             except torch.cuda.OutOfMemoryError:
                 ctx.notes.append(f"{SECTION}: {name} L={L} {mode} ran out of GPU memory")
                 torch.cuda.empty_cache()
@@ -240,16 +246,17 @@ def _step_rows(ctx: BenchContext, name: str, lengths: tuple[int, ...], B: int = 
 
 
 def _time_pair(ctx, case, mode, plain, medusa, plain_bytes, medusa_bytes,
-               tp: TPGroup = SINGLE) -> list[dict]:
+               tp: TPGroup = SINGLE, flops=(None, None)) -> list[dict]:
     """Rows for plain_step and medusa_step in ``mode``; the Medusa row gets the time ratio."""
     rows = []
     with torch.inference_mode():
-        for impl, fn, nbytes in (("plain_step", plain, plain_bytes),
-                                 ("medusa_step", medusa, medusa_bytes)):  # fmt: skip
+        for impl, fn, nbytes, fl in (("plain_step", plain, plain_bytes, flops[0]),
+                                     ("medusa_step", medusa, medusa_bytes, flops[1])):  # fmt: skip
             if tp.world > 1:
-                row = _tp_timed_row(ctx, tp, impl, fn, nbytes, mode, **case)
+                row = _tp_timed_row(ctx, tp, impl, fn, nbytes, mode, flops=fl, **case)
             else:
-                row = timed_mode_row(ctx, SECTION, impl, fn, nbytes, True, mode, **case)
+                row = timed_mode_row(ctx, SECTION, impl, fn, nbytes, True, mode, flops=fl,
+                                     **case)  # fmt: skip
             if row is not None:
                 rows.append(row)
     if len(rows) == 2 and all("median_us" in r for r in rows):
@@ -258,7 +265,7 @@ def _time_pair(ctx, case, mode, plain, medusa, plain_bytes, medusa_bytes,
 
 
 def _tp_timed_row(ctx: BenchContext, group: TPGroup, impl: str, fn, bytes_moved: int,
-                  mode: str, **case) -> dict:
+                  mode: str, flops: int | None = None, **case) -> dict:
     """``timed_row`` for a tensor-parallel step: every rank makes the same fixed number of
     calls (a time budget could differ between ranks and leave one waiting in a collective);
     rank 0's times (the collectives keep the ranks in step)."""
@@ -279,10 +286,9 @@ def _tp_timed_row(ctx: BenchContext, group: TPGroup, impl: str, fn, bytes_moved:
         times.append(1e6 * (time.perf_counter() - t0))
     q = statistics.quantiles(times, n=10, method="inclusive")
     median = statistics.median(times)
-    floor_us = bytes_moved / (ctx.copy_gbps * 1e9) * 1e6 if ctx.copy_gbps else None
     row = dict(section=SECTION, impl=impl, **case, mode=mode, median_us=median, p20_us=q[1],
-               p80_us=q[7], gbps=bytes_moved / (median * 1e-6) / 1e9, floor_us=floor_us,
-               frac_floor=floor_us / median if floor_us else None)  # fmt: skip
+               p80_us=q[7], gbps=bytes_moved / (median * 1e-6) / 1e9,
+               **roofline(bytes_moved, flops, ctx.copy_gbps, ctx.peak_tflops, median))
     if ctx.on_row is not None:
         ctx.on_row(row)
     return row

@@ -16,7 +16,8 @@ Every function is captured in a CUDA graph and the replay is timed (``mode`` "gr
 is also timed as plain calls (``mode`` "eager"). ``triton`` rows carry ``check`` ("ok" or
 "FAIL: ...") against fp32 logits computed from the same weights, tie-tolerant: every index's
 logit within tolerance of its value and not below the k-th logit by more than the tolerance.
-bytes_moved = W1 + b1 + W2 (heads) or W (lm_head) + the hidden states, in the weights' dtype.
+bytes_moved = W1 + b1 + W2 (heads) or W (lm_head) + the hidden states, in the weights' dtype;
+flops = 2 * K * N * d * (d + V) (heads) or 2 * N * V * d (lm_head).
 
 CPU: tiny shapes (d = 64, V = 1000, K = 3, N = 1 and 4, top-10, fp32); times the torch paths and,
 with TRITON_INTERPRET=1, checks the Triton kernels in the interpreter against a float64 reference
@@ -112,13 +113,15 @@ def _cuda_heads(ctx: BenchContext, N, V, dtype) -> list[dict]:
         return []
     hidden, w1, b1, w2 = _inputs(N, K, d, V, dtype, ctx.device, seed=N)
     nbytes = sum(t.numel() * t.element_size() for t in (hidden, w1, b1, w2))
+    flops = 2 * K * N * d * (d + V)
     ours = lambda: medusa_heads_topk(hidden, w1, b1, w2, k, backend="triton")
     values, indices = ours()
     check = check_topk(values, indices, _head_logits(hidden, w1, b1, w2, torch.float32), k,
                        3e-2, 3e-3)  # fmt: skip
     rows = []
     for mode in ("graph", "eager"):
-        row = timed_mode_row(ctx, SECTION, "triton", ours, nbytes, True, mode, **case)
+        row = timed_mode_row(ctx, SECTION, "triton", ours, nbytes, True, mode, flops=flops,
+                             **case)  # fmt: skip
         if row is not None:
             rows.append(row if "check" in row else row | {"check": check})  # FAIL stays
     peers = {
@@ -126,7 +129,7 @@ def _cuda_heads(ctx: BenchContext, N, V, dtype) -> list[dict]:
         "bmm_topk": lambda: bmm_topk(hidden, w1, b1, w2, k),
     }
     for impl, fn in peers.items():
-        row = timed_mode_row(ctx, SECTION, impl, fn, nbytes, False, **case)
+        row = timed_mode_row(ctx, SECTION, impl, fn, nbytes, False, flops=flops, **case)
         if row is not None:
             rows.append(row)
     return rows
@@ -142,6 +145,7 @@ def _cuda_lm_head(ctx: BenchContext, N, V, dtype, d=4096, softcap=None) -> list[
     hidden, _, _, w = _inputs(N, 1, d, V, dtype, ctx.device, seed=V + N)
     weight = w[0]
     nbytes = (hidden.numel() + weight.numel()) * weight.element_size()
+    flops = 2 * N * V * d
     ours = lambda: lm_head_topk(hidden, weight, k, softcap=softcap, backend="triton")
     values, indices = ours()
     logits = hidden.float() @ weight.float().T
@@ -150,7 +154,8 @@ def _cuda_lm_head(ctx: BenchContext, N, V, dtype, d=4096, softcap=None) -> list[
     check = check_topk(values, indices, logits, k, 3e-2, 3e-3)
     rows = []
     for mode in ("graph", "eager"):
-        row = timed_mode_row(ctx, SECTION, "triton", ours, nbytes, True, mode, **case)
+        row = timed_mode_row(ctx, SECTION, "triton", ours, nbytes, True, mode, flops=flops,
+                             **case)  # fmt: skip
         if row is not None:
             rows.append(row if "check" in row else row | {"check": check})  # FAIL stays
 
@@ -160,7 +165,8 @@ def _cuda_lm_head(ctx: BenchContext, N, V, dtype, d=4096, softcap=None) -> list[
             out = torch.tanh(out / softcap) * softcap
         return torch.topk(out, k)
 
-    row = timed_mode_row(ctx, SECTION, "linear_topk", linear_topk, nbytes, False, **case)
+    row = timed_mode_row(ctx, SECTION, "linear_topk", linear_topk, nbytes, False, flops=flops,
+                         **case)  # fmt: skip
     if row is not None:
         rows.append(row)
     return rows
@@ -209,19 +215,22 @@ def _cpu_case(ctx: BenchContext, N: int) -> list[dict]:
     if case_wanted(ctx, case):
         hidden, w1, b1, w2 = _inputs(N, K, d, V, torch.float32, ctx.device, seed=N)
         nbytes = sum(t.numel() * t.element_size() for t in (hidden, w1, b1, w2))
+        flops = 2 * K * N * d * (d + V)
         ref = lambda: medusa_heads_topk_ref(hidden, w1, b1, w2, k)
-        row = timed_row(ctx, SECTION, "torch", ref, nbytes, mode="eager", **case)
+        row = timed_row(ctx, SECTION, "torch", ref, nbytes, flops=flops, mode="eager", **case)
         ours = lambda: medusa_heads_topk(hidden, w1, b1, w2, k, backend="triton")
         row["check"] = _interpreted_check(ours, _head_logits(hidden, w1, b1, w2, torch.float64), k)
         loop = lambda: torch_loop(hidden, w1, b1, w2, k)
-        rows += [row, timed_row(ctx, SECTION, "torch_loop", loop, nbytes, mode="eager", **case)]
+        rows += [row, timed_row(ctx, SECTION, "torch_loop", loop, nbytes, flops=flops,
+                                mode="eager", **case)]  # fmt: skip
     case = dict(op="lm_head", N=N, K=1, d=d, V=V, k=k, dtype="float32")
     if case_wanted(ctx, case):
         hidden, _, _, w = _inputs(N, 1, d, V, torch.float32, ctx.device, seed=V + N)
         weight = w[0]
         nbytes = (hidden.numel() + weight.numel()) * 4
         ref = lambda: lm_head_topk_ref(hidden, weight, k)
-        row = timed_row(ctx, SECTION, "torch", ref, nbytes, mode="eager", **case)
+        row = timed_row(ctx, SECTION, "torch", ref, nbytes, flops=2 * N * V * d, mode="eager",
+                        **case)  # fmt: skip
         ours = lambda: lm_head_topk(hidden, weight, k, backend="triton")
         row["check"] = _interpreted_check(ours, hidden.double() @ weight.double().T, k)
         rows.append(row)

@@ -28,10 +28,17 @@ LABEL_KEYS = ("impl", "mode")
 RESULT_KEYS = {
     "median_us", "p20_us", "p80_us", "gbps", "floor_us", "frac_floor", "tokens", "steps",
     "tokens_per_s", "us_per_token", "mean_accepted", "accept_hist", "speedup", "identical",
-    "ratio_vs_plain",
+    "ratio_vs_plain", "flops", "intensity", "tflops", "roofline_us", "frac_roofline", "bound",
+    "target", "launches", "total_us", "share",
 }  # fmt: skip
-# p20/p80 are shown as one column; the generated text sample goes to the notes
-HIDDEN_IN_TABLE = {"section", "floor_us", "p20_us", "p80_us", "sample"}
+# p20/p80 are shown as one column; the generated text sample goes to the notes; the FLOPs are
+# in the JSON (the table shows FLOP per byte and TFLOP/s)
+HIDDEN_IN_TABLE = {"section", "floor_us", "p20_us", "p80_us", "sample", "flops"}
+# results shown first (the rest follow in the order the rows carry them), so the first of the
+# narrow tables a terminal gets holds the verdicts
+FIRST_RESULTS = ("median_us", "p20-p80", "tokens_per_s", "speedup", "cpu_speedup", "vs_best",
+                 "cpu_vs_best", "ratio_vs_plain", "frac_floor", "frac_roofline", "target",
+                 "check")
 CONTEXT_KEYS = ("L", "context_len")  # the x axis of the plot
 CPU_NOTE = (
     "No CUDA GPU: CPU mode. Tiny shapes; every Triton kernel is checked in the Triton "
@@ -125,7 +132,9 @@ def fmt(value: object) -> str:
 HEADERS = {
     "median_us": "median us", "gbps": "GB/s", "frac_floor": "of floor", "max_err": "max err",
     "ratio_vs_plain": "x plain", "tokens_per_s": "tok/s", "us_per_token": "us/tok",
-    "mean_accepted": "accepted", "accept_hist": "accepted: steps",
+    "mean_accepted": "accepted", "accept_hist": "accepted: steps", "roofline_us": "roofline us",
+    "frac_roofline": "of roofline", "intensity": "FLOP/B", "tflops": "TFLOP/s",
+    "total_us": "total us", "share": "share",
 }  # fmt: skip
 
 
@@ -140,8 +149,41 @@ def table_columns(rows: Sequence[dict]) -> tuple[list[str], str]:
     results = [k for k in results if any(r.get(k) is not None for r in rows)]
     if "median_us" in results and any(r.get("p20_us") is not None for r in rows):
         results.insert(results.index("median_us") + 1, "p20-p80")
+    first = [k for k in FIRST_RESULTS if k in results]
+    results = first + [k for k in results if k not in first]
     caption = " ".join(f"{k}={rows[0].get(k)}" for k in constant)
     return cols + results, caption
+
+
+CELL_CAP = 32  # a terminal cell folds past this width
+
+
+def split_columns(cols: Sequence[str], rows: Sequence[dict], width: int) -> list[list[str]]:
+    """``cols`` as one or more column lists whose tables fit ``width`` terminal characters:
+    each repeats the identifying columns (labels and varying case keys), the results go, in
+    order, each to the first table with room (so the first holds the verdicts). Widths as rich
+    draws a table without edges: each column's widest cell (at most ``CELL_CAP``) and 3
+    characters between columns."""
+    ident = set(LABEL_KEYS) | set(case_keys(rows))
+    keys = [c for c in cols if c in ident]
+    results = [c for c in cols if c not in ident]
+
+    def w(c: str) -> int:
+        cells = [len(header(c))] + [len(cell(r, c)) for r in rows]
+        return min(max(cells), max(CELL_CAP, len(header(c)))) + 3
+
+    room = width - (sum(w(c) for c in keys) - 3)
+    parts: list[list[str]] = []
+    left: list[int] = []
+    for c in results:  # first fit: each column into the first table with room, in order
+        i = next((i for i, n in enumerate(left) if w(c) <= n), None)
+        if i is None:
+            parts.append([])
+            left.append(room)
+            i = len(parts) - 1
+        parts[i].append(c)
+        left[i] -= w(c)
+    return [keys + part for part in parts]
 
 
 def header(col: str) -> str:
@@ -166,6 +208,18 @@ def row_tables(rows: Sequence[dict]) -> list[list[dict]]:
             keys = tuple(sorted(k for k in case_keys([r]) if k not in HIDDEN_IN_TABLE))
             other.setdefault(keys, []).append(r)
     return [t for t in (timed, *other.values()) if t]
+
+
+def tally(records: Iterable[dict]) -> str:
+    """"3 met, 2 missed, 1 too short to judge, 4 not measured" for target records (``targets``
+    module; the kinds present)."""
+    counts: dict[str, int] = {}
+    for r in records:
+        kind = "met" if r["met"] else "missed" if r["met"] is False else (
+            r["verdict"].split(":")[0])  # fmt: skip
+        counts[kind] = counts.get(kind, 0) + 1
+    order = ("met", "missed", "too short to judge", "no value", "not measured")
+    return ", ".join(f"{counts[k]} {k}" for k in order if k in counts) or "none apply"
 
 
 # --- metadata ------------------------------------------------------------------------------
@@ -258,6 +312,18 @@ def write_json(path: str, result: dict) -> None:
         f.write("\n")
 
 
+def peak_line(result: dict) -> str:
+    """The roofline's figures: the peak, its source and the ridge (peak / copy bandwidth)."""
+    meta = result["meta"]
+    peak, gbps = meta.get("peak_bf16_tflops"), result.get("copy_gbps")
+    if not peak:
+        return (f"No dense bf16 peak known for {meta.get('device_name')}: no roofline "
+                "(`roofline_us` = max(bytes floor, FLOPs / peak) needs one; `--peak-tflops`).")
+    ridge = f", ridge {peak * 1e3 / gbps:.0f} FLOP/B" if gbps else ""
+    return (f"Roofline: dense bf16 peak {peak:g} TFLOP/s ({meta.get('peak_source')}){ridge}; "
+            "`roofline_us` = max(bytes floor, FLOPs / peak).")
+
+
 def markdown(result: dict) -> str:
     """The run as Markdown: metadata, one table per section, notes."""
     meta = result["meta"]
@@ -268,6 +334,8 @@ def markdown(result: dict) -> str:
         f"dtype {meta.get('dtype')}, torch {meta.get('torch')}, triton {meta.get('triton')}, "
         f"CUDA {meta.get('cuda')}, commit {commit}, quick {meta.get('quick')}; copy bandwidth "
         f"{fmt(result.get('copy_gbps'))} GB/s (the floor of every `frac_floor`).",
+        "",
+        peak_line(result),
         "",
     ]
     if meta.get("note"):
@@ -280,8 +348,16 @@ def markdown(result: dict) -> str:
                 lines += [caption, ""]
             lines.append("| " + " | ".join(header(c) for c in cols) + " |")
             lines.append("|" + " --- |" * len(cols))
-            lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
+            lines += ["| " + " | ".join(cell(r, c).replace("|", "\\|") for c in cols) + " |"
+                      for r in rows]  # fmt: skip
             lines.append("")
+    records = result.get("targets") or []
+    if records:
+        lines += [f"## Targets: {tally(records)}", "", "| target | row | verdict |",
+                  "| --- | --- | --- |"]  # fmt: skip
+        lines += [f"| {r['target']} ({r['source']}) | {r['row']} | {r['verdict']} |"
+                  for r in records]  # fmt: skip
+        lines.append("")
     if result.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
     return "\n".join(lines)
@@ -292,6 +368,7 @@ def print_tables(result: dict, console=None) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
     except ImportError:
         print(markdown(result))
         return
@@ -305,14 +382,29 @@ def print_tables(result: dict, console=None) -> None:
                       f"({sec.get('seconds', 0):.1f} s)", highlight=False)  # fmt: skip
         for rows in row_tables(sec["rows"]):
             cols, caption = table_columns(rows)
-            table = Table(show_edge=False, pad_edge=False, header_style="bold", title=caption,
-                          title_justify="left")  # fmt: skip
-            for c in cols:
-                text = c in LABEL_KEYS or c in ("dtype", "accept_hist") or c.startswith("check")
-                table.add_column(header(c), justify="left" if text else "right", overflow="fold")
-            for r in rows:
-                table.add_row(*(cell(r, c) for c in cols))
-            console.print(table)
+            parts = split_columns(cols, rows, console.width)
+            for i, part in enumerate(parts):
+                title = caption + (f" ({i + 1} of {len(parts)})" if len(parts) > 1 else "")
+                table = Table(show_edge=False, pad_edge=False, header_style="bold",
+                              title=title.strip() or None, title_justify="left")  # fmt: skip
+                for c in part:
+                    text = (c in LABEL_KEYS or c in ("dtype", "accept_hist", "target", "kernel")
+                            or c.startswith("check"))  # fmt: skip
+                    table.add_column(header(c), justify="left" if text else "right",
+                                     overflow="fold", max_width=max(CELL_CAP, len(header(c))))
+                for r in rows:
+                    table.add_row(*(cell(r, c) for c in part))
+                console.print(table)
+    records = result.get("targets") or []
+    if records:
+        console.print(f"[bold]targets[/bold]: {tally(records)}", highlight=False)
+        table = Table(show_edge=False, pad_edge=False, header_style="bold")
+        for c in ("target", "row", "verdict"):
+            table.add_column(c, overflow="fold")
+        for r in records:
+            style = "green" if r["met"] else "red" if r["met"] is False else "yellow"
+            table.add_row(r["target"], r["row"], Text(r["verdict"], style=style))
+        console.print(table)
     for n in result.get("notes", []):
         console.print(f"note: {n}", highlight=False)
 
@@ -322,7 +414,8 @@ def plot_groups(rows: Iterable[dict]) -> dict[str, dict]:
 
     Returns ``{title: {"lines": {label: [(L, median, p20, p80), ...]}, "floor": [(L, us)]}}``:
     one panel per section and case (every case key but the context length), one line per
-    implementation (and mode), the floor the smallest ``floor_us`` at each L.
+    implementation (and mode), the floor the smallest ``roofline_us`` (else ``floor_us``) at
+    each L (``"roofline"``: whether any row had one).
     """
     groups: dict[str, dict] = {}
     for row in rows:
@@ -336,8 +429,10 @@ def plot_groups(rows: Iterable[dict]) -> dict[str, dict]:
         group["lines"].setdefault(label, []).append(
             (x, row["median_us"], row.get("p20_us"), row.get("p80_us"))
         )
-        if row.get("floor_us"):
-            group["floor"][x] = min(group["floor"].get(x, math.inf), row["floor_us"])
+        limit = row.get("roofline_us") or row.get("floor_us")  # the roofline where known
+        if limit:
+            group["floor"][x] = min(group["floor"].get(x, math.inf), limit)
+            group["roofline"] = group.get("roofline", False) or bool(row.get("roofline_us"))
     for group in groups.values():
         for points in group["lines"].values():
             points.sort()
@@ -347,7 +442,8 @@ def plot_groups(rows: Iterable[dict]) -> dict[str, dict]:
 
 def plot(result: dict, path: str, max_panels: int = 16) -> str:
     """Write the PNG: median time vs context length per implementation (p20-p80 band) with the
-    bandwidth floor dashed; a bar chart of every median when no row has a context length."""
+    roofline (or, without a peak, the bandwidth floor) dashed; a bar chart of every median when
+    no row has a context length."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,7 +484,8 @@ def plot(result: dict, path: str, max_panels: int = 16) -> str:
                                     alpha=0.2)  # fmt: skip
             if group["floor"]:
                 fx, fy = zip(*group["floor"], strict=True)
-                ax.plot(fx, fy, "k--", marker="_", markersize=14, label="bandwidth floor")
+                ax.plot(fx, fy, "k--", marker="_", markersize=14,
+                        label="roofline" if group.get("roofline") else "bandwidth floor")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(sorted(xs_all), [str(x) for x in sorted(xs_all)])

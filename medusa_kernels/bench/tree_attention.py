@@ -17,7 +17,9 @@ timed (``mode`` "graph": device time, no Python launch overhead); ``triton`` is 
 plain calls (``mode`` "eager"). The ``triton`` rows carry ``check``/``max_err`` against
 ``sdpa_mask`` (``sdpa_nomask`` at T = 1).
 bytes_moved = K and V prefix read once (2 * B * L * Hkv * D) + q and out (2 * B * T * Hq * D),
-times the element size.
+times the element size; flops = 4 * B * Hq * D * (T * L + the tree mask's visible pairs) (q k^T
+and p v, 2 FLOPs a multiply-add): T * Hq / Hkv rows share each K/V head, so at Hkv 8, T 64 a KV
+byte feeds 256 FLOPs, above an H100/H200's ridge (about 233 FLOP/B): compute-bound there.
 
 CPU: tiny shapes; times the torch reference (and eager) and checks the Triton kernel in the
 interpreter against a float64 reference (``check``: "ok" or the error, ``max_err``).
@@ -91,6 +93,11 @@ def _bytes(B, L, T, Hq, Hkv, D, elsize) -> int:
     return (2 * B * L * Hkv * D + 2 * B * T * Hq * D) * elsize
 
 
+def _flops(B, L, Hq, D, mask: torch.Tensor) -> int:
+    """q k^T and p v over the prefix (every row sees all L keys) and the tree's visible pairs."""
+    return 4 * B * Hq * D * (mask.shape[0] * L + int(mask.sum()))
+
+
 def _cuda_case(ctx: BenchContext, B, L, T, Hkv) -> list[dict]:
     Hq, D = 32, 128
     dtype = ctx.dtype if ctx.dtype in (torch.float16, torch.bfloat16) else torch.float16
@@ -99,6 +106,7 @@ def _cuda_case(ctx: BenchContext, B, L, T, Hkv) -> list[dict]:
         return []
     q, k, v, lens, mask = _inputs(B, L, T, Hq, Hkv, D, dtype, ctx.device)
     nbytes = _bytes(B, L, T, Hq, Hkv, D, q.element_size())
+    flops = _flops(B, L, Hq, D, mask)
     ours = lambda: tree_attention(q, k, v, lens, mask, backend="triton")
     got = ours()
     if T > 1:
@@ -114,7 +122,8 @@ def _cuda_case(ctx: BenchContext, B, L, T, Hkv) -> list[dict]:
     check = "ok" if err <= 2e-2 else f"max_err {err:.3g} > 2e-2"
     rows = []
     for mode in ("graph", "eager"):
-        row = timed_mode_row(ctx, SECTION, "triton", ours, nbytes, True, mode, **case)
+        row = timed_mode_row(ctx, SECTION, "triton", ours, nbytes, True, mode, flops=flops,
+                             **case)
         if row is not None:
             rows.append(row if "check" in row else row | {"check": check, "max_err": err})
     if T * Hq // Hkv > 64 and torch.cuda.get_device_capability(ctx.device) >= (9, 0):
@@ -127,7 +136,7 @@ def _cuda_case(ctx: BenchContext, B, L, T, Hkv) -> list[dict]:
             rows.append(failure_row(ctx, SECTION, "triton_bm64", e, True, **case))
         else:
             row = timed_mode_row(ctx, SECTION, "triton_bm64", bm64, nbytes, True, "graph",
-                                 **case)  # fmt: skip
+                                 flops=flops, **case)  # fmt: skip
             if row is not None:
                 check64 = "ok" if err64 <= 2e-2 else f"max_err {err64:.3g} > 2e-2"
                 rows.append(row if "check" in row else row | {"check": check64, "max_err": err64})
@@ -142,7 +151,7 @@ def _cuda_case(ctx: BenchContext, B, L, T, Hkv) -> list[dict]:
             **peers,
         }
     for impl, fn in peers.items():
-        row = timed_mode_row(ctx, SECTION, impl, fn, nbytes, False, **case)
+        row = timed_mode_row(ctx, SECTION, impl, fn, nbytes, False, flops=flops, **case)
         if row is not None:
             rows.append(row)
     return rows
@@ -179,11 +188,12 @@ def _cpu_case(ctx: BenchContext, B, L, Hkv) -> list[dict]:
     q, k, v, lens, _ = _inputs(B, L, T, Hq, Hkv, D, torch.float32, ctx.device)
     mask = tree.tree_mask
     nbytes = _bytes(B, L, T, Hq, Hkv, D, 4)
+    flops = _flops(B, L, Hq, D, mask)
     add_mask = torch.zeros(B, 1, T, L + T).masked_fill_(~_full_mask(mask, B, L), -math.inf)
     eager = timed_row(ctx, SECTION, "eager", lambda: _eager(q, k, v, add_mask), nbytes,
-                      mode="eager", **case)  # fmt: skip
+                      flops=flops, mode="eager", **case)  # fmt: skip
     row = timed_row(ctx, SECTION, "torch", lambda: tree_attention_ref(q, k, v, lens, mask),
-                    nbytes, mode="eager", **case)  # fmt: skip
+                    nbytes, flops=flops, mode="eager", **case)  # fmt: skip
     if triton_interpreted():
         try:
             want = tree_attention_ref(q.double(), k.double(), v.double(), lens, mask)
