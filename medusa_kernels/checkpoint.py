@@ -37,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .heads import MedusaHeads
+from .hf_config import defaulted_note
 from .model import ModelConfig, Transformer
 from .parallel import (
     SINGLE,
@@ -233,11 +234,12 @@ def load_base_model(model_dir, dtype=None, device="cpu", tp: TPGroup = SINGLE) -
     cfg_path = os.path.join(model_dir, "config.json")
     _check_dir(model_dir)
     cfg_json = read_config(cfg_path)
+    note = defaulted_note(cfg_json)  # a size key left out: say so first, not a shape later
     try:
         cfg = ModelConfig.from_hf(cfg_json)
     except (TypeError, ValueError) as e:
         msg = str(e).removeprefix("config.json ")
-        raise type(e)(f"{cfg_path}: {msg}") from None
+        raise type(e)(f"{cfg_path}: {note + '; ' if note else ''}{msg}") from None
     files = weight_files(model_dir)
     index = tensor_index(files)
     index_path = os.path.join(model_dir, INDEX_FILE)
@@ -249,13 +251,18 @@ def load_base_model(model_dir, dtype=None, device="cpu", tp: TPGroup = SINGLE) -
         if wrong:
             raise ValueError(f"{index_path}: weight_map disagrees with the shards about "
                              f"{len(wrong)} tensor(s), e.g. {wrong[:3]}")
-    check_layer_count(cfg, index, str(model_dir))
     try:
-        with torch.device("meta"):
-            model = Transformer(cfg, tp)
-    except ValueError as e:  # a size that does not split over the ranks
-        raise ValueError(f"{cfg_path}: {str(e).removeprefix('config.json ')}") from None
-    check_base_tensors(model, index, str(model_dir))
+        check_layer_count(cfg, index, str(model_dir))
+        try:
+            with torch.device("meta"):
+                model = Transformer(cfg, tp)
+        except ValueError as e:  # a size that does not split over the ranks
+            raise ValueError(f"{cfg_path}: {str(e).removeprefix('config.json ')}") from None
+        check_base_tensors(model, index, str(model_dir))
+    except ValueError as e:
+        if note:
+            raise ValueError(f"{cfg_path}: {note}, and the weights do not fit it: {e}") from None
+        raise
     model = model.to(dtype=dtype or default_dtype(device)).to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
         model.lm_head.weight = model.embed.weight
