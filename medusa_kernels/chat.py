@@ -43,8 +43,9 @@ def is_chat(prompt: Any) -> bool:
 
 def conversations(prompt: Any, name: str = "prompt") -> list[list[dict]]:
     """One checked list of messages per sequence: each a dict with a string ``role`` and a
-    ``content`` (a string, or a list of content blocks as multimodal templates take them);
-    keys whose value is None dropped (as transformers does)."""
+    ``content`` (a string, or a list of content blocks as multimodal templates take them; None
+    or absent for, e.g., an assistant turn of tool calls); keys whose value is None dropped (as
+    transformers does)."""
     batch = [prompt] if isinstance(prompt[0], Mapping) else list(prompt)
     out = []
     for b, conv in enumerate(batch):
@@ -60,9 +61,9 @@ def conversations(prompt: Any, name: str = "prompt") -> list[list[dict]]:
             if not isinstance(m.get("role"), str):
                 raise ValueError(f"{where}[{i}] needs a string 'role' ('system', 'user', "
                                  f"'assistant', ...), got {describe(m.get('role'))}")
-            if not isinstance(m.get("content"), (str, list)):
-                raise ValueError(f"{where}[{i}] ({m['role']}) needs a 'content' string, got "
-                                 f"{describe(m.get('content'))}")
+            if m.get("content") is not None and not isinstance(m["content"], (str, list)):
+                raise ValueError(f"{where}[{i}] ({m['role']}): 'content' must be a string (or "
+                                 f"a list of content blocks), got {describe(m['content'])}")
             msgs.append({k: v for k, v in m.items() if v is not None})
         out.append(msgs)
     return out

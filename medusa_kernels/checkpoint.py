@@ -653,7 +653,10 @@ def load_model(base_dir, medusa=None, dtype=None, device="cpu", tp=None) -> Medu
     check_device(tp, device)
     dtype = dtype or default_dtype(device)
     ckpt = None
-    if os.path.isfile(base_dir) and is_gguf(base_dir):  # a .gguf file
+    if os.path.isfile(base_dir):  # a .gguf file
+        if not is_gguf(base_dir):
+            raise ValueError(f"{base_dir}: a file without GGUF's magic number: give an HF "
+                             "model directory or a GGUF file")
         if tp.world > 1:
             raise ValueError(f"{base_dir}: tensor parallelism is not supported for GGUF files")
         base, ckpt = load_gguf_base(base_dir, dtype, device)

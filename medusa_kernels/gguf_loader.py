@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,8 +162,16 @@ class GGUFCheckpoint:
         return out
 
     def tokenizer(self):
-        """The ``tokenizers.Tokenizer`` the metadata describes, or None without a vocabulary."""
+        """The ``tokenizers.Tokenizer`` the metadata describes, or None without a vocabulary or
+        for a tokenizer model outside ``TOKENIZER_MODELS`` (a warning names it: token ids still
+        work)."""
         if "tokenizer.ggml.tokens" not in self.metadata:
+            return None
+        model = self.metadata.get("tokenizer.ggml.model")
+        if model not in TOKENIZER_MODELS:
+            warnings.warn(f"{self.path}: GGUF tokenizer.ggml.model = {model!r} is not supported "
+                          f"(supported: {', '.join(TOKENIZER_MODELS)}): the model has no "
+                          "tokenizer here, give prompts as token ids", stacklevel=2)
             return None
         return build_tokenizer(self.metadata, self.path)
 
