@@ -107,8 +107,8 @@ def _main(argv: list[str]) -> int:
     given = [f for f, v in (("--prompt", args.prompt), ("--chat", args.chat),
                             ("--input-ids", args.input_ids)) if v is not None]
     if len(given) > 1:
-        raise ValueError(f"give one of --prompt TEXT, --chat TEXT or --input-ids 1,2,3, not "
-                         f"{' and '.join(given)}")
+        raise ValueError(f"give --prompt TEXT, --chat TEXT or --input-ids 1,2,3, not both "
+                         f"({' and '.join(given)})")
     ids = parse_ids("--input-ids", args.input_ids) if args.input_ids is not None else None
     config = config_from_args(args)
     if args.model is None:

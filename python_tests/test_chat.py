@@ -117,3 +117,8 @@ def test_cli_chat_on_a_gguf_file(tmp_path):
                            "--chat", "x", "--prompt", "y"], capture_output=True, text=True,
                           env=env, timeout=300)
     assert both.returncode == 2 and "--prompt and --chat" in both.stderr
+    (tmp_path / "x.bin").write_bytes(b"no gguf")
+    bad = subprocess.run([sys.executable, "-m", "medusa_kernels.generate", "--model",
+                          str(tmp_path / "x.bin"), "--chat", "x"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "without GGUF's magic number" in bad.stderr, bad.stderr
