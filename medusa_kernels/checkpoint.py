@@ -313,7 +313,8 @@ def load_gguf_base(path, dtype=None, device="cpu"):
     model = model.to(dtype=dtype or default_dtype(device)).to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    model.load_hf_tensors(ckpt.iter_tensors(model.lm_head.weight.dtype))
+    model.load_hf_tensors(ckpt.iter_tensors(model.lm_head.weight.dtype, cfg.num_heads,
+                                            cfg.num_kv_heads))
     return model.eval(), ckpt
 
 

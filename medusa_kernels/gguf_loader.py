@@ -175,11 +175,11 @@ class GGUFCheckpoint:
             return None
         return build_tokenizer(self.metadata, self.path)
 
-    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """(transformers name, dequantized tensor in ``dtype``), one at a time."""
+    def iter_tensors(self, dtype: torch.dtype, heads: int, kv_heads: int
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(transformers name, dequantized tensor in ``dtype``), one at a time; ``heads`` /
+        ``kv_heads`` (the audited config's) undo Llama's q / k row permutation."""
         gguf = _require_gguf()
-        heads = self.config["num_attention_heads"]
-        kv_heads = self.config.get("num_key_value_heads", heads)
         for name, t in self.tensors.items():
             w = gguf.quants.dequantize(t.data, t.tensor_type)
             w = np.asarray(w, dtype=np.float32).reshape(self.shapes[name])
