@@ -211,16 +211,15 @@ def read_gguf(path) -> GGUFCheckpoint:
     handle (architecture, tensor type or name, metadata key)."""
     gguf = _require_gguf()
     path = os.fspath(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError, KeyError, IndexError) as e:
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     big = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
     meta = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        meta[key] = list(f.contents()) if key in big else _value(f)
+    try:
+        reader = gguf.GGUFReader(path)
+        for key, f in reader.fields.items():
+            if not key.startswith("GGUF."):
+                meta[key] = list(f.contents()) if key in big else _value(f)
+    except (ValueError, OSError, KeyError, IndexError, TypeError) as e:  # incl. bad UTF-8
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "

@@ -195,3 +195,24 @@ def test_hf_dir_template_from_tokenizer_config_and_jinja_file(tmp_path):
     assert chat_files(tmp_path) == ("D{{ bos_token }}", {"bos_token": "<s>", "eos_token": "</s>"})
     (tmp_path / "chat_template.jinja").write_text("J")
     assert chat_files(tmp_path)[0] == "J"
+
+
+def test_truncated_or_corrupted_files_fail_cleanly(tmp_path):
+    """Cut or flipped bytes: a ValueError / TypeError naming the file, or (flips inside the
+    tensor data) a model that loads: never another exception."""
+    import random
+
+    data = open(write_tiny(tmp_path / "m.gguf", "llama", "Q8_0", layers=1), "rb").read()
+    rng, bad = random.Random(0), tmp_path / "bad.gguf"
+    for i in range(30):
+        b = bytearray(data)
+        if i < 12:
+            b = b[:rng.randrange(4, len(b))]
+        else:
+            for _ in range(rng.randrange(1, 20)):
+                b[rng.randrange(8, 30000 if i % 2 else len(b))] = rng.randrange(256)
+        bad.write_bytes(bytes(b))
+        try:
+            load_model(bad, dtype=torch.float32)
+        except (ValueError, TypeError) as e:
+            assert str(bad) in str(e), str(e)
