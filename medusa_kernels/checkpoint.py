@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .chat import chat_files
-from .gguf_loader import is_gguf
+from .gguf_loader import is_gguf, read_gguf
 from .heads import MedusaHeads
 from .hf_config import defaulted_note
 from .model import ModelConfig, Transformer
@@ -295,8 +295,6 @@ def load_gguf_base(path, dtype=None, device="cpu"):
     """(``Transformer``, ``gguf_loader.GGUFCheckpoint``) from a GGUF file: its metadata through
     the same config audit as a config.json, its tensors checked against the config and
     dequantized to ``dtype`` one at a time (``gguf_loader``)."""
-    from .gguf_loader import read_gguf
-
     device = torch.device(device)
     ckpt = read_gguf(path)
     note = defaulted_note(ckpt.config)
