@@ -305,3 +305,16 @@ def test_generate_and_calibrate_cli_with_trimmed_shared_heads(model, tmp_path, c
                       str(model.heads_dir), "--prompts", str(prompts), "--topk", "40",
                       "--device", "cpu"]) == 2  # 40 > the 39 draft tokens
     assert "draft vocabulary (39)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind,R", [("separate", None), ("separate", 39), ("shared", None),
+                                    ("shared", 39)])
+def test_bytes_per_step_match_the_bench_formula(kind, R):
+    from medusa_kernels.bench.heads_topk import head_bytes
+
+    heads = make_heads(kind, None if R is None else TMAP, K=3, d=16)
+    if kind == "shared":
+        heads.attach_lm_head(torch.randn(VOCAB, 16))
+    got = heads.projection_bytes() + heads.resblock_bytes()
+    assert got == head_bytes(kind, 3, 16, VOCAB, R, 4)
+    assert heads.projection_bytes(1) == (R or VOCAB) * 16 * 4  # one head: one projection
