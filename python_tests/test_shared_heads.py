@@ -270,11 +270,12 @@ def test_tensor_parallel_topk_equals_one_process(tmp_path, kind, tmap, layers, w
         if kind == "shared":
             start, stop = vocab_range(VOCAB, tp.world, tp.rank)
             h.attach_lm_head(lm_head[start:stop])
-        return h.topk(hidden, 7)
+        return h.topk(hidden, 7), h(hidden)
 
-    for values, ids in on_ranks(world, rank_topk):
+    for (values, ids), logits in on_ranks(world, rank_topk):
         assert torch.equal(ids, want[1])
         torch.testing.assert_close(values, want[0])
+        torch.testing.assert_close(logits, one(hidden), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- CLI, calibration
