@@ -117,6 +117,12 @@ def test_medusa1_shared_and_trimmed_heads_train_save_and_decode(base_dir, data_d
             assert tmap.dtype == torch.int64 and tmap.shape == (vocab,)
             assert cfg["medusa_draft_vocab_size"] == vocab
             assert torch.equal(tmap, r.heads.token_map)
+    summary = read_json(os.path.join(out, "train_report.json"))["heads"]
+    d, R = r.heads.hidden_size, vocab or VOCAB
+    assert summary["parameters"] == 3 * layers * (d * d + d) + (3 * R * d if kind == "separate"
+                                                                else 0)
+    assert summary["bytes_per_step"] == 4 * (3 * layers * (d * d + d) +
+                                             (3 if kind == "separate" else 1) * R * d)
     m = load_model(base_dir, medusa=os.path.join(out, "heads"), dtype=torch.float32)
     assert (m.heads.kind, m.heads.num_layers, m.heads.draft_vocab) == \
         (kind, layers, vocab or VOCAB)
