@@ -11,6 +11,7 @@ from .heads_topk import lm_head_topk, lm_head_topk_ref, medusa_heads_topk, medus
 from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import rope_kv_write, rope_kv_write_ref
 from .sampling import accept_exact, accept_exact_ids, filter_logits, sample_logits, sampling_probs
+from .shared_heads_topk import shared_heads_topk, shared_heads_topk_ref
 from .tree_attention import (
     pack_tree_mask,
     tree_attention,
@@ -42,6 +43,8 @@ __all__ = [
     "sample_logits",
     "sample_tokens",
     "sampling_probs",
+    "shared_heads_topk",
+    "shared_heads_topk_ref",
     "tree_attention",
     "tree_attention_ref",
     "unpack_tree_mask",
