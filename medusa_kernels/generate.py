@@ -178,16 +178,15 @@ def check_pieces(args: argparse.Namespace, config: GenerationConfig) -> Generati
                                 "weights; make them with python -m medusa_kernels.train "
                                 "medusa1, or pass --no-medusa for plain decoding)")
             else:
-                if _rank() == 0:
-                    print(f"{PROG}: note: no Medusa heads in {args.model}: decoding plainly "
-                          "(--medusa DIR loads heads; --no-medusa hides this note)",
-                          file=sys.stderr)
                 config = dataclasses.replace(config, medusa=False)
     if args.prompt is not None and not os.path.isfile(os.path.join(args.model, "tokenizer.json")):
         problems.append(f"--model {args.model} has no tokenizer.json: pass --input-ids 1,2,3 "
                         "instead of --prompt")
     if problems:
         raise ValueError("; ".join(problems))
+    if not config.medusa and not args.no_medusa and _rank() == 0:
+        print(f"{PROG}: note: no Medusa heads in {args.model}: decoding plainly (--medusa DIR "
+              "loads heads; --no-medusa hides this note)", file=sys.stderr)
     return config
 
 
