@@ -138,6 +138,27 @@ def test_import_loads_nothing_but_the_package():
     assert out.stdout.split() == ["medusa_kernels"]
 
 
+def test_bench_records_the_median_of_fresh_interpreters(monkeypatch):
+    """The bench's meta figure is the README's: ``-X importtime``'s cumulative microseconds on
+    the module's own line, the median of the runs (here faked: 3000, 1000, 2000 us)."""
+    from medusa_kernels.bench import __main__ as bench
+
+    figures = iter([3000, 1000, 2000])
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        us = next(figures)
+        err = (f"import time:        50 |        50 |   sys\n"
+               f"import time:        40 | {us:10d} | medusa_kernels\n")
+        return subprocess.CompletedProcess(cmd, 0, "", err)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    assert bench.import_seconds("medusa_kernels", 3) == 0.002
+    assert all(c[1:4] == ["-X", "importtime", "-c"] and c[4] == "import medusa_kernels"
+               for c in calls) and len(calls) == 3
+
+
 def test_readme_states_how_the_import_time_is_measured():
     text = " ".join(README.split())
     assert 'python -X importtime -c "import medusa_kernels"' in text
