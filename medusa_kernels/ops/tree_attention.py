@@ -137,7 +137,8 @@ def tree_attention_ref(
     Lengths are clamped to [0, S - T] and page indices to [0, num_pages), as in the kernel; the
     values of slots no query sees are selected away, never multiplied by 0 (NaN cannot leak).
     A query that sees no key at all (a mask row without itself over an empty prefix, which the
-    op refuses where it checks values) gives 0 off the CPU, as the kernel does; NaN on the CPU.
+    op refuses where it checks values) gives 0 where values go unchecked (off the CPU, or under
+    torch.compile), as the kernel does; NaN in an eager CPU call (which the op has refused).
     """
     B, T, Hq, D = q.shape
     if B == 0 or T == 0:
@@ -178,8 +179,8 @@ def tree_attention_ref(
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    if q.device.type != "cpu":  # a query that sees no key: 0, as the kernel (CPU: refused)
-        probs = torch.where(visible.any(dim=-1)[:, None, :, None], probs, 0.0)
+    if q.device.type != "cpu" or torch.compiler.is_compiling():  # values unchecked there
+        probs = torch.where(visible.any(dim=-1)[:, None, :, None], probs, 0.0)  # saw no key: 0
     return torch.einsum("bhts,bshd->bthd", probs, v).to(q.dtype).contiguous()
 
 
