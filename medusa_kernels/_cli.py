@@ -123,3 +123,67 @@ def progress(iterable: Iterable | None = None, total: int | None = None, desc: s
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled,
                 file=sys.stderr, dynamic_ncols=True)
+
+
+THREADS_HELP = ("torch CPU threads: N, or auto (the default): the cores the 1-minute load "
+                "average leaves idle, at least 1 and at most torch's default; when "
+                "OMP_NUM_THREADS is set, torch's own choice (which follows it) is kept")
+
+
+def threads_flag(value: str) -> int | str:
+    """argparse ``type=`` of ``--threads``: 'auto' or an int >= 1."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be auto or a thread count >= 1, got {value!r}")
+    return n
+
+
+def auto_threads() -> int:
+    """The idle cores: ``cores - load average`` (1 minute, rounded), clamped to
+    [1, torch.get_num_threads()]. On a busy CPU torch's default (one thread per core) makes its
+    OpenMP threads wait on one another: decoding the demo with 2 threads on 2 loaded cores ran
+    12-30x slower than with 1 (bench/results/2026-12-07-cpu-threads.md)."""
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return n
+    return max(1, min(n, int(cores - load + 0.5)))
+
+
+class cpu_threads:
+    """``with cpu_threads(args.threads):`` what a command runs, with torch's intra-op threads set
+    (``threads``: an int, or "auto": ``auto_threads()`` unless ``OMP_NUM_THREADS`` is set) and
+    the previous count restored on leaving (a command called in-process leaves its caller as it
+    was). ``.threads`` is the count it ran with."""
+
+    def __init__(self, threads: int | str):
+        self.requested = threads
+
+    def __enter__(self) -> cpu_threads:
+        import torch
+
+        self.previous = torch.get_num_threads()
+        if self.requested == "auto":
+            n = self.previous if os.environ.get("OMP_NUM_THREADS") else auto_threads()
+        else:
+            n = int(self.requested)
+        torch.set_num_threads(n)
+        self.threads = n
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.set_num_threads(self.previous)

@@ -50,7 +50,17 @@ from collections.abc import Sequence
 
 import torch
 
-from ._cli import DEBUG_HELP, Parser, check_device, check_dir, check_file, run_cli
+from ._cli import (
+    DEBUG_HELP,
+    THREADS_HELP,
+    Parser,
+    check_device,
+    check_dir,
+    check_file,
+    cpu_threads,
+    run_cli,
+    threads_flag,
+)
 from ._cli import progress as bar
 from .demo import MEASURE_SEED
 from .demo import prompts as demo_prompts
@@ -377,6 +387,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-depth", type=int, default=None, help="deepest path (default: heads)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--threads", type=threads_flag, default="auto", help=THREADS_HELP)
     p.add_argument("--out", default=None, help="JSON file to write (default: print)")
     p.add_argument("--measure", action="store_true",
                    help="also decode with the calibrated and the default tree and record the "
@@ -441,6 +452,11 @@ def _main(argv: list[str]) -> int:
     args.argv = list(argv)
     auto = args.nodes == "auto"
     nodes, sizes = _checked_args(args)
+    with cpu_threads(args.threads):
+        return _calibrate(args, auto, nodes, sizes)
+
+
+def _calibrate(args: argparse.Namespace, auto: bool, nodes: int, sizes: list[int]) -> int:
     show = not args.no_progress
     from .checkpoint import load_model
     from .tree import DEFAULT_TREE

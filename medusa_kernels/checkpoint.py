@@ -36,6 +36,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ._dtypes import DTYPE_NAMES, to_torch_dtype
 from .chat import chat_files
 from .gguf_loader import is_gguf, read_gguf
 from .heads import HEAD_KINDS, MedusaHeads
@@ -194,28 +195,20 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-MODEL_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-                "fp32": torch.float32, "float": torch.float32, "float64": torch.float64}
+MODEL_DTYPES = {name: getattr(torch, t) for name, t in DTYPE_NAMES.items()}  # every --dtype's too
 
 
 def check_load_args(base_dir, medusa, dtype, device) -> tuple[torch.dtype | None, torch.device]:
     """``load_model``'s arguments checked before any file is read: paths (str / os.PathLike),
-    ``dtype`` (None, a float torch.dtype or one of ``MODEL_DTYPES``' names), ``device`` (a
-    torch.device or its name, present on this machine). Returns (dtype, device)."""
+    ``dtype`` (None, a float torch.dtype or one of ``_dtypes.DTYPE_NAMES``, the names every
+    CLI's ``--dtype`` takes), ``device`` (a torch.device or its name, present on this machine).
+    Returns (dtype, device)."""
     for name, value in (("base_dir", base_dir), ("medusa", medusa)):
         if value is not None and not isinstance(value, (str, os.PathLike)) or (
                 name == "base_dir" and value is None):
             raise TypeError(f"{name} must be a directory path (str or os.PathLike), got "
                             f"{type(value).__name__} {value!r}")
-    if isinstance(dtype, str):
-        if dtype not in MODEL_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(MODEL_DTYPES)} or a floating "
-                             f"torch.dtype, got {dtype!r}")
-        dtype = MODEL_DTYPES[dtype]
-    elif dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be None, a floating torch.dtype or one of "
-                        f"{sorted(MODEL_DTYPES)}, got {dtype!r}")
+    dtype = to_torch_dtype(dtype, "dtype")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):

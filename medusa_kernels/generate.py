@@ -14,6 +14,15 @@ tree, else mc_sim_7b_63 on a GPU and small_7 on a CPU; the checkpoint's EOS). En
 tokens/s, steps and mean accepted tokens. A bad argument or file: one line, exit status 2
 (``--debug`` shows the traceback).
 
+A model without heads: when Medusa was not asked for (no ``--medusa``, ``--tree``,
+``--acceptance``, ``--posterior-*``), it decodes plainly after a one-line note; when it was, the
+error names what is missing. Every missing piece (heads, tokenizer.json for ``--prompt``) is
+reported in one error, before the weights load.
+
+Threads: ``--threads auto`` (the default) gives torch the cores the load average leaves idle
+(at least 1; torch's own default is one thread per core, and on a busy CPU its threads wait on
+each other: 12-30x slower decoding measured on 2 loaded cores); ``--threads N`` sets N.
+
 Tensor parallelism: ``torchrun --nproc-per-node N -m medusa_kernels.generate ...`` runs the same
 command on N ranks, each holding its part of the model (``load_model(..., tp=True)``: NCCL on
 ``cuda:LOCAL_RANK`` with ``--device cuda``, gloo on CPUs). Rank 0 prints; an error that every
@@ -27,11 +36,21 @@ import argparse
 import os
 import sys
 
-from ._cli import DEBUG_HELP, Parser, check_device, check_dir, exit_process, run_cli
+from ._cli import (
+    DEBUG_HELP,
+    THREADS_HELP,
+    Parser,
+    check_device,
+    check_dir,
+    cpu_threads,
+    exit_process,
+    run_cli,
+    threads_flag,
+)
+from ._dtypes import DTYPE_CHOICES, dtype_flag
 from .generation_config import GenerationConfig, build_config
 
 PROG = "python -m medusa_kernels.generate"
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,7 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eos-token-id", default=None,
                    help="comma-separated ids that end generation, or 'none' (default: the "
                         "checkpoint's, from generation_config.json or config.json)")
-    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--dtype", type=dtype_flag, default=None, metavar="DTYPE",
+                   help=f"one of {DTYPE_CHOICES} (load_model's names; default bfloat16 on "
+                        "CUDA, float32 on the CPU)")
+    p.add_argument("--threads", type=threads_flag, default="auto", help=THREADS_HELP)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-medusa", action="store_true", help="plain decoding (the baseline)")
@@ -131,29 +153,64 @@ def _main(argv: list[str]) -> int:
         raise ValueError(f"--device {device}: under torchrun give cpu or cuda (each rank takes "
                          "cuda:LOCAL_RANK)")
 
+    config = check_pieces(args, config)
+
     from .checkpoint import load_model
     from .parallel import group_ending
 
-    model = load_model(args.model, medusa=args.medusa, dtype=args.dtype, device=device,
-                       tp=True if _world() > 1 else None)
-    with group_ending(model.tp.owned):
-        _print_stream(model, args, config, ids)
+    with cpu_threads(args.threads) as threads:
+        model = load_model(args.model, medusa=args.medusa, dtype=args.dtype, device=device,
+                           tp=True if _world() > 1 else None)
+        with group_ending(model.tp.owned):
+            _print_stream(model, args, config, ids, threads.threads)
     return 0
 
 
-def _print_stream(model, args, config, ids) -> None:
+def medusa_asked(args: argparse.Namespace) -> bool:
+    """Whether a flag asks for Medusa decoding itself (heads, a tree, acceptance settings)."""
+    return any(getattr(args, f) is not None for f in (
+        "medusa", "tree", "acceptance", "posterior_threshold", "posterior_alpha"))
+
+
+def check_pieces(args: argparse.Namespace, config: GenerationConfig) -> GenerationConfig:
+    """Before the weights load: every piece the run needs and the checkpoint lacks, in one
+    ValueError (Medusa heads when Medusa was asked for; tokenizer.json for ``--prompt`` /
+    ``--chat``). Heads missing when Medusa was only the default: plain decoding, with a one-line
+    note on stderr."""
+    import dataclasses
+
+    from .checkpoint import has_heads
+
+    problems = []
+    if config.medusa:
+        where = args.medusa if args.medusa is not None else args.model
+        if not has_heads(where):
+            if medusa_asked(args):
+                flag = "--medusa " if args.medusa is not None else "--model "
+                problems.append(f"no Medusa heads in {flag}{where} (a heads dir or medusa_head.* "
+                                "weights; make them with python -m medusa_kernels.train "
+                                "medusa1, or pass --no-medusa for plain decoding)")
+            else:
+                config = dataclasses.replace(config, medusa=False)
+    text_flag = "--prompt" if args.prompt is not None else "--chat" if args.chat is not None \
+        else None
+    if text_flag and os.path.isdir(args.model) and \
+            not os.path.isfile(os.path.join(args.model, "tokenizer.json")):
+        problems.append(f"--model {args.model} has no tokenizer.json: pass --input-ids 1,2,3 "
+                        f"instead of {text_flag}")  # a GGUF file carries its tokenizer
+    if problems:
+        raise ValueError("; ".join(problems))
+    if not config.medusa and not args.no_medusa and _rank() == 0:
+        print(f"{PROG}: note: no Medusa heads in {args.model}: decoding plainly (--medusa DIR "
+              "loads heads; --no-medusa hides this note)", file=sys.stderr)
+    return config
+
+
+def _print_stream(model, args, config, ids, threads: int) -> None:
     """Decode and print: text (or ids) as they come, then one stats line (rank 0 only)."""
     from .decoding import generate
 
     shown = sys.stdout if model.tp.is_main else open(os.devnull, "w")  # rank 0 prints
-    if config.medusa and model.heads is None:
-        raise ValueError(f"no Medusa heads in {args.model}: pass --medusa DIR, or --no-medusa for "
-                         "plain decoding")
-    text = args.prompt if args.prompt is not None else args.chat
-    if text is not None and model.cached_tokenizer() is None:
-        flag = "--prompt" if args.prompt is not None else "--chat"
-        raise ValueError(f"{args.model} has no tokenizer.json: pass --input-ids instead of "
-                         f"{flag}")
     prompt = ids if ids is not None else args.prompt
     if args.chat is not None:
         prompt = [{"role": "user", "content": args.chat}]
@@ -172,7 +229,9 @@ def _print_stream(model, args, config, ids) -> None:
     print(
         f"\n\n[{mode}] {r.num_tokens} tokens in {r.wall_time:.2f} s "
         f"({r.tokens_per_second:.1f} tokens/s after prefill), {r.steps} steps, "
-        f"{r.mean_accepted:.2f} accepted tokens per step",
+        f"{r.mean_accepted:.2f} accepted tokens per step"
+        + (f", {threads} CPU thread{'s' if threads > 1 else ''}" if model.device.type == "cpu"
+           else ""),
         file=sys.stderr if model.tp.is_main else shown,
     )
 
@@ -181,6 +240,10 @@ def _world() -> int:
     """torchrun's WORLD_SIZE (1 without it; a bad value is init_tp's error)."""
     raw = os.environ.get("WORLD_SIZE", "1")
     return int(raw) if raw.strip().isdigit() else 2
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0")) if _world() > 1 else 0
 
 
 def _ranked_main(argv: list[str]) -> int:

@@ -37,6 +37,14 @@ def _check_ids(ids: Sequence[Any], where: str, vocab_size: int | None) -> list[i
     return out
 
 
+def _check_readable(t: Any, where: str) -> None:
+    """A tensor whose values cannot be read (the meta device holds none): a ValueError naming
+    it and the devices expected."""
+    if getattr(t, "is_meta", False):
+        raise ValueError(f"{where} is a tensor on the meta device, which holds no values: give "
+                         "the token ids on the CPU or on the model's device")
+
+
 def prompt_token_lists(prompt: Any, tokenizer=None, vocab_size: int | None = None,
                        bos_token_id: int | None = None, name: str = "prompt"
                        ) -> tuple[list[list[int]], bool]:
@@ -50,6 +58,7 @@ def prompt_token_lists(prompt: Any, tokenizer=None, vocab_size: int | None = Non
         kind = str(prompt.dtype)
         if "int" not in kind or "bool" in kind:
             raise TypeError(f"{name} must hold integer token ids, got a tensor of {kind}")
+        _check_readable(prompt, name)
         if prompt.ndim not in (1, 2):
             raise ValueError(f"{name} must be [P] or [B, P] token ids, got shape "
                              f"{tuple(prompt.shape)}")
@@ -89,6 +98,7 @@ def prompt_token_lists(prompt: Any, tokenizer=None, vocab_size: int | None = Non
             kind = str(p.dtype)
             if "int" not in kind or "bool" in kind:
                 raise TypeError(f"{name}[{b}] must hold integer token ids, got {kind}")
+            _check_readable(p, f"{name}[{b}]")
             p = p.tolist()
         if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
             raise TypeError(f"{name}[{b}] must be a list of token ids (a batch cannot mix "

@@ -51,18 +51,29 @@ from __future__ import annotations
 import argparse
 import os
 
-from ._cli import DEBUG_HELP, Parser, check_dir, check_file, exit_process, run_cli
+from ._cli import (
+    DEBUG_HELP,
+    THREADS_HELP,
+    Parser,
+    check_dir,
+    check_file,
+    cpu_threads,
+    exit_process,
+    run_cli,
+    threads_flag,
+)
+from ._dtypes import DTYPE_CHOICES, dtype_flag
 
 PROG = "python -m medusa_kernels.train"
-DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")  # training.trainer.DTYPES
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model dir (HF layout)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if any, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
-                   help="backbone weights (default: bf16 for generation and a frozen backbone "
-                        "on CUDA, fp32 when it trains or on CPU)")
+    p.add_argument("--dtype", type=dtype_flag, default=None, metavar="DTYPE",
+                   help=f"backbone weights, one of {DTYPE_CHOICES} (default: bf16 for "
+                        "generation and a frozen backbone on CUDA, fp32 when it trains or on CPU)")
+    p.add_argument("--threads", type=threads_flag, default="auto", help=THREADS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
@@ -149,8 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         t.add_argument("--accept-tree", default=None)
         t.add_argument("--accept-max-new-tokens", type=int, default=None)
         t.add_argument("--report", default=None, help="also write the run report here")
-        t.add_argument("--save-dtype", choices=sorted(DTYPE_NAMES), default=None,
-                       help="default: the model config's torch_dtype")
+        t.add_argument("--save-dtype", type=dtype_flag, default=None, metavar="DTYPE",
+                       help=f"one of {DTYPE_CHOICES} (default: the model config's torch_dtype)")
         t.add_argument("--no-autocast", action="store_true", help="no bf16 autocast on CUDA")
         t.add_argument("--log-every", type=int, default=10)
     return p.parse_args(argv)
@@ -161,7 +172,7 @@ def config_from_args(args: argparse.Namespace):
     from .training.trainer import DTYPES, TrainConfig
 
     skip = {"command", "no_progress", "no_pack", "no_autocast", "distill_batch_size", "format",
-            "dtype", "save_dtype", "debug"}
+            "dtype", "save_dtype", "debug", "threads"}
     kw = {k: v for k, v in vars(args).items() if k not in skip}
     return TrainConfig(
         mode=args.command, pack=not args.no_pack, progress=not args.no_progress,
@@ -201,6 +212,11 @@ def check_args(args: argparse.Namespace) -> None:
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     check_args(args)
+    with cpu_threads(args.threads):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .training.distill import DistillConfig, self_distill
     from .training.trainer import DTYPES, setup_distributed, train
 

@@ -547,6 +547,58 @@ def test_gpu_value_checks_follow_the_environment(monkeypatch):
     assert torch.isfinite(tree_attention(q, k, v, lens, mask, block_table=bt)).all()
 
 
+def _blind_inputs():
+    """Row 2 of the mask sees nothing, not even itself; sequence 0 has an empty prefix."""
+    q, k, v, lens, _ = make_inputs([0, 6], 4, 4, 2, 64, torch.float32)
+    mask = chain(4)
+    mask[2] = False
+    return q, k, v, lens, mask.to(DEV)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["bool", "packed"])
+def test_a_query_that_sees_no_key_is_refused(packed, monkeypatch):
+    """A softmax over no key is NaN: refused where values are checked (CPU; CUDA with
+    MEDUSA_KERNELS_CHECKS=1), naming the row and the sequence. With a prefix the row is well
+    defined (it attends to the prefix only) and goes through."""
+    monkeypatch.setenv("MEDUSA_KERNELS_CHECKS", "1")
+    q, k, v, lens, mask = _blind_inputs()
+    m = pack_tree_mask(mask) if packed else mask
+    with pytest.raises(ValueError, match=r"tree_mask row 2 sees no tree node \(not even itself\) "
+                       r"and no prefix key \(cache_seqlens\[0\] = 0\): query 2 of sequence 0"):
+        tree_attention(q, k, v, lens, m)
+    lens1 = lens.clamp(min=1)
+    out = tree_attention(q, k, v, lens1, m)
+    want = tree_attention_ref(q.double(), k.double(), v.double(), lens1, mask)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    # a window can leave a row without itself blind over a prefix too: node 3 at depth 3, W = 1
+    full = chain(4).to(DEV)
+    full[3, 3] = False
+    depths = torch.arange(4, device=DEV)
+    with pytest.raises(ValueError, match=r"row 3 .* sliding_window = 1 \(depth 3\)"):
+        tree_attention(q, k, v, lens1, full, sliding_window=1, tree_depths=depths)
+    out = tree_attention(q, k, v, lens1, full, sliding_window=2, tree_depths=depths)
+    assert torch.isfinite(out).all()
+
+
+def test_unchecked_query_that_sees_no_key_gives_zero(monkeypatch):
+    """Without the value checks (CUDA's default) the kernel writes 0 for a query that sees no
+    key, never NaN, at one split and with the split merge; every other row as the reference."""
+    q, k, v, lens, mask = _blind_inputs()
+    seen = torch.ones(2, 4, dtype=torch.bool, device=DEV)
+    seen[0, 2] = False
+    want = tree_attention_ref(q.double(), k.double(), v.double(), lens, mask)
+    for splits in (1, 3):
+        out = tree_attention_triton(q, k, v, lens, pack_tree_mask(mask), block_n=16,
+                                    num_splits=splits)  # fmt: skip
+        assert torch.isfinite(out).all() and (out[0, 2] == 0).all(), splits
+        torch.testing.assert_close(out.double()[seen], want[seen], atol=2e-5, rtol=2e-5)
+    if DEV == "cuda":
+        monkeypatch.setenv("MEDUSA_KERNELS_CHECKS", "0")
+        for backend in ("torch", "triton"):
+            out = tree_attention(q, k, v, lens, mask, backend=backend)
+            assert torch.isfinite(out).all() and (out[0, 2] == 0).all(), backend
+
+
 # --- argument checks -------------------------------------------------------------------------
 
 

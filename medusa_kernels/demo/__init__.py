@@ -19,8 +19,10 @@ def path(root: str | os.PathLike | None = None) -> tuple[str, str]:
     root = str(root or ASSETS)
     model_dir, heads_dir = os.path.join(root, "model"), os.path.join(root, "heads")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        how = "--into-package" if os.path.realpath(root) == os.path.realpath(ASSETS) else \
+            f"--out {root}"
         raise FileNotFoundError(
-            f"no demo checkpoint in {root}: build it with python -m medusa_kernels.demo.build"
+            f"no demo checkpoint in {root}: build it with python -m medusa_kernels.demo.build {how}"
         )
     return model_dir, heads_dir
 

@@ -15,9 +15,12 @@
 ``--heads-only`` keeps the base of an earlier build in OUT and redoes steps 4-6.
 
 Writes ``OUT/model`` (HF layout + tokenizer.json), ``OUT/heads`` (public heads layout) and
-``OUT/build_report.json``. Default OUT is the shipped ``medusa_kernels/assets/demo``. The
-training run's own files (distilled data, head_accuracy.json, train_report.json) go to a
-temporary directory, or to ``--run-dir``.
+``OUT/build_report.json``. Default OUT is ``./demo_build`` (use it with ``demo.load(OUT)`` or
+``generate --model OUT/model --medusa OUT/heads``); the installed package's own
+``medusa_kernels/assets/demo`` is written only with ``--into-package`` (an ``--out`` naming it
+without that flag is refused), which is how the shipped demo is made. The training run's own
+files (distilled data, head_accuracy.json, train_report.json) go to a temporary directory, or
+to ``--run-dir``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .._cli import DEBUG_HELP, Parser, check_device, check_dir, check_file, progress, run_cli
+from .._cli import (
+    DEBUG_HELP,
+    THREADS_HELP,
+    Parser,
+    check_device,
+    check_dir,
+    check_file,
+    cpu_threads,
+    progress,
+    run_cli,
+    threads_flag,
+)
 from ..checkpoint import load_model, save_base_model, save_medusa_heads
 from ..decoding import generate
 from ..model import ModelConfig, Transformer
@@ -46,6 +60,7 @@ from ..training.corpus import EOS, corpus, encode_all, prompts_from, windows
 from ..training.trainer import evaluate as head_accuracies
 from . import ASSETS
 
+DEFAULT_OUT = "demo_build"  # in the working directory
 FULL = dict(vocab=2048, d=256, layers=4, heads=4, kv_heads=2, ffn=704, seq=128, batch=16,
             lr=3e-3, pretrain_s=360.0, pretrain_steps=4000, distil_prompts=2048, prompt_len=24,
             gen_len=96, heads_steps=2000, heads_rows=1, heads_seq=1024, heads_lr=1e-3,
@@ -182,10 +197,14 @@ def evaluate(out: str, held: torch.Tensor, s: dict, eos: int, show: bool = True)
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog="python -m medusa_kernels.demo.build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=ASSETS, help="output dir (default: the shipped assets)")
+    p.add_argument("--out", default=None,
+                   help=f"output dir (default: {DEFAULT_OUT}; never the shipped assets unless "
+                        "--into-package)")
+    p.add_argument("--into-package", action="store_true",
+                   help=f"write over the installed package's demo ({ASSETS})")
     p.add_argument("--quick", action="store_true", help="tiny smoke build (seconds)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: larger builds)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=threads_flag, default="auto", help=THREADS_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heads-only", action="store_true",
                    help="keep OUT/model (an earlier build's base and tokenizer) and redo steps "
@@ -233,16 +252,36 @@ def build_base(s: dict, train_texts: list[str], model_dir: str, device, show: bo
             "pretrain_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def out_dir(args: argparse.Namespace) -> str:
+    """The absolute output dir: ``--out``, else the shipped assets with ``--into-package``, else
+    ./demo_build. The shipped assets only with ``--into-package`` (a ValueError otherwise)."""
+    if args.out is None:
+        return ASSETS if args.into_package else os.path.abspath(DEFAULT_OUT)
+    out = os.path.abspath(args.out)
+    shipped = os.path.realpath(out) == os.path.realpath(ASSETS)
+    if shipped and not args.into_package:
+        raise ValueError(f"--out {args.out} is the installed package's demo: add --into-package "
+                         "to write over it, or give another directory")
+    if args.into_package and not shipped:
+        raise ValueError(f"--into-package writes the package's demo ({ASSETS}); drop --out "
+                         f"{args.out} or --into-package")
+    return out
+
+
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    show = not args.no_progress
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    args.out = out_dir(args)
     check_device("--device", args.device)
     if args.heads_only:
         check_dir("--out (with --heads-only)", os.path.join(args.out, "model"), "config.json")
         check_file("--out (with --heads-only)", os.path.join(args.out, "build_report.json"))
-    torch.set_num_threads(args.threads)
+    with cpu_threads(args.threads) as threads:
+        args.threads = threads.threads
+        return _build(args)
+
+
+def _build(args: argparse.Namespace) -> int:
+    show = not args.no_progress
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     s = dict(QUICK if args.quick else FULL)

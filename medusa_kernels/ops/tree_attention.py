@@ -136,6 +136,9 @@ def tree_attention_ref(
     the window). ``sliding_window``, ``softcap``, ``tree_depths``: as ``tree_attention``.
     Lengths are clamped to [0, S - T] and page indices to [0, num_pages), as in the kernel; the
     values of slots no query sees are selected away, never multiplied by 0 (NaN cannot leak).
+    A query that sees no key at all (a mask row without itself over an empty prefix, which the
+    op refuses where it checks values) gives 0 where values go unchecked (off the CPU, or under
+    torch.compile), as the kernel does; NaN in an eager CPU call (which the op has refused).
     """
     B, T, Hq, D = q.shape
     if B == 0 or T == 0:
@@ -176,14 +179,18 @@ def tree_attention_ref(
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if q.device.type != "cpu" or torch.compiler.is_compiling():  # values unchecked there
+        probs = torch.where(visible.any(dim=-1)[:, None, :, None], probs, 0.0)  # saw no key: 0
     return torch.einsum("bhts,bshd->bthd", probs, v).to(q.dtype).contiguous()
 
 
 def check_tree_attention_args(
-    q, k_cache, v_cache, cache_seqlens, tree_mask, block_table=None, tree_depths=None
+    q, k_cache, v_cache, cache_seqlens, tree_mask, block_table=None, tree_depths=None,
+    sliding_window=None,
 ) -> None:
     """Validate shapes, dtypes and devices; where ``check_values`` (CPU tensors, or CUDA with
-    MEDUSA_KERNELS_CHECKS=1) also the lengths, page indices and depths."""
+    MEDUSA_KERNELS_CHECKS=1) also the lengths, page indices, depths, and that every query sees
+    at least one key (``check_every_query_sees_a_key``)."""
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, T, Hq, D = q.shape
     if D == 0 or Hq == 0:
@@ -239,6 +246,8 @@ def check_tree_attention_args(
     if tree_depths is not None and T > 0:
         if bool((tree_depths < 0).any()) or bool((tree_depths >= T).any()):
             raise ValueError(f"tree_depths must lie in [0, T = {T}), got {tree_depths.tolist()}")
+    if B > 0 and T > 0 and (sliding_window is not None or bool((lengths == 0).any())):
+        check_every_query_sees_a_key(lengths, tree_mask, sliding_window, tree_depths)
     if block_table is not None:
         page = k_cache.shape[1]
         used = (lengths + T + page - 1) // page  # pages each sequence touches
@@ -250,6 +259,30 @@ def check_tree_attention_args(
                 f"block_table[{b}, {p}] = {int(block_table[b, p])} is not a page index in "
                 f"[0, {k_cache.shape[0]}) though sequence {b} uses that page"
             )
+
+
+def check_every_query_sees_a_key(lengths, tree_mask, sliding_window=None, tree_depths=None):
+    """A ValueError naming the first (tree row, sequence) whose query would see no key: a mask
+    row that sees no tree node (not even itself) over an empty prefix (or, with a window, no
+    node and no prefix key inside it). Its softmax would be over nothing (NaN)."""
+    T = tree_mask.shape[0]
+    mask = tree_mask if tree_mask.dtype == torch.bool else unpack_tree_mask(tree_mask, T)
+    depth = tree_node_depths(mask) if tree_depths is None else tree_depths.to(torch.long)
+    sees_node = mask
+    sees_prefix = (lengths >= 1)[:, None].expand(-1, T)  # [B, T]
+    if sliding_window is not None:  # keys at positions > L + depth[t] - W
+        sees_node = mask & (depth[None, :] > depth[:, None] - sliding_window)
+        sees_prefix = sees_prefix & (depth <= sliding_window - 2)[None, :]
+    blind = ~(sees_node.any(dim=1)[None, :] | sees_prefix)  # [B, T]
+    if bool(blind.any()):
+        b, t = (int(i) for i in blind.nonzero()[0])
+        why = f"cache_seqlens[{b}] = {int(lengths[b])}"
+        if sliding_window is not None:
+            why += f" and sliding_window = {sliding_window} (depth {int(depth[t])})"
+        raise ValueError(
+            f"tree_mask row {t} sees no tree node (not even itself) and no prefix key ({why}): "
+            f"query {t} of sequence {b} would attend to nothing (a softmax over no key is "
+            "NaN); every tree node must see itself")
 
 
 if HAS_TRITON:
@@ -458,7 +491,8 @@ if HAS_TRITON:
 
         m_out = m_r[:, None] & m_d[None, :]
         if not SPLIT:
-            b_o = b_acc / tl.where(m_r, b_l, 1.0)[:, None]  # padding rows saw nothing
+            # padding rows, and a query that saw no key (refused where values are checked): 0
+            b_o = b_acc / tl.where(m_r & (b_l > 0.0), b_l, 1.0)[:, None]
             p_o = (o_ptr + i_b.to(tl.int64) * o_stride_b + o_t[:, None] * o_stride_t
                    + o_h[:, None] * o_stride_h + o_d[None, :])  # fmt: skip
             tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_out)
@@ -506,7 +540,7 @@ if HAS_TRITON:
                           mask=m_c[:, :, None] & m_d[None, None, :], other=0.0)  # fmt: skip
             b_acc += tl.sum(b_w[:, :, None] * b_o, 0)
             b_den += tl.sum(b_w, 0)
-        b_out = b_acc / tl.where(m_r, b_den, 1.0)[:, None]
+        b_out = b_acc / tl.where(m_r & (b_den > 0.0), b_den, 1.0)[:, None]  # saw no key: 0
         o_t, o_h = o_r // G, i_kv * G + o_r % G
         p_o = (o_ptr + i_b.to(tl.int64) * o_stride_b + o_t[:, None] * o_stride_t
                + o_h[:, None] * o_stride_h + o_d[None, :])  # fmt: skip
@@ -773,7 +807,10 @@ def tree_attention(
             sequence but never a read outside the cache.
         tree_mask: [T, T] bool, or packed int32 [T, ceil(T / 32)] (``pack_tree_mask``: bit
             u % 32, LSB first, of word u // 32 of row t); row t says which tree nodes query t
-            sees (itself and its ancestors). The prefix is always visible.
+            sees (itself and its ancestors). The prefix is always visible. A query that would
+            see no key (a row without itself over an empty prefix, or outside the window) is
+            a ValueError where values are checked (CPU; CUDA with MEDUSA_KERNELS_CHECKS=1); on
+            CUDA without the checks its output is 0 (never NaN).
         softmax_scale: defaults to 1 / sqrt(D) (Gemma's query_pre_attn_scalar s: s ** -0.5).
         block_table: optional [B, max_pages] int32 page indices of each sequence (paged KV, as
             ``flash_attn_with_kvcache``); position p is slot p % page_size of page
@@ -796,11 +833,11 @@ def tree_attention(
 
     Example: plain decode is ``tree_attention(q[:, :1], k, v, lens, torch.ones(1, 1, dtype=bool))``.
     """
-    check_tree_attention_args(q, k_cache, v_cache, cache_seqlens, tree_mask, block_table,
-                              tree_depths)  # fmt: skip
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(
             sliding_window, int) or sliding_window < 1):
         raise ValueError(f"sliding_window must be an int >= 1 or None, got {sliding_window!r}")
+    check_tree_attention_args(q, k_cache, v_cache, cache_seqlens, tree_mask, block_table,
+                              tree_depths, sliding_window)  # fmt: skip
     for name, value in (("softcap", softcap), ("softmax_scale", softmax_scale)):
         if value is not None and check_real(name, value) <= 0:
             raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
