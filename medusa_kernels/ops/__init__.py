@@ -5,8 +5,11 @@ function, registered as a ``torch.library`` custom op so torch.compile and CUDA 
 """
 
 from .acceptance import accept_greedy, accept_greedy_ids, accept_typical, sample_tokens
+from .activation import ACTIVATIONS, gated_act, gated_act_ref
 from .compact_kv import compact_kv_cache, compact_kv_cache_ref
 from .heads_topk import lm_head_topk, lm_head_topk_ref, medusa_heads_topk, medusa_heads_topk_ref
+from .rms_norm import rms_norm, rms_norm_ref
+from .rotary import rope_kv_write, rope_kv_write_ref
 from .sampling import accept_exact, accept_exact_ids, filter_logits, sample_logits, sampling_probs
 from .tree_attention import (
     pack_tree_mask,
@@ -16,6 +19,7 @@ from .tree_attention import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
     "accept_exact",
     "accept_exact_ids",
     "accept_greedy",
@@ -24,11 +28,17 @@ __all__ = [
     "compact_kv_cache",
     "compact_kv_cache_ref",
     "filter_logits",
+    "gated_act",
+    "gated_act_ref",
     "lm_head_topk",
     "lm_head_topk_ref",
     "medusa_heads_topk",
     "medusa_heads_topk_ref",
     "pack_tree_mask",
+    "rms_norm",
+    "rms_norm_ref",
+    "rope_kv_write",
+    "rope_kv_write_ref",
     "sample_logits",
     "sample_tokens",
     "sampling_probs",
