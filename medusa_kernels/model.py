@@ -30,7 +30,7 @@ the cache holds the rank's KV heads; the generation loop runs unchanged on every
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hf_config
-from .ops import lm_head_topk, tree_attention
+from .ops import gated_act, lm_head_topk, rms_norm, rope_kv_write, tree_attention
+from .ops.activation import ACTIVATIONS, gated_act_ref
+from .ops.rms_norm import rms_norm_ref
+from .ops.rotary import apply_rope_ref
 from .parallel import (
     SINGLE,
     WHOLE,
@@ -50,26 +53,6 @@ from .parallel import (
     row_parallel_linear,
     vocab_parallel_embedding,
 )
-
-
-def _gelu_tanh(x):
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3.0))))
-
-
-ACTIVATIONS = {  # transformers' ACT2FN, the same formulas
-    "silu": F.silu, "swish": F.silu, "gelu": F.gelu,
-    "gelu_python": lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),
-    "gelu_new": _gelu_tanh, "gelu_accurate": _gelu_tanh, "gelu_python_tanh": _gelu_tanh,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1 + 0.044715 * x * x))),
-    "gelu_10": lambda x: torch.clip(F.gelu(x), -10, 10),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu, "relu2": lambda x: torch.square(F.relu(x)), "relu6": F.relu6,
-    "leaky_relu": F.leaky_relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-    "linear": lambda x: x, "mish": F.mish, "hardswish": F.hardswish,
-    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107).div(0.282095 * math.sqrt(2.0)))),
-    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
-}  # fmt: skip (hf_config.ACTIVATIONS names the same set: test_config_audit checks it)
 
 
 @dataclass
@@ -188,31 +171,37 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> tuple[torch.Tensor, 
     return torch.stack([inv_freq, inv_freq]), attention
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos, sin: [B, T, R] (halves repeated, HF's rotate_half convention): the
-    first R dims rotate, the rest pass (partial rotary)."""
-    R = cos.shape[-1]
-    rot = x[..., :R]
-    x1, x2 = rot.chunk(2, dim=-1)
-    out = rot * cos[:, :, None] + torch.cat([-x2, x1], dim=-1) * sin[:, :, None]
-    return out if R == x.shape[-1] else torch.cat([out, x[..., R:]], dim=-1)
+def _differentiable(*tensors) -> bool:
+    """Autograd must see through this op (training): the plain PyTorch references run, which
+    have gradients; inference (no_grad, inference_mode, a compiled or graphed step) takes the
+    fused ops."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * w (Llama: w times the normed x cast back), or Gemma's ``unit_offset``:
-    (normed x * (1 + w)) in fp32, then cast."""
+    (normed x * (1 + w)) in fp32, then cast. ``forward(x, residual)``: the norm of
+    x + residual and that sum (the new residual stream), one launch (``ops.rms_norm``)."""
 
     def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.eps, self.unit_offset = eps, unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:
-            return (xf * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x [..., N] -> normed; with ``residual`` (may be None: the first layer's, where x
+        is the stream): (normed x + residual, x + residual)."""
+        if _differentiable(x, residual, self.weight):
+            out, h = rms_norm_ref(x, self.weight, self.eps, residual, self.unit_offset)
+        elif residual is None:
+            out, h = rms_norm(x, self.weight, self.eps, unit_offset=self.unit_offset), None
+        else:
+            out, h = rms_norm(x, self.weight, self.eps, residual, self.unit_offset)
+        return out if residual is None else (out, h)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """(norm of x + residual, x + residual); residual None: (norm of x, x)."""
+        return (self(x), x) if residual is None else self(x, residual)
 
 
 class KVCache:
@@ -264,6 +253,20 @@ def causal_attention(q, k, v, scale=None, window=None, softcap=None, mask=None) 
     return out.transpose(1, 2)
 
 
+@dataclass
+class Pass:
+    """What one forward (a prefill, a step) shares with every layer, computed once:
+    ``rope[kind]``: (cos, sin) [B, T, R/2] float32 (attention factor applied) per rope kind;
+    ``cache``/``write_pos`` [B, T]: where the layers write their roped K/V (None: no cache,
+    the training forward); ``attend(attn, q)`` (cache) or ``attend(attn, q, k, v)`` (no
+    cache): the attention proper, [B, T, Hq, D]."""
+
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    attend: Callable
+    cache: KVCache | None = None
+    write_pos: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     """GQA attention. Under tensor parallelism (``tp``) it holds this rank's KV heads and the
     query heads that read them: wqkv is column-parallel ([q_r | k_r | v_r] rows), wo
@@ -283,21 +286,26 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
 
-    def forward(self, x, cos, sin, attend):
-        """x [B, T, d] -> [B, T, d]; ``attend(self, q, k, v)`` does the attention proper
-        (q [B, T, Hq, D], k, v [B, T, Hkv, D], roped) and returns [B, T, Hq, D]."""
-        D = self.cfg.head_dim
+    def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d]: qkv, (q/k norm +) rope + cache write, attention, o."""
         B, T, _ = x.shape
-        q_out, kv_out = self.num_heads * D, self.num_kv_heads * D
-        q, k, v = self.wqkv(x).split([q_out, kv_out, kv_out], dim=-1)
-        q = q.view(B, T, self.num_heads, D)
-        k = k.view(B, T, self.num_kv_heads, D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(self, q, k, v.view(B, T, self.num_kv_heads, D))
-        return row_parallel_linear(out.reshape(B, T, q_out), self.wo.weight, self.wo.bias,
-                                   self.tp)
+        H, Hkv, cfg = self.num_heads, self.num_kv_heads, self.cfg
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, cfg.head_dim)
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+        cos, sin = p.rope[self.rope]
+        qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+        if p.cache is not None:  # one launch: q/k norms, rope, k and v into the cache
+            q = rope_kv_write(q, k, v, cos, sin, p.cache.k, p.cache.v, self.layer, p.write_pos,
+                              qn, kn, cfg.rms_norm_eps, cfg.norm_unit_offset)  # fmt: skip
+            out = p.attend(self, q)
+        else:  # no cache (training): the references, which autograd sees through
+            if qn is not None:
+                q = rms_norm_ref(q, qn, cfg.rms_norm_eps, unit_offset=cfg.norm_unit_offset)[0]
+                k = rms_norm_ref(k, kn, cfg.rms_norm_eps, unit_offset=cfg.norm_unit_offset)[0]
+            q, k = apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)
+            out = p.attend(self, q, k, v)
+        return row_parallel_linear(out.reshape(B, T, H * cfg.head_dim), self.wo.weight,
+                                   self.wo.bias, self.tp)  # fmt: skip
 
 
 class MLP(nn.Module):
@@ -306,18 +314,23 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE):
         super().__init__()
-        self.act, self.tp = ACTIVATIONS[cfg.hidden_act], tp
+        self.act, self.tp = cfg.hidden_act, tp
         inter = cfg.intermediate_size // tp.world
         self.w13 = nn.Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
         self.w2 = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return row_parallel_linear(self.act(gate) * up, self.w2.weight, self.w2.bias, self.tp)
+        gate_up = self.w13(x)
+        act = gated_act_ref if _differentiable(gate_up) else gated_act
+        return row_parallel_linear(act(gate_up, self.act), self.w2.weight, self.w2.bias, self.tp)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; Gemma's post-norms act on the all-reduced (full) outputs."""
+    """Pre-norm residual block; Gemma's post-norms act on the all-reduced (full) outputs.
+
+    ``forward(x, residual, p) -> (out, residual)``: the residual add of the previous block's
+    ``out`` is fused into this block's first norm (the last block's into the final norm), so
+    a layer is nine launches (eleven with Gemma's sandwich norms)."""
 
     def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup = SINGLE):
         super().__init__()
@@ -329,15 +342,18 @@ class Block(nn.Module):
         self.post_attention_norm = RMSNorm(d, eps, offset) if cfg.sandwich_norms else None
         self.post_ffn_norm = RMSNorm(d, eps, offset) if cfg.sandwich_norms else None
 
-    def forward(self, x, cos, sin, attend):
-        h = self.attention(self.attention_norm(x), cos, sin, attend)
+    def forward(self, x, residual, p: Pass):
+        """x: the previous block's output (the embedding for the first, with residual None);
+        residual: the stream before it. Returns this block's output and the stream."""
+        h, residual = self.attention_norm.add(x, residual)  # (add +) norm
+        h = self.attention(h, p)  # qkv, rope + cache write, attention, o
         if self.post_attention_norm is not None:
             h = self.post_attention_norm(h)
-        x = x + h
-        h = self.mlp(self.ffn_norm(x))
+        h, residual = self.ffn_norm(h, residual)  # add + norm
+        h = self.mlp(h)  # gate_up, act, down
         if self.post_ffn_norm is not None:
             h = self.post_ffn_norm(h)
-        return x + h
+        return h, residual
 
 
 class Transformer(nn.Module):
@@ -364,21 +380,45 @@ class Transformer(nn.Module):
         self._rope_tables()
 
     def _rope_tables(self, device=None):
-        self.rope_scale = {}
-        for kind in ("global", "local") if self.cfg.local_rope_theta is not None else ("global",):
-            inv_freq, self.rope_scale[kind] = rope_inv_freq(self.cfg, local=kind == "local")
-            if device is not None:
-                inv_freq = inv_freq.to(device)
-            self.register_buffer(f"inv_freq_{kind}", inv_freq, persistent=False)
+        """Buffers of every rope kind side by side (one cos/sin table per forward): inv_freq
+        [2, kinds x R/2] (longrope's short and long rows; equal rows elsewhere), rope_scale
+        [kinds x R/2] (attention factors), and the embedding scale per dtype."""
+        cfg = self.cfg
+        self.rope_kinds = ("global", "local") if cfg.local_rope_theta is not None else ("global",)
+        tables, scales, longs = [], [], set()
+        for kind in self.rope_kinds:
+            inv_freq, scale = rope_inv_freq(cfg, local=kind == "local")
+            tables.append(inv_freq)
+            scales.append(float(scale))
+            scaling = (cfg.rope_scaling if kind == "global" else cfg.local_rope_scaling) or {}
+            if scaling.get("rope_type") == "longrope":
+                longs.add(scaling["original_max_position_embeddings"])
+        if len(longs) > 1:
+            raise ValueError(f"two longrope ropes with different original_max_position_embeddings "
+                             f"{sorted(longs)} are not supported")
+        self.rope_long = longs.pop() if longs else None  # longrope's switch length
+        self.rope_scaled = any(s != 1.0 for s in scales)
+        scale = torch.cat([torch.full((t.shape[1],), s)
+                           for t, s in zip(tables, scales, strict=True)])
+        for name, t in (("inv_freq", torch.cat(tables, 1)), ("rope_scale", scale)):
+            self.register_buffer(name, t if device is None else t.to(device), persistent=False)
+        self._rope_table = None  # rope_rows' cos | sin by position
+        self._embed_scales = {}
+        if cfg.embed_scale is not None:  # the scale rounded to the weights' dtype, as a float
+            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                rounded = torch.tensor(cfg.embed_scale, device="cpu").to(dtype)
+                self._embed_scales[dtype] = float(rounded)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # .to(dtype) must not round the RoPE frequencies
-        self._rope_tables(self.inv_freq_global.device)
+        self._rope_tables(self.inv_freq.device)
         return self
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """A cache for this rank's KV heads (all of them for one process)."""
         p = self.lm_head.weight
+        if p.device.type != "meta":
+            self.rope_rows(capacity)
         return KVCache(self.cfg, batch, capacity, p.dtype, p.device,
                        self.cfg.num_kv_heads // self.tp.world)
 
@@ -388,34 +428,56 @@ class Transformer(nn.Module):
         else:
             x = self.embed(tokens)
         if self.cfg.embed_scale is not None:  # the scale rounded to the weights' dtype first
-            x = x * torch.tensor(self.cfg.embed_scale).to(x.dtype)
+            x = x * self._embed_scales[x.dtype]
         return x
 
-    def rope(self, positions: torch.Tensor, seq_len: torch.Tensor, dtype) -> dict:
-        """cos, sin [B, T, R] per rope ("global", "local") for positions [B, T]; seq_len [B]:
-        each sequence's length for this forward (longrope picks its long factors above
-        original_max_position_embeddings, as transformers does per forward)."""
-        out = {}
-        for kind, scale in self.rope_scale.items():
-            table = getattr(self, f"inv_freq_{kind}")
-            scaling = (self.cfg.rope_scaling if kind == "global" else
-                       self.cfg.local_rope_scaling) or {}
-            if scaling.get("rope_type") == "longrope":
-                long = seq_len.to(table.device) > scaling["original_max_position_embeddings"]
-                inv_freq = torch.where(long[:, None, None], table[1], table[0])  # [B, 1, R/2]
-            else:
-                inv_freq = table[0]
-            angles = positions.float()[..., None] * inv_freq
-            angles = torch.cat([angles, angles], dim=-1)
-            out[kind] = ((angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype))
-        return out
+    def rope(self, positions: torch.Tensor, seq_len: torch.Tensor | None = None) -> dict:
+        """{kind: (cos, sin)} [B, T, R/2] float32 (attention factor applied) per rope kind
+        ("global", "local") for positions [B, T] int, all kinds in one table (3 launches, 4
+        with an attention factor, 2 more for longrope). Longrope takes its long factors for a
+        sequence whose length in this forward, ``seq_len`` [B], exceeds
+        original_max_position_embeddings (transformers, per forward); without ``seq_len``, per
+        token: position >= it (the same for every sequence ``_check_rope_reach`` admits)."""
+        table = self.inv_freq
+        if self.rope_long is None:
+            inv_freq = table[0]
+        else:
+            long = positions >= self.rope_long if seq_len is None else \
+                (seq_len > self.rope_long)[:, None]
+            inv_freq = torch.where(long[..., None], table[1], table[0])
+        angles = positions[..., None] * inv_freq  # [B, T, kinds x R/2] float32
+        cs = angles.new_empty((2, *angles.shape))
+        torch.cos(angles, out=cs[0])
+        torch.sin(angles, out=cs[1])
+        if self.rope_scaled:
+            cs.mul_(self.rope_scale)
+        return self._rope_split(cs[0], cs[1])
 
-    def _run(self, tokens, positions, seq_len, attend) -> torch.Tensor:
-        x = self.embed_tokens(tokens)
-        ropes = self.rope(positions, seq_len, x.dtype)
+    def _rope_split(self, cos: torch.Tensor, sin: torch.Tensor) -> dict:
+        """{kind: (cos, sin)}: column slices [..., R/2] of tables [..., kinds x R/2]."""
+        half = self.inv_freq.shape[1] // len(self.rope_kinds)
+        return {kind: (cos[..., i * half:(i + 1) * half], sin[..., i * half:(i + 1) * half])
+                for i, kind in enumerate(self.rope_kinds)}
+
+    def rope_rows(self, capacity: int) -> torch.Tensor:
+        """cos | sin of positions [0, capacity) [capacity, 2 x kinds x R/2] float32 (built once
+        per capacity and device, here or by ``new_cache``): a step gathers its rows in one
+        launch. Longrope's rows take the long factors from original_max_position_embeddings on
+        (``rope``'s per-token rule)."""
+        table = self._rope_table
+        device = self.inv_freq.device
+        if table is None or table.shape[0] < capacity or table.device != device:
+            positions = torch.arange(capacity, device=device)[None]
+            cos, sin = zip(*self.rope(positions).values(), strict=True)
+            table = torch.cat([*cos, *sin], dim=-1)[0].contiguous()
+            self._rope_table = table
+        return table
+
+    def _run(self, tokens: torch.Tensor, p: Pass) -> torch.Tensor:
+        x, residual = self.embed_tokens(tokens), None
         for layer in self.layers:
-            x = layer(x, *ropes[layer.attention.rope], attend)
-        return self.norm(x)
+            x, residual = layer(x, residual, p)
+        return self.norm(x, residual)[0]  # the last residual add fused into the final norm
 
     def _check_rope_reach(self, lengths: torch.Tensor, capacity: int, P: int) -> None:
         """Refuse what would differ from transformers: dynamic NTK beyond
@@ -448,36 +510,42 @@ class Transformer(nn.Module):
         B, P = tokens.shape
         self._check_rope_reach(lengths, cache.capacity, P)
         positions = torch.arange(P, device=tokens.device).expand(B, P)
-        batch = torch.arange(B, device=tokens.device)[:, None]
 
-        def attend(attn, q, k, v):
-            cache.k[attn.layer][batch, positions] = k
-            cache.v[attn.layer][batch, positions] = v
+        def attend(attn, q):  # the prompt's roped K/V, as the layer just wrote them
+            k, v = cache.k[attn.layer, :, :P], cache.v[attn.layer, :, :P]
             return causal_attention(q, k, v, self.cfg.softmax_scale, attn.window,
                                     self.cfg.attn_softcap)
 
-        hidden = self._run(tokens, positions, lengths, attend)
+        hidden = self._run(tokens, Pass(self.rope(positions, lengths), attend, cache, positions))
         cache.seqlens.copy_(lengths)
         return hidden
 
     def step(self, tokens, cache: KVCache, tree_mask, depths) -> torch.Tensor:
-        """tokens [B, T] at positions seqlens + depths [T]; KV written at seqlens + arange(T)."""
+        """tokens [B, T] at positions seqlens + depths [T]; KV written at seqlens + arange(T).
+        ``depths`` may also be [2, T]: the depths over the write offsets arange(T)
+        (``TreeBuffers.offsets``), so one add gives positions and slots."""
         B, T = tokens.shape
-        start = cache.seqlens.to(torch.long)[:, None]
-        positions = start + depths[None, :]
-        write_pos = start + torch.arange(T, device=tokens.device)[None, :]
-        batch = torch.arange(B, device=tokens.device)[:, None]
+        start = cache.seqlens[:, None]
+        offsets = depths if depths.dim() == 2 else None
+        depths = depths[0] if offsets is not None else depths
+        if T == 1:  # a one-node tree (plain decoding): depth 0, nothing to add
+            positions = write_pos = start
+        elif offsets is not None:
+            positions, write_pos = start[None] + offsets[:, None]  # [2, B, T]
+        else:
+            positions = start + depths
+            write_pos = start + torch.arange(T, device=tokens.device)
+        cs = self.rope_rows(cache.capacity)[positions]  # [B, T, 2 x kinds x R/2]
+        rope = self._rope_split(*cs.chunk(2, dim=-1))
 
-        def attend(attn, q, k, v):
-            cache.k[attn.layer][batch, write_pos] = k
-            cache.v[attn.layer][batch, write_pos] = v
+        def attend(attn, q):
             return tree_attention(
                 q, cache.k[attn.layer], cache.v[attn.layer], cache.seqlens, tree_mask,
                 self.cfg.softmax_scale, sliding_window=attn.window,
                 softcap=self.cfg.attn_softcap, tree_depths=None if attn.window is None else depths,
             )  # fmt: skip
 
-        return self._run(tokens, positions, positions.max(dim=1).values + 1, attend)
+        return self._run(tokens, Pass(rope, attend, cache, write_pos))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> logits [..., V] (soft-capped where the config says so); under
