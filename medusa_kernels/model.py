@@ -38,7 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hf_config
-from .ops import gated_act, lm_head_topk, rms_norm, rope_kv_write, tree_attention
+from .ops import (
+    gated_act,
+    lm_head_topk,
+    rms_norm,
+    rope_kv_write,
+    tree_attention,
+    unpack_tree_mask,
+)
+from .ops._backend import triton_interpreted
 from .ops.activation import ACTIVATIONS, gated_act_ref
 from .ops.rms_norm import rms_norm_ref
 from .ops.rotary import apply_rope_ref
@@ -178,6 +186,23 @@ def _differentiable(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# The CPU's eager path: "auto" = on CPU tensors, outside torch.compile and the Triton
+# interpreter (whose tests route the ops to Triton), the layer ops run as plain PyTorch calls:
+# the ops' references (the same math, without a custom op's dispatch and argument checks),
+# rotary on q and k together from cos/sin tables expanded once per step, and attention through
+# scaled_dot_product_attention over the used part of the cache with one mask per step.
+# "on": also under the interpreter (tests); "off": the ops everywhere (the GPU's path).
+CPU_FAST_PATH = "auto"
+_INTERPRETED = triton_interpreted()  # set before the kernels are imported, so fixed by now
+
+
+def cpu_fast(t: torch.Tensor) -> bool:
+    """Whether a forward on ``t``'s device takes the CPU's eager path (``CPU_FAST_PATH``)."""
+    if CPU_FAST_PATH == "off" or t.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return CPU_FAST_PATH == "on" or not _INTERPRETED
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * w (Llama: w times the normed x cast back), or Gemma's ``unit_offset``:
     (normed x * (1 + w)) in fp32, then cast. ``forward(x, residual)``: the norm of
@@ -202,6 +227,15 @@ class RMSNorm(nn.Module):
     def add(self, x: torch.Tensor, residual: torch.Tensor | None):
         """(norm of x + residual, x + residual); residual None: (norm of x, x)."""
         return (self(x), x) if residual is None else self(x, residual)
+
+    def fast(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The CPU's eager path of ``add``: fp32 through ``F.rms_norm`` (bit for bit the
+        reference's result in fp32: tested), other dtypes through the reference."""
+        h = x if residual is None else x + residual
+        if h.dtype != torch.float32:
+            return rms_norm_ref(h, self.weight, self.eps, None, self.unit_offset)[0], h
+        w = 1.0 + self.weight.float() if self.unit_offset else self.weight
+        return F.rms_norm(h, (h.shape[-1],), w, self.eps), h
 
 
 class KVCache:
@@ -265,6 +299,43 @@ class Pass:
     attend: Callable
     cache: KVCache | None = None
     write_pos: torch.Tensor | None = None
+    fast: bool = False  # the CPU's eager path (``cpu_fast``)
+    _full: dict | None = None  # fast path: per (rope kind, dtype) cos, sin [B, T, 1, R]
+    _batch: torch.Tensor | None = None
+
+    def rope_full(self, kind: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of ``kind`` repeated to R dims, in ``dtype`` [B, T, 1, R] (once per step)."""
+        self._full = {} if self._full is None else self._full
+        if (kind, dtype) not in self._full:
+            cos, sin = (torch.cat([t, t], dim=-1).to(dtype)[:, :, None] for t in self.rope[kind])
+            self._full[kind, dtype] = cos, sin
+        return self._full[kind, dtype]
+
+    starts: list[int] | None = None  # fast path: each row's first write slot (slots in a row)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fast path: k, v [B, T, Hkv, D] into the cache at ``write_pos`` (row by row as
+        slices when the host knows the rows' first slots, for a few rows)."""
+        if self.starts is not None:
+            T = k.shape[1]
+            for b, s in enumerate(self.starts):
+                self.cache.k[layer, b, s:s + T] = k[b]
+                self.cache.v[layer, b, s:s + T] = v[b]
+            return
+        if self._batch is None:
+            self._batch = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.cache.k[layer][self._batch, self.write_pos] = k
+        self.cache.v[layer][self._batch, self.write_pos] = v
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] rotated by cos, sin [B, T, 1, R] in x's dtype (``apply_rope_ref``'s math:
+    rotate_half; dims >= R pass)."""
+    R = cos.shape[-1]
+    rot = x[..., :R]
+    x1, x2 = rot.chunk(2, dim=-1)
+    out = rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return out if R == x.shape[-1] else torch.cat([out, x[..., R:]], dim=-1)
 
 
 class Attention(nn.Module):
@@ -308,6 +379,24 @@ class Attention(nn.Module):
                                    self.wo.bias, self.tp)  # fmt: skip
 
 
+    def fast(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
+        """The CPU's eager path of ``forward`` (the same math as plain PyTorch calls)."""
+        B, T, _ = x.shape
+        H, Hkv, cfg = self.num_heads, self.num_kv_heads, self.cfg
+        qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias).view(B, T, H + 2 * Hkv, cfg.head_dim)
+        cos, sin = p.rope_full(self.rope, qkv.dtype)
+        if self.q_norm is None:  # q and k are adjacent in qkv: rotated together
+            qk = _rotate(qkv[:, :, :H + Hkv], cos, sin)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q = _rotate(self.q_norm.fast(qkv[:, :, :H])[0].to(qkv.dtype), cos, sin)
+            k = _rotate(self.k_norm.fast(qkv[:, :, H:H + Hkv])[0].to(qkv.dtype), cos, sin)
+        p.write(self.layer, k, qkv[:, :, H + Hkv:])
+        out = p.attend(self, q)
+        return row_parallel_linear(out.reshape(B, T, H * cfg.head_dim), self.wo.weight,
+                                   self.wo.bias, self.tp)  # fmt: skip
+
+
 class MLP(nn.Module):
     """Gated MLP; under tensor parallelism this rank's intermediate chunk: w13 column-parallel
     ([gate_r | up_r] rows), w2 row-parallel (all-reduce, then the bias once)."""
@@ -323,6 +412,11 @@ class MLP(nn.Module):
         gate_up = self.w13(x)
         act = gated_act_ref if _differentiable(gate_up) else gated_act
         return row_parallel_linear(act(gate_up, self.act), self.w2.weight, self.w2.bias, self.tp)
+
+    def fast(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(x, self.w13.weight, self.w13.bias)
+        return row_parallel_linear(gated_act_ref(gate_up, self.act), self.w2.weight,
+                                   self.w2.bias, self.tp)  # fmt: skip
 
 
 class Block(nn.Module):
@@ -345,6 +439,8 @@ class Block(nn.Module):
     def forward(self, x, residual, p: Pass):
         """x: the previous block's output (the embedding for the first, with residual None);
         residual: the stream before it. Returns this block's output and the stream."""
+        if p.fast:
+            return self.fast(x, residual, p)
         h, residual = self.attention_norm.add(x, residual)  # (add +) norm
         h = self.attention(h, p)  # qkv, rope + cache write, attention, o
         if self.post_attention_norm is not None:
@@ -353,6 +449,19 @@ class Block(nn.Module):
         h = self.mlp(h)  # gate_up, act, down
         if self.post_ffn_norm is not None:
             h = self.post_ffn_norm(h)
+        return h, residual
+
+
+    def fast(self, x, residual, p: Pass):
+        """The CPU's eager path of ``forward``: the same layer as plain PyTorch calls."""
+        h, residual = self.attention_norm.fast(x, residual)
+        h = self.attention.fast(h, p)
+        if self.post_attention_norm is not None:
+            h = self.post_attention_norm.fast(h)[0]
+        h, residual = self.ffn_norm.fast(h, residual)
+        h = self.mlp.fast(h)
+        if self.post_ffn_norm is not None:
+            h = self.post_ffn_norm.fast(h)[0]
         return h, residual
 
 
@@ -477,6 +586,8 @@ class Transformer(nn.Module):
         x, residual = self.embed_tokens(tokens), None
         for layer in self.layers:
             x, residual = layer(x, residual, p)
+        if p.fast:
+            return self.norm.fast(x, residual)[0]
         return self.norm(x, residual)[0]  # the last residual add fused into the final norm
 
     def _check_rope_reach(self, lengths: torch.Tensor, capacity: int, P: int) -> None:
@@ -516,7 +627,8 @@ class Transformer(nn.Module):
             return causal_attention(q, k, v, self.cfg.softmax_scale, attn.window,
                                     self.cfg.attn_softcap)
 
-        hidden = self._run(tokens, Pass(self.rope(positions, lengths), attend, cache, positions))
+        p = Pass(self.rope(positions, lengths), attend, cache, positions, cpu_fast(tokens))
+        hidden = self._run(tokens, p)
         cache.seqlens.copy_(lengths)
         return hidden
 
@@ -537,6 +649,12 @@ class Transformer(nn.Module):
             write_pos = start + torch.arange(T, device=tokens.device)
         cs = self.rope_rows(cache.capacity)[positions]  # [B, T, 2 x kinds x R/2]
         rope = self._rope_split(*cs.chunk(2, dim=-1))
+        if cpu_fast(tokens):
+            attend = self._cpu_attend(cache, tree_mask, depths, T)
+            p = Pass(rope, attend, cache, write_pos, fast=True)
+            if B <= 4:  # slots seqlens + [0, T) of each row: slice copies
+                p.starts = cache.seqlens.tolist()
+            return self._run(tokens, p)
 
         def attend(attn, q):
             return tree_attention(
@@ -546,6 +664,49 @@ class Transformer(nn.Module):
             )  # fmt: skip
 
         return self._run(tokens, Pass(rope, attend, cache, write_pos))
+
+    def _cpu_attend(self, cache: KVCache, tree_mask, depths, T: int) -> Callable:
+        """The fast path's tree attention (``tree_attention``'s rule): SDPA over the cache's
+        slots [0, max(seqlens) + T) (the lengths read on the host: a CPU has nothing to sync),
+        under a visibility mask built once per window (none for one sequence decoding one
+        token). Soft-capped scores (Gemma-2) go to ``tree_attention``."""
+        used = int(cache.seqlens.max()) + T
+        lengths = cache.seqlens.to(torch.long)[:, None]  # [B, 1]
+        if tree_mask.dtype != torch.bool:
+            tree_mask = unpack_tree_mask(tree_mask, T)
+        B, masks = lengths.shape[0], {}
+
+        def mask(window):
+            if window not in masks:
+                if B == 1 and T == 1 and window is None:
+                    masks[window] = None
+                else:
+                    slot = torch.arange(used)[None]  # [1, S]
+                    rel = slot - lengths  # [B, S]
+                    node = rel.clamp(0, T - 1)
+                    visible = (rel < 0)[:, None] | (((rel >= 0) & (rel < T))[:, None]
+                                                    & tree_mask[:, node].permute(1, 0, 2))
+                    if window is not None:  # query t at L + depth[t] sees keys > it - W
+                        key_pos = torch.where(rel >= 0, lengths + depths[node], slot)
+                        query_pos = lengths + depths[None]  # [B, T]
+                        visible &= key_pos[:, None] > query_pos[..., None] - window
+                    masks[window] = visible[:, None]  # [B, 1, T, S]
+            return masks[window]
+
+        def attend(attn, q):
+            if self.cfg.attn_softcap is not None:
+                return tree_attention(
+                    q, cache.k[attn.layer], cache.v[attn.layer], cache.seqlens, tree_mask,
+                    self.cfg.softmax_scale, sliding_window=attn.window,
+                    softcap=self.cfg.attn_softcap, tree_depths=depths,
+                )  # fmt: skip
+            k, v = cache.k[attn.layer, :, :used], cache.v[attn.layer, :, :used]
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=mask(attn.window), scale=self.cfg.softmax_scale, enable_gqa=True)
+            return out.transpose(1, 2)
+
+        return attend
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> logits [..., V] (soft-capped where the config says so); under

@@ -9,7 +9,9 @@ head dim 64, I 1536, V 49152, tied embeddings: deep and narrow, per-op cost matt
 ``generate(..., medusa=False)``; transformers' is ``LlamaForCausalLM.generate`` on the very same
 weight tensors (``e2e.hf_twin``), greedy, with its dynamic cache and its static cache. Each run
 decodes one random prompt with each peer in turn (ours, dynamic, static, ours, ...: load drift
-hits them alike); tokens/s count the tokens after the first decode step. ``weight_gbps``: the
+hits them alike); tokens/s count the tokens after the first decode step, over the process CPU
+time they took (one thread: immune to other processes' share of a busy machine, not to their
+memory traffic). ``weight_gbps``: the
 weights one token reads (``e2e.weight_bytes``) times tokens/s. Prints one row per run and the
 median and spread; ``speedup`` = ours / the faster transformers cache, per run.
 """
@@ -25,9 +27,10 @@ import time
 import torch
 
 from medusa_kernels.checkpoint import MedusaModel
+from medusa_kernels.decoding import generate
 from medusa_kernels.model import ModelConfig
 
-from .e2e import _decode_timed, _hf_decode_timed, hf_twin, random_model, weight_bytes
+from .e2e import hf_twin, random_model, weight_bytes
 
 MODELS = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -50,14 +53,10 @@ def run_model(name: str, runs: int, prompt_len: int, new: int, compile_step: boo
     prompt = torch.randint(cfg.vocab_size, (prompt_len,),
                            generator=torch.Generator().manual_seed(1)).tolist()
     hf = hf_twin(model.base)
-    def ours():
-        tokens, _, n, seconds = _decode_timed(model, prompt, False, new, None, None)
-        return tokens, n, seconds
-
-    peers = {  # each: () -> (tokens, tokens timed, seconds)
-        "ours": ours,
-        "hf_dynamic": lambda: _hf_decode_timed(hf, prompt, new),
-        "hf_static": lambda: _hf_decode_timed(hf, prompt, new, cache_implementation="static"),
+    peers = {  # each: () -> (tokens, tokens timed, CPU seconds)
+        "ours": lambda: _ours(model, prompt, new),
+        "hf_dynamic": lambda: _hf(hf, prompt, new),
+        "hf_static": lambda: _hf(hf, prompt, new, cache_implementation="static"),
     }
     outputs, tps = {}, {k: [] for k in peers}
     for fn in peers.values():  # warm-up
@@ -79,6 +78,39 @@ def run_model(name: str, runs: int, prompt_len: int, new: int, compile_step: boo
     rows[0].update(speedup_vs_best_hf=statistics.median(ratios), speedup_min=min(ratios),
                    speedup_max=max(ratios))
     return rows
+
+
+def _ours(model, prompt, new):
+    """(tokens, tokens after the first decode step, process CPU seconds they took)."""
+    stamps = []
+    stream = generate(model, [prompt], max_new_tokens=new, medusa=False, eos_token_id=None,
+                      stream=True)  # fmt: skip
+    for _ in stream:
+        stamps.append(time.process_time())
+    tokens = stream.result.tokens[0]
+    return tokens, len(tokens) - 2, stamps[-1] - stamps[1]
+
+
+def _hf(hf, prompt, new, **kwargs):
+    """The same for transformers' greedy ``generate`` (a streamer stamps each new token: the
+    first stamp is the prompt, the second prefill's token, the third the first step's)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    stamps = []
+
+    class Stamps(BaseStreamer):
+        def put(self, value):
+            stamps.append(time.process_time())
+
+        def end(self):
+            pass
+
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                          min_new_tokens=new, do_sample=False, streamer=Stamps(), **kwargs)
+    tokens = out[0, len(prompt):].tolist()
+    return tokens, len(tokens) - 2, stamps[-1] - stamps[2]
 
 
 def main(argv=None) -> None:
