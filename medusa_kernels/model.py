@@ -39,6 +39,7 @@ from torch import nn
 
 from . import hf_config
 from .ops import (
+    embedding,
     gated_act,
     lm_head_topk,
     rms_norm,
@@ -532,13 +533,15 @@ class Transformer(nn.Module):
                        self.cfg.num_kv_heads // self.tp.world)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        w = self.embed.weight
+        scale = None if self.cfg.embed_scale is None else self._embed_scales[w.dtype]
         if self.tp.world > 1:  # this rank's rows, zeros elsewhere, all-reduced
-            x = vocab_parallel_embedding(tokens, self.embed.weight, self.tp, self.cfg.vocab_size)
-        else:
-            x = self.embed(tokens)
-        if self.cfg.embed_scale is not None:  # the scale rounded to the weights' dtype first
-            x = x * self._embed_scales[x.dtype]
-        return x
+            x = vocab_parallel_embedding(tokens, w, self.tp, self.cfg.vocab_size)
+            return x if scale is None else x * scale
+        if _differentiable(w) or cpu_fast(w):
+            x = F.embedding(tokens, w)
+            return x if scale is None else x * scale
+        return embedding(tokens, w, scale)  # one launch, Gemma's scale (rounded) included
 
     def rope(self, positions: torch.Tensor, seq_len: torch.Tensor | None = None) -> dict:
         """{kind: (cos, sin)} [B, T, R/2] float32 (attention factor applied) per rope kind
