@@ -19,6 +19,15 @@ points:
 Both return the final normed hidden state [B, *, d]; ``logits(hidden)`` applies the lm_head (and
 the final soft-cap). ``ModelConfig.from_hf`` audits a transformers config.json (``hf_config``).
 
+A layer is one launch a line (``Block.forward``): (add +) ``ops.rms_norm``, qkv,
+``ops.rope_kv_write`` (q/k norms, rotary, K/V into the cache), attention, o, add +
+``ops.rms_norm``, gate_up, ``ops.gated_act``, down; the residual add of one block rides in the
+next block's first norm. What every layer shares (rope tables, write slots, the attention
+rule) is computed once per forward into a ``Pass``. Three paths compute the same thing: the
+fused ops (a GPU, and torch.compile), the ops' differentiable references (training, no cache),
+and the CPU's eager path (``CPU_FAST_PATH``: plain PyTorch calls without the custom ops'
+dispatch and checks).
+
 Tensor parallelism (``Transformer(cfg, tp)``, Megatron style, ``parallel/``): a rank holds its KV
 heads and the query heads that read them, its MLP columns, its vocabulary rows of the embedding
 and lm_head; o_proj and down_proj end in an all-reduce (then their bias, once), so the residual

@@ -42,7 +42,8 @@ Parts run in the order 2, 1, 3.
 
 4. CPU only: the kernel launches of one plain and one Medusa step per family (``impl``
    "launches", ``launches.launch_table``: per decoder layer and outside the layers, with the
-   Triton backend, against the budget in ``check_budget``).
+   Triton backend, against the budget in ``check_budget``; quick: Llama, Phi-3 longrope and
+   Gemma-3 only).
 
 ``ctx.shapes`` filters by ``key=value`` words (``model=llama-1b``, ``L=1024``).
 
@@ -635,7 +636,8 @@ def _launch_rows(ctx: BenchContext) -> list[dict]:
     family, with the Triton backend (``launches.launch_table``; the interpreter on a CPU)."""
     from .launches import launch_table
 
-    rows = [dict(section=SECTION, **r) for r in launch_table()]
+    families = ("llama", "phi3-longrope", "gemma3") if ctx.quick else None  # quick: 3 of 7
+    rows = [dict(section=SECTION, **r) for r in launch_table(families)]
     if ctx.on_row is not None:
         for row in rows:
             ctx.on_row(row)
