@@ -28,7 +28,10 @@ install_capture(sys.argv[1])
 
 from medusa_kernels.ops import heads_topk  # noqa: E402
 from medusa_kernels.ops.acceptance import accept_greedy_ids_triton  # noqa: E402
+from medusa_kernels.ops.activation import TRITON_ACTIVATIONS, gated_act_triton  # noqa: E402
 from medusa_kernels.ops.compact_kv import compact_kv_cache_triton  # noqa: E402
+from medusa_kernels.ops.rms_norm import rms_norm_triton  # noqa: E402
+from medusa_kernels.ops.rotary import rope_kv_write_triton  # noqa: E402
 from medusa_kernels.ops.tree_attention import (  # noqa: E402
     pack_tree_mask,
     tree_attention_triton,
@@ -206,7 +209,39 @@ def heads_launches():
         heads_topk.sm_count = sms
 
 
+def fused_launches():
+    """The decoder's fused ops at 7B shapes (d 4096, Hq 32, Hkv 8, D 128, I 11008, cache 32
+    layers x 2048 slots) on ``meta`` tensors, decode (T 1) and a 64-node tree: residual add +
+    RMSNorm (Llama, Gemma), rope + KV write (full and partial rotary R 96, q/k norms of both
+    kinds), every activation of the gated-activation kernel."""
+    meta = dict(device="meta", dtype=DT)
+    d, Hq, Hkv, D, inter, NL, S = 4096, 32, 8, 128, 11008, 32, 2048
+    for T in (1, 64):
+        tag = f"T={T} d={d} Hq={Hq} Hkv={Hkv} D={D} I={inter}"
+        x = torch.empty(1, T, d, **meta)
+        for residual, unit_offset in itertools.product((None, x), (False, True)):
+            with case(f"rms_norm {tag}"):
+                rms_norm_triton(x, torch.empty(d, **meta), 1e-6, residual, unit_offset)
+        qkv = torch.empty(1, T, Hq + 2 * Hkv, D, **meta)
+        q, k, v = qkv.split([Hq, Hkv, Hkv], dim=2)
+        caches = [torch.empty(NL, 1, S, Hkv, D, **meta) for _ in range(2)]
+        pos = torch.empty(1, T, dtype=torch.int64, device="meta")
+        w = torch.empty(D, **meta)
+        for R, norm, unit_offset in [(D, False, False), (96, False, False), (D, True, False),
+                                     (D, True, True)]:
+            cos = torch.empty(1, T, R // 2, dtype=torch.float32, device="meta")
+            with case(f"rope_kv_write R={R} {tag}"):
+                rope_kv_write_triton(q, k, v, cos, cos, *caches, 3, pos, w if norm else None,
+                                     w if norm else None, 1e-6, unit_offset)  # fmt: skip
+        gate_up = torch.empty(1, T, 2 * inter, **meta)
+        for act in sorted(set(TRITON_ACTIVATIONS.values())):
+            name = next(n for n, c in TRITON_ACTIVATIONS.items() if c == act)
+            with case(f"gated_act {name} {tag}"):
+                gated_act_triton(gate_up, name)
+
+
 if __name__ == "__main__":
+    fused_launches()
     tree_attention_launches()
     compact_launches()
     acceptance_launches()

@@ -21,7 +21,8 @@ ARCHS = (90, 80)
 # headroom of the benchmark configurations whose grid follows their CTAs/SM on sm_90: the
 # number must survive a compiler that needs this many more registers / bytes of shared memory
 REG_SLACK, SMEM_SLACK = 8, 4096
-MODULES = ("heads_topk", "tree_attention", "compact_kv", "acceptance")
+MODULES = ("heads_topk", "tree_attention", "compact_kv", "acceptance", "rms_norm", "rotary",
+           "activation")
 
 
 def _has_cuda_backend() -> bool:

@@ -21,8 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._backend import FLOAT_DTYPES, HAS_TRITON, check_tensor, pick_backend
-from .rms_norm import leading3
+from ._backend import FLOAT_DTYPES, HAS_TRITON, check_tensor
+from .rms_norm import leading3, pick_impl
 
 if HAS_TRITON:
     import triton
@@ -83,7 +83,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _sigmoid(x):
-        return 1.0 / (1.0 + tl.exp(-x))
+        """1 / (1 + exp(-x)) from exp(-|x|): no overflow at any x."""
+        e = tl.exp(-tl.abs(x))
+        return tl.where(x >= 0, 1.0, e) / (1.0 + e)
 
     @triton.jit
     def _gated_act_kernel(
@@ -182,9 +184,14 @@ def gated_act(gate_up: torch.Tensor, act: str, backend: str = "auto") -> torch.T
     Returns:
         [..., I] contiguous, in gate_up's dtype.
 
+    Eager calls run the implementation directly; torch.compile traces the registered custom op.
+    Inputs that require grad take the reference (the kernel has no backward).
+
     Example: ``h = w2(gated_act(w13(x), cfg.hidden_act))``.
     """
     check_gated_act_args(gate_up, act)
-    impl = pick_backend("gated_act", backend, gate_up.device, _IMPLS,
-                        triton_ok=triton_supports(gate_up, act))  # fmt: skip
+    impl = pick_impl("gated_act", backend, gate_up.device, _IMPLS, triton_supports(gate_up, act),
+                     gate_up)  # fmt: skip
+    if not torch.compiler.is_compiling():  # eager: no dispatcher hop (the op is for tracing)
+        return _IMPLS[impl](gate_up, act).contiguous()
     return _gated_act_op(gate_up, act, impl)

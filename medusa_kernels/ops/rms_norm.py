@@ -93,6 +93,24 @@ def leading3(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int], tuple
     return t, sizes, strides
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd records a call on these tensors (the kernels have no backward)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def pick_impl(op: str, backend: str, device, impls: dict, triton_ok: bool, *tensors) -> str:
+    """``pick_backend`` for the fused ops, which differentiate only through their reference:
+    where autograd records the call, "auto" takes the reference and "triton" raises."""
+    grad = needs_grad(*tensors)
+    impl = pick_backend(op, backend, device, impls, triton_ok=triton_ok and not grad)
+    if grad and impl != "torch":
+        raise RuntimeError(
+            f"{op}: backend {backend!r} has no backward; use backend='torch' (or 'auto') for "
+            "inputs that require grad, or call it under torch.no_grad()"
+        )
+    return impl
+
+
 if HAS_TRITON:
 
     @triton.jit
@@ -228,12 +246,18 @@ def rms_norm(
         out [..., N] contiguous without a residual; with one, the tuple (out, h), h [..., N]
         contiguous in x's dtype (the new residual stream).
 
+    Eager calls run the implementation directly; torch.compile traces the registered custom op.
+    Inputs that require grad take the reference (the kernel has no backward).
+
     Example: ``x = rms_norm(x, norm.weight, eps)``; in a block
     ``normed, x = rms_norm(h, ffn_norm.weight, eps, residual=x)``.
     """
     check_rms_norm_args(x, weight, eps, residual, unit_offset)
-    impl = pick_backend("rms_norm", backend, x.device, _IMPLS,
-                        triton_ok=triton_supports(x, weight))  # fmt: skip
+    impl = pick_impl("rms_norm", backend, x.device, _IMPLS, triton_supports(x, weight), x,
+                     weight, residual)  # fmt: skip
+    if not torch.compiler.is_compiling():  # eager: no dispatcher hop (the op is for tracing)
+        out, h = _IMPLS[impl](x, weight, float(eps), residual, unit_offset)
+        return out.contiguous() if h is None else (out.contiguous(), h.contiguous())
     if residual is None:
         return _rms_norm_op(x, weight, float(eps), unit_offset, impl)
     return _add_rms_norm_op(x, weight, residual, float(eps), unit_offset, impl)

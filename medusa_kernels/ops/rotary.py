@@ -38,9 +38,8 @@ from ._backend import (
     check_real,
     check_tensor,
     check_values,
-    pick_backend,
 )
-from .rms_norm import rms_norm_ref
+from .rms_norm import pick_impl, rms_norm_ref
 
 if HAS_TRITON:
     import triton
@@ -52,8 +51,16 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, D]; cos, sin [B, T, R/2] float32: transformers' rotation in x's dtype (cos
     and sin repeated to R and cast to x's dtype first); dims >= R pass unrotated."""
-    c = torch.cat([cos, cos], dim=-1).to(x.dtype)[:, :, None]
-    s = torch.cat([sin, sin], dim=-1).to(x.dtype)[:, :, None]
+    return _rotate(x, *_tables(cos, sin, x.dtype))
+
+
+def _tables(cos, sin, dtype):
+    """cos, sin [B, T, R/2] -> [B, T, 1, R] in ``dtype`` (halves repeated), as transformers'."""
+    return (torch.cat([cos, cos], dim=-1).to(dtype)[:, :, None],
+            torch.cat([sin, sin], dim=-1).to(dtype)[:, :, None])  # fmt: skip
+
+
+def _rotate(x, c, s):
     R = c.shape[-1]
     rot = x[..., :R]
     x1, x2 = rot.chunk(2, dim=-1)
@@ -89,33 +96,40 @@ def rope_kv_write_ref(
 ) -> torch.Tensor:
     """Plain PyTorch (the ground truth and the ``torch`` backend): the decoder's q/k norm,
     ``apply_rope`` and ``index_put_`` cache write op for op. Returns the rotated q [B, T, Hq, D]
-    (contiguous). On a CPU an out-of-range slot raises; elsewhere it is skipped (its slot is
-    written back unchanged)."""
+    (contiguous). On a CPU an out-of-range slot raises; elsewhere it is skipped."""
     if q_norm_weight is not None:
         q = rms_norm_ref(q, q_norm_weight, eps, unit_offset=unit_offset)[0].to(q.dtype)
     if k_norm_weight is not None:
         k = rms_norm_ref(k, k_norm_weight, eps, unit_offset=unit_offset)[0].to(k.dtype)
-    q, k = apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)
-    B, S = write_pos.shape[0], k_cache.shape[2]
-    batch = torch.arange(B, device=write_pos.device)[:, None]
-    kl, vl = k_cache[layer], v_cache[layer]
-    if write_pos.device.type == "cpu":
-        _check_slots(write_pos, S)
-        kl[batch, write_pos], vl[batch, write_pos] = k, v
-    else:  # no host read: out-of-range slots write their clamped slot back unchanged
-        ok = ((write_pos >= 0) & (write_pos < S))[:, :, None, None]
-        pos = write_pos.clamp(0, S - 1)
-        kl[batch, pos] = torch.where(ok, k, kl[batch, pos])
-        vl[batch, pos] = torch.where(ok, v, vl[batch, pos])
+    c, s = _tables(cos, sin, q.dtype)
+    q, k = _rotate(q, c, s), _rotate(k, c, s)
+    write_slots_ref(k_cache[layer], v_cache[layer], k, v, write_pos,
+                    checked=write_pos.device.type == "cpu")  # fmt: skip
     return q.contiguous()
+
+
+def write_slots_ref(k_layer, v_layer, k, v, write_pos, checked: bool) -> None:
+    """``k_layer[b, write_pos[b, t]] = k[b, t]`` (and v) for caches [B, S, Hkv, D]. ``checked``:
+    an out-of-range slot raises (a host read); else it is skipped without one (its clamped slot
+    is written back unchanged: a valid token writing the same clamped slot races with it)."""
+    S = k_layer.shape[1]
+    batch = torch.arange(write_pos.shape[0], device=write_pos.device)[:, None]
+    if checked:
+        _check_slots(write_pos, S)
+        k_layer[batch, write_pos], v_layer[batch, write_pos] = k, v
+        return
+    ok = ((write_pos >= 0) & (write_pos < S))[:, :, None, None]
+    pos = write_pos.clamp(0, S - 1)
+    k_layer[batch, pos] = torch.where(ok, k, k_layer[batch, pos])
+    v_layer[batch, pos] = torch.where(ok, v, v_layer[batch, pos])
 
 
 def check_rope_kv_write_args(
     q, k, v, cos, sin, k_cache, v_cache, layer, write_pos, q_norm_weight=None,
-    k_norm_weight=None, eps=1e-6, unit_offset=False,
+    k_norm_weight=None, eps=1e-6, unit_offset=False, slots=True,
 ) -> None:  # fmt: skip
-    """Validate shapes, dtypes, devices, strides and ``layer``; where ``check_values`` (CPU
-    tensors, or CUDA with MEDUSA_KERNELS_CHECKS=1) also the write positions."""
+    """Validate shapes, dtypes, devices, strides and ``layer``; with ``slots``, where
+    ``check_values`` (CPU tensors, or CUDA with MEDUSA_KERNELS_CHECKS=1), the write positions."""
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, T, Hq, D = q.shape
     if Hq == 0 or D == 0:
@@ -172,7 +186,7 @@ def check_rope_kv_write_args(
     check_real("eps", eps)
     if not isinstance(unit_offset, bool):
         raise TypeError(f"unit_offset must be a bool, got {type(unit_offset).__name__}")
-    if check_values(q.device):
+    if slots and check_values(q.device):
         _check_slots(write_pos, S)
 
 
@@ -206,15 +220,16 @@ if HAS_TRITON:
     @triton.jit
     def _rope_kv_write_kernel(
         Q_ptr, K_ptr, V_ptr, COS_ptr, SIN_ptr, KC_ptr, VC_ptr, POS_ptr, QW_ptr, KW_ptr, QO_ptr,
-        T, Hq, Hkv, S, layer, eps,
+        T, Hq, Hkv, S, layer_off, eps,
         q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh,
-        cos_sb, cos_st, sin_sb, sin_st, pos_sb, pos_st, c_sl, c_sb, c_ss, c_sh,
+        cos_sb, cos_st, sin_sb, sin_st, pos_sb, pos_st, c_sb, c_ss, c_sh,
         HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_H: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
         UNIT_OFFSET: tl.constexpr,
     ):  # fmt: skip
         """Program (token b * T + t, head block j): q heads for j < cdiv(Hq, BLOCK_H), else
-        KV heads (rotated k and v to the cache slot write_pos[b, t], skipped out of range)."""
+        KV heads (rotated k and v to the cache slot write_pos[b, t], skipped out of range).
+        ``layer_off``: layer * the caches' layer stride, from the host (an i64 past 2**31)."""
         i_bt = tl.program_id(0)
         i_hb = tl.program_id(1)
         i_b = (i_bt // T).to(tl.int64)
@@ -248,7 +263,7 @@ if HAS_TRITON:
             p_k = K_ptr + i_b * k_sb + i_t * k_st + o_h.to(tl.int64)[:, None] * k_sh
             b_y = _norm_rope(p_k, o_d, o_p, m_x, KW_ptr, b_c, b_s, eps, HEAD_DIM, HALF, K_NORM,
                              UNIT_OFFSET)  # fmt: skip
-            o_kv = layer * c_sl + i_b * c_sb + (slot * c_ss + o_h.to(tl.int64) * c_sh)[:, None]
+            o_kv = layer_off + i_b * c_sb + (slot * c_ss + o_h.to(tl.int64) * c_sh)[:, None]
             tl.store(KC_ptr + o_kv + o_d[None, :], b_y.to(dtype), mask=m_w)
             p_v = V_ptr + i_b * v_sb + i_t * v_st + o_h.to(tl.int64)[:, None] * v_sh
             b_v = tl.load(p_v + o_d[None, :], mask=m_w, other=0.0)
@@ -282,10 +297,10 @@ def rope_kv_write_triton(
     kw = q if k_norm_weight is None else k_norm_weight
     _rope_kv_write_kernel[grid](
         q, k, v, cos, sin, k_cache, v_cache, write_pos, qw, kw, out,
-        T, Hq, Hkv, k_cache.shape[2], layer, float(eps),
+        T, Hq, Hkv, k_cache.shape[2], layer * k_cache.stride(0), float(eps),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), cos.stride(0), cos.stride(1), sin.stride(0),
-        sin.stride(1), write_pos.stride(0), write_pos.stride(1), *k_cache.stride()[:4],
+        sin.stride(1), write_pos.stride(0), write_pos.stride(1), *k_cache.stride()[1:4],
         HEAD_DIM=D, HALF=cos.shape[-1], BLOCK_D=block_d, BLOCK_H=block_h,
         Q_NORM=q_norm_weight is not None, K_NORM=k_norm_weight is not None,
         UNIT_OFFSET=unit_offset, num_warps=4 if block_h * block_d >= 512 else 1,
@@ -358,7 +373,8 @@ def rope_kv_write(
         k_cache, v_cache: [NL, B, S, Hkv, D] contiguous, q's dtype: the whole cache, written in
             place at ``[layer, b, write_pos[b, t]]``.
         layer: int in [0, NL).
-        write_pos: [B, T] int32/int64 cache slot of each token (any strides). Checked to lie in
+        write_pos: [B, T] int32/int64 cache slot of each token (any strides; distinct within
+            a row, else which token lands there is unspecified). Checked to lie in
             [0, S) for CPU tensors (or with MEDUSA_KERNELS_CHECKS=1); on CUDA an out-of-range
             slot is skipped (nothing written out of bounds).
         q_norm_weight, k_norm_weight: optional [D] RMSNorm weights applied to each q / k head
@@ -369,13 +385,24 @@ def rope_kv_write(
     Returns:
         the rotated (and normed) q, a new contiguous [B, T, Hq, D] in q's dtype.
 
+    Eager calls run the implementation directly; torch.compile traces the registered custom op
+    (declared as mutating k_cache and v_cache). Inputs that require grad take the reference.
+
     Example: ``q = rope_kv_write(q, k, v, cos, sin, cache.k, cache.v, i, pos)`` with
     ``q, k, v = qkv.view(B, T, Hq + 2 * Hkv, D).split([Hq, Hkv, Hkv], dim=2)``.
     """
-    check_rope_kv_write_args(q, k, v, cos, sin, k_cache, v_cache, layer, write_pos,
-                             q_norm_weight, k_norm_weight, eps, unit_offset)  # fmt: skip
-    impl = pick_backend("rope_kv_write", backend, q.device, _IMPLS,
-                        triton_ok=triton_supports(q, q_norm_weight, k_norm_weight))  # fmt: skip
+    check_rope_kv_write_args(
+        q, k, v, cos, sin, k_cache, v_cache, layer, write_pos, q_norm_weight, k_norm_weight, eps,
+        unit_offset, slots=False,
+    )  # fmt: skip
+    impl = pick_impl("rope_kv_write", backend, q.device, _IMPLS,
+                     triton_supports(q, q_norm_weight, k_norm_weight), q, k, v, q_norm_weight,
+                     k_norm_weight)  # fmt: skip
+    if check_values(q.device) and not (impl == "torch" and q.device.type == "cpu"):
+        _check_slots(write_pos, k_cache.shape[2])  # (the reference checks CPU slots itself)
+    if not torch.compiler.is_compiling():  # eager: no dispatcher hop (the op is for tracing)
+        return _IMPLS[impl](q, k, v, cos, sin, k_cache, v_cache, layer, write_pos,
+                            q_norm_weight, k_norm_weight, float(eps), unit_offset)  # fmt: skip
     return _rope_kv_write_op(
         q, k, v, cos, sin, k_cache, v_cache, layer, write_pos, q_norm_weight, k_norm_weight,
         float(eps), unit_offset, impl,
