@@ -45,11 +45,15 @@ def test_step_launches_within_budget(arch):
             assert sum(ops[step][k].values()) <= per_layer, (step, k, dict(ops[step][k]))
         outside = ops[step]["outside"]
         assert sum(outside.values()) <= launches.BUDGET[f"{step}_outside"], (step, dict(outside))
-    # the fused ops are what runs: one norm, one rope + cache write, one activation per layer
+    # the fused ops are what runs (as their custom op, or their Triton kernel called eagerly):
+    # two norms, one rope + cache write, one attention, one activation per layer
     layer = ops["medusa"]["layer1"]
-    assert layer["medusa_kernels::rope_kv_write"] == 1
-    assert layer["medusa_kernels::gated_act"] == 1
-    assert layer["medusa_kernels::tree_attention"] == 1
+
+    def launches_of(op):
+        return sum(n for name, n in layer.items() if op in name)
+
+    assert launches_of("rope_kv_write") == 1 and launches_of("gated_act") == 1, dict(layer)
+    assert launches_of("tree_attention") == 1 and launches_of("rms_norm") >= 2, dict(layer)
     assert not {"index_put_", "cat", "pow", "rsqrt", "neg"} & set(layer), dict(layer)
 
 
@@ -68,13 +72,17 @@ def test_counter_counts_what_launches():
         return w * xf.to(x.dtype)  # 2
 
     def fused():
-        from medusa_kernels.ops import rms_norm
-
-        return rms_norm(x, w, 1e-6, backend="torch")
+        return torch.ops.launch_budget_test.norm(x, w)
 
     assert sum(launches.count_launches(soup, base)["outside"].values()) == 8
     ops = launches.count_launches(fused, base)["outside"]
-    assert dict(ops) == {"medusa_kernels::rms_norm": 1}
+    assert dict(ops) == {"launch_budget_test::norm": 1}
+
+
+@torch.library.custom_op("launch_budget_test::norm", mutates_args=())
+def _norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
 
 
 def test_launch_table_rows():

@@ -7,6 +7,7 @@ inside a custom op is not seen by the mode). Not counted, because they launch no
 - views and metadata (``OpOverload.is_view``: view, t, transpose, select, slice, expand,
   split, unsqueeze, as_strided...; and ``_unsafe_view``, ``detach``, ``alias``);
 - allocations (``empty``, ``empty_strided``, ``new_empty``...) and ``lift_fresh``;
+- ops that return no tensor (``promote_types``, ``sym_size``...: host metadata);
 - an aliasing op (``to``, ``contiguous``, ``reshape``: ``is_view`` in their schema) that
   returned its input (a cast to the same dtype): one that copied counts.
 
@@ -76,6 +77,8 @@ class _Count(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if self.in_kernel:
             return out
+        if not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out)):
+            return out  # metadata on the host (promote_types, sym_size...): no launch
         if func.is_view:  # an aliasing op (to, contiguous...) launches when it copied
             if args and _storage(out) is not None and _storage(out) != _storage(args[0]):
                 self.add(name)
