@@ -338,6 +338,13 @@ class Pass:
         self.cache.v[layer][self._batch, self.write_pos] = v
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [B, T, R] in x's dtype (halves repeated, HF's rotate_half
+    convention): the first R dims rotate, the rest pass (partial rotary). The CPU path's
+    rotation; ``ops.rope_kv_write`` computes the same."""
+    return _rotate(x, cos[:, :, None], sin[:, :, None])
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, D] rotated by cos, sin [B, T, 1, R] in x's dtype (``apply_rope_ref``'s math:
     rotate_half; dims >= R pass)."""
