@@ -4,7 +4,8 @@ Kernels (the README's table; each ``backend="auto" | "torch" | "triton" | "cuda"
 ``tree_attention`` (``pack_tree_mask``), ``medusa_heads_topk``, ``shared_heads_topk``,
 ``lm_head_topk``, ``compact_kv_cache``, ``accept_greedy`` (``accept_greedy_ids``),
 ``accept_typical``, ``accept_exact`` (``accept_exact_ids``), ``sample_logits``, ``filter_logits``,
-``sample_tokens``, and the decoder's fused ``rms_norm``, ``rope_kv_write``, ``gated_act``.
+``sample_tokens``, and the decoder's fused ``rms_norm``, ``rope_kv_write``, ``gated_act``,
+``embedding``.
 Decoding: ``load_model`` (or ``demo.load()``) then ``generate``; settings:
 ``GenerationConfig``; trees: ``build_tree``, ``TREES``.
 
@@ -31,7 +32,7 @@ _EXPORTS = {
     "ModelConfig": "model", "Transformer": "model",
     "accept_exact": "ops", "accept_exact_ids": "ops", "accept_greedy": "ops",
     "accept_greedy_ids": "ops", "accept_typical": "ops", "compact_kv_cache": "ops",
-    "filter_logits": "ops", "gated_act": "ops", "lm_head_topk": "ops",
+    "embedding": "ops", "filter_logits": "ops", "gated_act": "ops", "lm_head_topk": "ops",
     "medusa_heads_topk": "ops", "pack_tree_mask": "ops", "rms_norm": "ops",
     "rope_kv_write": "ops", "sample_logits": "ops", "sample_tokens": "ops",
     "shared_heads_topk": "ops", "tree_attention": "ops",
@@ -45,7 +46,7 @@ __all__ = [
     "GenerationConfig", "GenerationResult", "GenerationStream", "MedusaHeads", "MedusaModel",
     "ModelConfig", "StreamStep", "TREES", "Transformer", "TreeBuffers", "accept_exact",
     "accept_exact_ids", "accept_greedy", "accept_greedy_ids", "accept_typical", "build_tree",
-    "compact_kv_cache", "filter_logits", "gated_act", "generate", "lm_head_topk",
+    "compact_kv_cache", "embedding", "filter_logits", "gated_act", "generate", "lm_head_topk",
     "load_medusa_heads", "load_model", "medusa_heads_topk", "pack_tree_mask", "rms_norm",
     "rope_kv_write", "sample_logits", "sample_tokens", "save_medusa_heads", "shared_heads_topk",
     "tree_attention",
@@ -64,6 +65,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
         accept_greedy_ids,
         accept_typical,
         compact_kv_cache,
+        embedding,
         filter_logits,
         gated_act,
         lm_head_topk,

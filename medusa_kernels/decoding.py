@@ -187,7 +187,7 @@ def plain_step(model, tb, cache, root, last_hidden, running, config: GenerationC
     hidden [B, d]). Advances ``cache.seqlens`` of running sequences. ``keys`` [B, 2]: the
     sequences' sampling keys (``seed_keys``); None: ``generator`` draws.
     """
-    h = model.base.step(root[:, None], cache, tb.tree_mask, tb.depths)[:, 0]
+    h = model.base.step(root[:, None], cache, tb.tree_mask, tb.offsets)[:, 0]
     positions = None if keys is None else cache.seqlens.long() + 1  # the next token's position
     next_root = next_token(model.base, h, config, generator, keys, positions)
     counts = running.to(torch.int32)
@@ -210,30 +210,39 @@ def medusa_step(model, tb, cache, root, last_hidden, running, config: Generation
         else:
             _, guesses = model.heads.topk(last_hidden, tb.topk, tb.depth)
     candidates = tb.candidates(root, guesses)  # [B, T]
-    h = model.base.step(candidates, cache, tb.tree_mask, tb.depths)  # [B, T, d]
+    h = model.base.step(candidates, cache, tb.tree_mask, tb.offsets)  # [B, T, d]
     ri = tb.retrieve_indices
     if config.greedy:  # argmax ids straight from the fused lm_head top-1
-        counts, path, next_root = accept_greedy_ids(model.base.greedy(h), candidates, ri)
-    elif config.acceptance == "typical":
-        counts, path, next_root = accept_typical(
-            model.base.logits(h), candidates, ri, config.temperature,
-            config.posterior_threshold, config.posterior_alpha, generator,
-        )  # fmt: skip
-    else:  # exact: the node at depth d draws the token at position root + d + 1
-        uniforms = None
-        if keys is not None:
-            depth = torch.arange(1, ri.shape[1] + 1, device=root.device)
-            uniforms = position_uniforms(keys, cache.seqlens.long()[:, None] + depth)
-        counts, path, next_root = accept_exact(
-            model.base.logits(h), candidates, ri, config.temperature, config.top_k,
-            config.top_p, None if keys is not None else generator, uniforms=uniforms,
-        )  # fmt: skip
+        pred = model.base.greedy(h)
+        counts, path, next_root = accept_greedy_ids(pred, candidates, ri)
+        # an accepted node's token is its parent's argmax: the new tokens are the argmaxes
+        # along the accepted path, the last of them the next root
+        new_tokens = pred.gather(1, path.clamp(min=0))
+    else:
+        if config.acceptance == "typical":
+            counts, path, next_root = accept_typical(
+                model.base.logits(h), candidates, ri, config.temperature,
+                config.posterior_threshold, config.posterior_alpha, generator,
+            )  # fmt: skip
+        else:  # exact: the node at depth d draws the token at position root + d + 1
+            uniforms = None
+            if keys is not None:
+                depth = torch.arange(1, ri.shape[1] + 1, device=root.device)
+                uniforms = position_uniforms(keys, cache.seqlens.long()[:, None] + depth)
+            counts, path, next_root = accept_exact(
+                model.base.logits(h), candidates, ri, config.temperature, config.top_k,
+                config.top_p, None if keys is not None else generator, uniforms=uniforms,
+            )  # fmt: skip
+        # new tokens: the accepted path after the root, then the next root
+        new_tokens = candidates.gather(1, path.clamp(min=0)).roll(-1, dims=1)
+    # the last accepted node (counts >= 1: the root is always accepted), as an int64 index
+    last = torch.sub(counts, 1, out=torch.empty(counts.shape, dtype=torch.long,
+                                                  device=counts.device))[:, None]
+    if not config.greedy:
+        new_tokens.scatter_(1, last, next_root[:, None])
+    node = path.gather(1, last)  # [B, 1]
+    next_hidden = h.gather(1, node[:, :, None].expand(B, 1, h.shape[-1]))[:, 0]
     counts = torch.where(running, counts, 0)
-    last = (counts.long() - 1).clamp(min=0)[:, None]
-    next_hidden = h[torch.arange(B, device=h.device), path.gather(1, last)[:, 0]]
-    # new tokens: the accepted path after the root, then the next root
-    new_tokens = candidates.gather(1, path.clamp(min=0)).roll(-1, dims=1)
-    new_tokens.scatter_(1, last, next_root[:, None])
     compact_kv_cache(cache.k, cache.v, cache.seqlens, path, counts)
     return new_tokens, counts, next_root, next_hidden
 

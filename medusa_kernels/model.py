@@ -19,6 +19,15 @@ points:
 Both return the final normed hidden state [B, *, d]; ``logits(hidden)`` applies the lm_head (and
 the final soft-cap). ``ModelConfig.from_hf`` audits a transformers config.json (``hf_config``).
 
+A layer is one launch a line (``Block.forward``): (add +) ``ops.rms_norm``, qkv,
+``ops.rope_kv_write`` (q/k norms, rotary, K/V into the cache), attention, o, add +
+``ops.rms_norm``, gate_up, ``ops.gated_act``, down; the residual add of one block rides in the
+next block's first norm. What every layer shares (rope tables, write slots, the attention
+rule) is computed once per forward into a ``Pass``. Three paths compute the same thing: the
+fused ops (a GPU, and torch.compile), the ops' differentiable references (training, no cache),
+and the CPU's eager path (``CPU_FAST_PATH``: plain PyTorch calls without the custom ops'
+dispatch and checks).
+
 Tensor parallelism (``Transformer(cfg, tp)``, Megatron style, ``parallel/``): a rank holds its KV
 heads and the query heads that read them, its MLP columns, its vocabulary rows of the embedding
 and lm_head; o_proj and down_proj end in an all-reduce (then their bias, once), so the residual
@@ -30,7 +39,7 @@ the cache holds the rank's KV heads; the generation loop runs unchanged on every
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +47,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hf_config
-from .ops import lm_head_topk, tree_attention
+from .ops import (
+    embedding,
+    gated_act,
+    lm_head_topk,
+    rms_norm,
+    rope_kv_write,
+    tree_attention,
+    unpack_tree_mask,
+)
+from .ops._backend import triton_interpreted
+from .ops.activation import ACTIVATIONS, gated_act_ref
+from .ops.rms_norm import rms_norm_ref
+from .ops.rotary import apply_rope_ref
 from .parallel import (
     SINGLE,
     WHOLE,
@@ -50,26 +71,6 @@ from .parallel import (
     row_parallel_linear,
     vocab_parallel_embedding,
 )
-
-
-def _gelu_tanh(x):
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3.0))))
-
-
-ACTIVATIONS = {  # transformers' ACT2FN, the same formulas
-    "silu": F.silu, "swish": F.silu, "gelu": F.gelu,
-    "gelu_python": lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),
-    "gelu_new": _gelu_tanh, "gelu_accurate": _gelu_tanh, "gelu_python_tanh": _gelu_tanh,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1 + 0.044715 * x * x))),
-    "gelu_10": lambda x: torch.clip(F.gelu(x), -10, 10),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu, "relu2": lambda x: torch.square(F.relu(x)), "relu6": F.relu6,
-    "leaky_relu": F.leaky_relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-    "linear": lambda x: x, "mish": F.mish, "hardswish": F.hardswish,
-    "laplace": lambda x: 0.5 * (1.0 + torch.erf((x - 0.707107).div(0.282095 * math.sqrt(2.0)))),
-    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
-}  # fmt: skip (hf_config.ACTIVATIONS names the same set: test_config_audit checks it)
 
 
 @dataclass
@@ -188,31 +189,63 @@ def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> tuple[torch.Tensor, 
     return torch.stack([inv_freq, inv_freq]), attention
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos, sin: [B, T, R] (halves repeated, HF's rotate_half convention): the
-    first R dims rotate, the rest pass (partial rotary)."""
-    R = cos.shape[-1]
-    rot = x[..., :R]
-    x1, x2 = rot.chunk(2, dim=-1)
-    out = rot * cos[:, :, None] + torch.cat([-x2, x1], dim=-1) * sin[:, :, None]
-    return out if R == x.shape[-1] else torch.cat([out, x[..., R:]], dim=-1)
+def _differentiable(*tensors) -> bool:
+    """Autograd must see through this op (training): the plain PyTorch references run, which
+    have gradients; inference (no_grad, inference_mode, a compiled or graphed step) takes the
+    fused ops."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# The CPU's eager path: "auto" = on CPU tensors, outside torch.compile and the Triton
+# interpreter (whose tests route the ops to Triton), the layer ops run as plain PyTorch calls:
+# the ops' references (the same math, without a custom op's dispatch and argument checks),
+# rotary on q and k together from cos/sin tables expanded once per step, and attention through
+# scaled_dot_product_attention over the used part of the cache with one mask per step.
+# "on": also under the interpreter (tests); "off": the ops everywhere (the GPU's path).
+CPU_FAST_PATH = "auto"
+_INTERPRETED = triton_interpreted()  # set before the kernels are imported, so fixed by now
+
+
+def cpu_fast(t: torch.Tensor) -> bool:
+    """Whether a forward on ``t``'s device takes the CPU's eager path (``CPU_FAST_PATH``)."""
+    if CPU_FAST_PATH == "off" or t.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return CPU_FAST_PATH == "on" or not _INTERPRETED
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * w (Llama: w times the normed x cast back), or Gemma's ``unit_offset``:
-    (normed x * (1 + w)) in fp32, then cast."""
+    (normed x * (1 + w)) in fp32, then cast. ``forward(x, residual)``: the norm of
+    x + residual and that sum (the new residual stream), one launch (``ops.rms_norm``)."""
 
     def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.eps, self.unit_offset = eps, unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:
-            return (xf * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x [..., N] -> normed; with ``residual`` (may be None: the first layer's, where x
+        is the stream): (normed x + residual, x + residual)."""
+        if _differentiable(x, residual, self.weight):
+            out, h = rms_norm_ref(x, self.weight, self.eps, residual, self.unit_offset)
+        elif residual is None:
+            out, h = rms_norm(x, self.weight, self.eps, unit_offset=self.unit_offset), None
+        else:
+            out, h = rms_norm(x, self.weight, self.eps, residual, self.unit_offset)
+        return out if residual is None else (out, h)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor | None):
+        """(norm of x + residual, x + residual); residual None: (norm of x, x)."""
+        return (self(x), x) if residual is None else self(x, residual)
+
+    def fast(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The CPU's eager path of ``add``: fp32 through ``F.rms_norm`` (bit for bit the
+        reference's result in fp32: tested), other dtypes through the reference."""
+        h = x if residual is None else x + residual
+        if h.dtype != torch.float32:
+            return rms_norm_ref(h, self.weight, self.eps, None, self.unit_offset)[0], h
+        w = 1.0 + self.weight.float() if self.unit_offset else self.weight
+        return F.rms_norm(h, (h.shape[-1],), w, self.eps), h
 
 
 class KVCache:
@@ -264,6 +297,64 @@ def causal_attention(q, k, v, scale=None, window=None, softcap=None, mask=None) 
     return out.transpose(1, 2)
 
 
+@dataclass
+class Pass:
+    """What one forward (a prefill, a step) shares with every layer, computed once:
+    ``rope[kind]``: (cos, sin) [B, T, R/2] float32 (attention factor applied) per rope kind;
+    ``cache``/``write_pos`` [B, T]: where the layers write their roped K/V (None: no cache,
+    the training forward); ``attend(attn, q)`` (cache) or ``attend(attn, q, k, v)`` (no
+    cache): the attention proper, [B, T, Hq, D]."""
+
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    attend: Callable
+    cache: KVCache | None = None
+    write_pos: torch.Tensor | None = None
+    fast: bool = False  # the CPU's eager path (``cpu_fast``)
+    _full: dict | None = None  # fast path: per (rope kind, dtype) cos, sin [B, T, 1, R]
+    _batch: torch.Tensor | None = None
+
+    def rope_full(self, kind: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of ``kind`` repeated to R dims, in ``dtype`` [B, T, 1, R] (once per step)."""
+        self._full = {} if self._full is None else self._full
+        if (kind, dtype) not in self._full:
+            cos, sin = (torch.cat([t, t], dim=-1).to(dtype)[:, :, None] for t in self.rope[kind])
+            self._full[kind, dtype] = cos, sin
+        return self._full[kind, dtype]
+
+    starts: list[int] | None = None  # fast path: each row's first write slot (slots in a row)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fast path: k, v [B, T, Hkv, D] into the cache at ``write_pos`` (row by row as
+        slices when the host knows the rows' first slots, for a few rows)."""
+        if self.starts is not None:
+            T = k.shape[1]
+            for b, s in enumerate(self.starts):
+                self.cache.k[layer, b, s:s + T] = k[b]
+                self.cache.v[layer, b, s:s + T] = v[b]
+            return
+        if self._batch is None:
+            self._batch = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.cache.k[layer][self._batch, self.write_pos] = k
+        self.cache.v[layer][self._batch, self.write_pos] = v
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [B, T, R] in x's dtype (halves repeated, HF's rotate_half
+    convention): the first R dims rotate, the rest pass (partial rotary). The CPU path's
+    rotation; ``ops.rope_kv_write`` computes the same."""
+    return _rotate(x, cos[:, :, None], sin[:, :, None])
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] rotated by cos, sin [B, T, 1, R] in x's dtype (``apply_rope_ref``'s math:
+    rotate_half; dims >= R pass)."""
+    R = cos.shape[-1]
+    rot = x[..., :R]
+    x1, x2 = rot.chunk(2, dim=-1)
+    out = rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return out if R == x.shape[-1] else torch.cat([out, x[..., R:]], dim=-1)
+
+
 class Attention(nn.Module):
     """GQA attention. Under tensor parallelism (``tp``) it holds this rank's KV heads and the
     query heads that read them: wqkv is column-parallel ([q_r | k_r | v_r] rows), wo
@@ -283,21 +374,44 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_unit_offset)
 
-    def forward(self, x, cos, sin, attend):
-        """x [B, T, d] -> [B, T, d]; ``attend(self, q, k, v)`` does the attention proper
-        (q [B, T, Hq, D], k, v [B, T, Hkv, D], roped) and returns [B, T, Hq, D]."""
-        D = self.cfg.head_dim
+    def forward(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d]: qkv, (q/k norm +) rope + cache write, attention, o."""
         B, T, _ = x.shape
-        q_out, kv_out = self.num_heads * D, self.num_kv_heads * D
-        q, k, v = self.wqkv(x).split([q_out, kv_out, kv_out], dim=-1)
-        q = q.view(B, T, self.num_heads, D)
-        k = k.view(B, T, self.num_kv_heads, D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(self, q, k, v.view(B, T, self.num_kv_heads, D))
-        return row_parallel_linear(out.reshape(B, T, q_out), self.wo.weight, self.wo.bias,
-                                   self.tp)
+        H, Hkv, cfg = self.num_heads, self.num_kv_heads, self.cfg
+        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, cfg.head_dim)
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+        cos, sin = p.rope[self.rope]
+        qn, kn = (None, None) if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight)
+        if p.cache is not None:  # one launch: q/k norms, rope, k and v into the cache
+            q = rope_kv_write(q, k, v, cos, sin, p.cache.k, p.cache.v, self.layer, p.write_pos,
+                              qn, kn, cfg.rms_norm_eps, cfg.norm_unit_offset)  # fmt: skip
+            out = p.attend(self, q)
+        else:  # no cache (training): the references, which autograd sees through
+            if qn is not None:
+                q = rms_norm_ref(q, qn, cfg.rms_norm_eps, unit_offset=cfg.norm_unit_offset)[0]
+                k = rms_norm_ref(k, kn, cfg.rms_norm_eps, unit_offset=cfg.norm_unit_offset)[0]
+            q, k = apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)
+            out = p.attend(self, q, k, v)
+        return row_parallel_linear(out.reshape(B, T, H * cfg.head_dim), self.wo.weight,
+                                   self.wo.bias, self.tp)  # fmt: skip
+
+
+    def fast(self, x: torch.Tensor, p: Pass) -> torch.Tensor:
+        """The CPU's eager path of ``forward`` (the same math as plain PyTorch calls)."""
+        B, T, _ = x.shape
+        H, Hkv, cfg = self.num_heads, self.num_kv_heads, self.cfg
+        qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias).view(B, T, H + 2 * Hkv, cfg.head_dim)
+        cos, sin = p.rope_full(self.rope, qkv.dtype)
+        if self.q_norm is None:  # q and k are adjacent in qkv: rotated together
+            qk = _rotate(qkv[:, :, :H + Hkv], cos, sin)
+            q, k = qk[:, :, :H], qk[:, :, H:]
+        else:
+            q = _rotate(self.q_norm.fast(qkv[:, :, :H])[0].to(qkv.dtype), cos, sin)
+            k = _rotate(self.k_norm.fast(qkv[:, :, H:H + Hkv])[0].to(qkv.dtype), cos, sin)
+        p.write(self.layer, k, qkv[:, :, H + Hkv:])
+        out = p.attend(self, q)
+        return row_parallel_linear(out.reshape(B, T, H * cfg.head_dim), self.wo.weight,
+                                   self.wo.bias, self.tp)  # fmt: skip
 
 
 class MLP(nn.Module):
@@ -306,18 +420,28 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE):
         super().__init__()
-        self.act, self.tp = ACTIVATIONS[cfg.hidden_act], tp
+        self.act, self.tp = cfg.hidden_act, tp
         inter = cfg.intermediate_size // tp.world
         self.w13 = nn.Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
         self.w2 = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return row_parallel_linear(self.act(gate) * up, self.w2.weight, self.w2.bias, self.tp)
+        gate_up = self.w13(x)
+        act = gated_act_ref if _differentiable(gate_up) else gated_act
+        return row_parallel_linear(act(gate_up, self.act), self.w2.weight, self.w2.bias, self.tp)
+
+    def fast(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(x, self.w13.weight, self.w13.bias)
+        return row_parallel_linear(gated_act_ref(gate_up, self.act), self.w2.weight,
+                                   self.w2.bias, self.tp)  # fmt: skip
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; Gemma's post-norms act on the all-reduced (full) outputs."""
+    """Pre-norm residual block; Gemma's post-norms act on the all-reduced (full) outputs.
+
+    ``forward(x, residual, p) -> (out, residual)``: the residual add of the previous block's
+    ``out`` is fused into this block's first norm (the last block's into the final norm), so
+    a layer is nine launches (eleven with Gemma's sandwich norms)."""
 
     def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup = SINGLE):
         super().__init__()
@@ -329,15 +453,33 @@ class Block(nn.Module):
         self.post_attention_norm = RMSNorm(d, eps, offset) if cfg.sandwich_norms else None
         self.post_ffn_norm = RMSNorm(d, eps, offset) if cfg.sandwich_norms else None
 
-    def forward(self, x, cos, sin, attend):
-        h = self.attention(self.attention_norm(x), cos, sin, attend)
+    def forward(self, x, residual, p: Pass):
+        """x: the previous block's output (the embedding for the first, with residual None);
+        residual: the stream before it. Returns this block's output and the stream."""
+        if p.fast:
+            return self.fast(x, residual, p)
+        h, residual = self.attention_norm.add(x, residual)  # (add +) norm
+        h = self.attention(h, p)  # qkv, rope + cache write, attention, o
         if self.post_attention_norm is not None:
             h = self.post_attention_norm(h)
-        x = x + h
-        h = self.mlp(self.ffn_norm(x))
+        h, residual = self.ffn_norm(h, residual)  # add + norm
+        h = self.mlp(h)  # gate_up, act, down
         if self.post_ffn_norm is not None:
             h = self.post_ffn_norm(h)
-        return x + h
+        return h, residual
+
+
+    def fast(self, x, residual, p: Pass):
+        """The CPU's eager path of ``forward``: the same layer as plain PyTorch calls."""
+        h, residual = self.attention_norm.fast(x, residual)
+        h = self.attention.fast(h, p)
+        if self.post_attention_norm is not None:
+            h = self.post_attention_norm.fast(h)[0]
+        h, residual = self.ffn_norm.fast(h, residual)
+        h = self.mlp.fast(h)
+        if self.post_ffn_norm is not None:
+            h = self.post_ffn_norm.fast(h)[0]
+        return h, residual
 
 
 class Transformer(nn.Module):
@@ -364,58 +506,108 @@ class Transformer(nn.Module):
         self._rope_tables()
 
     def _rope_tables(self, device=None):
-        self.rope_scale = {}
-        for kind in ("global", "local") if self.cfg.local_rope_theta is not None else ("global",):
-            inv_freq, self.rope_scale[kind] = rope_inv_freq(self.cfg, local=kind == "local")
-            if device is not None:
-                inv_freq = inv_freq.to(device)
-            self.register_buffer(f"inv_freq_{kind}", inv_freq, persistent=False)
+        """Buffers of every rope kind side by side (one cos/sin table per forward): inv_freq
+        [2, kinds x R/2] (longrope's short and long rows; equal rows elsewhere), rope_scale
+        [kinds x R/2] (attention factors), and the embedding scale per dtype."""
+        cfg = self.cfg
+        self.rope_kinds = ("global", "local") if cfg.local_rope_theta is not None else ("global",)
+        tables, scales, longs = [], [], set()
+        for kind in self.rope_kinds:
+            inv_freq, scale = rope_inv_freq(cfg, local=kind == "local")
+            tables.append(inv_freq)
+            scales.append(float(scale))
+            scaling = (cfg.rope_scaling if kind == "global" else cfg.local_rope_scaling) or {}
+            if scaling.get("rope_type") == "longrope":
+                longs.add(scaling["original_max_position_embeddings"])
+        if len(longs) > 1:
+            raise ValueError(f"two longrope ropes with different original_max_position_embeddings "
+                             f"{sorted(longs)} are not supported")
+        self.rope_long = longs.pop() if longs else None  # longrope's switch length
+        self.rope_scaled = any(s != 1.0 for s in scales)
+        scale = torch.cat([torch.full((t.shape[1],), s)
+                           for t, s in zip(tables, scales, strict=True)])
+        for name, t in (("inv_freq", torch.cat(tables, 1)), ("rope_scale", scale)):
+            self.register_buffer(name, t if device is None else t.to(device), persistent=False)
+        self._rope_table = None  # rope_rows' cos | sin by position
+        self._embed_scales = {}
+        if cfg.embed_scale is not None:  # the scale rounded to the weights' dtype, as a float
+            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                rounded = torch.tensor(cfg.embed_scale, device="cpu").to(dtype)
+                self._embed_scales[dtype] = float(rounded)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # .to(dtype) must not round the RoPE frequencies
-        self._rope_tables(self.inv_freq_global.device)
+        self._rope_tables(self.inv_freq.device)
         return self
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """A cache for this rank's KV heads (all of them for one process)."""
         p = self.lm_head.weight
+        if p.device.type != "meta":
+            self.rope_rows(capacity)
         return KVCache(self.cfg, batch, capacity, p.dtype, p.device,
                        self.cfg.num_kv_heads // self.tp.world)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        w = self.embed.weight
+        scale = None if self.cfg.embed_scale is None else self._embed_scales[w.dtype]
         if self.tp.world > 1:  # this rank's rows, zeros elsewhere, all-reduced
-            x = vocab_parallel_embedding(tokens, self.embed.weight, self.tp, self.cfg.vocab_size)
+            x = vocab_parallel_embedding(tokens, w, self.tp, self.cfg.vocab_size)
+            return x if scale is None else x * scale
+        if _differentiable(w) or cpu_fast(w):
+            x = F.embedding(tokens, w)
+            return x if scale is None else x * scale
+        return embedding(tokens, w, scale)  # one launch, Gemma's scale (rounded) included
+
+    def rope(self, positions: torch.Tensor, seq_len: torch.Tensor | None = None) -> dict:
+        """{kind: (cos, sin)} [B, T, R/2] float32 (attention factor applied) per rope kind
+        ("global", "local") for positions [B, T] int, all kinds in one table (3 launches, 4
+        with an attention factor, 2 more for longrope). Longrope takes its long factors for a
+        sequence whose length in this forward, ``seq_len`` [B], exceeds
+        original_max_position_embeddings (transformers, per forward); without ``seq_len``, per
+        token: position >= it (the same for every sequence ``_check_rope_reach`` admits)."""
+        table = self.inv_freq
+        if self.rope_long is None:
+            inv_freq = table[0]
         else:
-            x = self.embed(tokens)
-        if self.cfg.embed_scale is not None:  # the scale rounded to the weights' dtype first
-            x = x * torch.tensor(self.cfg.embed_scale).to(x.dtype)
-        return x
+            long = positions >= self.rope_long if seq_len is None else \
+                (seq_len > self.rope_long)[:, None]
+            inv_freq = torch.where(long[..., None], table[1], table[0])
+        angles = positions[..., None] * inv_freq  # [B, T, kinds x R/2] float32
+        cs = angles.new_empty((2, *angles.shape))
+        torch.cos(angles, out=cs[0])
+        torch.sin(angles, out=cs[1])
+        if self.rope_scaled:
+            cs.mul_(self.rope_scale)
+        return self._rope_split(cs[0], cs[1])
 
-    def rope(self, positions: torch.Tensor, seq_len: torch.Tensor, dtype) -> dict:
-        """cos, sin [B, T, R] per rope ("global", "local") for positions [B, T]; seq_len [B]:
-        each sequence's length for this forward (longrope picks its long factors above
-        original_max_position_embeddings, as transformers does per forward)."""
-        out = {}
-        for kind, scale in self.rope_scale.items():
-            table = getattr(self, f"inv_freq_{kind}")
-            scaling = (self.cfg.rope_scaling if kind == "global" else
-                       self.cfg.local_rope_scaling) or {}
-            if scaling.get("rope_type") == "longrope":
-                long = seq_len.to(table.device) > scaling["original_max_position_embeddings"]
-                inv_freq = torch.where(long[:, None, None], table[1], table[0])  # [B, 1, R/2]
-            else:
-                inv_freq = table[0]
-            angles = positions.float()[..., None] * inv_freq
-            angles = torch.cat([angles, angles], dim=-1)
-            out[kind] = ((angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype))
-        return out
+    def _rope_split(self, cos: torch.Tensor, sin: torch.Tensor) -> dict:
+        """{kind: (cos, sin)}: column slices [..., R/2] of tables [..., kinds x R/2]."""
+        half = self.inv_freq.shape[1] // len(self.rope_kinds)
+        return {kind: (cos[..., i * half:(i + 1) * half], sin[..., i * half:(i + 1) * half])
+                for i, kind in enumerate(self.rope_kinds)}
 
-    def _run(self, tokens, positions, seq_len, attend) -> torch.Tensor:
-        x = self.embed_tokens(tokens)
-        ropes = self.rope(positions, seq_len, x.dtype)
+    def rope_rows(self, capacity: int) -> torch.Tensor:
+        """cos | sin of positions [0, capacity) [capacity, 2 x kinds x R/2] float32 (built once
+        per capacity and device, here or by ``new_cache``): a step gathers its rows in one
+        launch. Longrope's rows take the long factors from original_max_position_embeddings on
+        (``rope``'s per-token rule)."""
+        table = self._rope_table
+        device = self.inv_freq.device
+        if table is None or table.shape[0] < capacity or table.device != device:
+            positions = torch.arange(capacity, device=device)[None]
+            cos, sin = zip(*self.rope(positions).values(), strict=True)
+            table = torch.cat([*cos, *sin], dim=-1)[0].contiguous()
+            self._rope_table = table
+        return table
+
+    def _run(self, tokens: torch.Tensor, p: Pass) -> torch.Tensor:
+        x, residual = self.embed_tokens(tokens), None
         for layer in self.layers:
-            x = layer(x, *ropes[layer.attention.rope], attend)
-        return self.norm(x)
+            x, residual = layer(x, residual, p)
+        if p.fast:
+            return self.norm.fast(x, residual)[0]
+        return self.norm(x, residual)[0]  # the last residual add fused into the final norm
 
     def _check_rope_reach(self, lengths: torch.Tensor, capacity: int, P: int) -> None:
         """Refuse what would differ from transformers: dynamic NTK beyond
@@ -448,36 +640,92 @@ class Transformer(nn.Module):
         B, P = tokens.shape
         self._check_rope_reach(lengths, cache.capacity, P)
         positions = torch.arange(P, device=tokens.device).expand(B, P)
-        batch = torch.arange(B, device=tokens.device)[:, None]
 
-        def attend(attn, q, k, v):
-            cache.k[attn.layer][batch, positions] = k
-            cache.v[attn.layer][batch, positions] = v
+        def attend(attn, q):  # the prompt's roped K/V, as the layer just wrote them
+            k, v = cache.k[attn.layer, :, :P], cache.v[attn.layer, :, :P]
             return causal_attention(q, k, v, self.cfg.softmax_scale, attn.window,
                                     self.cfg.attn_softcap)
 
-        hidden = self._run(tokens, positions, lengths, attend)
+        p = Pass(self.rope(positions, lengths), attend, cache, positions, cpu_fast(tokens))
+        hidden = self._run(tokens, p)
         cache.seqlens.copy_(lengths)
         return hidden
 
     def step(self, tokens, cache: KVCache, tree_mask, depths) -> torch.Tensor:
-        """tokens [B, T] at positions seqlens + depths [T]; KV written at seqlens + arange(T)."""
+        """tokens [B, T] at positions seqlens + depths [T]; KV written at seqlens + arange(T).
+        ``depths`` may also be [2, T]: the depths over the write offsets arange(T)
+        (``TreeBuffers.offsets``), so one add gives positions and slots."""
         B, T = tokens.shape
-        start = cache.seqlens.to(torch.long)[:, None]
-        positions = start + depths[None, :]
-        write_pos = start + torch.arange(T, device=tokens.device)[None, :]
-        batch = torch.arange(B, device=tokens.device)[:, None]
+        start = cache.seqlens[:, None]
+        offsets = depths if depths.dim() == 2 else None
+        depths = depths[0] if offsets is not None else depths
+        if T == 1:  # a one-node tree (plain decoding): depth 0, nothing to add
+            positions = write_pos = start
+        elif offsets is not None:
+            positions, write_pos = start[None] + offsets[:, None]  # [2, B, T]
+        else:
+            positions = start + depths
+            write_pos = start + torch.arange(T, device=tokens.device)
+        cs = self.rope_rows(cache.capacity)[positions]  # [B, T, 2 x kinds x R/2]
+        rope = self._rope_split(*cs.chunk(2, dim=-1))
+        if cpu_fast(tokens):
+            attend = self._cpu_attend(cache, tree_mask, depths, T)
+            p = Pass(rope, attend, cache, write_pos, fast=True)
+            if B <= 4:  # slots seqlens + [0, T) of each row: slice copies
+                p.starts = cache.seqlens.tolist()
+            return self._run(tokens, p)
 
-        def attend(attn, q, k, v):
-            cache.k[attn.layer][batch, write_pos] = k
-            cache.v[attn.layer][batch, write_pos] = v
+        def attend(attn, q):
             return tree_attention(
                 q, cache.k[attn.layer], cache.v[attn.layer], cache.seqlens, tree_mask,
                 self.cfg.softmax_scale, sliding_window=attn.window,
                 softcap=self.cfg.attn_softcap, tree_depths=None if attn.window is None else depths,
             )  # fmt: skip
 
-        return self._run(tokens, positions, positions.max(dim=1).values + 1, attend)
+        return self._run(tokens, Pass(rope, attend, cache, write_pos))
+
+    def _cpu_attend(self, cache: KVCache, tree_mask, depths, T: int) -> Callable:
+        """The fast path's tree attention (``tree_attention``'s rule): SDPA over the cache's
+        slots [0, max(seqlens) + T) (the lengths read on the host: a CPU has nothing to sync),
+        under a visibility mask built once per window (none for one sequence decoding one
+        token). Soft-capped scores (Gemma-2) go to ``tree_attention``."""
+        used = int(cache.seqlens.max()) + T
+        lengths = cache.seqlens.to(torch.long)[:, None]  # [B, 1]
+        if tree_mask.dtype != torch.bool:
+            tree_mask = unpack_tree_mask(tree_mask, T)
+        B, masks = lengths.shape[0], {}
+
+        def mask(window):
+            if window not in masks:
+                if B == 1 and T == 1 and window is None:
+                    masks[window] = None
+                else:
+                    slot = torch.arange(used)[None]  # [1, S]
+                    rel = slot - lengths  # [B, S]
+                    node = rel.clamp(0, T - 1)
+                    visible = (rel < 0)[:, None] | (((rel >= 0) & (rel < T))[:, None]
+                                                    & tree_mask[:, node].permute(1, 0, 2))
+                    if window is not None:  # query t at L + depth[t] sees keys > it - W
+                        key_pos = torch.where(rel >= 0, lengths + depths[node], slot)
+                        query_pos = lengths + depths[None]  # [B, T]
+                        visible &= key_pos[:, None] > query_pos[..., None] - window
+                    masks[window] = visible[:, None]  # [B, 1, T, S]
+            return masks[window]
+
+        def attend(attn, q):
+            if self.cfg.attn_softcap is not None:
+                return tree_attention(
+                    q, cache.k[attn.layer], cache.v[attn.layer], cache.seqlens, tree_mask,
+                    self.cfg.softmax_scale, sliding_window=attn.window,
+                    softcap=self.cfg.attn_softcap, tree_depths=depths,
+                )  # fmt: skip
+            k, v = cache.k[attn.layer, :, :used], cache.v[attn.layer, :, :used]
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=mask(attn.window), scale=self.cfg.softmax_scale, enable_gqa=True)
+            return out.transpose(1, 2)
+
+        return attend
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> logits [..., V] (soft-capped where the config says so); under

@@ -41,6 +41,11 @@ Parts run in the order 2, 1, 3.
    (random weights give near-ties, so bf16 may differ: a note, not a failure). Skipped with a
    note when transformers is not installed. Runs last, so a time limit costs it first.
 
+4. CPU only: the kernel launches of one plain and one Medusa step per family (``impl``
+   "launches", ``launches.launch_table``: per decoder layer and outside the layers, with the
+   Triton backend, against the budget in ``check_budget``; quick: Llama, Phi-3 longrope and
+   Gemma-3 only).
+
 ``ctx.shapes`` filters by ``key=value`` words (``model=llama-1b``, ``L=1024``).
 
 Tensor parallelism: under ``torchrun --nproc-per-node N ... -m medusa_kernels.bench --only e2e``
@@ -632,6 +637,19 @@ def run(ctx: BenchContext) -> list[dict]:
         return _run(ctx, tp)
 
 
+def _launch_rows(ctx: BenchContext) -> list[dict]:
+    """Launches per decoder layer and outside the layers of one plain and one Medusa step per
+    family, with the Triton backend (``launches.launch_table``; the interpreter on a CPU)."""
+    from .launches import launch_table
+
+    families = ("llama", "phi3-longrope", "gemma3") if ctx.quick else None  # quick: 3 of 7
+    rows = [dict(section=SECTION, **r) for r in launch_table(families)]
+    if ctx.on_row is not None:
+        for row in rows:
+            ctx.on_row(row)
+    return rows
+
+
 def _run(ctx: BenchContext, tp: TPGroup) -> list[dict]:
     rows: list[dict] = []
     try:  # the real generation first: a time limit should cost the random-weight parts
@@ -643,6 +661,8 @@ def _run(ctx: BenchContext, tp: TPGroup) -> list[dict]:
         rows.append(failure_row(ctx, SECTION, "generate", e, True, model=label))
     if ctx.cuda and not cuda_usable(ctx):
         return rows
+    if not ctx.cuda and tp.world == 1:  # the kernel launches of a step, per family
+        rows += _launch_rows(ctx)
     rows += _step_section(ctx, tp)
     if ctx.cuda and not cuda_usable(ctx):
         return rows

@@ -7,6 +7,7 @@ function, registered as a ``torch.library`` custom op so torch.compile and CUDA 
 from .acceptance import accept_greedy, accept_greedy_ids, accept_typical, sample_tokens
 from .activation import ACTIVATIONS, gated_act, gated_act_ref
 from .compact_kv import compact_kv_cache, compact_kv_cache_ref
+from .embedding import embedding, embedding_ref
 from .heads_topk import lm_head_topk, lm_head_topk_ref, medusa_heads_topk, medusa_heads_topk_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rotary import rope_kv_write, rope_kv_write_ref
@@ -28,6 +29,8 @@ __all__ = [
     "accept_typical",
     "compact_kv_cache",
     "compact_kv_cache_ref",
+    "embedding",
+    "embedding_ref",
     "filter_logits",
     "gated_act",
     "gated_act_ref",

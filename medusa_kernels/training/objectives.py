@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..heads import MedusaHeads
-from ..model import Transformer, causal_attention
+from ..model import Pass, Transformer, causal_attention
 from .data import shifted_targets
 
 
@@ -37,11 +37,12 @@ def causal_hidden(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
 
     with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_layers == 0):
         x = model.embed_tokens(tokens)
-    ropes = model.rope(positions, positions.max(dim=1).values + 1, x.dtype)
+    p = Pass(model.rope(positions, positions.max(dim=1).values + 1), attend)
+    residual = None
     for i, layer in enumerate(model.layers):
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= frozen_layers):
-            x = layer(x, *ropes[layer.attention.rope], attend)
-    return model.norm(x)
+            x, residual = layer(x, residual, p)
+    return model.norm(x, residual)[0]
 
 
 def head_logits(heads: MedusaHeads, hidden: torch.Tensor, k: int) -> torch.Tensor:

@@ -84,6 +84,14 @@ class TreeBuffers:
     depths: torch.Tensor
     tree_indices: torch.Tensor
     retrieve_indices: torch.Tensor
+    offsets: torch.Tensor | None = None  # [2, T]: depths over arange(T) (Transformer.step)
+
+    def __post_init__(self):
+        import torch
+
+        if self.offsets is None:
+            slots = torch.arange(self.depths.shape[0], device=self.depths.device)
+            self.offsets = torch.stack([self.depths, slots.to(self.depths.dtype)])
 
     @property
     def num_nodes(self) -> int:
