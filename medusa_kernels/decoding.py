@@ -82,7 +82,8 @@ class GenerationResult:
     """New tokens per sequence (prompt excluded), their text, and step statistics.
 
     ``text``: the new tokens of each sequence decoded (special tokens skipped) when the model
-    has a tokenizer, else None. ``tree``: the tree used ("plain" without Medusa).
+    has a tokenizer, else None. ``tree``: the tree or policy used ("plain" without Medusa,
+    "online" for the online policy, a table's file name, a tree's name).
     ``pad_token_id``: the checkpoint's pad id (else its EOS, else 0), for ``padded``.
     ``step_trees``: the tree each step verified (paths in ``validate_choices`` order; ``()``: a
     plain decoding step); ``step_nodes`` their node counts.
@@ -101,6 +102,14 @@ class GenerationResult:
     @property
     def step_nodes(self) -> list[int]:
         return [len(t) + 1 for t in self.step_trees]
+
+    @property
+    def tree_steps(self) -> dict[int, int]:
+        """Steps per tree size: {nodes: steps} (1: plain steps), by size."""
+        counts: dict[int, int] = {}
+        for n in self.step_nodes:
+            counts[n] = counts.get(n, 0) + 1
+        return dict(sorted(counts.items()))
 
     @property
     def num_tokens(self) -> int:

@@ -376,9 +376,10 @@ class OnlinePolicy:
 
     ``choose(batch)``: the candidate of highest expected tokens per second at ``batch`` rows,
     keeping the previous choice while it is within ``tolerance`` of the best (timing noise
-    does not flip trees). Exploration: while plain steps win, a Medusa step (the best
-    candidate but plain) is taken once the plain steps since the last Medusa step have cost
-    enough that its expected loss is at most ``explore`` (2%) of that time, so speculation is
+    does not flip trees). Exploration: the best candidate not yet timed at this batch (else,
+    while plain steps win, the best Medusa tree) is taken instead once the steps since the
+    last exploration have cost enough that its expected loss is at most ``explore`` (2%) of
+    that time: every tree gets timed, and speculation is
     tried again now and then and taken up when it pays; a cheap tree is retried often, a
     dear one seldom. The choice is deterministic given the observations (no random numbers).
 
@@ -471,7 +472,8 @@ class OnlinePolicy:
         self._expected: list[float] | None = None
         self.cost: dict[tuple[int, int], float] = {}  # (candidate, rows) -> seconds
         self._ratio: dict[bool, float] = {}  # medusa? -> measured / prior cost
-        self._idle = 0.0  # seconds of plain steps since the last Medusa step
+        self._idle = 0.0  # seconds of steps since the last exploration
+        self._explored = False  # choose returned an exploration step
         self._last: Tree | None = None
         self.log: list[tuple[int, Tree, float | None]] = []  # (rows, tree, seconds) per step
         self._prior_cost: dict[tuple[int, int], float] = {}
@@ -533,25 +535,33 @@ class OnlinePolicy:
         _check_count(batch, "batch", 1)
         if context is not None:
             _check_count(context, "context", 0)
+        n = len(self.candidates)
         rates = [self.rate(t, batch) for t in self.candidates]
-        best = max(range(len(rates)), key=lambda i: (rates[i], -len(self.candidates[i])))
+        best = max(range(n), key=lambda i: (rates[i], -len(self.candidates[i])))
         # ties within the tolerance: keep the previous tree, else the smallest
         near = rates[best] * (1 - self.tolerance)
         last = self._index.get(self._last) if self._last is not None else None
         if last is not None and rates[last] >= near:
             best = last
         else:
-            best = min((i for i in range(len(rates)) if rates[i] >= near),
+            best = min((i for i in range(n) if rates[i] >= near),
                        key=lambda i: len(self.candidates[i]))
-        choice = self.candidates[best]
-        if not choice and self.explore > 0 and len(self.candidates) > 1:
-            j = max(range(1, len(rates)), key=lambda i: (rates[i], -len(self.candidates[i])))
-            tree = self.candidates[j]
-            plain_s = self.step_seconds((), batch)
-            loss = self.step_seconds(tree, batch) - self.expected(tree) * plain_s
-            if self.explore * self._idle >= loss:
-                return tree
-        return choice
+        self._explored = False
+        if self.explore > 0:  # the best tree not yet timed at this batch, else (while plain
+            # steps win) the best Medusa tree, once the budget pays for its expected loss
+            pool = [i for i in range(n) if i != best and (i, batch) not in self.cost]
+            if not pool and best == 0:
+                pool = list(range(1, n))
+            if pool:
+                j = max(pool, key=lambda i: (rates[i], -len(self.candidates[i])))
+                tree = self.candidates[j]
+                per_token = self.step_seconds(self.candidates[best], batch) / \
+                    self.expected(self.candidates[best])
+                loss = self.step_seconds(tree, batch) - self.expected(tree) * per_token
+                if self.explore * self._idle >= loss:
+                    self._explored = True
+                    return tree
+        return self.candidates[best]
 
     def observe(self, tree: Sequence[Sequence[int]], batch: int, seconds: float | None,
                 leaves: Sequence[int] | None = None) -> None:
@@ -573,14 +583,11 @@ class OnlinePolicy:
             kind = bool(tree)
             old = self._ratio.get(kind)
             self._ratio[kind] = ratio if old is None else old + self.alpha * (ratio - old)
-        if not tree:
-            if seconds is not None:
-                self._idle += seconds
-            else:
-                self._idle += self.step_seconds((), batch)
-            return
-        self._idle = 0.0
-        if not leaves:
+        if self._explored:  # the exploration budget is spent
+            self._idle, self._explored = 0.0, False
+        else:
+            self._idle += seconds if seconds is not None else self.step_seconds(tree, batch)
+        if not tree or not leaves:
             return
         kids = self._children[i]
         hits: dict[tuple[int, int], float] = {}
@@ -611,7 +618,8 @@ class OnlinePolicy:
 
 def _table_cost(table: TreePolicy, nodes: int, rows: int) -> float | None:
     """A table's step_ms for a tree of ``nodes`` paths at ``rows`` rows: interpolated linearly
-    in nodes among the sizes timed at a batch (extrapolated past the largest), then in batch
+    in nodes among the sizes timed at a batch (extrapolated past the largest: along the last
+    two, or in proportion to the nodes past a single one), then in batch
     between the measured batches (proportionally to rows past the largest); None where the
     table records no times."""
     def at(batch: int) -> float | None:
@@ -620,8 +628,10 @@ def _table_cost(table: TreePolicy, nodes: int, rows: int) -> float | None:
                       and bool(r.tree) == bool(nodes)})
         if not pts:
             return None
-        if len(pts) == 1 or nodes <= pts[0][0]:
+        if nodes <= pts[0][0]:
             return pts[0][1]
+        if len(pts) == 1:  # one size timed (the bigger ones were pruned as too slow there):
+            return pts[0][1] * (nodes + 1) / (pts[0][0] + 1)  # as dear per node
         for (n0, c0), (n1, c1) in zip(pts, pts[1:], strict=False):
             if nodes <= n1:
                 return c0 + (c1 - c0) * (nodes - n0) / (n1 - n0)
