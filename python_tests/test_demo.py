@@ -113,7 +113,7 @@ def test_generate_cli_demo_on_cpu(capsys):
     assert main(["--device", "cpu", "--max-new-tokens", "8", "--tree", "table"]) == 0
     assert "[medusa, tree tree_policy_cpu.json (8 nodes:" in capsys.readouterr().err
     assert main(["--device", "cpu", "--max-new-tokens", "8", "--tree", "small_15"]) == 0
-    assert "[medusa, tree small_15]" in capsys.readouterr().err
+    assert "[medusa, tree small_15 (16 nodes: 4 steps)]" in capsys.readouterr().err
     assert main(["--device", "cpu", "--max-new-tokens", "8", "--no-medusa"]) == 0
     assert "[plain] 8 tokens" in capsys.readouterr().err
 
