@@ -48,6 +48,7 @@ import bisect
 import json
 import math
 import os
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -475,7 +476,8 @@ class OnlinePolicy:
         self._idle = 0.0  # seconds of steps since the last exploration
         self._explored = False  # choose returned an exploration step
         self._last: Tree | None = None
-        self.log: list[tuple[int, Tree, float | None]] = []  # (rows, tree, seconds) per step
+        # (rows, tree, seconds) of the latest steps (bounded: a server's policy lives long)
+        self.log: deque[tuple[int, Tree, float | None]] = deque(maxlen=1 << 16)
         self._prior_cost: dict[tuple[int, int], float] = {}
         # the table's step times price both kinds of step, or the generic model does
         self._table_times = table is not None and all(

@@ -211,7 +211,8 @@ def test_seeded_runs_repeat_and_exact_is_the_default(world):
                          ids=["t0.8", "k20-p0.9"])
 def test_exact_sampling_in_cuda_graphs_is_plain_sampling(tmp_path, sampling):
     """Plain and exact Medusa sampling, eager and replayed from CUDA graphs (fp32, no TF32):
-    the same tokens for a seed; a tree policy switching trees (and graphs) mid-run too."""
+    the same tokens for a seed; a tree policy switching trees (and graphs) mid-run too, and the
+    online policy (timed by CUDA events)."""
     from tiny_models import save_random_heads
 
     from medusa_kernels.policy import TreePolicy
@@ -234,6 +235,10 @@ def test_exact_sampling_in_cuda_graphs_is_plain_sampling(tmp_path, sampling):
     ref = generate(model, ids, medusa=False, eos_token_id=eos, **kw)
     got = generate(model, ids, tree=policy, eos_token_id=eos, cuda_graph=True, **kw)
     assert got.tokens == ref.tokens
+    # the online policy (the default): it switches between captured steps as it measures
+    for graph in (True, False):
+        got = generate(model, ids, eos_token_id=eos, cuda_graph=graph, **kw)
+        assert got.tokens == ref.tokens and got.tree == "online"
 
 
 def online(world):
