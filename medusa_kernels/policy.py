@@ -370,17 +370,19 @@ class OnlinePolicy:
       the one on p was a hit, the others misses. A tree's expected tokens per step: 1 + the sum
       over its paths of prod_i est[i][r_i] (heads independent, as calibration assumes).
     - step cost per (tree, rows): an exponential average (weight ``alpha``) of the measured
-      seconds; a (tree, rows) not yet measured: its prior cost (the table's ``step_ms``,
-      interpolated in nodes and batch; without a table a generic model, linear in rows x
-      nodes) times the mean ratio measured / prior of the steps of its kind (plain or Medusa)
-      already measured: the prior gives the shape, the measurements the scale.
+      seconds; a (tree, rows) not yet measured: the same tree's time at the nearest rows it
+      was timed at, scaled as its prior cost scales between the two, else its prior cost
+      times the mean ratio measured / prior of the steps of its kind (plain or Medusa) already
+      timed. The prior cost: the table's ``step_ms``, interpolated in nodes and batch; without
+      a table a generic model, linear in rows x nodes. The prior gives the shape, the
+      measurements the scale.
 
     ``choose(batch)``: the candidate of highest expected tokens per second at ``batch`` rows,
     keeping the previous choice while it is within ``tolerance`` of the best (timing noise
-    does not flip trees). Exploration: the best candidate not yet timed at this batch (else,
-    while plain steps win, the best Medusa tree) is taken instead once the steps since the
-    last exploration have cost enough that its expected loss is at most ``explore`` (2%) of
-    that time: every tree gets timed, and speculation is
+    does not flip trees). Exploration: the best candidate not yet timed within 25% of this
+    batch (else, while plain steps win, the best Medusa tree) is taken instead once the steps
+    since the last exploration have cost enough that its expected loss is at most
+    ``explore`` (2%) of that time: every tree gets timed, and speculation is
     tried again now and then and taken up when it pays; a cheap tree is retried often, a
     dear one seldom. The choice is deterministic given the observations (no random numbers).
 
@@ -472,6 +474,7 @@ class OnlinePolicy:
         self._index = {t: i for i, t in enumerate(cands)}
         self._expected: list[float] | None = None
         self.cost: dict[tuple[int, int], float] = {}  # (candidate, rows) -> seconds
+        self._timed: dict[int, set[int]] = {}  # candidate -> the rows it was timed at
         self._ratio: dict[bool, float] = {}  # medusa? -> measured / prior cost
         self._idle = 0.0  # seconds of steps since the last exploration
         self._explored = False  # choose returned an exploration step
@@ -525,8 +528,24 @@ class OnlinePolicy:
         i = self._index[tree]
         if (i, rows) in self.cost:
             return self.cost[(i, rows)]
+        near = self._nearest(i, rows)
+        if near is not None:  # the same tree timed at other rows, scaled as the prior scales
+            return self.cost[(i, near)] * self.prior_cost(tree, rows) / \
+                self.prior_cost(tree, near)
         ratio = self._ratio.get(bool(tree), self._ratio.get(not tree, 1.0))
         return self.prior_cost(tree, rows) * ratio
+
+    def _nearest(self, i: int, rows: int) -> int | None:
+        """The rows candidate ``i`` was timed at closest to ``rows`` (in ratio), or None."""
+        timed = self._timed.get(i)
+        if not timed:
+            return None
+        return min(timed, key=lambda r: abs(math.log(r / rows)))
+
+    def _timed_near(self, i: int, rows: int) -> bool:
+        """Whether candidate ``i`` was timed at rows within 25% of ``rows``."""
+        near = self._nearest(i, rows)
+        return near is not None and abs(near - rows) <= 0.25 * rows
 
     def rate(self, tree: Tree, rows: int) -> float:
         """Expected tokens per second per row."""
@@ -549,9 +568,9 @@ class OnlinePolicy:
             best = min((i for i in range(n) if rates[i] >= near),
                        key=lambda i: len(self.candidates[i]))
         self._explored = False
-        if self.explore > 0:  # the best tree not yet timed at this batch, else (while plain
+        if self.explore > 0:  # the best tree not yet timed near this batch, else (while plain
             # steps win) the best Medusa tree, once the budget pays for its expected loss
-            pool = [i for i in range(n) if i != best and (i, batch) not in self.cost]
+            pool = [i for i in range(n) if i != best and not self._timed_near(i, batch)]
             if not pool and best == 0:
                 pool = list(range(1, n))
             if pool:
@@ -581,6 +600,7 @@ class OnlinePolicy:
             key = (i, batch)
             old = self.cost.get(key)
             self.cost[key] = seconds if old is None else old + self.alpha * (seconds - old)
+            self._timed.setdefault(i, set()).add(batch)
             ratio = seconds / self.prior_cost(tree, batch)
             kind = bool(tree)
             old = self._ratio.get(kind)
