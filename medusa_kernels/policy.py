@@ -369,13 +369,14 @@ class OnlinePolicy:
       that accepted path p tested, at each depth i <= len(p), every child of p[:i] in the tree:
       the one on p was a hit, the others misses. A tree's expected tokens per step: 1 + the sum
       over its paths of prod_i est[i][r_i] (heads independent, as calibration assumes).
-    - step cost per (tree, rows): an exponential average (weight ``alpha``) of the measured
-      seconds; a (tree, rows) not yet measured: the same tree's time at the nearest rows it
-      was timed at, scaled as its prior cost scales between the two, else its prior cost
-      times the mean ratio measured / prior of the steps of its kind (plain or Medusa) already
-      timed. The prior cost: the table's ``step_ms``, interpolated in nodes and batch; without
-      a table a generic model, linear in rows x nodes. The prior gives the shape, the
-      measurements the scale.
+    - step cost per (tree, rows): the prior cost (the table's ``step_ms``, interpolated in
+      nodes and batch; without a table a generic model, linear in rows x nodes) times the
+      mean ratio measured / prior of the steps of its kind (plain or Medusa) timed so far,
+      weighed (``prior_weight`` steps' worth: 10 with a table's times, 0 without) against an
+      exponential average (weight ``alpha``; a time over 1.5x the average counts as 1.5x:
+      noise only slows) of the tree's own times at these rows, or at the nearest rows it
+      was timed at, scaled as its prior cost scales. The prior gives the shape, the
+      measurements the scale, and the tree's own times the rest once there are enough.
 
     ``choose(batch)``: the candidate of highest expected tokens per second at ``batch`` rows,
     keeping the previous choice while it is within ``tolerance`` of the best (timing noise
@@ -412,7 +413,8 @@ class OnlinePolicy:
         device: str = "cpu",
         prior_strength: float = 2.0,
         decay: float = 0.8,
-        alpha: float = 0.25,
+        alpha: float = 0.1,
+        prior_weight: float | None = None,
         tolerance: float = 0.03,
         explore: float = 0.02,
         step_cost=None,
@@ -434,6 +436,9 @@ class OnlinePolicy:
         self.name, self.num_heads, self.device = str(name), num_heads, str(device)
         self.table, self.step_cost = table, step_cost
         self.decay, self.alpha = float(decay), float(alpha)
+        if prior_weight is not None and (isinstance(prior_weight, bool) or not isinstance(
+                prior_weight, (int, float)) or not 0 <= prior_weight < math.inf):
+            raise ValueError(f"prior_weight must be a number >= 0 or None, got {prior_weight!r}")
         self.tolerance, self.explore = float(tolerance), float(explore)
         width = 1 + max((r for t in trees for p in t for r in p), default=0)
         if accuracies is None:
@@ -475,6 +480,7 @@ class OnlinePolicy:
         self._expected: list[float] | None = None
         self.cost: dict[tuple[int, int], float] = {}  # (candidate, rows) -> seconds
         self._timed: dict[int, set[int]] = {}  # candidate -> the rows it was timed at
+        self._count: dict[tuple[int, int], int] = {}  # (candidate, rows) -> steps averaged
         self._ratio: dict[bool, float] = {}  # medusa? -> measured / prior cost
         self._idle = 0.0  # seconds of steps since the last exploration
         self._explored = False  # choose returned an exploration step
@@ -486,6 +492,10 @@ class OnlinePolicy:
         self._table_times = table is not None and all(
             any("step_ms" in r.info and bool(r.tree) == kind for r in table.rows)
             for kind in (False, True))
+        # a table measured on the device is trusted; the generic model is a guess: a tree's
+        # first timing replaces it
+        self.prior_weight = float(prior_weight if prior_weight is not None else
+                                  10.0 if self._table_times else 0.0)
 
     # ---- estimates
     def estimate(self, k: int, r: int) -> float:
@@ -526,14 +536,18 @@ class OnlinePolicy:
     def step_seconds(self, tree: Tree, rows: int) -> float:
         """Estimated seconds of a step of ``tree`` at ``rows`` rows (module doc)."""
         i = self._index[tree]
-        if (i, rows) in self.cost:
-            return self.cost[(i, rows)]
-        near = self._nearest(i, rows)
-        if near is not None:  # the same tree timed at other rows, scaled as the prior scales
-            return self.cost[(i, near)] * self.prior_cost(tree, rows) / \
-                self.prior_cost(tree, near)
         ratio = self._ratio.get(bool(tree), self._ratio.get(not tree, 1.0))
-        return self.prior_cost(tree, rows) * ratio
+        prior = self.prior_cost(tree, rows) * ratio
+        near = self._nearest(i, rows)
+        if near is None:
+            return prior
+        # the tree's own times (at other rows: scaled as the prior scales), weighed against
+        # the prior by their count: ``prior_weight`` steps' worth for the prior
+        own = self.cost[(i, near)]
+        if near != rows:
+            own *= self.prior_cost(tree, rows) / self.prior_cost(tree, near)
+        n = self._count[(i, near)]
+        return (n * own + self.prior_weight * prior) / (n + self.prior_weight)
 
     def _nearest(self, i: int, rows: int) -> int | None:
         """The rows candidate ``i`` was timed at closest to ``rows`` (in ratio), or None."""
@@ -599,7 +613,10 @@ class OnlinePolicy:
         if seconds is not None and seconds > 0 and math.isfinite(seconds):
             key = (i, batch)
             old = self.cost.get(key)
+            if old is not None:  # noise only slows a step: an outlier counts as 1.5x
+                seconds = min(seconds, 1.5 * old)
             self.cost[key] = seconds if old is None else old + self.alpha * (seconds - old)
+            self._count[key] = min(self._count.get(key, 0) + 1, round(1 / self.alpha))
             self._timed.setdefault(i, set()).add(batch)
             ratio = seconds / self.prior_cost(tree, batch)
             kind = bool(tree)
