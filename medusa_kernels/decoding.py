@@ -21,9 +21,14 @@ across a draw). Everything stays on the device; the one host sync per step copie
 tokens out (streaming and the stop check).
 
 Which tree: a policy (``policy.py``) picks it before each step from the rows the step computes
-and the longest context; the empty tree is a plain decoding step. Finished sequences ride along
-(accepting nothing) until at most ``KEEP_FRACTION`` of the rows still run (90%; 50% with CUDA
-graphs, where a smaller batch means new captures); then their rows are dropped from the batch
+and the longest context; the empty tree is a plain decoding step. An online policy (one with
+``observe``: the default, ``OnlinePolicy``) is told after each step what it cost (CUDA events
+around the step, read after the step's own host copy, so no extra sync; on a CPU the process's
+CPU time with one thread) and the tree node each running row's accepted path ended at (one more
+column in that copy); the first call of a tree in a run (buffers, capture) is not timed.
+Finished sequences ride along (accepting nothing) until at most ``KEEP_FRACTION`` of the rows
+still run (90%; 50% with CUDA graphs, where a smaller batch means new captures); then their
+rows are dropped from the batch
 (the KV cache rows of the others copied once), so the step's cost and the policy's choice
 follow the load. Tree buffers are built, and on CUDA a step graph captured, at the first
 step that uses the tree (per batch of rows).
@@ -700,10 +705,10 @@ def generate(
         max_new_tokens, medusa, temperature, top_k, top_p, acceptance, posterior_threshold,
             posterior_alpha, tree, eos_token_id, seed, max_seq_len, cuda_graph: the
             ``GenerationConfig`` settings (see there; defaults 128, True, 0.0 = greedy, no
-            top-k, no top-p, "exact", 0.09, 0.3, the checkpoint's policy table or the device's
-            default tree, the checkpoint's EOS, unseeded, no limit, CUDA graphs on CUDA). A
-            value given here overrides ``config``'s; None keeps it. ``tree`` also takes a
-            policy table file or a ``TreePolicy``: the tree is then picked before each step.
+            top-k, no top-p, "exact", 0.09, 0.3, the online tree policy, the checkpoint's EOS,
+            unseeded, no limit, CUDA graphs on CUDA). A value given here overrides
+            ``config``'s; None keeps it. ``tree`` also takes "online", "table", "fixed", a
+            policy table file or a policy object: the tree is then picked before each step.
         config: a ``GenerationConfig`` holding the settings (default: ``GenerationConfig()``).
         stream: return a ``GenerationStream`` yielding, after prefill and every step, a
             ``StreamStep``: the list of new tokens of each sequence, with ``.text`` (the new
