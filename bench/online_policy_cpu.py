@@ -57,7 +57,7 @@ def main() -> None:
     with open(args.prompts) as f:
         prompts = [json.loads(line)["input_ids"] for line in f][: args.n]
     modes = {"plain": dict(medusa=False)}
-    for name in args.fixed.split(","):
+    for name in filter(None, args.fixed.split(",")):
         modes[name] = dict(tree=CHAINS.get(name, name))
     modes["online"] = {}
     runs: dict[str, list[float]] = {m: [] for m in modes}
@@ -84,7 +84,7 @@ def main() -> None:
                   f"trees {trees}", flush=True)
     identical = {m: outputs[m] == outputs["plain"] for m in modes}
     best = {m: max(v) for m, v in runs.items()}
-    faster = max(v for m, v in best.items() if m != "online")
+    faster = max(v for m, v in best.items() if m != "online")  # plain or a fixed tree
     summary = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
