@@ -23,9 +23,9 @@ tokens out (streaming and the stop check).
 Which tree: a policy (``policy.py``) picks it before each step from the rows the step computes
 and the longest context; the empty tree is a plain decoding step. An online policy (one with
 ``observe``: the default, ``OnlinePolicy``) is told after each step what it cost (CUDA events
-around the step, read after the step's own host copy, so no extra sync; on a CPU the process's
-CPU time with one thread) and the tree node each running row's accepted path ended at (one more
-column in that copy); the first call of a tree in a run (buffers, capture) is not timed.
+around the step, read after the step's own host copy, so no extra sync; on a CPU the thread's
+CPU time with one torch thread) and the tree node each running row's accepted path ended at
+(one more column in that copy); buffers and captures are made before the timer starts.
 Finished sequences ride along (accepting nothing) until at most ``KEEP_FRACTION`` of the rows
 still run (90%; 50% with CUDA graphs, where a smaller batch means new captures); then their
 rows are dropped from the batch
@@ -592,9 +592,11 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
             context = max(len(plan.prompts[b]) + len(stop.tokens[b]) for b in rows.index
                           if not stop.done[b])
             tree = tuple(tuple(p) for p in plan.policy.choose(len(rows.index), context))
-            first = tree not in steps  # its first call (buffers, capture, compilation): untimed
-            if first:
+            first = tree not in steps
+            if first:  # buffers, and the graph's capture, before the step's timer starts
                 steps[tree] = step_for(tree, rows)
+            # an eager first call on CUDA compiles Triton kernels: not timed
+            untimed = first and device.type == "cuda" and not use_graph
             if timer is not None:
                 timer.start()
             if propose is not None and tree:  # host code: eager, on the full batch
@@ -620,7 +622,7 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
                 new[b], accepted[b] = row[:n], row[n]
             if observe is not None:
                 leaves = [row[n + 1] for row in host if row[n] > 0] if tree else None
-                observe(tree, len(rows.index), None if first else timer.seconds(), leaves)
+                observe(tree, len(rows.index), None if untimed else timer.seconds(), leaves)
             result.steps += 1
             result.accepted_per_step.append(accepted)
             result.step_trees.append(tree)
@@ -632,16 +634,16 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
 
 class _StepTimer:
     """A step's time for the online policy, with no sync of its own: CUDA events around the
-    step on a GPU, read after the step's host copy (which has waited for them); on a CPU the
-    process's CPU time with one torch thread (what other processes hardly change), else the
-    wall clock."""
+    step on a GPU, read after the step's host copy (which has waited for them); on a CPU with
+    one torch thread the CPU time of this thread, which computes the step (other processes,
+    and other threads of this one, hardly change it), else the wall clock."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.events = (torch.cuda.Event(enable_timing=True),
                            torch.cuda.Event(enable_timing=True))
-        self.clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+        self.clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
     def start(self) -> None:
         if self.cuda:

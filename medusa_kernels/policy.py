@@ -364,8 +364,9 @@ class OnlinePolicy:
 
     - acceptance per head k and rank r: the probability that head k's rank-r guess is accepted
       given that its parent path was; Beta-like counts (hits, trials) started at
-      ``prior_strength`` x the prior accuracy (``accuracies``: a calibrated tree's, else
-      ``generic_accuracies``), decayed by ``decay`` at each step that observes them. A row
+      ``prior_strength`` (20 observations for a calibrated tree's ``accuracies``, 2 for
+      ``generic_accuracies``) x the prior accuracy, each observation decaying the older ones
+      by ``decay`` (0.99: the last ~100 observations count). A row
       that accepted path p tested, at each depth i <= len(p), every child of p[:i] in the tree:
       the one on p was a hit, the others misses. A tree's expected tokens per step: 1 + the sum
       over its paths of prod_i est[i][r_i] (heads independent, as calibration assumes).
@@ -395,9 +396,9 @@ class OnlinePolicy:
     deterministic (tests, simulations).
 
     The loop (``decoding._decode``) calls ``observe(tree, rows, seconds, leaves)`` after each
-    step: ``seconds`` the step's time (None: not timed, e.g. its first call), ``leaves`` the
-    node index (0 = the root, i + 1 = the tree's path i) each running row's accepted path
-    ended at (None for a plain step).
+    step: ``seconds`` the step's time (None: not timed, e.g. an eager first call on CUDA,
+    which compiles kernels), ``leaves`` the node index (0 = the root, i + 1 = the tree's path
+    i) each running row's accepted path ended at (None for a plain step).
     """
 
     def __init__(
@@ -411,8 +412,8 @@ class OnlinePolicy:
         max_nodes: int = 63,
         vocab_size: int | None = None,
         device: str = "cpu",
-        prior_strength: float = 2.0,
-        decay: float = 0.8,
+        prior_strength: float | None = None,
+        decay: float = 0.99,
         alpha: float = 0.1,
         prior_weight: float | None = None,
         tolerance: float = 0.03,
@@ -421,7 +422,8 @@ class OnlinePolicy:
         name: str = "online",
     ):
         _check_count(num_heads, "num_heads", 1)
-        for what, v, lo, hi in (("prior_strength", prior_strength, 0.0, math.inf),
+        for what, v, lo, hi in (("prior_strength", 1.0 if prior_strength is None else
+                                 prior_strength, 0.0, math.inf),
                                 ("decay", decay, 0.0, 1.0), ("alpha", alpha, 0.0, 1.0)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi:
                 raise ValueError(f"{what} must be a number in ({lo}, {hi}], got {v!r}")
@@ -441,7 +443,8 @@ class OnlinePolicy:
             raise ValueError(f"prior_weight must be a number >= 0 or None, got {prior_weight!r}")
         self.tolerance, self.explore = float(tolerance), float(explore)
         width = 1 + max((r for t in trees for p in t for r in p), default=0)
-        if accuracies is None:
+        generic = accuracies is None
+        if generic:
             accuracies = generic_accuracies(num_heads, max(10, width))
         acc = [[float(a) for a in row] for row in accuracies][:num_heads]
         if not acc or any(not row or not all(0 <= a <= 1 for a in row) for row in acc):
@@ -465,7 +468,10 @@ class OnlinePolicy:
         R = max(ranks, 1 + max((r for t in cands for p in t for r in p), default=0))
         self.prior = [[(row[r] if r < len(row) else 0.0) for r in range(R)]
                       for row in acc] + [[0.0] * R for _ in range(num_heads - len(acc))]
-        s = float(prior_strength)
+        # a measured prior (a calibrated tree's accuracies) counts as 20 observations, the
+        # generic one as 2
+        s = float(prior_strength if prior_strength is not None else
+                  2.0 if generic else 20.0)
         self.hits = [[s * p for p in row] for row in self.prior]
         self.trials = [[s] * R for _ in self.prior]
         # per candidate: its paths, and per node its children's ranks
@@ -642,9 +648,10 @@ class OnlinePolicy:
                     trials[(d, r)] = trials.get((d, r), 0.0) + 1
                     if r == on:
                         hits[(d, r)] = hits.get((d, r), 0.0) + 1
-        for (d, r), n in trials.items():
-            self.hits[d][r] = self.decay * self.hits[d][r] + hits.get((d, r), 0.0)
-            self.trials[d][r] = self.decay * self.trials[d][r] + n
+        for (d, r), n in trials.items():  # each observation decays the older ones
+            g = self.decay**n
+            self.hits[d][r] = g * self.hits[d][r] + hits.get((d, r), 0.0)
+            self.trials[d][r] = g * self.trials[d][r] + n
         self._expected = None
 
     def trees(self) -> list[Tree]:

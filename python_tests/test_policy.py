@@ -438,8 +438,8 @@ def test_observations_move_the_node_estimates():
     (hit); a row that accepted nothing tested head 0 rank 0 (miss)."""
     policy = OnlinePolicy(3, accuracies=ACC, trees=[SMALL], step_cost=cpu_cost, sizes=(),
                           prior_strength=2.0, decay=0.5)
-    policy.observe(SMALL, 2, None, [2, 0])
-    assert policy.hits[0][0] == pytest.approx(0.5 * 1.4 + 1) and policy.trials[0][0] == 3.0
+    policy.observe(SMALL, 2, None, [2, 0])  # head 0 rank 0: 2 observations, head 1: 1
+    assert policy.hits[0][0] == pytest.approx(0.25 * 1.4 + 1) and policy.trials[0][0] == 2.5
     assert policy.hits[1][0] == pytest.approx(0.5 * 1.2 + 1) and policy.trials[1][0] == 2.0
     assert policy.trials[0][1] == 2.0  # rank 1 is not in SMALL: untouched
     before = policy.expected(SMALL)
