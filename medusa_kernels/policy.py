@@ -373,7 +373,7 @@ class OnlinePolicy:
     - step cost per (tree, rows): the prior cost (the table's ``step_ms``, interpolated in
       nodes and batch; without a table a generic model, linear in rows x nodes) times the
       mean ratio measured / prior of the steps of its kind (plain or Medusa) timed so far,
-      weighed (``prior_weight`` steps' worth: 10 with a table's times, 0 without) against an
+      weighed (``prior_weight`` steps' worth: 3 with a table's times, 0 without) against an
       exponential average (weight ``alpha``; a time over 1.5x the average counts as 1.5x:
       noise only slows) of the tree's own times at these rows, or at the nearest rows it
       was timed at, scaled as its prior cost scales. The prior gives the shape, the
@@ -501,7 +501,7 @@ class OnlinePolicy:
         # a table measured on the device is trusted; the generic model is a guess: a tree's
         # first timing replaces it
         self.prior_weight = float(prior_weight if prior_weight is not None else
-                                  10.0 if self._table_times else 0.0)
+                                  3.0 if self._table_times else 0.0)
 
     # ---- estimates
     def estimate(self, k: int, r: int) -> float:
