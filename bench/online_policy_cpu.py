@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()  # the code this run imports
     heads = args.heads
     if heads == "fresh":
         base = load_model(args.model, dtype=torch.float32)
@@ -90,8 +92,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"1 torch thread, load {os.getloadavg()[0]:.1f}",
         "torch": torch.__version__,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": commit,
         "args": vars(args), "runs": runs, "best": best, "info": info, "identical": identical,
         "online_vs_plain_best": best["online"] / best["plain"],
         "online_vs_faster_best": best["online"] / faster,
