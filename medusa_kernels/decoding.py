@@ -21,9 +21,14 @@ across a draw). Everything stays on the device; the one host sync per step copie
 tokens out (streaming and the stop check).
 
 Which tree: a policy (``policy.py``) picks it before each step from the rows the step computes
-and the longest context; the empty tree is a plain decoding step. Finished sequences ride along
-(accepting nothing) until at most ``KEEP_FRACTION`` of the rows still run (90%; 50% with CUDA
-graphs, where a smaller batch means new captures); then their rows are dropped from the batch
+and the longest context; the empty tree is a plain decoding step. An online policy (one with
+``observe``: the default, ``OnlinePolicy``) is told after each step what it cost (CUDA events
+around the step, read after the step's own host copy, so no extra sync; on a CPU the thread's
+CPU time with one torch thread) and the tree node each running row's accepted path ended at
+(one more column in that copy); buffers and captures are made before the timer starts.
+Finished sequences ride along (accepting nothing) until at most ``KEEP_FRACTION`` of the rows
+still run (90%; 50% with CUDA graphs, where a smaller batch means new captures); then their
+rows are dropped from the batch
 (the KV cache rows of the others copied once), so the step's cost and the policy's choice
 follow the load. Tree buffers are built, and on CUDA a step graph captured, at the first
 step that uses the tree (per batch of rows).
@@ -34,7 +39,10 @@ depends on the model: prompt ids, EOS, trees, positions), then runs ``_decode``.
 
 from __future__ import annotations
 
+import json
+import os
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -57,7 +65,7 @@ from .ops.sampling import (
     seed_keys,
     sequence_seeds,
 )
-from .policy import FixedTreePolicy, Tree, TreePolicy, policy_label
+from .policy import FixedTreePolicy, OnlinePolicy, Tree, TreePolicy, policy_label
 from .text import IncrementalDetokenizer, prompt_token_lists
 from .tree import (
     TreeBuffers,
@@ -80,7 +88,8 @@ class GenerationResult:
     """New tokens per sequence (prompt excluded), their text, and step statistics.
 
     ``text``: the new tokens of each sequence decoded (special tokens skipped) when the model
-    has a tokenizer, else None. ``tree``: the tree used ("plain" without Medusa).
+    has a tokenizer, else None. ``tree``: the tree or policy used ("plain" without Medusa,
+    "online" for the online policy, a table's file name, a tree's name).
     ``pad_token_id``: the checkpoint's pad id (else its EOS, else 0), for ``padded``.
     ``step_trees``: the tree each step verified (paths in ``validate_choices`` order; ``()``: a
     plain decoding step); ``step_nodes`` their node counts.
@@ -99,6 +108,14 @@ class GenerationResult:
     @property
     def step_nodes(self) -> list[int]:
         return [len(t) + 1 for t in self.step_trees]
+
+    @property
+    def tree_steps(self) -> dict[int, int]:
+        """Steps per tree size: {nodes: steps} (1: plain steps), by size."""
+        counts: dict[int, int] = {}
+        for n in self.step_nodes:
+            counts[n] = counts.get(n, 0) + 1
+        return dict(sorted(counts.items()))
 
     @property
     def num_tokens(self) -> int:
@@ -196,12 +213,14 @@ def plain_step(model, tb, cache, root, last_hidden, running, config: GenerationC
 
 
 def medusa_step(model, tb, cache, root, last_hidden, running, config: GenerationConfig = GREEDY,
-                generator=None, guesses=None, keys=None):
+                generator=None, guesses=None, keys=None, leaves: bool = False):
     """One Medusa step (see the module doc); ``guesses`` [B, K, k] replaces the heads' top-k;
     ``keys`` as ``plain_step``.
 
     Returns (new_tokens [B, A]: the first counts[b] are new, counts [B] int32 (0 for finished
-    sequences), next root [B], its hidden state [B, d]). Compacts the cache.
+    sequences), next root [B], its hidden state [B, d]), and with ``leaves`` also the tree node
+    each accepted path ended at [B] int64 (0: the root; what an online policy learns from).
+    Compacts the cache.
     """
     B = root.shape[0]
     if guesses is None:
@@ -244,6 +263,8 @@ def medusa_step(model, tb, cache, root, last_hidden, running, config: Generation
     next_hidden = h.gather(1, node[:, :, None].expand(B, 1, h.shape[-1]))[:, 0]
     counts = torch.where(running, counts, 0)
     compact_kv_cache(cache.k, cache.v, cache.seqlens, path, counts)
+    if leaves:  # the last accepted node of each row
+        return new_tokens, counts, next_root, next_hidden, node[:, 0]
     return new_tokens, counts, next_root, next_hidden
 
 
@@ -304,23 +325,73 @@ class _Plan:
     tokenizer: object | None
 
 
-def _policy(model: MedusaModel, config: GenerationConfig) -> tuple[object, str]:
-    """(policy, label) of the settings: plain decoding, a policy (given, or shipped for the
-    device), or one tree (given whole, or the device's default cut to the model)."""
+# the online policies of each model's heads, per sampling setting: their estimates carry over
+# from one generate call to the next (as a server's would), and go with the heads
+_ONLINE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fixed(model: MedusaModel) -> tuple[FixedTreePolicy, str]:
+    """The device's default tree (a checkpoint's calibrated tree, else small_7 on a CPU and
+    mc_sim_7b_63 on a GPU), cut to the heads and the vocabulary."""
     num_heads = model.heads.num_heads if model.heads is not None else None
     V = model.heads.draft_vocab if model.heads is not None else model.base.cfg.vocab_size
+    source = default_tree(model.device, model.model_dir)
+    choices = fit_choices(load_tree(source), num_heads, V)
+    return FixedTreePolicy(choices), tree_label(source)
+
+
+def online_policy(model: MedusaModel, **kwargs) -> OnlinePolicy:
+    """A fresh ``OnlinePolicy`` for ``model``'s heads, its prior what the checkpoint ships for
+    the device: the policy table's trees and step times (``tree.default_policy_file``), the
+    calibrated tree's head accuracies (``tree.default_tree``), the default tree as a
+    candidate; without them a generic prior. ``kwargs`` go to ``OnlinePolicy``."""
+    if model.heads is None:
+        raise ValueError("an online tree policy needs Medusa heads: load_model(..., medusa=DIR)")
+    device, model_dir = model.device, model.model_dir
+    table_file = default_policy_file(device, model_dir)
+    table = TreePolicy.load(table_file) if table_file is not None else None
+    source = default_tree(device, model_dir)
+    accuracies = None
+    if os.path.isfile(source):
+        with open(source) as f:
+            data = json.load(f)
+        if isinstance(data, dict) and isinstance(data.get("accuracies"), list):
+            accuracies = data["accuracies"]
+    fixed, _ = _fixed(model)
+    return OnlinePolicy(model.heads.num_heads, accuracies=accuracies, table=table,
+                        trees=[fixed.tree], vocab_size=model.heads.draft_vocab,
+                        device=device.type, **kwargs)
+
+
+def _policy(model: MedusaModel, config: GenerationConfig, propose=None) -> tuple[object, str]:
+    """(policy, label) of the settings: plain decoding, a policy object or table file given,
+    a policy by name (``POLICY_NAMES``; None: "online"), or one tree given whole."""
     if not config.medusa:
         return FixedTreePolicy([]), "plain"
     if config.tree_policy is not None:
         return config.tree_policy, policy_label(config.tree_policy)
-    if config.tree is None:
+    name = "online" if config.tree is None else config.tree
+    if name == "table":
         shipped = default_policy_file(model.device, model.model_dir)
-        if shipped is not None:  # a table measured for this checkpoint on such a device
-            policy = TreePolicy.load(shipped)
-            return policy, policy_label(policy)
-        source_tree = default_tree(model.device, model.model_dir)  # cut to the heads and V
-        return FixedTreePolicy(fit_choices(load_tree(source_tree), num_heads, V)), \
-            tree_label(source_tree)
+        if shipped is None:
+            raise ValueError(f"tree='table': {model.model_dir} ships no tree policy table for "
+                             f"{model.device.type} (tree calibrate --nodes auto --batches ... "
+                             "writes one); use tree='online' or a tree")
+        policy = TreePolicy.load(shipped)
+        return policy, policy_label(policy)
+    if name == "fixed":
+        return _fixed(model)
+    if name == "online":
+        if model.heads is None:  # propose without heads: the default tree
+            return _fixed(model)
+        if propose is not None:  # test guesses: a fresh policy, not the heads' estimates
+            return online_policy(model), "online"
+        key = (config.temperature, config.top_k, config.top_p,
+               config.acceptance if not config.greedy else None, config.cuda_graph)
+        policies = _ONLINE.setdefault(model.heads, {})
+        if key not in policies:
+            policies[key] = online_policy(model)
+        return policies[key], "online"
     return FixedTreePolicy(config.tree_choices), tree_label(config.tree)
 
 
@@ -355,7 +426,7 @@ def _plan(model: MedusaModel, prompt, config: GenerationConfig, propose) -> _Pla
         raise ValueError("medusa=True needs Medusa heads: load_model(..., medusa=DIR), or "
                          "medusa=False for plain decoding")
     num_heads = model.heads.num_heads if model.heads is not None else None
-    policy, label = _policy(model, config)
+    policy, label = _policy(model, config, propose)
     trees = frozenset(tuple(tuple(int(r) for r in p) for p in t) for t in policy.trees())
     if not trees:
         raise ValueError(f"tree policy {label!r}: trees() lists no tree")
@@ -492,6 +563,9 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
 
     buffers: dict[Tree, TreeBuffers] = {}
     steps: dict[Tree, object] = {}  # per tree: the step on the current rows (eager or a graph)
+    # an online policy learns from each step: its time and each row's accepted tree node
+    observe = getattr(plan.policy, "observe", None)
+    timer = _StepTimer(device) if observe is not None else None
 
     def step_for(tree: Tree, rows: _Rows):
         if tree not in plan.trees:  # the cache is sized for plan.trees only
@@ -507,7 +581,7 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
         else:
             def fn(root, last_hidden, running, guesses=None):
                 return medusa_step(model, tb, cache, root, last_hidden, running, config,
-                                   generator, guesses, keys)
+                                   generator, guesses, keys, leaves=observe is not None)
         if use_graph:
             return CapturedStep(fn, rows.root, rows.last_hidden, rows.running,
                                 generator if typical else None)
@@ -534,8 +608,13 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
             context = max(len(plan.prompts[b]) + len(stop.tokens[b]) for b in rows.index
                           if not stop.done[b])
             tree = tuple(tuple(p) for p in plan.policy.choose(len(rows.index), context))
-            if tree not in steps:
+            first = tree not in steps
+            if first:  # buffers, and the graph's capture, before the step's timer starts
                 steps[tree] = step_for(tree, rows)
+            # an eager first call on CUDA compiles Triton kernels: not timed
+            untimed = first and device.type == "cuda" and not use_graph
+            if timer is not None:
+                timer.start()
             if propose is not None and tree:  # host code: eager, on the full batch
                 guesses = propose(*_full_batch(rows, B, stop))
                 guesses = _checked_guesses(guesses, B, buffers[tree], base.cfg.vocab_size,
@@ -545,12 +624,21 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
                 out = steps[tree](rows.root, rows.last_hidden, rows.running, guesses)
             else:
                 out = steps[tree](rows.root, rows.last_hidden, rows.running)
-            new_tokens, counts, rows.root, rows.last_hidden = out
-            host = torch.cat([new_tokens, counts[:, None].to(new_tokens.dtype)], 1).tolist()
+            new_tokens, counts, rows.root, rows.last_hidden = out[:4]
+            if timer is not None:
+                timer.stop()
+            extra = [counts[:, None].to(new_tokens.dtype)]
+            if len(out) > 4:  # the accepted leaf per row, for the online policy
+                extra.append(out[4][:, None].to(new_tokens.dtype))
+            host = torch.cat([new_tokens, *extra], 1).tolist()  # the step's one sync
             new: list[list[int]] = [[] for _ in range(B)]
             accepted = [0] * B
+            n = new_tokens.shape[1]
             for row, b in zip(host, rows.index, strict=True):
-                new[b], accepted[b] = row[:-1], row[-1]
+                new[b], accepted[b] = row[:n], row[n]
+            if observe is not None:
+                leaves = [row[n + 1] for row in host if row[n] > 0] if tree else None
+                observe(tree, len(rows.index), None if untimed else timer.seconds(), leaves)
             result.steps += 1
             result.accepted_per_step.append(accepted)
             result.step_trees.append(tree)
@@ -558,6 +646,38 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
     result.wall_time = time.perf_counter() - start
     if plan.tokenizer is not None:
         result.text = [plan.tokenizer.decode(t, skip_special_tokens=True) for t in stop.tokens]
+
+
+class _StepTimer:
+    """A step's time for the online policy, with no sync of its own: CUDA events around the
+    step on a GPU, read after the step's host copy (which has waited for them); on a CPU with
+    one torch thread the CPU time of this thread, which computes the step (other processes,
+    and other threads of this one, hardly change it), else the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.events = (torch.cuda.Event(enable_timing=True),
+                           torch.cuda.Event(enable_timing=True))
+        self.clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+    def start(self) -> None:
+        if self.cuda:
+            self.events[0].record()
+        else:
+            self.t0 = self.clock()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.events[1].record()
+        else:
+            self.t1 = self.clock()
+
+    def seconds(self) -> float:
+        """After the step's sync: its seconds."""
+        if self.cuda:
+            return self.events[0].elapsed_time(self.events[1]) / 1e3
+        return self.t1 - self.t0
 
 
 def _full_batch(rows: _Rows, batch: int, stop: _Stop):
@@ -607,10 +727,10 @@ def generate(
         max_new_tokens, medusa, temperature, top_k, top_p, acceptance, posterior_threshold,
             posterior_alpha, tree, eos_token_id, seed, max_seq_len, cuda_graph: the
             ``GenerationConfig`` settings (see there; defaults 128, True, 0.0 = greedy, no
-            top-k, no top-p, "exact", 0.09, 0.3, the checkpoint's policy table or the device's
-            default tree, the checkpoint's EOS, unseeded, no limit, CUDA graphs on CUDA). A
-            value given here overrides ``config``'s; None keeps it. ``tree`` also takes a
-            policy table file or a ``TreePolicy``: the tree is then picked before each step.
+            top-k, no top-p, "exact", 0.09, 0.3, the online tree policy, the checkpoint's EOS,
+            unseeded, no limit, CUDA graphs on CUDA). A value given here overrides
+            ``config``'s; None keeps it. ``tree`` also takes "online", "table", "fixed", a
+            policy table file or a policy object: the tree is then picked before each step.
         config: a ``GenerationConfig`` holding the settings (default: ``GenerationConfig()``).
         stream: return a ``GenerationStream`` yielding, after prefill and every step, a
             ``StreamStep``: the list of new tokens of each sequence, with ``.text`` (the new

@@ -8,11 +8,11 @@
 The prompt is encoded and the output decoded with the model dir's tokenizer.json
 (``tokenizers``; a GGUF file: the tokenizer its metadata describes); without one, pass
 ``--input-ids`` and token ids are printed. ``--chat TEXT`` sends TEXT as one user message
-through the checkpoint's chat template and prints the reply. The tree, EOS and
-every other default are ``generate``'s (the device's default tree: a checkpoint's calibrated
-tree, else mc_sim_7b_63 on a GPU and small_7 on a CPU; the checkpoint's EOS). Ends with
-tokens/s, steps and mean accepted tokens. A bad argument or file: one line, exit status 2
-(``--debug`` shows the traceback).
+through the checkpoint's chat template and prints the reply. The tree, EOS and every other
+default are ``generate``'s (the online tree policy, which measures each step and picks the tree,
+or a plain step, of highest expected tokens/s; the checkpoint's EOS). Ends with tokens/s, steps,
+mean accepted tokens and the trees that ran (nodes: steps). A bad argument or file: one line,
+exit status 2 (``--debug`` shows the traceback).
 
 A model without heads: when Medusa was not asked for (no ``--medusa``, ``--tree``,
 ``--acceptance``, ``--posterior-*``), it decodes plainly after a one-line note; when it was, the
@@ -78,11 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--posterior-threshold", type=float, default=None, help="default 0.09")
     p.add_argument("--posterior-alpha", type=float, default=None, help="default 0.3")
     p.add_argument("--tree", default=None,
-                   help="tree name (medusa_kernels.tree.TREES), tree JSON file, or tree policy "
-                        "table (tree calibrate --batches: the tree per batch size); default: the "
-                        "checkpoint's policy table for the device, else the device's tree (the "
-                        "checkpoint's calibrated tree, else mc_sim_7b_63 on a GPU, small_7 on a "
-                        "CPU)")
+                   help="online (default: measures each step, picks the tree or a plain step of "
+                        "highest expected tokens/s, the checkpoint's table or calibrated tree its "
+                        "prior), table (the checkpoint's policy table for the device), fixed (the "
+                        "device's tree: the checkpoint's calibrated tree, else mc_sim_7b_63 on a "
+                        "GPU, small_7 on a CPU), a tree name (medusa_kernels.tree.TREES), a tree "
+                        "JSON file, or a tree policy table file")
     p.add_argument("--eos-token-id", default=None,
                    help="comma-separated ids that end generation, or 'none' (default: the "
                         "checkpoint's, from generation_config.json or config.json)")
@@ -223,7 +224,10 @@ def _print_stream(model, args, config, ids, threads: int) -> None:
         elif step[0]:
             print(" ".join(map(str, step[0])), end=" ", flush=True, file=shown)
     r = stream.result
-    mode = f"medusa, tree {r.tree}" if config.medusa else "plain"
+    mode = "plain"
+    if config.medusa:  # which trees ran: nodes: steps (1 node: a plain step)
+        mode = f"medusa, tree {r.tree} (" + ", ".join(
+            f"{n} nodes: {s}" for n, s in r.tree_steps.items()) + " steps)"
     if model.tp.world > 1:
         mode += f", {model.tp.world}-way tensor parallel"
     print(

@@ -105,11 +105,11 @@ def check_tree(value: Any):
     """A tree name, a JSON file (str or PathLike: a tree, or a policy table), a list of paths or
     a policy object -> (tree as stored, its paths or None, its policy or None), loaded and
     checked now; None (the checkpoint's or the device's default) passes."""
-    from .policy import TreePolicy, is_policy, is_table_file
+    from .policy import POLICY_NAMES, TreePolicy, is_policy, is_table_file
     from .tree import load_tree, validate_choices
 
-    if value is None:
-        return None, None, None
+    if value is None or (isinstance(value, str) and value in POLICY_NAMES):
+        return value, None, None
     if is_policy(value):
         return value, None, value
     if isinstance(value, os.PathLike):
@@ -169,14 +169,19 @@ class GenerationConfig:
         (``posterior_threshold``, ``posterior_alpha`` in [0, 1]: a guess is kept when its
         probability > min(threshold, alpha * exp(-entropy))), which changes the distribution
         and takes no top_k / top_p. Greedy decoding ignores it.
-    tree: which tree verifies each step. A name in ``tree.TREES``, a tree JSON file or a list
-        of paths: that tree at every step. A policy table JSON file (``python -m
-        medusa_kernels.tree calibrate --nodes auto --batches ...``) or a ``policy.TreePolicy``:
-        before each step, the tree measured fastest for the rows the step computes (``[]``:
-        plain decoding). None: the checkpoint's policy table for the device if it ships one
-        (``tree.default_policy_file``), else the device's default tree (``tree.default_tree``:
-        a checkpoint's calibrated tree, else ``mc_sim_7b_63`` on a GPU and ``small_7`` on a
-        CPU), cut to the model's heads and vocabulary.
+    tree: which tree verifies each step. None or "online" (the default with heads): the
+        online policy (``policy.OnlinePolicy``), which measures each step's time and accepted
+        path and picks, before each step, the tree (or a plain step) of highest expected
+        tokens per second, starting from what the checkpoint ships (its policy table, its
+        calibrated tree's accuracies); its estimates carry over between calls on the same
+        model. "table": the checkpoint's policy table for the device. "fixed": the device's
+        default tree (``tree.default_tree``: a checkpoint's calibrated tree, else
+        ``mc_sim_7b_63`` on a GPU and ``small_7`` on a CPU), cut to the model's heads and
+        vocabulary. A name in ``tree.TREES``, a tree JSON file or a list of paths: that tree
+        at every step. A policy table JSON file (``python -m medusa_kernels.tree calibrate
+        --nodes auto --batches ...``) or a policy object (``policy.TreePolicy``,
+        ``policy.OnlinePolicy``): before each step, the tree it picks for the rows the step
+        computes (``[]``: plain decoding).
     eos_token_id: id(s) that end a sequence (kept in its output); None: the checkpoint's
         (generation_config.json, else config.json); [] never stops early.
     seed: seeds sampling: an int in [0, 2**64), or one such int per sequence. Each sequence

@@ -83,8 +83,9 @@ class MedusaHeads(nn.Module):
                 raise ValueError(f"token_map must be an int R or a 1-D tensor of R token ids with "
                                  f"1 <= R <= vocab_size = {vocab_size}, got {token_map!r}")
         if rows < tp.world:
-            raise ValueError(f"tensor parallelism over {tp.world} ranks needs a draft vocabulary "
-                             f">= {tp.world} rows, got {rows}")
+            what = "vocab_size" if token_map is None else "the draft vocabulary (token_map)"
+            raise ValueError(f"tensor parallelism over {tp.world} ranks needs {what} >= "
+                             f"{tp.world} rows, got {rows}")
         self.num_heads, self.num_layers, self.tp, self.kind = num_heads, num_layers, tp, kind
         self._vocab_size = vocab_size
         # shared kind: (projection [R_local, d], token ids [R_local] or None, row offset); a

@@ -48,6 +48,7 @@ import bisect
 import json
 import math
 import os
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -59,6 +60,9 @@ ROW_KEYS = ("batch", "context", "tree", "speedup")
 INFO_KEYS = ("nodes", "expected_accepted", "measured_accepted", "step_ms", "plain_step_ms",
              "note")
 Tree = tuple[tuple[int, ...], ...]
+# policies ``generate(tree=...)`` takes by name: "online" (the default, ``OnlinePolicy``),
+# "table" (the checkpoint's shipped table for the device), "fixed" (the device's default tree)
+POLICY_NAMES = ("online", "table", "fixed")
 
 
 class Policy(Protocol):
@@ -314,3 +318,393 @@ class FixedTreePolicy:
 
     def __repr__(self) -> str:
         return f"FixedTreePolicy({len(self.tree) + 1} nodes)"
+
+
+# --------------------------------------------------------------------------- online policy
+
+# tree sizes (paths besides the root) the online policy grows from its acceptance estimates
+ONLINE_SIZES = (1, 3, 7, 15, 31, 63)
+
+
+def grow(acc: Sequence[Sequence[float]], nodes: int) -> Tree:
+    """The ``nodes`` paths of highest value prod_i acc[i][r_i] (ties: shallower, then smaller
+    ranks), in ``validate_choices`` order: a tree, since a child never outvalues its parent
+    (``calibrate.grow_tree``'s rule)."""
+    import heapq
+
+    K, R = len(acc), len(acc[0]) if acc else 0
+    frontier = [(-acc[0][r], 1, (r,)) for r in range(R)] if K else []
+    heapq.heapify(frontier)
+    out: list[tuple[int, ...]] = []
+    while len(out) < nodes and frontier:
+        neg, _, path = heapq.heappop(frontier)
+        out.append(path)
+        if len(path) < K:
+            for r in range(R):
+                heapq.heappush(frontier, (neg * acc[len(path)][r], len(path) + 1, path + (r,)))
+    return tuple(sorted(out, key=lambda p: (len(p), p)))
+
+
+def generic_accuracies(num_heads: int, ranks: int = 10) -> list[list[float]]:
+    """A prior for heads nothing is known about: head k's rank-r token right with probability
+    0.6 * 0.8^k / (r + 1)^2 (the shape of measured Medusa heads, e.g. the demo's)."""
+    return [[0.6 * 0.8**k / (r + 1) ** 2 for r in range(ranks)] for k in range(num_heads)]
+
+
+class OnlinePolicy:
+    """A tree policy that measures as it decodes: no calibration run, never much slower than
+    plain decoding.
+
+    Candidates (fixed when it is built, so the KV cache and the CUDA graphs are sized for
+    them): the empty tree (a plain step), the trees grown from the prior accuracies at the
+    sizes ``ONLINE_SIZES`` (up to ``max_nodes``), and the ``trees`` given (a shipped table's,
+    the device's fixed tree), cut to the heads and the vocabulary.
+
+    Estimates, updated by ``observe`` after every step:
+
+    - acceptance per head k and rank r: the probability that head k's rank-r guess is accepted
+      given that its parent path was; Beta-like counts (hits, trials) started at
+      ``prior_strength`` (20 observations for a calibrated tree's ``accuracies``, 2 for
+      ``generic_accuracies``) x the prior accuracy, each observation decaying the older ones
+      by ``decay`` (0.99: the last ~100 observations count). A row
+      that accepted path p tested, at each depth i <= len(p), every child of p[:i] in the tree:
+      the one on p was a hit, the others misses. A tree's expected tokens per step: 1 + the sum
+      over its paths of prod_i est[i][r_i] (heads independent, as calibration assumes).
+    - step cost per (tree, rows): the prior cost (the table's ``step_ms``, interpolated in
+      nodes and batch; without a table a generic model, linear in rows x nodes) times the
+      mean ratio measured / prior of the steps of its kind (plain or Medusa) timed so far,
+      weighed (``prior_weight`` steps' worth: 3 with a table's times, 0 without) against an
+      exponential average (weight ``alpha``; a time over 1.5x the average counts as 1.5x:
+      noise only slows) of the tree's own times at these rows, or at the nearest rows it
+      was timed at, scaled as its prior cost scales. The prior gives the shape, the
+      measurements the scale, and the tree's own times the rest once there are enough.
+
+    ``choose(batch)``: the candidate of highest expected tokens per second at ``batch`` rows,
+    keeping the previous choice while it is within ``tolerance`` of the best (timing noise
+    does not flip trees); the table's tree for the batch, if a table is given, counts
+    ``table_trust`` (5%) faster than estimated (it was measured with care: the online
+    estimates, noisy, must beat it by that margin; heads that stop helping lose far more).
+    Exploration: the best candidate not yet timed within 25% of this
+    batch (else, while plain steps win, the best Medusa tree) is taken instead once the steps
+    since the last exploration have cost enough that its expected loss is at most
+    ``explore`` (2%) of that time: every tree gets timed, and speculation is
+    tried again now and then and taken up when it pays; a cheap tree is retried often, a
+    dear one seldom. The choice is deterministic given the observations (no random numbers).
+
+    Exactness: the tree of a step depends only on what happened before it (earlier steps'
+    accepted paths and times); it never reads the step's own draws, so exact sampling stays
+    exact and greedy stays plain greedy token for token, whatever trees it switches between.
+    Times vary from run to run, so which trees run does (the tokens do not); ``step_cost``
+    (``(tree, rows) -> seconds``) replaces the measured times by a model, making the choices
+    deterministic (tests, simulations).
+
+    The loop (``decoding._decode``) calls ``observe(tree, rows, seconds, leaves)`` after each
+    step: ``seconds`` the step's time (None: not timed, e.g. an eager first call on CUDA,
+    which compiles kernels), ``leaves`` the node index (0 = the root, i + 1 = the tree's path
+    i) each running row's accepted path ended at (None for a plain step).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        *,
+        accuracies: Sequence[Sequence[float]] | None = None,
+        table: TreePolicy | None = None,
+        trees: Iterable[Sequence[Sequence[int]]] = (),
+        sizes: Sequence[int] = ONLINE_SIZES,
+        max_nodes: int = 63,
+        vocab_size: int | None = None,
+        device: str = "cpu",
+        prior_strength: float | None = None,
+        decay: float = 0.99,
+        alpha: float = 0.1,
+        prior_weight: float | None = None,
+        tolerance: float = 0.03,
+        table_trust: float = 0.05,
+        explore: float = 0.02,
+        step_cost=None,
+        name: str = "online",
+    ):
+        _check_count(num_heads, "num_heads", 1)
+        for what, v, lo, hi in (("prior_strength", 1.0 if prior_strength is None else
+                                 prior_strength, 0.0, math.inf),
+                                ("decay", decay, 0.0, 1.0), ("alpha", alpha, 0.0, 1.0)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi:
+                raise ValueError(f"{what} must be a number in ({lo}, {hi}], got {v!r}")
+        for what, v in (("tolerance", tolerance), ("explore", explore),
+                        ("table_trust", table_trust)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ValueError(f"{what} must be a number in [0, 1), got {v!r}")
+        if table is not None and not isinstance(table, TreePolicy):
+            raise ValueError(f"table must be a TreePolicy or None, got {type(table).__name__}")
+        if step_cost is not None and not callable(step_cost):
+            raise ValueError(f"step_cost must be a function (tree, rows) -> seconds or None, "
+                             f"got {type(step_cost).__name__}")
+        self.name, self.num_heads, self.device = str(name), num_heads, str(device)
+        self.table, self.step_cost = table, step_cost
+        self.decay, self.alpha = float(decay), float(alpha)
+        if prior_weight is not None and (isinstance(prior_weight, bool) or not isinstance(
+                prior_weight, (int, float)) or not 0 <= prior_weight < math.inf):
+            raise ValueError(f"prior_weight must be a number >= 0 or None, got {prior_weight!r}")
+        self.tolerance, self.explore = float(tolerance), float(explore)
+        self.table_trust = float(table_trust)
+        self._table_pick: dict[int, int | None] = {}
+        width = 1 + max((r for t in trees for p in t for r in p), default=0)
+        generic = accuracies is None
+        if generic:
+            accuracies = generic_accuracies(num_heads, max(10, width))
+        acc = [[float(a) for a in row] for row in accuracies][:num_heads]
+        if not acc or any(not row or not all(0 <= a <= 1 for a in row) for row in acc):
+            raise ValueError("accuracies must be [heads][ranks] probabilities in [0, 1]")
+        if vocab_size is not None:
+            acc = [row[:vocab_size] for row in acc]
+        ranks = max(len(row) for row in acc)
+        acc = [row + [0.0] * (ranks - len(row)) for row in acc]
+        # candidates: plain, grown sizes, the given trees (cut to the heads and vocabulary)
+        cands: list[Tree] = [()]
+        limit = sum(ranks**d for d in range(1, len(acc) + 1))
+        for n in sizes:
+            if n <= min(max_nodes, limit):
+                cands.append(grow(acc, n))
+        for t in [*(table.trees() if table is not None else ()), *trees]:
+            t = tuple(p for p in validate_choices(t) if len(p) <= num_heads
+                      and (vocab_size is None or max(p) < vocab_size))
+            if t not in cands:
+                cands.append(t)
+        self.candidates = cands
+        R = max(ranks, 1 + max((r for t in cands for p in t for r in p), default=0))
+        self.prior = [[(row[r] if r < len(row) else 0.0) for r in range(R)]
+                      for row in acc] + [[0.0] * R for _ in range(num_heads - len(acc))]
+        # a measured prior (a calibrated tree's accuracies) counts as 20 observations, the
+        # generic one as 2
+        s = float(prior_strength if prior_strength is not None else
+                  2.0 if generic else 20.0)
+        self.hits = [[s * p for p in row] for row in self.prior]
+        self.trials = [[s] * R for _ in self.prior]
+        # per candidate: its paths, and per node its children's ranks
+        self._paths = sorted({p for t in cands for p in t}, key=lambda p: (len(p), p))
+        self._children = []
+        for t in cands:
+            kids: dict[tuple[int, ...], list[int]] = {}
+            for p in t:
+                kids.setdefault(p[:-1], []).append(p[-1])
+            self._children.append(kids)
+        self._index = {t: i for i, t in enumerate(cands)}
+        self._expected: list[float] | None = None
+        self.cost: dict[tuple[int, int], float] = {}  # (candidate, rows) -> seconds
+        self._timed: dict[int, set[int]] = {}  # candidate -> the rows it was timed at
+        self._count: dict[tuple[int, int], int] = {}  # (candidate, rows) -> steps averaged
+        self._ratio: dict[bool, float] = {}  # medusa? -> measured / prior cost
+        self._idle = 0.0  # seconds of steps since the last exploration
+        self._explored = False  # choose returned an exploration step
+        self._last: Tree | None = None
+        # (rows, tree, seconds) of the latest steps (bounded: a server's policy lives long)
+        self.log: deque[tuple[int, Tree, float | None]] = deque(maxlen=1 << 16)
+        self._prior_cost: dict[tuple[int, int], float] = {}
+        # the table's step times price both kinds of step, or the generic model does
+        self._table_times = table is not None and all(
+            any("step_ms" in r.info and bool(r.tree) == kind for r in table.rows)
+            for kind in (False, True))
+        # a table measured on the device is trusted; the generic model is a guess: a tree's
+        # first timing replaces it
+        self.prior_weight = float(prior_weight if prior_weight is not None else
+                                  3.0 if self._table_times else 0.0)
+
+    # ---- estimates
+    def estimate(self, k: int, r: int) -> float:
+        """Head k's rank-r acceptance, given its parent's (the running estimate)."""
+        eps = 0.05
+        return (self.hits[k][r] + eps * self.prior[k][r]) / (self.trials[k][r] + eps)
+
+    def expected(self, tree: Sequence[Sequence[int]]) -> float:
+        """Expected tokens per step of ``tree`` (a candidate) from the current estimates."""
+        if self._expected is None:
+            value = {(): 1.0}
+            for p in self._paths:
+                value[p] = value[p[:-1]] * self.estimate(len(p) - 1, p[-1])
+            self._value = value
+            self._expected = [1.0 + sum(value[p] for p in t) for t in self.candidates]
+        key = tuple(tuple(p) for p in tree)
+        i = self._index.get(key)
+        if i is not None:
+            return self._expected[i]
+        return 1.0 + sum(self._value.get(p, 0.0) for p in key)
+
+    def prior_cost(self, tree: Tree, rows: int) -> float:
+        """The prior's step cost (arbitrary units: only ratios between trees count)."""
+        key = (len(tree), rows)
+        cost = self._prior_cost.get(key)
+        if cost is None:
+            cost = self._prior_cost[key] = self._prior(len(tree), rows)
+        return cost
+
+    def _prior(self, nodes: int, rows: int) -> float:
+        T = nodes + 1
+        if self._table_times:
+            return _table_cost(self.table, nodes, rows)
+        if self.device.startswith("cuda"):  # a step reads the weights: flat in rows
+            return 1.0 + 0.002 * rows * T + (0.15 if nodes else 0.0)
+        return 1.0 + 0.1 * rows * T + (0.3 if nodes else 0.0)  # a CPU computes every row
+
+    def step_seconds(self, tree: Tree, rows: int) -> float:
+        """Estimated seconds of a step of ``tree`` at ``rows`` rows (module doc)."""
+        i = self._index[tree]
+        ratio = self._ratio.get(bool(tree), self._ratio.get(not tree, 1.0))
+        prior = self.prior_cost(tree, rows) * ratio
+        near = self._nearest(i, rows)
+        if near is None:
+            return prior
+        # the tree's own times (at other rows: scaled as the prior scales), weighed against
+        # the prior by their count: ``prior_weight`` steps' worth for the prior
+        own = self.cost[(i, near)]
+        if near != rows:
+            own *= self.prior_cost(tree, rows) / self.prior_cost(tree, near)
+        n = self._count[(i, near)]
+        return (n * own + self.prior_weight * prior) / (n + self.prior_weight)
+
+    def _nearest(self, i: int, rows: int) -> int | None:
+        """The rows candidate ``i`` was timed at closest to ``rows`` (in ratio), or None."""
+        timed = self._timed.get(i)
+        if not timed:
+            return None
+        return min(timed, key=lambda r: abs(math.log(r / rows)))
+
+    def _timed_near(self, i: int, rows: int) -> bool:
+        """Whether candidate ``i`` was timed at rows within 25% of ``rows``."""
+        near = self._nearest(i, rows)
+        return near is not None and abs(near - rows) <= 0.25 * rows
+
+    def rate(self, tree: Tree, rows: int) -> float:
+        """Expected tokens per second per row."""
+        return self.expected(tree) / self.step_seconds(tree, rows)
+
+    # ---- the policy
+    def choose(self, batch: int, context: int | None = None) -> Tree:
+        _check_count(batch, "batch", 1)
+        if context is not None:
+            _check_count(context, "context", 0)
+        n = len(self.candidates)
+        rates = [self.rate(t, batch) for t in self.candidates]
+        if self.table is not None:  # the table's tree: measured with care, beaten by a margin
+            if batch not in self._table_pick:
+                self._table_pick[batch] = self._index.get(self.table.choose(batch))
+            j = self._table_pick[batch]
+            if j is not None:
+                rates[j] *= 1 + self.table_trust
+        best = max(range(n), key=lambda i: (rates[i], -len(self.candidates[i])))
+        # ties within the tolerance: keep the previous tree, else the smallest
+        near = rates[best] * (1 - self.tolerance)
+        last = self._index.get(self._last) if self._last is not None else None
+        if last is not None and rates[last] >= near:
+            best = last
+        else:
+            best = min((i for i in range(n) if rates[i] >= near),
+                       key=lambda i: len(self.candidates[i]))
+        self._explored = False
+        if self.explore > 0:  # the best tree not yet timed near this batch, else (while plain
+            # steps win) the best Medusa tree, once the budget pays for its expected loss
+            pool = [i for i in range(n) if i != best and not self._timed_near(i, batch)]
+            if not pool and best == 0:
+                pool = list(range(1, n))
+            if pool:
+                j = max(pool, key=lambda i: (rates[i], -len(self.candidates[i])))
+                tree = self.candidates[j]
+                per_token = self.step_seconds(self.candidates[best], batch) / \
+                    self.expected(self.candidates[best])
+                loss = self.step_seconds(tree, batch) - self.expected(tree) * per_token
+                if self.explore * self._idle >= loss:
+                    self._explored = True
+                    return tree
+        return self.candidates[best]
+
+    def observe(self, tree: Sequence[Sequence[int]], batch: int, seconds: float | None,
+                leaves: Sequence[int] | None = None) -> None:
+        """One step's outcome (class doc). ``tree`` must be a candidate."""
+        tree = tuple(tuple(p) for p in tree)
+        i = self._index.get(tree)
+        if i is None:
+            raise ValueError(f"{self.name}: observe got a tree that is not a candidate "
+                             f"({len(tree) + 1} nodes)")
+        if self.step_cost is not None:
+            seconds = float(self.step_cost(tree, batch))
+        self.log.append((batch, tree, seconds))
+        self._last = tree
+        if seconds is not None and seconds > 0 and math.isfinite(seconds):
+            key = (i, batch)
+            old = self.cost.get(key)
+            if old is not None:  # noise only slows a step: an outlier counts as 1.5x
+                seconds = min(seconds, 1.5 * old)
+            self.cost[key] = seconds if old is None else old + self.alpha * (seconds - old)
+            self._count[key] = min(self._count.get(key, 0) + 1, round(1 / self.alpha))
+            self._timed.setdefault(i, set()).add(batch)
+            ratio = seconds / self.prior_cost(tree, batch)
+            kind = bool(tree)
+            old = self._ratio.get(kind)
+            self._ratio[kind] = ratio if old is None else old + self.alpha * (ratio - old)
+        if self._explored:  # the exploration budget is spent
+            self._idle, self._explored = 0.0, False
+        else:
+            self._idle += seconds if seconds is not None else self.step_seconds(tree, batch)
+        if not tree or not leaves:
+            return
+        kids = self._children[i]
+        hits: dict[tuple[int, int], float] = {}
+        trials: dict[tuple[int, int], float] = {}
+        for leaf in leaves:
+            if not 0 <= leaf <= len(tree):
+                raise ValueError(f"{self.name}: leaf {leaf} is not a node of a tree of "
+                                 f"{len(tree) + 1} nodes")
+            path = tree[leaf - 1] if leaf else ()
+            for d in range(len(path) + 1):
+                on = path[d] if d < len(path) else None
+                for r in kids.get(path[:d], ()):
+                    trials[(d, r)] = trials.get((d, r), 0.0) + 1
+                    if r == on:
+                        hits[(d, r)] = hits.get((d, r), 0.0) + 1
+        for (d, r), n in trials.items():  # each observation decays the older ones
+            g = self.decay**n
+            self.hits[d][r] = g * self.hits[d][r] + hits.get((d, r), 0.0)
+            self.trials[d][r] = g * self.trials[d][r] + n
+        self._expected = None
+
+    def trees(self) -> list[Tree]:
+        return list(self.candidates)
+
+    def __repr__(self) -> str:
+        return (f"OnlinePolicy({len(self.candidates)} candidates, up to "
+                f"{max(len(t) for t in self.candidates) + 1} nodes)")
+
+
+def _table_cost(table: TreePolicy, nodes: int, rows: int) -> float | None:
+    """A table's step_ms for a tree of ``nodes`` paths at ``rows`` rows: interpolated linearly
+    in nodes among the sizes timed at a batch (extrapolated past the largest: along the last
+    two, or in proportion to the nodes past a single one), then in batch
+    between the measured batches (proportionally to rows past the largest); None where the
+    table records no times."""
+    def at(batch: int) -> float | None:
+        pts = sorted({(len(r.tree), float(r.info["step_ms"])) for r in table.rows
+                      if r.batch == batch and "step_ms" in r.info
+                      and bool(r.tree) == bool(nodes)})
+        if not pts:
+            return None
+        if nodes <= pts[0][0]:
+            return pts[0][1]
+        if len(pts) == 1:  # one size timed (the bigger ones were pruned as too slow there):
+            return pts[0][1] * (nodes + 1) / (pts[0][0] + 1)  # as dear per node
+        for (n0, c0), (n1, c1) in zip(pts, pts[1:], strict=False):
+            if nodes <= n1:
+                return c0 + (c1 - c0) * (nodes - n0) / (n1 - n0)
+        (n0, c0), (n1, c1) = pts[-2], pts[-1]
+        return c1 + max(c1 - c0, 0.0) * (nodes - n1) / (n1 - n0)
+
+    batches = [b for b in table.batches if at(b) is not None]
+    if not batches:
+        return None
+    if rows <= batches[0]:
+        return at(batches[0])
+    if rows >= batches[-1]:
+        return at(batches[-1]) * rows / batches[-1]
+    j = bisect.bisect_right(batches, rows)
+    b0, b1 = batches[j - 1], batches[j]
+    c0, c1 = at(b0), at(b1)
+    return c0 + (c1 - c0) * (rows - b0) / (b1 - b0)

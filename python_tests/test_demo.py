@@ -102,15 +102,18 @@ def test_quick_build(tmp_path, capsys):
 
 @shipped
 def test_generate_cli_demo_on_cpu(capsys):
-    """No arguments: the demo streams text; on a CPU with its tree policy for CPUs."""
+    """No arguments: the demo streams text; on a CPU with the online tree policy (its prior
+    the demo's CPU table); the table and a tree by name."""
     from medusa_kernels.generate import main
 
     assert main(["--device", "cpu", "--max-new-tokens", "24"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("def ") and len(out) > len("def ") + 10
-    assert "[medusa, tree tree_policy_cpu.json] 24 tokens" in err
+    assert "[medusa, tree online (" in err and "24 tokens" in err
+    assert main(["--device", "cpu", "--max-new-tokens", "8", "--tree", "table"]) == 0
+    assert "[medusa, tree tree_policy_cpu.json (8 nodes:" in capsys.readouterr().err
     assert main(["--device", "cpu", "--max-new-tokens", "8", "--tree", "small_15"]) == 0
-    assert "[medusa, tree small_15]" in capsys.readouterr().err
+    assert "[medusa, tree small_15 (16 nodes: 4 steps)]" in capsys.readouterr().err
     assert main(["--device", "cpu", "--max-new-tokens", "8", "--no-medusa"]) == 0
     assert "[plain] 8 tokens" in capsys.readouterr().err
 

@@ -211,7 +211,8 @@ def test_seeded_runs_repeat_and_exact_is_the_default(world):
                          ids=["t0.8", "k20-p0.9"])
 def test_exact_sampling_in_cuda_graphs_is_plain_sampling(tmp_path, sampling):
     """Plain and exact Medusa sampling, eager and replayed from CUDA graphs (fp32, no TF32):
-    the same tokens for a seed; a tree policy switching trees (and graphs) mid-run too."""
+    the same tokens for a seed; a tree policy switching trees (and graphs) mid-run too, and the
+    online policy (timed by CUDA events)."""
     from tiny_models import save_random_heads
 
     from medusa_kernels.policy import TreePolicy
@@ -234,3 +235,45 @@ def test_exact_sampling_in_cuda_graphs_is_plain_sampling(tmp_path, sampling):
     ref = generate(model, ids, medusa=False, eos_token_id=eos, **kw)
     got = generate(model, ids, tree=policy, eos_token_id=eos, cuda_graph=True, **kw)
     assert got.tokens == ref.tokens
+    # the online policy (the default): it switches between captured steps as it measures
+    for graph in (True, False):
+        got = generate(model, ids, eos_token_id=eos, cuda_graph=graph, **kw)
+        assert got.tokens == ref.tokens and got.tree == "online"
+
+
+def online(world):
+    """An online policy over plain, one guess and ``TREE``, with a cost model (deterministic):
+    each step's tree follows the acceptance of the steps before it and the rows still running."""
+    from medusa_kernels.policy import OnlinePolicy
+
+    def cost(tree, rows):
+        return 1.0 + (0.5 if tree else 0.0) + 0.05 * (len(tree) + 1)
+
+    class Known(OnlinePolicy):  # the cost model is also its prior: no rows make steps dear
+        def prior_cost(self, tree, rows):
+            return cost(tree, rows)
+
+    return Known(3, trees=[[[0]], TREE], sizes=(), step_cost=cost, vocab_size=V, explore=0.5,
+                 accuracies=[[0.9, 0.05, 0.05], [0.1, 0.05, 0.05], [0.1, 0.05, 0.05]])
+
+
+@pytest.mark.parametrize("sampling", SAMPLING[:2])
+def test_online_policy_sampling_follows_the_law_and_is_plain_sampling(world, sampling):
+    """The online policy picks each step's tree from earlier steps only, so exact sampling
+    through its switching trees keeps the law, and the tokens of plain sampling for a seed."""
+    law = world.law(PROMPTS[0], **sampling)
+    policy = online(world)
+    prompts = [list(PROMPTS[0])] * N
+    holder = {}
+    stream = generate(world.model, torch.tensor(prompts), max_new_tokens=3, tree=policy,
+                      eos_token_id=[], seed=1, stream=True,
+                      propose=world.propose(holder, prompts), **sampling)
+    holder["stream"] = stream
+    for _ in stream:
+        pass
+    tokens, result = torch.tensor(stream.result.tokens), stream.result
+    assert len(set(result.step_trees)) >= 2, result.tree_steps  # it switched trees
+    p2, p3 = p_values(tokens, law)
+    assert p2 > 1e-3 and p3 > 1e-3, (p2, p3)
+    same_draws, _ = run(world, prompts[:2000], False, 1, **sampling)
+    assert torch.equal(same_draws, tokens[:2000])

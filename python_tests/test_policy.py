@@ -10,7 +10,14 @@ import torch
 from tiny_models import VOCAB, make_hf_model, save_random_heads
 
 from medusa_kernels import generate, load_model
-from medusa_kernels.policy import FixedTreePolicy, PolicyRow, TreePolicy, is_table_file
+from medusa_kernels.policy import (
+    FixedTreePolicy,
+    OnlinePolicy,
+    PolicyRow,
+    TreePolicy,
+    grow,
+    is_table_file,
+)
 from medusa_kernels.tree import TREES, build_tree, resolve_choices
 
 BIG = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
@@ -187,8 +194,8 @@ def test_policy_module_sits_low():
             imported.add(("." * node.level) + (node.module or ""))
         elif isinstance(node, ast.Import):
             imported.update(a.name for a in node.names)
-    assert imported <= {"__future__", "bisect", "json", "math", "os", "collections.abc",
-                        "dataclasses", "typing", ".tree"}, imported
+    assert imported <= {"__future__", "bisect", "heapq", "json", "math", "os", "collections",
+                        "collections.abc", "dataclasses", "typing", ".tree"}, imported
 
 
 # --------------------------------------------------------------------------- in the loop
@@ -308,7 +315,7 @@ def test_a_policy_that_picks_an_unlisted_tree_is_refused(model):
         generate(model, [[1, 2, 3]], max_new_tokens=6, tree=Sneaky())
 
 
-def test_a_shipped_table_is_the_default(model, dirs, tmp_path):
+def test_a_shipped_table_is_the_online_defaults_prior_and_stays_by_name(model, dirs, tmp_path):
     import shutil
 
     ckpt = tmp_path / "ckpt"
@@ -316,10 +323,17 @@ def test_a_shipped_table_is_the_default(model, dirs, tmp_path):
     TreePolicy([{"batch": 1, "tree": SMALL}]).save(ckpt / "tree_policy_cpu.json")
     shipped = load_model(ckpt / "model", medusa=dirs[1], dtype=torch.float32)
     ids = ragged_prompts(1)
-    got = generate(shipped, ids, max_new_tokens=8)
+    plain = generate(model, ids, max_new_tokens=8, medusa=False).tokens
+    got = generate(shipped, ids, max_new_tokens=8, tree="table")
     assert got.tree == "tree_policy_cpu.json" and set(got.step_nodes) == {3}
-    assert got.tokens == generate(model, ids, max_new_tokens=8, medusa=False).tokens
+    assert got.tokens == plain
+    online = generate(shipped, ids, max_new_tokens=8)  # the default: the table's trees join
+    assert online.tree == "online" and online.tokens == plain
+    assert canon(SMALL) in generate.__globals__["_ONLINE"][shipped.heads][
+        (0.0, None, None, None, None)].trees()
     assert generate(shipped, ids, max_new_tokens=8, tree="small_15").step_nodes[0] == 16
+    with pytest.raises(ValueError, match="tree='table': .* ships no tree policy table"):
+        generate(model, ids, max_new_tokens=4, tree="table")
 
 
 def test_tolerance_prefers_the_smaller_tree_within_noise(tmp_path):
@@ -360,3 +374,183 @@ def test_the_demo_ships_a_cpu_table():
         assert any(r.batch == b and r.tree == () and r.speedup == 1.0 for r in policy.rows)
     assert default_policy_file("cpu", os.path.join(ASSETS, "model")) == path
     assert default_policy_file("cuda", os.path.join(ASSETS, "model")) is None
+
+
+# --------------------------------------------------------------------------- the online policy
+
+ACC = [[0.7, 0.1, 0.05], [0.6, 0.1, 0.05], [0.5, 0.1, 0.05]]
+
+
+def cpu_cost(tree, rows):
+    """A CPU-like step cost: fixed part, heads, every row of every node."""
+    return 1.0 + (0.3 if tree else 0.0) + 0.1 * rows * (len(tree) + 1)
+
+
+def simulate(policy, accept, steps, rows=1):
+    """Run ``steps`` steps: ``accept(step, tree) -> leaf`` per row; the trees chosen."""
+    chosen = []
+    for i in range(steps):
+        tree = policy.choose(rows)
+        chosen.append(tree)
+        leaves = [accept(i, tree) for _ in range(rows)] if tree else None
+        policy.observe(tree, rows, None, leaves)
+    return chosen
+
+
+def deepest_on_rank0(tree):
+    """The leaf a row accepts when every head's rank 0 is right: the deepest all-zero path."""
+    zeros = [i + 1 for i, p in enumerate(tree) if all(r == 0 for r in p)]
+    return max(zeros, key=lambda i: len(tree[i - 1]), default=0)
+
+
+def test_grow_is_the_top_paths_by_value():
+    assert grow(ACC, 3) == ((0,), (1,), (0, 0)) or grow(ACC, 3) == ((0,), (0, 0), (0, 0, 0))
+    assert grow(ACC, 3) == ((0,), (0, 0), (0, 0, 0))  # 0.7, 0.42, 0.21 beat 0.1
+    assert grow(ACC, 5) == ((0,), (1,), (0, 0), (0, 1), (0, 0, 0))
+    from medusa_kernels.calibrate import grow_tree
+
+    for n in (1, 4, 9, 20):
+        assert grow(ACC, n) == canon(grow_tree(ACC, n))
+
+
+def test_online_candidates_and_estimates_start_at_the_prior():
+    policy = OnlinePolicy(3, accuracies=ACC, trees=[SMALL], step_cost=cpu_cost, sizes=(1, 3, 7))
+    assert policy.trees()[0] == () and canon(SMALL) in policy.trees()
+    assert [len(t) for t in policy.trees()[1:4]] == [1, 3, 7]
+    assert policy.estimate(0, 0) == pytest.approx(0.7)
+    assert policy.expected(((0,), (0, 0))) == pytest.approx(1 + 0.7 + 0.42)
+    with pytest.raises(ValueError, match="observe got a tree that is not a candidate"):
+        policy.observe([[5]], 1, 0.1, [0])
+    with pytest.raises(ValueError, match="leaf 9 is not a node"):
+        policy.observe(SMALL, 1, 0.1, [9])
+    for kwargs, match in [(dict(decay=0), "decay must be"), (dict(explore=1.0), "explore must"),
+                          (dict(step_cost=3), "step_cost must be"),
+                          (dict(accuracies=[[1.5]]), "accuracies must be"),
+                          (dict(table="x"), "table must be a TreePolicy")]:
+        with pytest.raises(ValueError, match=match):
+            OnlinePolicy(3, **kwargs)
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        policy.choose(0)
+
+
+def test_observations_move_the_node_estimates():
+    """A row that accepted [0, 0] in SMALL tested head 0 rank 0 (hit) and head 1 rank 0
+    (hit); a row that accepted nothing tested head 0 rank 0 (miss)."""
+    policy = OnlinePolicy(3, accuracies=ACC, trees=[SMALL], step_cost=cpu_cost, sizes=(),
+                          prior_strength=2.0, decay=0.5)
+    policy.observe(SMALL, 2, None, [2, 0])  # head 0 rank 0: 2 observations, head 1: 1
+    assert policy.hits[0][0] == pytest.approx(0.25 * 1.4 + 1) and policy.trials[0][0] == 2.5
+    assert policy.hits[1][0] == pytest.approx(0.5 * 1.2 + 1) and policy.trials[1][0] == 2.0
+    assert policy.trials[0][1] == 2.0  # rank 1 is not in SMALL: untouched
+    before = policy.expected(SMALL)
+    policy.observe(SMALL, 1, None, [0])
+    assert policy.expected(SMALL) < before
+
+
+def test_heads_that_never_help_end_at_plain_with_a_little_exploration():
+    policy = OnlinePolicy(3, accuracies=ACC, trees=[SMALL], step_cost=cpu_cost)
+    chosen = simulate(policy, lambda i, tree: 0, 2000)
+    assert chosen[0] != ()  # the prior says the heads help: Medusa first
+    late = chosen[200:]
+    medusa = [t for t in late if t]
+    assert 0 < len(medusa) < 0.1 * len(late)  # mostly plain, Medusa tried now and then
+    spent = sum(cpu_cost(t, 1) for t in late)
+    assert len(late) * cpu_cost((), 1) / spent > 0.97  # within 3% of plain decoding
+
+
+def test_speculation_is_taken_up_again_when_it_starts_paying():
+    policy = OnlinePolicy(3, accuracies=ACC, trees=[SMALL], step_cost=cpu_cost)
+    chosen = simulate(policy, lambda i, tree: 0 if i < 500 else deepest_on_rank0(tree), 1500)
+    assert sum(1 for t in chosen[300:500] if t) < 20  # plain while the heads miss
+    assert all(chosen[-200:])  # Medusa again, every step, once they hit
+    assert policy.expected(chosen[-1]) > 3
+
+
+def heads_like(acc, seed=0):
+    """Rows whose heads are right as ``acc`` says: head k's rank r is the base token with
+    probability acc[k][r] (one rank at most); the walk goes down the tree while it is."""
+    import random
+
+    rng = random.Random(seed)
+
+    def accept(i, tree):
+        right = []
+        for row in acc:
+            u, r = rng.random(), 0
+            while r < len(row) and u >= row[r]:
+                u -= row[r]
+                r += 1
+            right.append(r)
+        nodes = {p: j + 1 for j, p in enumerate(tree)}
+        leaf, path = 0, ()
+        while path + (right[len(path)],) in nodes if len(path) < len(acc) else False:
+            path = path + (right[len(path)],)
+            leaf = nodes[path]
+        return leaf
+
+    return accept
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64])
+def test_the_tree_it_settles_on_is_near_the_best_for_the_device_and_batch(rows):
+    """Cheap rows (a GPU-like cost) or dear ones (a CPU-like cost; the prior assumes a CPU):
+    after 300 steps the tree run most in the last 100 is within 5% of the best candidate's
+    true tokens per cost (heads right as ``ACC`` says; the heads' independence holds here)."""
+    from collections import Counter
+
+    from medusa_kernels.calibrate import expected_accepted
+
+    settled = {}
+    for name, cost in (("gpu", lambda t, r: 1.0 + 0.001 * r * (len(t) + 1)), ("cpu", cpu_cost)):
+        policy = OnlinePolicy(3, accuracies=ACC, step_cost=cost)
+        chosen = simulate(policy, heads_like(ACC), 300, rows=rows)
+        tree = Counter(chosen[-100:]).most_common(1)[0][0]
+        true = {t: expected_accepted(t, ACC) / cost(t, rows) for t in policy.trees()}
+        assert true[tree] >= 0.95 * max(true.values()), (name, len(tree), true)
+        settled[name] = len(tree)
+    assert settled["gpu"] > settled["cpu"], settled
+    if rows <= 4:
+        assert settled["gpu"] >= 15, settled
+
+
+def test_a_table_prior_gives_the_tables_first_choice():
+    rows = [{"batch": 1, "tree": [], "speedup": 1.0, "step_ms": 4.0},
+            {"batch": 1, "tree": SMALL, "speedup": 1.4, "step_ms": 6.0},
+            {"batch": 1, "tree": BIG, "speedup": 1.2, "step_ms": 9.0},
+            {"batch": 8, "tree": [], "speedup": 1.0, "step_ms": 8.0},
+            {"batch": 8, "tree": SMALL, "speedup": 0.9, "step_ms": 20.0}]
+    tbl = TreePolicy(rows)
+    policy = OnlinePolicy(3, accuracies=[[0.8, 0.1], [0.7, 0.1], [0.6, 0.1]], table=tbl,
+                          sizes=())
+    assert policy.choose(1) == tbl.choose(1) == canon(SMALL)
+    assert policy.choose(8) == tbl.choose(8) == ()
+    assert policy.prior_cost(canon(BIG), 4) == pytest.approx(9 + (20 * 7 / 3 - 9) * 3 / 7)
+
+
+def test_online_greedy_is_plain_greedy_whatever_trees_it_switches_between(model):
+    """A deterministic online policy (a cost model) over ragged batches that finish at
+    different steps: token for token plain greedy, having run several trees and plain steps;
+    the default online policy (measured times) too."""
+    ids = ragged_prompts()
+    eos, plain = finishing_at_different_steps(model, ids, 30)
+    longer = generate(model, ids, max_new_tokens=40, medusa=False, eos_token_id=[]).tokens
+    for propose in (None, oracle(longer)):
+        policy = OnlinePolicy(4, trees=[DEEP, SMALL], step_cost=cpu_cost, vocab_size=VOCAB)
+        got = generate(model, ids, max_new_tokens=30, tree=policy, eos_token_id=eos,
+                       propose=propose)
+        assert got.tokens == plain.tokens
+        assert len(set(got.step_trees)) >= 2, got.tree_steps
+        assert got.step_trees == [t for _, t, _ in policy.log]
+    for _ in range(2):  # the default; its estimates carry over to the second call
+        got = generate(model, ids, max_new_tokens=30, eos_token_id=eos)
+        assert got.tokens == plain.tokens and got.tree == "online"
+
+
+def test_online_exact_sampling_is_plain_sampling(model):
+    ids = ragged_prompts()
+    kw = dict(temperature=0.9, top_p=0.95, seed=11)
+    eos, plain = finishing_at_different_steps(model, ids, 24, **kw)
+    policy = OnlinePolicy(4, trees=[DEEP, SMALL], step_cost=cpu_cost, vocab_size=VOCAB)
+    got = generate(model, ids, max_new_tokens=24, tree=policy, eos_token_id=eos, **kw)
+    assert got.tokens == plain.tokens and len(set(got.step_trees)) >= 2
+    assert generate(model, ids, max_new_tokens=24, eos_token_id=eos, **kw).tokens == plain.tokens

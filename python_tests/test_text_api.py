@@ -219,13 +219,13 @@ def test_default_tree_policy(tmp_path):
 
 @shipped
 def test_api_and_cli_use_the_same_default_tree(demo_model, capsys):
-    """On a CPU the demo decodes with its CPU tree policy through the API and the CLI."""
+    """On a CPU the demo decodes with the online policy through the API and the CLI."""
     from medusa_kernels.generate import main
 
     r = generate(demo_model, "def ", max_new_tokens=8)
-    assert r.tree == "tree_policy_cpu.json"
+    assert r.tree == "online"
     assert main(["--device", "cpu", "--max-new-tokens", "8"]) == 0
-    assert "[medusa, tree tree_policy_cpu.json]" in capsys.readouterr().err
+    assert "[medusa, tree online (" in capsys.readouterr().err
 
 
 def test_default_tree_is_cut_to_the_heads(tiny_dirs):
@@ -234,8 +234,11 @@ def test_default_tree_is_cut_to_the_heads(tiny_dirs):
     save_random_heads(tiny_dirs / "heads2", num_heads=2, seed=5)
     m = load_model(tiny_dirs / "base", medusa=tiny_dirs / "heads2", dtype=torch.float32)
     plain = generate(m, [[2, 7], [1]], max_new_tokens=12, medusa=False).tokens
-    r = generate(m, [[2, 7], [1]], max_new_tokens=12)
+    r = generate(m, [[2, 7], [1]], max_new_tokens=12, tree="fixed")
     assert r.tokens == plain and r.tree == "small_7"
     assert max(max(step) for step in r.accepted_per_step) <= 3  # root + 2 levels
+    r = generate(m, [[2, 7], [1]], max_new_tokens=12)  # the online policy's trees: cut too
+    assert r.tokens == plain and r.tree == "online"
+    assert max(len(p) for t in r.step_trees for p in t) <= 2
     with pytest.raises(ValueError, match="tree 'small_7'.* only 2 Medusa heads"):
         generate(m, [[2, 7]], max_new_tokens=4, tree="small_7")

@@ -1,6 +1,7 @@
 """The bench's throughput section on a tiny checkpoint (quick: B = 1, 4, 16): plain, fixed
-tree and adaptive policy rows at every batch, the three outputs identical, the adaptive run
-following its table; without a table for the device the section calibrates one in the run."""
+tree, adaptive (table) and online policy rows at every batch, the four outputs identical, the
+adaptive run following its table; without a table for the device the section calibrates one in
+the run; the online policy's trace and its plot."""
 
 from __future__ import annotations
 
@@ -52,8 +53,12 @@ def test_rows_per_batch_and_mode_with_a_table(ckpt, tmp_path):
     assert by["adaptive", 16]["trees"]["1"] >= 1  # 16 rows: plain until half of them finish
     for b in throughput.QUICK_BATCHES:
         best = max(by["plain", b]["tokens_per_s"], by["fixed", b]["tokens_per_s"])
-        adaptive = by["adaptive", b]
+        adaptive, online = by["adaptive", b], by["online", b]
         assert adaptive["vs_best"] == pytest.approx(adaptive["tokens_per_s"] / best)
+        assert online["vs_best"] == pytest.approx(online["tokens_per_s"] / best)
+        assert online["vs_table"] == pytest.approx(online["tokens_per_s"] /
+                                                   adaptive["tokens_per_s"])
+        assert online["tree"] == "online" and online["check"] == "ok"
     assert any("adaptive policy --tree" in n for n in ctx.notes)
     assert by["adaptive", 1]["same_work_as_fixed"] is False
 
@@ -65,6 +70,7 @@ def test_a_table_of_the_fixed_tree_does_the_same_work(ckpt, tmp_path):
     TreePolicy([{"batch": 1, "tree": TREES["small_7"]}]).save(table)
     rows = throughput.run(context(ckpt, str(table)), batches=(2,))
     assert rows[2]["same_work_as_fixed"] is True and rows[2]["trees"] == rows[1]["trees"]
+    assert rows[3]["impl"] == "online"
 
 
 def test_without_a_table_the_section_calibrates_one(ckpt, tmp_path):
@@ -77,7 +83,18 @@ def test_without_a_table_the_section_calibrates_one(ckpt, tmp_path):
         json.dumps({"choices": [[0], [0, 0]], "accuracies": acc}))
     ctx = context(ckpt)
     rows = throughput.run(ctx, batches=(1, 2))
-    assert [r["B"] for r in rows] == [1, 1, 1, 2, 2, 2]
+    assert [r["B"] for r in rows] == [1] * 4 + [2] * 4
     assert rows[1]["tree"] == "calibrated_tree_cpu.json"
     assert all(r.get("check", "ok") == "ok" for r in rows)
     assert any("calibrated in this run" in n for n in ctx.notes)
+
+
+def test_the_online_trace_and_its_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert throughput.main(["--out", str(tmp_path), "--batch", "3", "--max-new-tokens",
+                            "24"]) == 0
+    data = json.loads((tmp_path / "online_trace.json").read_text())
+    assert data["identical_to_plain"] and len(data["step_nodes"]) == data["steps"]
+    assert len(data["step_rows"]) == data["steps"] and max(data["step_rows"]) == 3
+    assert sum(data["tree_steps"].values()) == data["steps"]
+    assert (tmp_path / "online_trace.png").stat().st_size > 1000

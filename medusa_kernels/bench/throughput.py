@@ -2,7 +2,7 @@
 
 At each B in ``BATCHES`` (1, 4, 16, 64; ``--quick``: 1, 4, 16 and fewer tokens), B held-out
 prompts of the demo (or of ``--model``'s checkpoint: random ids) are decoded greedily to
-``max_new_tokens`` three ways, in turns (each mode first in turn), ``repeats`` times each (CPU:
+``max_new_tokens`` four ways, in turns (each mode first in turn), ``repeats`` times each (CPU:
 15 / sqrt(B), at least 5; GPU 3; quick 1):
 
 - ``plain``: plain decoding;
@@ -14,18 +14,28 @@ prompts of the demo (or of ``--model``'s checkpoint: random ids) are decoded gre
   calibrated tree records (``calibrate.policy_table``). It picks the tree before each step from
   the rows the step computes (finished rows are dropped as the batch drains,
   ``decoding.KEEP_FRACTION``: every mode does that).
+- ``online``: ``generate``'s default, the online policy (``policy.OnlinePolicy``: it times
+  its steps and counts what they accept, the checkpoint's table its prior), its estimates
+  carried over from call to call on the model as a user's calls would (the warm-up is its
+  first call).
 
 Row: ``tokens_per_s`` (the fastest run: a busy machine only slows a run down; new tokens after
 prefill and the first step, whose CUDA graph capture is not timed, over their decode time),
 ``tokens_per_s_runs`` (every run), ``mean_accepted`` (tokens per step per running sequence),
 ``steps``, ``trees`` (tree nodes -> steps: 1 is a plain step), ``speedup`` (over plain, same
-B); adaptive rows also ``vs_best``: over the faster of plain and fixed, and
+B); adaptive and online rows also ``vs_best``: over the faster of plain and fixed; online
+rows ``vs_table``: over adaptive (the table); adaptive rows
 ``same_work_as_fixed``: the policy verified the fixed tree at every step (then ``vs_best``
 measures the machine's noise). On a CPU with one torch
 thread (the CPU mode) the same with the process's CPU time instead of wall-clock time
 (``tokens_per_cpu_s``, ``cpu_speedup``, ``cpu_vs_best``): other processes on a shared machine
-inflate wall-clock times, hardly CPU times. ``check``: the three outputs are identical (greedy
+inflate wall-clock times, hardly CPU times. ``check``: the four outputs are identical (greedy
 decoding is lossless; in bf16/fp16 a difference is a note).
+
+``python -m medusa_kernels.bench.throughput --out DIR`` (``trace``): one long greedy generation
+of the demo with the online policy (B 16 by default, 512 new tokens), written as
+``online_trace.json`` (per step: rows, tree nodes, accepted tokens) and ``online_trace.png``
+(the tree size it chose at each step, and the rows still computed).
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ from ._common import BenchContext, case_wanted
 SECTION = "throughput"
 BATCHES = (1, 4, 16, 64)
 QUICK_BATCHES = (1, 4, 16)
-MODES = ("plain", "fixed", "adaptive")
+MODES = ("plain", "fixed", "adaptive", "online")
 
 
 def _settings(ctx: BenchContext) -> tuple[tuple[int, ...], int]:
@@ -115,7 +125,7 @@ def _policy(ctx: BenchContext, model, max_new: int, batches) -> tuple[object, st
 def _decode(model, prompts, max_new: int, eos, mode: str, fixed, policy):
     """(tokens, result, new tokens after the first step, their seconds, their CPU seconds)."""
     kwargs = {"plain": dict(medusa=False), "fixed": dict(tree=fixed),
-              "adaptive": dict(tree=policy)}[mode]
+              "adaptive": dict(tree=policy), "online": dict(tree="online")}[mode]
     stream = generate(model, prompts, max_new_tokens=max_new, eos_token_id=eos, stream=True,
                       **kwargs)
     first = last = None
@@ -174,9 +184,10 @@ def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]
         for tree in [fixed, *policy.trees()]:  # warm-up: first calls, Triton compilation
             generate(model, prompts, max_new_tokens=4, eos_token_id=eos, tree=tree or None,
                      medusa=bool(tree))
+        generate(model, prompts, max_new_tokens=max_new, eos_token_id=eos, tree="online")
         runs: dict[str, list] = {m: [] for m in MODES}
         for r in range(repeats(ctx, B)):  # in turns, each first in turn: drift hits all alike
-            for mode in MODES[r % 3:] + MODES[: r % 3]:
+            for mode in MODES[r % len(MODES):] + MODES[: r % len(MODES)]:
                 runs[mode].append(_decode(model, prompts, max_new, eos, mode, fixed, policy))
         by_mode = {}
         for mode in MODES:
@@ -184,7 +195,7 @@ def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]
             outs, result = runs[mode][0][:2]
             row = dict(section=SECTION, impl=mode, **case,
                        tree={"plain": "-", "fixed": fixed_label,
-                             "adaptive": policy_label(policy)}[mode],
+                             "adaptive": policy_label(policy), "online": "online"}[mode],
                        tokens=sum(len(t) for t in outs), steps=result.steps,
                        tokens_per_s=_best(wall), tokens_per_s_runs=_rounded(wall),
                        mean_accepted=result.mean_accepted,
@@ -195,7 +206,7 @@ def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]
             by_mode[mode] = (row, outs)
             rows.append(row)
         plain_row, plain_outs = by_mode["plain"]
-        for mode in ("fixed", "adaptive"):
+        for mode in ("fixed", "adaptive", "online"):
             row, outs = by_mode[mode]
             row["speedup"] = row["tokens_per_s"] / plain_row["tokens_per_s"]
             if cpu_time:
@@ -212,9 +223,14 @@ def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]
         # ratio is the machine's noise
         adaptive["same_work_as_fixed"] = \
             runs["adaptive"][0][1].step_trees == runs["fixed"][0][1].step_trees
+        online = by_mode["online"][0]
         for key, ratio in (("tokens_per_s", "vs_best"), ("tokens_per_cpu_s", "cpu_vs_best")):
             if key in adaptive:
-                adaptive[ratio] = adaptive[key] / max(plain_row[key], fixed_row[key])
+                for row in (adaptive, online):
+                    row[ratio] = row[key] / max(plain_row[key], fixed_row[key])
+        online["vs_table"] = online["tokens_per_s"] / adaptive["tokens_per_s"]
+        if cpu_time:
+            online["cpu_vs_table"] = online["tokens_per_cpu_s"] / adaptive["tokens_per_cpu_s"]
         if ctx.on_row is not None:
             for mode in MODES:
                 ctx.on_row(by_mode[mode][0])
@@ -222,3 +238,76 @@ def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]
                      f"{policy_source}: " + ", ".join(
                          f"B={b}: {len(policy.choose(b)) + 1} nodes" for b in batches))
     return rows
+
+
+def trace(batch: int = 16, max_new_tokens: int = 512, model=None) -> dict:
+    """One greedy generation of ``batch`` demo prompts with the online policy (a fresh one):
+    per step the rows computed, the tree's nodes (1: a plain step) and the tokens gained."""
+    from medusa_kernels.decoding import online_policy
+    from medusa_kernels.demo import load
+    from medusa_kernels.demo import prompts as demo_prompts
+
+    model = model or load()
+    prompts = demo_prompts(model, n=batch)
+    policy = online_policy(model)
+    result = generate(model, prompts, max_new_tokens=max_new_tokens, tree=policy, eos_token_id=[])
+    plain = generate(model, prompts, max_new_tokens=max_new_tokens, medusa=False,
+                     eos_token_id=[])
+    rows = [r for r, _, _ in policy.log]
+    return {"batch": batch, "max_new_tokens": max_new_tokens, "steps": result.steps,
+            "identical_to_plain": result.tokens == plain.tokens,
+            "tokens_per_s": result.tokens_per_second, "plain_tokens_per_s":
+            plain.tokens_per_second, "step_rows": rows, "step_nodes": result.step_nodes,
+            "step_tokens": [sum(a) for a in result.accepted_per_step],
+            "tree_steps": result.tree_steps, "torch_threads": torch.get_num_threads()}
+
+
+def plot_trace(data: dict, path: str) -> str:
+    """The PNG: the tree size chosen at each step (1 = a plain step), and the rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    steps = range(1, len(data["step_nodes"]) + 1)
+    ax.step(steps, data["step_nodes"], where="mid", color="C0", lw=1)
+    ax.scatter(steps, data["step_nodes"], s=6, color="C0")
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("tree nodes (1 = plain step)", color="C0")
+    other = ax.twinx()
+    other.plot(steps, data["step_rows"], color="C1", lw=1)
+    other.set_ylabel("rows computed", color="C1")
+    other.set_ylim(0, data["batch"] * 1.05)
+    ax.set_title(f"online tree policy, demo, B {data['batch']}, {data['max_new_tokens']} new "
+                 f"tokens: {data['tokens_per_s']:.0f} tokens/s, plain "
+                 f"{data['plain_tokens_per_s']:.0f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m medusa_kernels.bench.throughput",
+                                description="the online policy's trace over a long generation")
+    p.add_argument("--out", default="bench_out", help="output directory (created)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = trace(args.batch, args.max_new_tokens)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "online_trace.json"), "w") as f:
+        json.dump(data, f)
+    print(plot_trace(data, os.path.join(args.out, "online_trace.png")), data["tree_steps"],
+          "identical" if data["identical_to_plain"] else "DIFFERS from plain")
+    return 0 if data["identical_to_plain"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
