@@ -586,8 +586,8 @@ class Transformer(nn.Module):
         if self.tp.world > 1:  # this rank's rows, zeros elsewhere, all-reduced
             x = vocab_parallel_embedding(tokens, w, self.tp, self.cfg.vocab_size)
             return x if scale is None else x * scale
-        if _differentiable(w) or cpu_fast(w):
-            x = F.embedding(tokens, w)
+        if _differentiable(w) or cpu_fast(w) or w.stride(-1) != 1:  # column-major under
+            x = F.embedding(tokens, w)  # torch.compile after the CPU path: ``_cpu_layout``
             return x if scale is None else x * scale
         return embedding(tokens, w, scale)  # one launch, Gemma's scale (rounded) included
 
