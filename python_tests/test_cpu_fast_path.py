@@ -59,3 +59,47 @@ def test_fast_path_equals_ops_path(arch, batch, monkeypatch):
     torch.testing.assert_close(c1.k, c0.k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(c1.v, c0.v, atol=1e-5, rtol=1e-5)
     assert torch.equal(c1.seqlens, c0.seqlens)
+
+
+def test_column_major_layout_switches_and_restores(monkeypatch):
+    """The fast path stores q|k|v, o, gate|up and the (tied) lm_head column-major (same values,
+    the down projection untouched), the ops' path gets them row-major back, and so does a
+    cast; the tokens do not change across the switches."""
+    model = hf_family_model("llama-gqa-llama3rope", dtype=torch.float32)
+    base = model.base
+    base.lm_head.weight = base.embed.weight  # tied, as SmolLM2's
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, base.cfg.vocab_size, (1, 9), generator=g)
+    lengths = torch.tensor([9], dtype=torch.int32)
+
+    def decode():
+        cache = base.new_cache(1, 16)
+        with torch.inference_mode():
+            hidden = base.prefill(tokens, lengths, cache)
+            root = base.greedy(hidden[:, -1])
+            out = [int(root)]
+            for _ in range(4):
+                root = plain_step(model, build_tree([], None), cache, root, None,
+                                  torch.ones(1, dtype=torch.bool))[2]
+                out.append(int(root))
+        return out
+
+    def col_major(p):
+        return p.stride() == (1, p.shape[0])
+
+    fast = decode()
+    layer = base.layers[0]
+    for p in (layer.attention.wqkv.weight, layer.mlp.w13.weight, base.embed.weight):
+        assert p.shape[0] >= p.shape[1] and col_major(p)
+    assert layer.mlp.w2.weight.is_contiguous()  # fewer rows than columns: row-major reads faster
+    assert base.lm_head.weight is base.embed.weight
+    for n, p in base.named_parameters():
+        assert torch.equal(p, before[n]), n
+    monkeypatch.setattr(model_module, "CPU_FAST_PATH", "off")
+    assert decode() == fast
+    assert all(p.is_contiguous() for p in base.parameters())
+    monkeypatch.setattr(model_module, "CPU_FAST_PATH", "on")
+    assert decode() == fast and col_major(layer.mlp.w13.weight)
+    base.double()  # a cast (or a move) gets the row-major layout
+    assert all(p.is_contiguous() for p in base.parameters())

@@ -1,16 +1,18 @@
 """Plain greedy decoding on the CPU against transformers' ``generate``, side by side.
 
     python -m medusa_kernels.bench.cpu_decoder [--models smollm2-135m,llama-156m] [--runs 5]
-        [--prompt 32] [--new 32] [--threads 1] [--compile] [--json PATH]
+        [--prompt 32] [--new 32] [--threads 1] [--compile] [--model-dir DIR] [--json PATH]
 
 Random-weight Llamas (fp32): ``smollm2-135m`` (SmolLM2-135M's shapes: 30 layers, d 576, GQA 9:3,
 head dim 64, I 1536, V 49152, tied embeddings: deep and narrow, per-op cost matters) and
 ``llama-156m`` (d 1024, 8 layers, GQA 16:4, I 2816, V 32000: the GEMVs dominate). Ours is
-``generate(..., medusa=False)``; transformers' is ``LlamaForCausalLM.generate`` on the very same
-weight tensors (``e2e.hf_twin``), greedy, with its dynamic cache and its static cache. Each run
-decodes one random prompt with each peer in turn (ours, dynamic, static, ours, ...: load drift
-hits them alike); tokens/s count the tokens after the first decode step, over the process CPU
-time they took (one thread: immune to other processes' share of a busy machine, not to their
+``generate(..., medusa=False)``; transformers' is ``LlamaForCausalLM.generate`` on the same
+weight values (``e2e.hf_twin``: its own row-major tensors where our CPU path keeps a weight
+column-major, ``Transformer._cpu_layout``), greedy, with its dynamic cache and its static cache.
+``--model-dir``: a checkpoint instead (both load it themselves, fp32; EOS ignored by both). Each
+run decodes one random prompt with each peer in turn (ours, dynamic, static, ours, ...: load
+drift hits them alike); tokens/s count the tokens after the first decode step, over the process
+CPU time they took (one thread: immune to other processes' share of a busy machine, not to their
 memory traffic). ``weight_gbps``: the
 weights one token reads (``e2e.weight_bytes``) times tokens/s. Prints one row per run and the
 median and spread; ``speedup`` = ours / the faster transformers cache, per run.
@@ -26,7 +28,7 @@ import time
 
 import torch
 
-from medusa_kernels.checkpoint import MedusaModel
+from medusa_kernels.checkpoint import MedusaModel, load_model
 from medusa_kernels.decoding import generate
 from medusa_kernels.model import ModelConfig
 
@@ -43,16 +45,25 @@ MODELS = {
 }  # fmt: skip
 
 
-def run_model(name: str, runs: int, prompt_len: int, new: int, compile_step: bool = False):
-    cfg = ModelConfig(**MODELS[name])
-    model = MedusaModel(random_model(cfg, 1, torch.float32, torch.device("cpu")).base, None)
+def run_model(name: str, runs: int, prompt_len: int, new: int, compile_step: bool = False,
+              model_dir: str | None = None):
+    if model_dir is None:
+        cfg = ModelConfig(**MODELS[name])
+        model = MedusaModel(random_model(cfg, 1, torch.float32, torch.device("cpu")).base, None)
+        hf = hf_twin(model.base)
+    else:  # both load the checkpoint's weights themselves, fp32
+        from transformers import AutoModelForCausalLM
+
+        model = load_model(model_dir, dtype=torch.float32)
+        cfg = model.base.cfg
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        hf.generation_config.eos_token_id = None  # ours ignores EOS too: the same tokens
     if compile_step:
         model.base.compile_step()
     weights = weight_bytes(model.base)
     params = sum(p.numel() for p in model.base.parameters())
     prompt = torch.randint(cfg.vocab_size, (prompt_len,),
                            generator=torch.Generator().manual_seed(1)).tolist()
-    hf = hf_twin(model.base)
     peers = {  # each: () -> (tokens, tokens timed, CPU seconds)
         "ours": lambda: _ours(model, prompt, new),
         "hf_dynamic": lambda: _hf(hf, prompt, new),
@@ -121,14 +132,19 @@ def main(argv=None) -> None:
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="ours with Transformer.compile_step")
+    p.add_argument("--model-dir", default=None,
+                   help="a checkpoint (HF directory or .gguf) instead of the random models: "
+                        "ours via load_model, transformers via from_pretrained (HF dir), fp32")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.time()
     load = os.getloadavg()
     rows = []
-    for name in args.models.split(","):
-        for row in run_model(name, args.runs, args.prompt, args.new, args.compile):
+    names = [args.model_dir] if args.model_dir else args.models.split(",")
+    for name in names:
+        for row in run_model(name, args.runs, args.prompt, args.new, args.compile,
+                             args.model_dir):
             rows.append(row)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.items() if k != "tps_runs"), flush=True)
