@@ -1,7 +1,7 @@
 """Plain greedy decoding on the CPU against transformers' ``generate``, side by side.
 
     python -m medusa_kernels.bench.cpu_decoder [--models smollm2-135m,llama-156m] [--runs 5]
-        [--prompt 32] [--new 32] [--threads 1] [--compile] [--model-dir DIR] [--json PATH]
+        [--prompt 32] [--new 32] [--threads 1] [--model-dir DIR] [--json PATH]
 
 Random-weight Llamas (fp32): ``smollm2-135m`` (SmolLM2-135M's shapes: 30 layers, d 576, GQA 9:3,
 head dim 64, I 1536, V 49152, tied embeddings: deep and narrow, per-op cost matters) and
@@ -45,8 +45,7 @@ MODELS = {
 }  # fmt: skip
 
 
-def run_model(name: str, runs: int, prompt_len: int, new: int, compile_step: bool = False,
-              model_dir: str | None = None):
+def run_model(name: str, runs: int, prompt_len: int, new: int, model_dir: str | None = None):
     if model_dir is None:
         cfg = ModelConfig(**MODELS[name])
         model = MedusaModel(random_model(cfg, 1, torch.float32, torch.device("cpu")).base, None)
@@ -58,8 +57,6 @@ def run_model(name: str, runs: int, prompt_len: int, new: int, compile_step: boo
         cfg = model.base.cfg
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         hf.generation_config.eos_token_id = None  # ours ignores EOS too: the same tokens
-    if compile_step:
-        model.base.compile_step()
     weights = weight_bytes(model.base)
     params = sum(p.numel() for p in model.base.parameters())
     prompt = torch.randint(cfg.vocab_size, (prompt_len,),
@@ -131,7 +128,6 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--compile", action="store_true", help="ours with Transformer.compile_step")
     p.add_argument("--model-dir", default=None,
                    help="a checkpoint (HF directory or .gguf) instead of the random models: "
                         "ours via load_model, transformers via from_pretrained (HF dir), fp32")
@@ -143,15 +139,13 @@ def main(argv=None) -> None:
     rows = []
     names = [args.model_dir] if args.model_dir else args.models.split(",")
     for name in names:
-        for row in run_model(name, args.runs, args.prompt, args.new, args.compile,
-                             args.model_dir):
+        for row in run_model(name, args.runs, args.prompt, args.new, args.model_dir):
             rows.append(row)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.items() if k != "tps_runs"), flush=True)
     meta = dict(torch=torch.__version__, threads=args.threads, runs=args.runs,
                 prompt=args.prompt, new=args.new, loadavg_before=load,
-                loadavg_after=os.getloadavg(), seconds=time.time() - start,
-                compile=args.compile)
+                loadavg_after=os.getloadavg(), seconds=time.time() - start)
     try:
         import transformers
 
