@@ -178,9 +178,10 @@ def _check_k(k, V: int) -> None:
         raise ValueError(f"k must be an int in [1, V = {V}], got {k!r}")
 
 
-def check_heads_topk_args(hidden, w1, b1, w2, k) -> None:
+def check_resblock_args(hidden, w1, b1) -> tuple[int, int]:
+    """hidden [N, d], w1 [K, d, d], b1 [K, d] (the heads' ResBlocks) -> (K, d)."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
-    N, d = hidden.shape
+    d = hidden.shape[1]
     check_tensor("w1", w1, ndim=3, dtypes=(hidden.dtype,), device=hidden.device)
     K = w1.shape[0]
     if K < 1:
@@ -190,6 +191,11 @@ def check_heads_topk_args(hidden, w1, b1, w2, k) -> None:
     check_tensor("b1", b1, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
     if tuple(b1.shape) != (K, d):
         raise ValueError(f"b1 must be [K, d] = [{K}, {d}], got {tuple(b1.shape)}")
+    return K, d
+
+
+def check_heads_topk_args(hidden, w1, b1, w2, k) -> None:
+    K, d = check_resblock_args(hidden, w1, b1)
     check_tensor("w2", w2, ndim=3, dtypes=(hidden.dtype,), device=hidden.device)
     check_dim("w2", w2, 0, K, "number of heads K of w1")
     check_dim("w2", w2, 2, d, "hidden size d")

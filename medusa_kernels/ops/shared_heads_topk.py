@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import FLOAT_DTYPES, HAS_TRITON, check_dim, check_tensor, check_values, pick_backend
+from ._backend import HAS_TRITON, check_dim, check_tensor, check_values, pick_backend
 from .heads_topk import (
     _check_k,
     _check_triton_inputs,
     _compute_dtype,
+    check_resblock_args,
     topk_lower_index_first,
     triton_supports,
 )
@@ -73,17 +74,7 @@ def shared_heads_topk_ref(
 
 
 def check_shared_heads_topk_args(hidden, w1, b1, weight, k, token_map) -> None:
-    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
-    N, d = hidden.shape
-    check_tensor("w1", w1, ndim=3, dtypes=(hidden.dtype,), device=hidden.device)
-    K = w1.shape[0]
-    if K < 1:
-        raise ValueError(f"w1 must hold K >= 1 heads, got shape {tuple(w1.shape)}")
-    if tuple(w1.shape) != (K, d, d):
-        raise ValueError(f"w1 must be [K, d, d] with d = {d} (hidden's), got {tuple(w1.shape)}")
-    check_tensor("b1", b1, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
-    if tuple(b1.shape) != (K, d):
-        raise ValueError(f"b1 must be [K, d] = [{K}, {d}], got {tuple(b1.shape)}")
+    _, d = check_resblock_args(hidden, w1, b1)
     check_tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
     check_dim("weight", weight, 1, d, "hidden size d")
     R = weight.shape[0]
