@@ -36,7 +36,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .heads import MedusaHeads
+from .heads import HEAD_KINDS, MedusaHeads
 from .model import ModelConfig, Transformer
 from .parallel import (
     SINGLE,
@@ -53,6 +53,8 @@ from .parallel import (
 
 HEADS_FILE = "medusa_lm_head.safetensors"
 HEADS_PREFIX = "medusa_head."
+TOKEN_MAP_KEY = "token_map"  # a trimmed vocabulary's token ids, int64 [R], in the heads file
+KIND_KEY = "medusa_head_kind"  # heads config.json: "separate" (absent: public heads), "shared"
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
 
@@ -291,8 +293,11 @@ def save_base_model(model: Transformer, out_dir, hf_config: dict) -> None:
     save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
 
 
-def heads_state_dict(heads: MedusaHeads) -> dict[str, torch.Tensor]:
-    """Heads weights under the public Medusa key names (one process's heads only)."""
+def heads_state_dict(heads: MedusaHeads, dtype: torch.dtype | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Heads weights under the public Medusa key names (one process's heads only), on the CPU,
+    floats cast to ``dtype`` when given. Shared heads have no ``{h}.{L}.weight``; a trimmed
+    vocabulary adds ``token_map`` (int64)."""
     if heads.tp.world > 1:
         raise ValueError(f"heads_state_dict: these heads are rank {heads.tp.rank} of a "
                          f"{heads.tp.world}-way tensor-parallel set and hold only its vocabulary "
@@ -302,33 +307,63 @@ def heads_state_dict(heads: MedusaHeads) -> dict[str, torch.Tensor]:
         for layer in range(heads.num_layers):
             out[f"{h}.{layer}.linear.weight"] = heads.w1[h, layer]
             out[f"{h}.{layer}.linear.bias"] = heads.b1[h, layer]
-        out[f"{h}.{heads.num_layers}.weight"] = heads.w2[h]
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+        if heads.kind == "separate":
+            out[f"{h}.{heads.num_layers}.weight"] = heads.w2[h]
+    out = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in out.items()}
+    if heads.token_map is not None:
+        out[TOKEN_MAP_KEY] = heads.token_map.detach().cpu().contiguous()
+    return out
 
 
 _HEAD_KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")
 
 
+@dataclass(frozen=True)
+class HeadsSpec:
+    """What a heads checkpoint holds: kind, K heads, L ResBlocks, d, V, and R draft rows (the
+    token map's length; None without one)."""
+
+    kind: str
+    num_heads: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    draft_vocab: int | None
+
+
 def heads_dims(tensors: dict[str, tuple[tuple[int, ...], str, bool]], num_heads: int | None,
-               num_layers: int | None, source: str) -> tuple[int, int, int, int]:
-    """(K, L, d, V) of public-layout head tensors given as name -> (shape, dtype name, is
+               num_layers: int | None, source: str, kind: str = "separate",
+               vocab_size: int | None = None) -> HeadsSpec:
+    """The ``HeadsSpec`` of public-layout head tensors given as name -> (shape, dtype name, is
     floating) (from the tensors, or from safetensors headers before reading any).
-    ``num_heads`` / ``num_layers`` from the heads' config.json (None: read from the names).
-    Every tensor must be one of the heads' (``{h}.{i}.linear.weight|bias``, ``{h}.{L}.weight``),
-    heads 0..K-1 complete, with consistent shapes: else a ValueError naming the tensors and
-    ``source``."""
+    ``num_heads`` / ``num_layers`` / ``kind`` / ``vocab_size`` from the heads' config.json
+    (None: read from the names; separate heads without a map take V from the projection).
+    Every tensor must be one of the heads' (``{h}.{i}.linear.weight|bias``, ``{h}.{L}.weight``
+    for separate heads, ``token_map``), heads 0..K-1 complete, with consistent shapes: else a
+    ValueError naming the tensors and ``source``."""
+    tensors = dict(tensors)
+    tmap = tensors.pop(TOKEN_MAP_KEY, None)
     parsed = {}
     for key in tensors:
         m = _HEAD_KEY.fullmatch(key) if isinstance(key, str) else None
         if m is None:
             raise ValueError(f"{source}: {key!r} is not a Medusa head tensor "
-                             "({h}.{i}.linear.weight, {h}.{i}.linear.bias, {h}.{L}.weight)")
+                             "({h}.{i}.linear.weight, {h}.{i}.linear.bias, {h}.{L}.weight, "
+                             f"{TOKEN_MAP_KEY})")
         parsed[key] = (int(m.group(1)), int(m.group(2)), m.group(3))
     if not parsed:
         raise ValueError(f"{source}: no Medusa head tensors")
     present = sorted({h for h, _, _ in parsed.values()})
-    if num_layers is None:  # the projection's index is the layer count
-        num_layers = max(i for _, i, kind in parsed.values() if kind == "weight")
+    shared = kind == "shared"
+    if num_layers is None:  # separate: the projection's index is the layer count
+        if shared:
+            num_layers = 1 + max(i for _, i, _ in parsed.values())
+        else:
+            projections = [i for _, i, kind_ in parsed.values() if kind_ == "weight"]
+            if not projections:
+                raise ValueError(f"{source}: no head projection {{h}}.{{L}}.weight (separate "
+                                 f"heads; shared heads say medusa_head_kind = 'shared')")
+            num_layers = max(projections)
     if num_heads is None:
         num_heads = len(present)
     if present != list(range(num_heads)):
@@ -336,51 +371,90 @@ def heads_dims(tensors: dict[str, tuple[tuple[int, ...], str, bool]], num_heads:
             f"{source}: the config says medusa_num_heads = {num_heads} but the weights hold "
             f"heads {present}"
         )
-    need = {f"{h}.{num_layers}.weight" for h in range(num_heads)}
+    need = set() if shared else {f"{h}.{num_layers}.weight" for h in range(num_heads)}
     need |= {f"{h}.{i}.linear.{p}" for h in range(num_heads) for i in range(num_layers)
              for p in ("weight", "bias")}
     missing, extra = sorted(need - set(tensors)), sorted(set(tensors) - need)
     if missing or extra:
         raise ValueError(f"{source}: Medusa head tensors do not fit medusa_num_layers = "
-                         f"{num_layers}: missing {missing[:4]}, unexpected {extra[:4]}")
-    w2_shape = tuple(tensors[f"0.{num_layers}.weight"][0])
-    if len(w2_shape) != 2 or 0 in w2_shape:
-        raise ValueError(f"{source}: head tensor 0.{num_layers}.weight has shape "
-                         f"{list(w2_shape)}, expected [V, d] with V, d >= 1")
-    V, d = w2_shape
-    shapes = {"linear.weight": (d, d), "linear.bias": (d,), "weight": (V, d)}
-    for key, (_, _, kind) in parsed.items():
+                         f"{num_layers} ({kind} heads): missing {missing[:4]}, unexpected "
+                         f"{extra[:4]}")
+    d_shape = tuple(tensors["0.0.linear.weight"][0])
+    if len(d_shape) != 2 or 0 in d_shape:
+        raise ValueError(f"{source}: head tensor 0.0.linear.weight has shape {list(d_shape)}, "
+                         "expected [d, d] with d >= 1")
+    d = d_shape[1]
+    R = None
+    if tmap is not None:
+        shape, dtype, floating = tmap
+        if len(shape) != 1 or shape[0] < 1 or floating or dtype not in ("I64", torch.int64):
+            raise ValueError(f"{source}: {TOKEN_MAP_KEY} must be a 1-D int64 tensor of R >= 1 "
+                             f"token ids, got {dtype} of shape {list(shape)}")
+        R = shape[0]
+        if vocab_size is None:
+            raise ValueError(f"{source}: heads with a {TOKEN_MAP_KEY} need vocab_size (the base "
+                             "vocabulary) in their config.json")
+    if shared:
+        if vocab_size is None:
+            raise ValueError(f"{source}: shared heads need vocab_size (the base vocabulary) in "
+                             "their config.json")
+        V = vocab_size
+        rows = R or V
+    else:
+        w2_shape = tuple(tensors[f"0.{num_layers}.weight"][0])
+        if len(w2_shape) != 2 or 0 in w2_shape:
+            raise ValueError(f"{source}: head tensor 0.{num_layers}.weight has shape "
+                             f"{list(w2_shape)}, expected [V, d] with V, d >= 1")
+        rows = w2_shape[0]
+        if R is not None and rows != R:
+            raise ValueError(f"{source}: head tensor 0.{num_layers}.weight has {rows} rows but "
+                             f"{TOKEN_MAP_KEY} holds {R} token ids")
+        V = vocab_size if R is not None else rows
+    if R is not None and R > V:
+        raise ValueError(f"{source}: {TOKEN_MAP_KEY} holds {R} ids, more than vocab_size {V}")
+    shapes = {"linear.weight": (d, d), "linear.bias": (d,), "weight": (rows, d)}
+    for key, (_, _, kind_) in parsed.items():
         shape, dtype, floating = tensors[key]
-        if tuple(shape) != shapes[kind]:
+        if tuple(shape) != shapes[kind_]:
             raise ValueError(f"{source}: head tensor {key} has shape {list(shape)}, "
-                             f"expected {list(shapes[kind])} (d = {d}, V = {V} from "
-                             f"0.{num_layers}.weight)")
+                             f"expected {list(shapes[kind_])} (d = {d}, rows = {rows})")
         if not floating:
             raise ValueError(f"{source}: head tensor {key} has dtype {dtype}, not float")
-    return num_heads, num_layers, d, V
+    return HeadsSpec(kind, num_heads, num_layers, d, V, R)
+
+
+def _build_heads(spec: HeadsSpec, tp: TPGroup = SINGLE) -> MedusaHeads:
+    with torch.device("meta"):
+        return MedusaHeads(spec.num_heads, spec.num_layers, spec.hidden_size, spec.vocab_size,
+                           tp, kind=spec.kind, token_map=spec.draft_vocab)
 
 
 def heads_from_state(state: dict[str, torch.Tensor], num_heads: int | None,
-                     num_layers: int | None, source: str) -> MedusaHeads:
+                     num_layers: int | None, source: str, kind: str = "separate",
+                     vocab_size: int | None = None) -> MedusaHeads:
     """Stack public-layout tensors into ``MedusaHeads`` (checked by ``heads_dims``)."""
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{source}: {key!r} is not a Medusa head tensor "
                              "({h}.{i}.linear.weight, {h}.{i}.linear.bias, {h}.{L}.weight)")
-    num_heads, num_layers, d, V = heads_dims(
+    spec = heads_dims(
         {k: (tuple(v.shape), v.dtype, v.is_floating_point()) for k, v in state.items()}, num_heads,
-        num_layers, source)
-    with torch.device("meta"):
-        heads = MedusaHeads(num_heads, num_layers, d, V)
-    heads = heads.to_empty(device="cpu")
-    _fill_heads(heads, state.items())
+        num_layers, source, kind, vocab_size)
+    heads = _build_heads(spec).to_empty(device="cpu")
+    _fill_heads(heads, state.items(), source)
     return heads
 
 
-def _fill_heads(heads: MedusaHeads, tensors) -> None:
+def _fill_heads(heads: MedusaHeads, tensors, source: str = "heads") -> None:
     """Copy (public name, tensor) pairs into ``heads`` (projections: this rank's rows)."""
     with torch.no_grad():
         for key, value in tensors:
+            if key == TOKEN_MAP_KEY:
+                try:
+                    heads.set_token_map(value)
+                except ValueError as e:
+                    raise ValueError(f"{source}: {e}") from None
+                continue
             h, i, kind = _HEAD_KEY.fullmatch(key).groups()
             h, i = int(h), int(i)
             if kind == "weight":
@@ -405,11 +479,12 @@ def has_heads(path) -> bool:
     return any(n.startswith(HEADS_PREFIX) for n in tensor_index(files))
 
 
-def _heads_config(path) -> tuple[int | None, int | None]:
-    """medusa_num_heads, medusa_num_layers from ``path``/config.json (None where absent)."""
+def _heads_config(path) -> tuple[int | None, int | None, str, int | None]:
+    """medusa_num_heads, medusa_num_layers (None where absent), medusa_head_kind ("separate"
+    where absent) and, for heads that say their kind, vocab_size, from ``path``/config.json."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        return None, None
+        return None, None, "separate", None
     cfg = read_config(cfg_path)
     out = []
     for key in ("medusa_num_heads", "medusa_num_layers"):
@@ -418,18 +493,25 @@ def _heads_config(path) -> tuple[int | None, int | None]:
                                   or not 1 <= value <= 1024):
             raise ValueError(f"{cfg_path}: {key} = {value!r} must be an int in [1, 1024]")
         out.append(value)
-    return out[0], out[1]
+    kind = cfg.get(KIND_KEY, "separate")
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"{cfg_path}: {KIND_KEY} = {kind!r} must be one of {HEAD_KINDS}")
+    vocab = cfg.get("vocab_size") if KIND_KEY in cfg else None
+    if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1):
+        raise ValueError(f"{cfg_path}: vocab_size = {vocab!r} must be an int >= 1")
+    return out[0], out[1], kind, vocab
 
 
 def load_medusa_heads(path, dtype=None, device="cpu", tp: TPGroup = SINGLE) -> MedusaHeads:
     """Heads from layout (a) (heads-only directory) or (b) (base model dir with medusa_head.*);
     under tensor parallelism (``tp``) this rank's vocabulary rows of every projection, read as
     slices from safetensors (a ``medusa_lm_head.pt`` cannot be sliced: each rank reads it
-    whole, keeps its rows and frees the rest)."""
+    whole, keeps its rows and frees the rest). Shared heads come back without their
+    projection: ``attach_lm_head`` (``load_model`` does it)."""
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     _check_dir(path)
-    num_heads, num_layers = _heads_config(path)
+    num_heads, num_layers, kind, vocab = _heads_config(path)
     st, pt = os.path.join(path, HEADS_FILE), os.path.join(path, "medusa_lm_head.pt")
     prefix = ""
     if os.path.isfile(st):
@@ -449,16 +531,21 @@ def load_medusa_heads(path, dtype=None, device="cpu", tp: TPGroup = SINGLE) -> M
             raise ValueError(f"{pt}: not a readable torch file ({type(e).__name__}: {e})") from None
         if not isinstance(state, dict):
             raise TypeError(f"{pt}: must hold a dict of tensors, got {type(state).__name__}")
-        heads = heads_from_state(state, num_heads, num_layers, source=str(source))
+        heads = heads_from_state(state, num_heads, num_layers, str(source), kind, vocab)
         if tp.world > 1:
-            whole, heads = heads, _empty_heads(heads.num_heads, heads.num_layers,
-                                               heads.hidden_size, heads.vocab_size, tp, dtype,
-                                               device)
-            start, stop = vocab_range(whole.vocab_size, tp.world, tp.rank)
+            whole = heads
+            spec = HeadsSpec(whole.kind, whole.num_heads, whole.num_layers, whole.hidden_size,
+                             whole.vocab_size, None if whole.token_map is None
+                             else whole.draft_vocab)  # fmt: skip
+            heads = _build_heads(spec, tp).to(dtype=dtype).to_empty(device=device)
             with torch.no_grad():
                 for name in ("w1", "b1"):
                     getattr(heads, name).copy_(getattr(whole, name))
-                heads.w2.copy_(whole.w2[:, start:stop])
+                if whole.token_map is not None:
+                    heads.token_map.copy_(whole.token_map)
+                if whole.kind == "separate":
+                    start, stop = vocab_range(whole.draft_vocab, tp.world, tp.rank)
+                    heads.w2.copy_(whole.w2[:, start:stop])
         return heads.to(device=device, dtype=dtype).eval()
     index = {k[len(prefix):]: info for k, info in tensor_index(files).items()
              if k.startswith(prefix)}
@@ -467,35 +554,43 @@ def load_medusa_heads(path, dtype=None, device="cpu", tp: TPGroup = SINGLE) -> M
             f"{path}: no Medusa heads ({HEADS_FILE}, medusa_lm_head.pt or "
             f"{HEADS_PREFIX}* tensors in the model weights)"
         )
-    K, L, d, V = heads_dims({k: (info.shape, info.dtype, info.dtype in FLOAT_DTYPES)
-                             for k, info in index.items()}, num_heads, num_layers, str(source))
-    heads = _empty_heads(K, L, d, V, tp, dtype, device)
-    layout = VocabLayout(tp.world, tp.rank, V)
-    tensors = iter_shards(files, layout, keep=lambda n: n.startswith(prefix))
-    _fill_heads(heads, ((n[len(prefix):], t) for n, t in tensors))
+    spec = heads_dims({k: (info.shape, info.dtype, info.dtype in FLOAT_DTYPES)
+                       for k, info in index.items()}, num_heads, num_layers, str(source), kind,
+                      vocab)  # fmt: skip
+    heads = _build_heads(spec, tp).to(dtype=dtype).to_empty(device=device)
+    layout = VocabLayout(tp.world, tp.rank, spec.draft_vocab or spec.vocab_size)
+    map_name = prefix + TOKEN_MAP_KEY
+    tensors = iter_shards(files, layout,
+                          keep=lambda n: n.startswith(prefix) and n != map_name)
+    _fill_heads(heads, ((n[len(prefix):], t) for n, t in tensors), str(source))
+    if spec.draft_vocab is not None:  # the whole map on every rank
+        owner = next(f for f in files if map_name in tensor_index([f]))
+        with safe_open(owner, framework="pt") as f:
+            _fill_heads(heads, [(TOKEN_MAP_KEY, f.get_tensor(map_name))], str(source))
     return heads.eval()
 
 
-def _empty_heads(K, L, d, V, tp, dtype, device) -> MedusaHeads:
-    with torch.device("meta"):
-        heads = MedusaHeads(K, L, d, V, tp)
-    return heads.to(dtype=dtype).to_empty(device=device)
-
-
-def save_medusa_heads(heads: MedusaHeads, out_dir, base_model_name_or_path: str = "") -> None:
-    """Write heads in layout (a): config.json + medusa_lm_head.safetensors."""
+def save_medusa_heads(heads: MedusaHeads, out_dir, base_model_name_or_path: str = "",
+                      dtype: torch.dtype | None = None) -> None:
+    """Write heads in layout (a): config.json + medusa_lm_head.safetensors (floats in
+    ``dtype`` when given). Shared heads add ``medusa_head_kind: "shared"`` and hold no
+    projection; a trimmed vocabulary adds the ``token_map`` tensor and
+    ``medusa_draft_vocab_size``."""
     os.makedirs(out_dir, exist_ok=True)
     config = {
         "medusa_num_heads": heads.num_heads,
         "medusa_num_layers": heads.num_layers,
+        KIND_KEY: heads.kind,
         "base_model_name_or_path": base_model_name_or_path,
         "hidden_size": heads.hidden_size,
         "vocab_size": heads.vocab_size,
     }
+    if heads.token_map is not None:
+        config["medusa_draft_vocab_size"] = heads.draft_vocab
+    state = heads_state_dict(heads, dtype)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    save_file(heads_state_dict(heads), os.path.join(out_dir, HEADS_FILE),
-              metadata={"format": "pt"})
+    save_file(state, os.path.join(out_dir, HEADS_FILE), metadata={"format": "pt"})
 
 
 @dataclass
@@ -599,6 +694,11 @@ def load_model(base_dir, medusa=None, dtype=None, device="cpu", tp=None) -> Medu
     heads = None
     if heads_dir is not None:
         heads = load_medusa_heads(heads_dir, dtype, device, tp)
+        if heads.kind == "shared":
+            if heads.vocab_size != base.cfg.vocab_size:
+                raise ValueError(f"{heads_dir}: shared heads for V={heads.vocab_size} but the "
+                                 f"base model is V={base.cfg.vocab_size}")
+            heads.attach_lm_head(base.lm_head.weight)
         if (heads.hidden_size, heads.vocab_size) != (base.cfg.hidden_size, base.cfg.vocab_size):
             raise ValueError(
                 f"{heads_dir}: heads are d={heads.hidden_size}, V={heads.vocab_size} but the base "

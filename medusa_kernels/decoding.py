@@ -298,7 +298,7 @@ def _policy(model: MedusaModel, config: GenerationConfig) -> tuple[object, str]:
     """(policy, label) of the settings: plain decoding, a policy (given, or shipped for the
     device), or one tree (given whole, or the device's default cut to the model)."""
     num_heads = model.heads.num_heads if model.heads is not None else None
-    V = model.base.cfg.vocab_size
+    V = model.heads.draft_vocab if model.heads is not None else model.base.cfg.vocab_size
     if not config.medusa:
         return FixedTreePolicy([]), "plain"
     if config.tree_policy is not None:
@@ -346,7 +346,8 @@ def _plan(model: MedusaModel, prompt, config: GenerationConfig, propose) -> _Pla
         raise ValueError(f"tree policy {label!r}: trees() lists no tree")
     for t in trees:  # asked for (or shipped): used whole, or a clear error
         try:
-            check_fits([list(p) for p in t], label, num_heads, V)
+            check_fits([list(p) for p in t], label, num_heads,
+                       model.heads.draft_vocab if model.heads is not None else V)
         except ValueError as e:
             if isinstance(policy, FixedTreePolicy):
                 raise

@@ -4,6 +4,9 @@
     python -m medusa_kernels.train distill --model BASE --prompts prompts.jsonl --out data/
     # 2. Medusa-1: frozen backbone, heads only
     python -m medusa_kernels.train medusa1 --model BASE --data data/ --out run/ --steps 2000
+    # shared heads (ResBlocks + the frozen lm_head) over the 8192 most frequent targets:
+    python -m medusa_kernels.train medusa1 --model BASE --data data/ --out run/ \\
+        --heads shared --vocab 8192 --head-layers 2
     # Medusa-2: joint, backbone held to the original by KL on self-distilled data
     python -m medusa_kernels.train medusa2 --model BASE --data data/ --out run2/ \\
         --heads-warmup-steps 500 --unfreeze-last 4
@@ -100,7 +103,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="self-distil these prompts first (into --data or OUT/data)")
         _distill_args(t, prefix="distill-")
         t.add_argument("--num-heads", type=int, default=5)
-        t.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
+        t.add_argument("--num-layers", "--head-layers", dest="num_layers", type=int, default=1,
+                       help="ResBlocks per head")
+        t.add_argument("--heads", dest="heads_kind", choices=["separate", "shared"],
+                       default="separate",
+                       help="separate: each head its own vocabulary projection (public Medusa "
+                            "heads); shared: ResBlocks ending in the base model's lm_head "
+                            "(frozen), 1/(V/d) of the parameters")
+        t.add_argument("--vocab", type=int, default=None, metavar="N",
+                       help="trimmed draft vocabulary: the N most frequent target tokens of the "
+                            "training data (saved as the heads' token_map)")
         t.add_argument("--seq-len", type=int, default=2048)
         t.add_argument("--no-pack", action="store_true", help="one sample per row")
         t.add_argument("--train-on-prompt", action="store_true")
@@ -181,7 +193,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.command} needs --data DATASET or --prompts FILE (to "
                          "self-distil first)")
     for flag in ("max_new_tokens", "batch_size", "num_heads", "num_layers", "seq_len", "steps",
-                 "micro_batch_size", "limit", "distill_batch_size"):
+                 "micro_batch_size", "limit", "distill_batch_size", "vocab"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")

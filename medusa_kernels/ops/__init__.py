@@ -8,6 +8,7 @@ from .acceptance import accept_greedy, accept_greedy_ids, accept_typical, sample
 from .compact_kv import compact_kv_cache, compact_kv_cache_ref
 from .heads_topk import lm_head_topk, lm_head_topk_ref, medusa_heads_topk, medusa_heads_topk_ref
 from .sampling import accept_exact, accept_exact_ids, filter_logits, sample_logits, sampling_probs
+from .shared_heads_topk import shared_heads_topk, shared_heads_topk_ref
 from .tree_attention import (
     pack_tree_mask,
     tree_attention,
@@ -32,6 +33,8 @@ __all__ = [
     "sample_logits",
     "sample_tokens",
     "sampling_probs",
+    "shared_heads_topk",
+    "shared_heads_topk_ref",
     "tree_attention",
     "tree_attention_ref",
     "unpack_tree_mask",

@@ -559,6 +559,32 @@ def _launch_config(N, dtype, k, gemv, block_v, block_d, block_o, block_i) -> tup
     return gemv, cfg
 
 
+def _resblocks(hidden: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, gemv: bool,
+               cfg: _Config, out_dtype: torch.dtype) -> torch.Tensor:
+    """Stage 1: h' [K, N, d] in ``out_dtype`` (``gemv``: the N = 1 CUDA-core form)."""
+    N, d = hidden.shape
+    K = w1.shape[0]
+    h_res = torch.empty(K, N, d, dtype=out_dtype, device=hidden.device)
+    token_blocks = triton.cdiv(N, cfg.block_n)
+    per_head = triton.cdiv(d, cfg.block_o)
+    consts = dict(
+        BLOCK_O=cfg.block_o, BLOCK_I=cfg.block_i, BLOCK_N=cfg.block_n,
+        GEMV=gemv, EVEN_D=d % cfg.block_i == 0,
+        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32", STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    args = (N, d, per_head, 0, K * per_head, *hidden.stride(), *w1.stride(), *b1.stride())
+    ctas = ctas_per_sm(_resblock_kernel, (hidden, w1, b1, h_res, *args), consts,
+                       cfg.res_ctas_per_sm, hidden.device)  # fmt: skip
+    per_head, per_program, programs = _resblock_grid(K, d, token_blocks, cfg.block_o, ctas,
+                                                     hidden.device)  # fmt: skip
+    _resblock_kernel[(token_blocks, programs)](
+        hidden, w1, b1, h_res,
+        N, d, per_head, per_program, K * per_head,
+        *hidden.stride(), *w1.stride(), *b1.stride(), **consts)
+    return h_res
+
+
 def medusa_heads_topk_triton(
     hidden: torch.Tensor,
     w1: torch.Tensor,
@@ -587,27 +613,8 @@ def medusa_heads_topk_triton(
         return (hidden.new_empty(0, K, k, dtype=torch.float32),
                 hidden.new_empty(0, K, k, dtype=torch.int64))  # fmt: skip
     gemv, cfg = _launch_config(N, hidden.dtype, k, gemv, block_v, block_d, block_o, block_i)
-    block_n = cfg.block_n
     # h' in fp32 for the GEMV; in the weights' dtype for the dots, which round it to that anyway
-    h_res = torch.empty(K, N, d, dtype=torch.float32 if gemv else hidden.dtype,
-                        device=hidden.device)  # fmt: skip
-    token_blocks = triton.cdiv(N, block_n)
-    per_head = triton.cdiv(d, cfg.block_o)
-    consts = dict(
-        BLOCK_O=cfg.block_o, BLOCK_I=cfg.block_i, BLOCK_N=block_n,
-        GEMV=gemv, EVEN_D=d % cfg.block_i == 0,
-        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32", STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    args = (N, d, per_head, 0, K * per_head, *hidden.stride(), *w1.stride(), *b1.stride())
-    ctas = ctas_per_sm(_resblock_kernel, (hidden, w1, b1, h_res, *args), consts,
-                       cfg.res_ctas_per_sm, hidden.device)  # fmt: skip
-    per_head, per_program, programs = _resblock_grid(K, d, token_blocks, cfg.block_o, ctas,
-                                                     hidden.device)  # fmt: skip
-    _resblock_kernel[(token_blocks, programs)](
-        hidden, w1, b1, h_res,
-        N, d, per_head, per_program, K * per_head,
-        *hidden.stride(), *w1.stride(), *b1.stride(), **consts)
+    h_res = _resblocks(hidden, w1, b1, gemv, cfg, torch.float32 if gemv else hidden.dtype)
     return _vocab_topk(w2, tuple(w2.stride()), h_res, tuple(h_res.stride()), K, N, V, d, k,
                        gemv, cfg, chunks)  # fmt: skip
 

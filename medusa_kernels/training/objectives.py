@@ -45,24 +45,25 @@ def causal_hidden(model: Transformer, tokens: torch.Tensor, positions: torch.Ten
 
 
 def head_logits(heads: MedusaHeads, hidden: torch.Tensor, k: int) -> torch.Tensor:
-    """Head k's logits for hidden [N, d] -> [N, V] (the math of ``MedusaHeads.forward``)."""
-    h = hidden
-    for layer in range(heads.num_layers):
-        h = h + F.silu(F.linear(h, heads.w1[k, layer], heads.b1[k, layer]))
-    return F.linear(h, heads.w2[k])
+    """Head k's logits for hidden [N, d] -> [N, R] over its draft vocabulary (column j: token
+    ``heads.token_map[j]``; R = V without a map)."""
+    return heads.head_logits(hidden, k)
 
 
 def heads_loss_sums(heads: MedusaHeads, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
     """Per-head cross-entropy sums [K]: head k at position t against token t + k + 2.
 
-    Runs every head even when it has no valid position (an empty selection), so every
-    parameter takes part in the graph (DDP needs that).
+    With a trimmed vocabulary the cross-entropy is over the R draft tokens and positions whose
+    target is not among them add nothing (no row can predict it; they still count in the
+    position totals). Runs every head even when it has no valid position (an empty selection),
+    so every parameter takes part in the graph (DDP needs that).
     """
     sums = []
     for k in range(heads.num_heads):
         valid, labels = shifted_targets(batch, k + 2)
         logits = upcast(head_logits(heads, hidden[valid], k))
-        sums.append(F.cross_entropy(logits, labels[valid], reduction="sum"))
+        target = heads.token_rows(labels[valid])
+        sums.append(F.cross_entropy(logits, target, ignore_index=-1, reduction="sum"))
     return torch.stack(sums)
 
 
@@ -115,7 +116,10 @@ def rank_hits(heads: MedusaHeads, base: Transformer, hidden: torch.Tensor, batch
         logits = (base.logits(h) if j == 0 else head_logits(heads, h, j - 1)).float()
         y = labels[valid]
         idx = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices
+        target = y
+        if j > 0:  # draft columns -> token ids; targets outside a token map: a miss, no loss
+            idx, target = heads.to_token_ids(idx), heads.token_rows(y)
         hits[j, :idx.shape[1]] = (idx == y[:, None]).double().sum(0)
         counts[j] = y.numel()
-        losses[j] = F.cross_entropy(logits, y, reduction="sum").double()
+        losses[j] = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum").double()
     return hits, counts, losses

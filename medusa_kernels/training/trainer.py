@@ -74,7 +74,9 @@ class TrainConfig:
     data_format: str = "jsonl"
     # heads
     num_heads: int = 5
-    num_layers: int = 1
+    num_layers: int = 1  # ResBlocks per head (CLI: --num-layers / --head-layers)
+    heads_kind: str = "separate"  # or "shared": ResBlocks + the base lm_head (frozen)
+    vocab: int | None = None  # trimmed vocabulary: the N most frequent target tokens
     # data
     seq_len: int = 2048
     pack: bool = True
@@ -280,7 +282,7 @@ def position_counts(batch: dict, K: int, backbone_kind: str | None) -> torch.Ten
 def evaluate(base: Transformer, heads: MedusaHeads, batches: list[dict], topk: int, world: int,
              autocast) -> dict:
     """Per-head rank hit rates on ``batches`` (this rank's share), summed over ranks."""
-    device = heads.w2.device
+    device = heads.w1.device
     K = heads.num_heads
     hits = torch.zeros(K + 1, topk, dtype=torch.float64, device=device)
     counts = torch.zeros(K + 1, dtype=torch.float64, device=device)
@@ -322,14 +324,16 @@ def measure_accept(model_dir: str, heads_dir: str, original_dir: str,
     trained = load_model(model_dir, medusa=heads_dir, device=device)
     K, L = trained.heads.num_heads, trained.heads.num_layers
     orig = load_base_model(original_dir, trained.dtype, device)
-    fresh = MedusaHeads(K, L, orig.cfg.hidden_size, orig.cfg.vocab_size).to(device, trained.dtype)
+    fresh = MedusaHeads(K, L, orig.cfg.hidden_size, orig.cfg.vocab_size,
+                        kind=trained.heads.kind, token_map=trained.heads.token_map)
+    fresh = fresh.to(device, trained.dtype)
     fresh.init_from_lm_head(orig.lm_head.weight)
     untrained = MedusaModel(orig, fresh.eval(), original_dir)
     eos = trained.eos_token_id()
     out: dict = {"prompts": len(prompts), "max_new_tokens": max_new_tokens,
                  "tree": tree or DEFAULT_TREE, "dtype": str(trained.dtype).split(".")[-1]}
     if tree is None:  # the same tree for both models: the paper's, cut to the heads
-        tree = resolve_choices(None, K, orig.cfg.vocab_size)
+        tree = resolve_choices(None, K, trained.heads.draft_vocab)
     same = True
     for name, m in (("trained", trained), ("untrained", untrained)):
         counts, tokens, t = [], 0, 0.0
@@ -479,11 +483,19 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Tra
                f"tokens, {len(eval_s)} held out; {steps} steps of {cfg.batch_size} rows on "
                f"{world} process(es); backbone loss {bb_kind}")
 
-    # -- heads (Medusa's initialisation: ResBlocks zero, projections = the lm_head)
+    # -- heads (Medusa's initialisation: ResBlocks zero, projections = the lm_head; shared
+    # heads read the frozen lm_head itself); a trimmed vocabulary: the most frequent targets
     cfgm = base.cfg
-    heads = MedusaHeads(cfg.num_heads, cfg.num_layers, cfgm.hidden_size, cfgm.vocab_size)
+    token_map = None
+    if cfg.vocab is not None:
+        token_map = frequent_tokens(train_s, cfgm.vocab_size, cfg.vocab, cfg.train_on_prompt)
+    heads = MedusaHeads(cfg.num_heads, cfg.num_layers, cfgm.hidden_size, cfgm.vocab_size,
+                        kind=cfg.heads_kind, token_map=token_map)
     heads = heads.to(device, head_dtype)
     heads.init_from_lm_head(base.lm_head.weight.detach().to(head_dtype))
+    _log(rank, f"heads: {cfg.heads_kind}, {cfg.num_layers} ResBlock(s), draft vocabulary "
+               f"{heads.draft_vocab} of {cfgm.vocab_size}, "
+               f"{sum(p.numel() for p in heads.parameters())} trained parameters")
 
     result = TrainResult(heads, base, os.path.join(cfg.out, "heads"),
                          os.path.join(cfg.out, "model") if joint_mode else cfg.model)
@@ -571,6 +583,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Tra
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
+            if heads.kind == "shared" and base.lm_head.weight.requires_grad:  # Medusa-2
+                heads.attach_lm_head(base.lm_head.weight.detach().to(head_dtype))
             opt.zero_grad(set_to_none=True)
             done += 1
             bar.update(1)
@@ -600,8 +614,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Tra
     # -- save (rank 0)
     save_dtype = cfg.save_dtype or DTYPES.get(_model_dtype_name(cfg_json) or "", torch.float32)
     if rank == 0:
-        save_medusa_heads(copy.deepcopy(heads).to("cpu", save_dtype), result.heads_dir,
-                          base_model_name_or_path=os.path.abspath(result.model_dir))
+        save_medusa_heads(heads, result.heads_dir,
+                          base_model_name_or_path=os.path.abspath(result.model_dir),
+                          dtype=save_dtype)
         if joint_mode:
             save_base_model(_Cast(base, save_dtype), result.model_dir, cfg_json)
             for name in TOKENIZER_FILES:
@@ -639,6 +654,23 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Tra
             with open(path, "w") as f:
                 json.dump(report, f, indent=1)
     return result
+
+
+def frequent_tokens(samples, vocab_size: int, n: int, train_on_prompt: bool = False
+                    ) -> torch.Tensor:
+    """The token map of a trimmed vocabulary: the ``n`` most frequent target tokens of
+    ``samples`` (response tokens, and prompt tokens with ``train_on_prompt``; frequency ties to
+    the lower id), as strictly ascending int64 ids [n]."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= vocab_size:
+        raise ValueError(f"vocab must be an int in [1, vocab_size = {vocab_size}], got {n!r}")
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for s in samples:
+        ids = s.ids if train_on_prompt else s.ids[s.prompt_len:]
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        if ids.numel():
+            counts += torch.bincount(ids, minlength=vocab_size)[:vocab_size]
+    order = torch.sort(counts, descending=True, stable=True).indices  # ties: lower id first
+    return order[:n].sort().values
 
 
 def _chunks(items: list[int], n: int) -> list[list[int]]:
