@@ -121,6 +121,8 @@ def self_distill(cfg: DistillConfig, model: MedusaModel | None = None,
         "temperature": cfg.temperature,
         "top_logits": cfg.top_logits,
     }
+    if cfg.save_hidden:  # only then: datasets written before the option resume as they were
+        meta["save_hidden"] = True
     writer = DatasetWriter(cfg.out, cfg.format, meta, rank=rank)
     if world > 1:  # every rank reads what is done before any rank writes more
         torch.distributed.barrier()
