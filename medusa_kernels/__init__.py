@@ -1,7 +1,8 @@
 """medusa_kernels: fused GPU kernels and a thin PyTorch decoder for Medusa decoding.
 
 Kernels (each ``backend="auto" | "torch" | "triton" | "cuda"``): ``tree_attention``,
-``medusa_heads_topk``, ``compact_kv_cache``, ``accept_greedy``, ``accept_typical``.
+``medusa_heads_topk``, ``shared_heads_topk``, ``compact_kv_cache``, ``accept_greedy``,
+``accept_typical``.
 Decoding: ``load_model`` (or ``demo.load()``) then ``generate``; settings:
 ``GenerationConfig``; trees: ``build_tree``, ``TREES``.
 
@@ -30,7 +31,7 @@ _EXPORTS = {
     "ModelConfig": "model", "Transformer": "model",
     "accept_greedy": "ops", "accept_greedy_ids": "ops", "accept_typical": "ops",
     "compact_kv_cache": "ops", "medusa_heads_topk": "ops", "pack_tree_mask": "ops",
-    "sample_tokens": "ops", "tree_attention": "ops",
+    "sample_tokens": "ops", "shared_heads_topk": "ops", "tree_attention": "ops",
     "TREES": "tree", "TreeBuffers": "tree", "build_tree": "tree",
 }  # fmt: skip
 _SUBMODULES = {"bench", "calibrate", "checkpoint", "decoding", "demo", "generation_config",
@@ -41,7 +42,7 @@ __all__ = [
     "ModelConfig", "StreamStep", "TREES", "Transformer", "TreeBuffers", "accept_greedy",
     "accept_greedy_ids", "accept_typical", "build_tree", "compact_kv_cache", "generate",
     "load_medusa_heads", "load_model", "medusa_heads_topk", "pack_tree_mask", "sample_tokens",
-    "save_medusa_heads", "tree_attention",
+    "save_medusa_heads", "shared_heads_topk", "tree_attention",
 ]  # the lazy names below (kept equal to _EXPORTS by a test)
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
@@ -58,6 +59,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
         medusa_heads_topk,
         pack_tree_mask,
         sample_tokens,
+        shared_heads_topk,
         tree_attention,
     )
     from .tree import TREES, TreeBuffers, build_tree

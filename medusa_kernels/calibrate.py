@@ -455,8 +455,9 @@ def _main(argv: list[str]) -> int:
     model = load_model(args.model, medusa=medusa, device=args.device)
     if model.heads is None:
         raise ValueError(f"no Medusa heads in {args.model}: pass --medusa DIR")
-    if args.topk > model.base.cfg.vocab_size:
-        raise ValueError(f"--topk {args.topk} exceeds the vocabulary ({model.base.cfg.vocab_size})")
+    if args.topk > model.heads.draft_vocab:
+        raise ValueError(f"--topk {args.topk} exceeds the heads' draft vocabulary "
+                         f"({model.heads.draft_vocab})")
     eos = model.eos_token_id()
     if args.prompts is not None:
         prompts = data.read_prompts(args.prompts, model.tokenizer())
@@ -524,7 +525,7 @@ def _main(argv: list[str]) -> int:
         else:
             measure_on, source = prompts, "the calibration prompts"
         # the paper's tree, cut to the heads and the vocabulary
-        default = resolve_choices(None, len(acc), model.base.cfg.vocab_size)
+        default = resolve_choices(None, len(acc), model.heads.draft_vocab)
         measured = [p for p in default if max(p) < args.topk]  # ranks with an accuracy
         out["measured_on"], out["measured_prompts"] = source, len(measure_on)
         out["measured_accepted"] = round(measured_accepted(

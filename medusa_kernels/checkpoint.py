@@ -694,15 +694,12 @@ def load_model(base_dir, medusa=None, dtype=None, device="cpu", tp=None) -> Medu
     heads = None
     if heads_dir is not None:
         heads = load_medusa_heads(heads_dir, dtype, device, tp)
-        if heads.kind == "shared":
-            if heads.vocab_size != base.cfg.vocab_size:
-                raise ValueError(f"{heads_dir}: shared heads for V={heads.vocab_size} but the "
-                                 f"base model is V={base.cfg.vocab_size}")
-            heads.attach_lm_head(base.lm_head.weight)
         if (heads.hidden_size, heads.vocab_size) != (base.cfg.hidden_size, base.cfg.vocab_size):
             raise ValueError(
                 f"{heads_dir}: heads are d={heads.hidden_size}, V={heads.vocab_size} but the base "
                 f"model is d={base.cfg.hidden_size}, V={base.cfg.vocab_size}"
             )
+        if heads.kind == "shared":  # the base model's lm_head (this rank's rows)
+            heads.attach_lm_head(base.lm_head.weight)
     sync_random_state(tp, device)
     return MedusaModel(base, heads, str(base_dir))

@@ -235,14 +235,26 @@ class MedusaHeads(nn.Module):
     def forward(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         """Full logits over the draft vocabulary: hidden [..., d] -> [..., K, R] (column j:
         token ``token_map[j]``, or j without a map). Training and the reference path; gathered
-        over the ranks under tensor parallelism, without autograd through them."""
+        over the ranks under tensor parallelism (trimmed shared heads: each rank's share of the
+        map, uneven), without autograd through them."""
         logits = self._local_logits(hidden, num_heads or self.num_heads)
         if self.tp.world == 1:
             return logits
         if self.kind == "shared" and self.token_map is not None:
-            raise ValueError("forward: trimmed shared heads under tensor parallelism hold an "
-                             "uneven share of the map per rank; use topk")
+            return self._gather_map_columns(logits.contiguous())
         return gather_vocab(logits.contiguous(), self.tp, self.draft_vocab)
+
+    def _gather_map_columns(self, logits: torch.Tensor) -> torch.Tensor:
+        """Trimmed shared heads under tensor parallelism: each rank holds the map's ids in its
+        vocabulary rows (an uneven share); pad to the widest, all-gather, and concatenate in
+        rank order, which is map order (the map ascends, the ranks' rows too)."""
+        tmap, world, V = self.token_map, self.tp.world, self._vocab_size
+        counts = [int(((tmap >= a) & (tmap < b)).sum())
+                  for a, b in (vocab_range(V, world, r) for r in range(world))]
+        widest = max(counts)
+        padded = F.pad(logits, (0, widest - logits.shape[-1]))
+        gathered = self.tp.all_gather(padded)  # [world, ..., widest]
+        return torch.cat([gathered[r, ..., :counts[r]] for r in range(world)], dim=-1)
 
     def to_token_ids(self, rows: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary columns (of ``forward``) -> token ids."""

@@ -48,6 +48,7 @@ WORKER = os.path.join(HERE, "parallel_worker.py")
 RUN_TIMEOUT = 240  # seconds for one multi-rank run (about 25 s for 4 ranks on 2 busy cores)
 HEADS = dict(num_attention_heads=8, num_key_value_heads=4)  # GQA 2: splits 2 and 4 ways
 FAMILIES = ["llama-gqa-llama3rope", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
+SHARED = "qwen2-shared-heads-map"  # shared heads over a trimmed vocabulary (test_shared_heads.py)
 TIE_KS = (1, 2, 4, 7, 30)  # 30: more than a rank's 25 or 26 rows at 4 ranks (V = 101)
 TIE_D = 8
 
@@ -96,6 +97,14 @@ def checkpoints(tmp_path_factory):
         make_hf_model(name, seed=seed, layers=2, path=base, **HEADS)
         save_random_heads(heads, num_heads=3, seed=seed)
         families.append((name, str(base), str(heads)))
+    base, heads = root / SHARED, root / f"{SHARED}-heads"
+    make_hf_model("qwen2", seed=len(FAMILIES), layers=2, path=base, **HEADS)
+    shared = MedusaHeads(3, 1, 64, VOCAB, kind="shared", token_map=torch.arange(1, VOCAB, 2))
+    shared.init_from_lm_head(load_base_model(base, torch.float32).lm_head.weight)
+    with torch.no_grad():
+        shared.w1.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    save_medusa_heads(shared, heads)
+    families.append((SHARED, str(base), str(heads)))
     ties = []
     for layers in (1, 2):
         ties.append(str(root / f"ties{layers}"))
@@ -269,7 +278,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + [SHARED])
 def test_tp_decoding_matches_one_process(ranks, reference, name):
     """Logits (prefill, tree step, heads) within fp32 tolerance; greedy ids, plain and Medusa
     greedy generations and seeded typical acceptance token for token; every rank's results

@@ -117,6 +117,12 @@ def test_medusa1_shared_and_trimmed_heads_train_save_and_decode(base_dir, data_d
             assert tmap.dtype == torch.int64 and tmap.shape == (vocab,)
             assert cfg["medusa_draft_vocab_size"] == vocab
             assert torch.equal(tmap, r.heads.token_map)
+    summary = read_json(os.path.join(out, "train_report.json"))["heads"]
+    d, R = r.heads.hidden_size, vocab or VOCAB
+    assert summary["parameters"] == 3 * layers * (d * d + d) + (3 * R * d if kind == "separate"
+                                                                else 0)
+    assert summary["bytes_per_step"] == 4 * (3 * layers * (d * d + d) +
+                                             (3 if kind == "separate" else 1) * R * d)
     m = load_model(base_dir, medusa=os.path.join(out, "heads"), dtype=torch.float32)
     assert (m.heads.kind, m.heads.num_layers, m.heads.draft_vocab) == \
         (kind, layers, vocab or VOCAB)
@@ -153,3 +159,37 @@ def test_medusa2_shared_heads_follow_the_trained_lm_head(base_dir, data_dir, tmp
     prompts = [[5, 17, 3]]
     fast = generate(m, prompts, max_new_tokens=12, tree=[[0], [1], [0, 0]])
     assert fast.tokens == generate(m, prompts, max_new_tokens=12, medusa=False).tokens
+
+
+def test_two_process_ddp_shared_trimmed_matches_one_process(base_dir, data_dir, tmp_path):
+    """torchrun, 2 gloo processes vs 1 on the same global batch: the same token map, the same
+    ResBlocks."""
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["medusa1", "--model", base_dir, "--data", data_dir, "--num-heads", "2",
+            "--seq-len", "64", "--batch-size", "4", "--steps", "4", "--lr", "1e-2",
+            "--heads", "shared", "--vocab", "40", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    p = subprocess.run([sys.executable, "-m", "medusa_kernels.train", *args, "--out", one],
+                       env=env, cwd=root, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(port), "-m", "medusa_kernels.train", *args,
+                        "--out", two, "--micro-batch-size", "1"],
+                       env=env, cwd=root, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = load_file(os.path.join(one, "heads", "medusa_lm_head.safetensors"))
+    b = load_file(os.path.join(two, "heads", "medusa_lm_head.safetensors"))
+    assert set(a) == set(b) and "token_map" in a and torch.equal(a["token_map"], b["token_map"])
+    assert a["0.0.linear.weight"].abs().sum() > 0  # the ResBlocks did train
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=5e-5, rtol=1e-4, msg=k)

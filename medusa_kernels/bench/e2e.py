@@ -582,7 +582,7 @@ def _generation_rows(ctx: BenchContext, tp: TPGroup = SINGLE) -> list[dict]:
     runs = [(False, None)] + [(True, t) for t in trees]  # (medusa, tree): plain first
     # no --tree: the paper's tree cut to the heads (what the rows name), not generate's
     # device-aware default (on a CPU the demo's calibrated_tree_cpu.json, a row of its own)
-    paper = resolve_choices(None, model.heads.num_heads, model.base.cfg.vocab_size)
+    paper = resolve_choices(None, model.heads.num_heads, model.heads.draft_vocab)
     runs = [(m, paper if m and t is None else t) for m, t in runs]
     for medusa, tree in runs:  # warm-up: first-call costs, kernel compilation
         generate(model, [prompts[0]], max_new_tokens=8, medusa=medusa, tree=tree,

@@ -18,6 +18,15 @@ is also timed as plain calls (``mode`` "eager"). ``triton`` rows carry ``check``
 logit within tolerance of its value and not below the k-th logit by more than the tolerance.
 bytes_moved = W1 + b1 + W2 (heads) or W (lm_head) + the hidden states, in the weights' dtype.
 
+Shared heads (``op`` "shared_heads", ``shared_heads_topk``): the same K = 5 ResBlocks, then ONE
+projection for all heads, the lm_head (R = V) or its pre-gathered rows of a trimmed vocabulary
+(R = 8192 at V = 32000, 16384 at V = 128256), N = 1 and 8, top-10 (quick: N = 1): ``triton``
+against ``bmm_topk`` (baddbmm ResBlock, one [K*N, d] x [d, R] matmul, one topk) and
+``lm_head_read`` (``lm_head_topk`` of one token over the same R rows: one read of the
+projection, the issue's yardstick: shared heads at most 1.15x it at V 128256).
+bytes_moved per step, each kind (``head_bytes``: the heads' weights): separate K (d^2 + d + V d),
+shared K (d^2 + d) + R d, times the element size, plus the hidden states.
+
 CPU: tiny shapes (d = 64, V = 1000, K = 3, N = 1 and 4, top-10, fp32); times the torch paths and,
 with TRITON_INTERPRET=1, checks the Triton kernels in the interpreter against a float64 reference
 (``check``; otherwise "skipped (no TRITON_INTERPRET)").
@@ -36,6 +45,7 @@ from medusa_kernels.ops.heads_topk import (
     medusa_heads_topk,
     medusa_heads_topk_ref,
 )
+from medusa_kernels.ops.shared_heads_topk import shared_heads_topk, shared_heads_topk_ref
 
 from ._common import BenchContext, case_wanted, cuda_usable, failure_row, timed_mode_row, timed_row
 
@@ -132,6 +142,60 @@ def _cuda_heads(ctx: BenchContext, N, V, dtype) -> list[dict]:
     return rows
 
 
+def shared_bmm_topk(hidden, w1, b1, weight, k):
+    """Shared heads batched in torch: [K, N, d] ResBlock, one [K*N, d] x [d, R] matmul, one
+    topk."""
+    K, (N, d) = w1.shape[0], hidden.shape
+    hk = hidden[None].expand(K, N, d)
+    x = hk + F.silu(torch.baddbmm(b1[:, None], hk, w1.transpose(1, 2)))
+    top = torch.topk(x.reshape(K * N, d) @ weight.T, k, dim=-1)
+    return top.values.view(K, N, k).transpose(0, 1), top.indices.view(K, N, k).transpose(0, 1)
+
+
+def head_bytes(kind: str, K: int, d: int, V: int, R: int | None, elsize: int) -> int:
+    """Weight bytes the heads read per step: separate K (d^2 + d + R d), shared K (d^2 + d)
+    + R d (R: the draft rows, V without a token map)."""
+    R = R or V
+    res = K * (d * d + d)
+    return (res + (K if kind == "separate" else 1) * R * d) * elsize
+
+
+def _cuda_shared(ctx: BenchContext, N, V, dtype, R=None) -> list[dict]:
+    K, d, k = 5, 4096, 10
+    rows_ = R or V
+    case = dict(op="shared_heads", N=N, K=K, d=d, V=V, R=rows_, k=k,
+                dtype=str(dtype).removeprefix("torch."))
+    if not case_wanted(ctx, case):
+        return []
+    hidden, w1, b1, w = _inputs(N, K, d, rows_, dtype, ctx.device, seed=N + 7)
+    weight = w[0]  # [R, d]: the lm_head, or its gathered rows (the map's ids: any ascending)
+    del w
+    tmap = None if R is None else torch.arange(0, V, V // R, device=ctx.device)[:R]
+    elsize = weight.element_size()
+    case["head_bytes"] = head_bytes("shared", K, d, V, R, elsize)
+    case["separate_head_bytes"] = head_bytes("separate", K, d, V, R, elsize)
+    nbytes = case["head_bytes"] + hidden.numel() * elsize
+    ours = lambda: shared_heads_topk(hidden, w1, b1, weight, k, token_map=tmap, backend="triton")
+    values, rows_idx = shared_heads_topk(hidden, w1, b1, weight, k, backend="triton")
+    logits = _head_logits(hidden, w1, b1, weight[None].expand(K, -1, -1), torch.float32)
+    check = check_topk(values, rows_idx, logits, k, 3e-2, 3e-3)
+    rows = []
+    for mode in ("graph", "eager"):
+        row = timed_mode_row(ctx, SECTION, "triton", ours, nbytes, True, mode, **case)
+        if row is not None:
+            rows.append(row if "check" in row else row | {"check": check})  # FAIL stays
+    peers = {
+        "bmm_topk": (lambda: shared_bmm_topk(hidden, w1, b1, weight, k), nbytes),
+        "lm_head_read": (lambda: lm_head_topk(hidden[:1], weight, k, backend="triton"),
+                         (weight.numel() + d) * elsize),
+    }
+    for impl, (fn, nb) in peers.items():
+        row = timed_mode_row(ctx, SECTION, impl, fn, nb, False, **case)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
 def _cuda_lm_head(ctx: BenchContext, N, V, dtype, d=4096, softcap=None) -> list[dict]:
     k = 1
     case = dict(op="lm_head", N=N, K=1, d=d, V=V, k=k, dtype=str(dtype).removeprefix("torch."))
@@ -171,7 +235,11 @@ def _cuda_rows(ctx: BenchContext) -> list[dict]:
     if ctx.quick:
         heads = ((32000, 1), (32000, 8), (128256, 1))
         lm = (dict(V=128256, N=1),)
+        shared = tuple(dict(V=V, N=1, R=R) for V in (32000, 128256)
+                       for R in (None, 8192 if V == 32000 else 16384))
     else:
+        shared = tuple(dict(V=V, N=N, R=R) for V in (32000, 128256) for N in (1, 8)
+                       for R in (None, 8192 if V == 32000 else 16384))
         heads = tuple((V, N) for V in (32000, 128256) for N in (1, 8))
         # N 64 / 512: greedy verification of a 64-node tree at B = 1 / 8 (several token blocks)
         lm = tuple(dict(V=V, N=N) for V in (32000, 128256) for N in (1, 8, 64, 512)) + (
@@ -179,6 +247,7 @@ def _cuda_rows(ctx: BenchContext) -> list[dict]:
     rows = []
     cases = [("heads", _cuda_heads, dict(V=V, N=N)) for V, N in heads]
     cases += [("lm_head", _cuda_lm_head, c) for c in lm]
+    cases += [("shared_heads", _cuda_shared, c) for c in shared]
     for op, run_case, kw in cases:
         try:
             rows += run_case(ctx, dtype=dtype, **kw)
@@ -228,8 +297,28 @@ def _cpu_case(ctx: BenchContext, N: int) -> list[dict]:
     return rows
 
 
+def _cpu_shared(ctx: BenchContext, N: int, R: int | None) -> list[dict]:
+    K, d, V, k = 3, 64, 1000, 10
+    case = dict(op="shared_heads", N=N, K=K, d=d, V=V, R=R or V, k=k, dtype="float32",
+                head_bytes=head_bytes("shared", K, d, V, R, 4),
+                separate_head_bytes=head_bytes("separate", K, d, V, R, 4))
+    if not case_wanted(ctx, case):
+        return []
+    hidden, w1, b1, w = _inputs(N, K, d, R or V, torch.float32, ctx.device, seed=N + 3)
+    weight = w[0]
+    tmap = None if R is None else torch.arange(0, V, V // R)[:R]
+    nbytes = case["head_bytes"] + hidden.numel() * 4
+    ref = lambda: shared_heads_topk_ref(hidden, w1, b1, weight, k, tmap)
+    row = timed_row(ctx, SECTION, "torch", ref, nbytes, mode="eager", **case)
+    ours = lambda: shared_heads_topk(hidden, w1, b1, weight, k, backend="triton")
+    logits = _head_logits(hidden, w1, b1, weight[None].expand(K, -1, -1), torch.float64)
+    row["check"] = _interpreted_check(ours, logits, k)
+    return [row]
+
+
 def _cpu_rows(ctx: BenchContext) -> list[dict]:
-    return [row for N in (1, 4) for row in _cpu_case(ctx, N)]
+    rows = [row for N in (1, 4) for row in _cpu_case(ctx, N)]
+    return rows + [row for N in (1, 4) for R in (None, 250) for row in _cpu_shared(ctx, N, R)]
 
 
 def run(ctx: BenchContext) -> list[dict]:

@@ -644,6 +644,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Tra
             "seconds": round(time.perf_counter() - t0, 1), "samples": len(train_s),
             "rows": len(rows), "eval_samples": len(eval_s), "backbone_loss": bb_kind,
             "head_accuracy": {k: result.accuracy.get(k) for k in ("top1", "top5", "base")},
+            "heads": heads_summary(heads, save_dtype),
             "accept": result.accept, "final_loss": result.history[-1] if result.history else None,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "config": {k: (str(v) if isinstance(v, torch.dtype) else v)
@@ -654,6 +655,18 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Tra
             with open(path, "w") as f:
                 json.dump(report, f, indent=1)
     return result
+
+
+def heads_summary(heads: MedusaHeads, dtype: torch.dtype) -> dict:
+    """Kind, sizes, trained parameters and the weight bytes one step of all K heads reads in
+    ``dtype`` (separate: K (d^2 + d + R d); shared: K (d^2 + d) + R d; R the draft rows)."""
+    K, d, R = heads.num_heads, heads.hidden_size, heads.draft_vocab
+    res = K * heads.num_layers * (d * d + d)
+    proj = (K if heads.kind == "separate" else 1) * R * d
+    return {"kind": heads.kind, "num_heads": K, "num_layers": heads.num_layers,
+            "draft_vocab": R, "vocab_size": heads.vocab_size,
+            "parameters": sum(p.numel() for p in heads.parameters()),
+            "bytes_per_step": (res + proj) * (torch.finfo(dtype).bits // 8)}
 
 
 def frequent_tokens(samples, vocab_size: int, n: int, train_on_prompt: bool = False
