@@ -48,10 +48,12 @@ setup(
         "safetensors",
         "tokenizers",
         "tqdm",
+        "jinja2>=3.1.6",
     ],
     extras_require={
         "test": ["pytest", "transformers", "hypothesis", "ruff"],
         "bench": ["matplotlib", "rich"],
+        "gguf": ["gguf>=0.10"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -34,8 +34,9 @@ _EXPORTS = {
     "sample_tokens": "ops", "shared_heads_topk": "ops", "tree_attention": "ops",
     "TREES": "tree", "TreeBuffers": "tree", "build_tree": "tree",
 }  # fmt: skip
-_SUBMODULES = {"bench", "calibrate", "checkpoint", "decoding", "demo", "generation_config",
-               "heads", "model", "ops", "text", "training", "tree"}
+_SUBMODULES = {"bench", "calibrate", "chat", "checkpoint", "decoding", "demo",
+               "generation_config", "gguf_loader", "heads", "model", "ops", "text", "training",
+               "tree"}
 
 __all__ = [
     "GenerationConfig", "GenerationResult", "GenerationStream", "MedusaHeads", "MedusaModel",

@@ -36,7 +36,10 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .chat import chat_files
+from .gguf_loader import is_gguf, read_gguf
 from .heads import HEAD_KINDS, MedusaHeads
+from .hf_config import defaulted_note
 from .model import ModelConfig, Transformer
 from .parallel import (
     SINGLE,
@@ -235,11 +238,12 @@ def load_base_model(model_dir, dtype=None, device="cpu", tp: TPGroup = SINGLE) -
     cfg_path = os.path.join(model_dir, "config.json")
     _check_dir(model_dir)
     cfg_json = read_config(cfg_path)
+    note = defaulted_note(cfg_json)  # a size key left out: say so first, not a shape later
     try:
         cfg = ModelConfig.from_hf(cfg_json)
     except (TypeError, ValueError) as e:
         msg = str(e).removeprefix("config.json ")
-        raise type(e)(f"{cfg_path}: {msg}") from None
+        raise type(e)(f"{cfg_path}: {note + '; ' if note else ''}{msg}") from None
     files = weight_files(model_dir)
     index = tensor_index(files)
     index_path = os.path.join(model_dir, INDEX_FILE)
@@ -251,13 +255,18 @@ def load_base_model(model_dir, dtype=None, device="cpu", tp: TPGroup = SINGLE) -
         if wrong:
             raise ValueError(f"{index_path}: weight_map disagrees with the shards about "
                              f"{len(wrong)} tensor(s), e.g. {wrong[:3]}")
-    check_layer_count(cfg, index, str(model_dir))
     try:
-        with torch.device("meta"):
-            model = Transformer(cfg, tp)
-    except ValueError as e:  # a size that does not split over the ranks
-        raise ValueError(f"{cfg_path}: {str(e).removeprefix('config.json ')}") from None
-    check_base_tensors(model, index, str(model_dir))
+        check_layer_count(cfg, index, str(model_dir))
+        try:
+            with torch.device("meta"):
+                model = Transformer(cfg, tp)
+        except ValueError as e:  # a size that does not split over the ranks
+            raise ValueError(f"{cfg_path}: {str(e).removeprefix('config.json ')}") from None
+        check_base_tensors(model, index, str(model_dir))
+    except ValueError as e:
+        if note:
+            raise ValueError(f"{cfg_path}: {note}, and the weights do not fit it: {e}") from None
+        raise
     model = model.to(dtype=dtype or default_dtype(device)).to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor: tie them again
         model.lm_head.weight = model.embed.weight
@@ -282,6 +291,31 @@ def _check_tied(files, layout, tp: TPGroup, device, where: str) -> None:
     if differs.item():
         raise ValueError(f"{where}: tie_word_embeddings is true but lm_head.weight differs "
                          "from model.embed_tokens.weight")
+
+
+def load_gguf_base(path, dtype=None, device="cpu"):
+    """(``Transformer``, ``gguf_loader.GGUFCheckpoint``) from a GGUF file: its metadata through
+    the same config audit as a config.json, its tensors checked against the config and
+    dequantized to ``dtype`` one at a time (``gguf_loader``)."""
+    device = torch.device(device)
+    ckpt = read_gguf(path)
+    note = defaulted_note(ckpt.config)
+    try:
+        cfg = ModelConfig.from_hf(ckpt.config)
+    except (TypeError, ValueError) as e:
+        msg = str(e).removeprefix("config.json ")
+        raise type(e)(f"{path}: GGUF metadata -> config {note + '; ' if note else ''}"
+                      f"{msg}") from None
+    index = {n: TensorInfo(str(path), shape, "F32") for n, shape in ckpt.shapes.items()}
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    check_base_tensors(model, index, str(path))
+    model = model.to(dtype=dtype or default_dtype(device)).to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.load_hf_tensors(ckpt.iter_tensors(model.lm_head.weight.dtype, cfg.num_heads,
+                                            cfg.num_kv_heads))
+    return model.eval(), ckpt
 
 
 def save_base_model(model: Transformer, out_dir, hf_config: dict) -> None:
@@ -599,7 +633,8 @@ class MedusaModel:
 
     base: Transformer
     heads: MedusaHeads | None
-    model_dir: str | None = None
+    model_dir: str | None = None  # a GGUF model: the .gguf file
+    gguf: Any = None  # gguf_loader.GGUFCheckpoint of a GGUF model: tokenizer, template, ids
 
     @property
     def device(self) -> torch.device:
@@ -615,7 +650,10 @@ class MedusaModel:
         return self.base.lm_head.weight.dtype
 
     def eos_token_id(self) -> int | list[int] | None:
-        """EOS id(s) from the model dir's generation_config.json or config.json."""
+        """EOS id(s) from the model dir's generation_config.json or config.json (GGUF: its
+        metadata)."""
+        if self.gguf is not None:
+            return self.gguf.special_ids.get("eos_token_id")
         for name in ("generation_config.json", "config.json"):
             path = os.path.join(self.model_dir or "", name)
             if os.path.isfile(path) and read_json(path).get("eos_token_id") is not None:
@@ -623,7 +661,10 @@ class MedusaModel:
         return None
 
     def tokenizer(self):
-        """The ``tokenizers.Tokenizer`` of the model dir's tokenizer.json, or None."""
+        """The ``tokenizers.Tokenizer`` of the model dir's tokenizer.json (GGUF: built from its
+        metadata), or None."""
+        if self.gguf is not None:
+            return self.gguf.tokenizer()
         path = os.path.join(self.model_dir or "", "tokenizer.json")
         if not os.path.isfile(path):
             return None
@@ -638,6 +679,8 @@ class MedusaModel:
         from (None: no file). Unchecked."""
         out: dict = {"eos_token_id": None, "bos_token_id": None, "pad_token_id": None,
                      "add_bos_token": None, "source": None}
+        if self.gguf is not None:
+            return self.gguf.generation_defaults()
         if self.model_dir is None:  # built in memory: no files
             return out
         for name in ("generation_config.json", "config.json"):
@@ -655,6 +698,19 @@ class MedusaModel:
                 out["add_bos_token"] = tok_cfg.get("add_bos_token")
         return out
 
+    def chat_template(self) -> str | None:
+        """The checkpoint's chat template (tokenizer_config.json's ``chat_template`` or
+        chat_template.jinja; GGUF: ``tokenizer.chat_template``), or None."""
+        if self.gguf is not None:
+            return self.gguf.chat_template
+        return None if self.model_dir is None else chat_files(self.model_dir)[0]
+
+    def special_tokens(self) -> dict[str, str]:
+        """bos_token, eos_token, ... as strings: what transformers gives a chat template."""
+        if self.gguf is not None:
+            return self.gguf.special_tokens()
+        return {} if self.model_dir is None else chat_files(self.model_dir)[1]
+
     def cached_tokenizer(self):
         """``tokenizer()``, loaded once per model (None without tokenizer.json)."""
         if "_tokenizer" not in self.__dict__:
@@ -663,7 +719,8 @@ class MedusaModel:
 
 
 def load_model(base_dir, medusa=None, dtype=None, device="cpu", tp=None) -> MedusaModel:
-    """Load a base model (HF layout) and Medusa heads.
+    """Load a base model (an HF-layout directory, or a GGUF file: ``gguf_loader``) and Medusa
+    heads.
 
     ``medusa``: a heads directory (layout a or b), or None to take the heads stored in
     ``base_dir`` itself when it has any (layout b), else no heads.
@@ -689,7 +746,16 @@ def load_model(base_dir, medusa=None, dtype=None, device="cpu", tp=None) -> Medu
     device = rank_device(device) if tp.world > 1 else torch.device(device)
     check_device(tp, device)
     dtype = dtype or default_dtype(device)
-    base = load_base_model(base_dir, dtype, device, tp)
+    ckpt = None
+    if os.path.isfile(base_dir):  # a .gguf file
+        if not is_gguf(base_dir):
+            raise ValueError(f"{base_dir}: a file without GGUF's magic number: give an HF "
+                             "model directory or a GGUF file")
+        if tp.world > 1:
+            raise ValueError(f"{base_dir}: tensor parallelism is not supported for GGUF files")
+        base, ckpt = load_gguf_base(base_dir, dtype, device)
+    else:
+        base = load_base_model(base_dir, dtype, device, tp)
     heads_dir = medusa if medusa is not None else (base_dir if has_heads(base_dir) else None)
     heads = None
     if heads_dir is not None:
@@ -702,4 +768,4 @@ def load_model(base_dir, medusa=None, dtype=None, device="cpu", tp=None) -> Medu
         if heads.kind == "shared":  # the base model's lm_head (this rank's rows)
             heads.attach_lm_head(base.lm_head.weight)
     sync_random_state(tp, device)
-    return MedusaModel(base, heads, str(base_dir))
+    return MedusaModel(base, heads, str(base_dir), gguf=ckpt)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .chat import conversations, encode_chat, is_chat, render
 from .checkpoint import MedusaModel
 from .generation_config import (
     GenerationConfig,
@@ -324,6 +325,11 @@ def _plan(model: MedusaModel, prompt, config: GenerationConfig, propose) -> _Pla
     bos = None
     if defaults["add_bos_token"] is True and defaults["bos_token_id"] is not None:
         bos = check_token_ids(f"bos_token_id ({source})", defaults["bos_token_id"], V)[0]
+    if is_chat(prompt):  # messages: the checkpoint's chat template, no special tokens added
+        where = model.model_dir or "the model"
+        texts = render(model.chat_template(), conversations(prompt), model.special_tokens(),
+                       where)
+        prompt = encode_chat(texts, tokenizer, where)
     prompts, _ = prompt_token_lists(prompt, tokenizer, V, bos)
     if config.eos_token_id is not None:
         eos = check_token_ids("eos_token_id", config.eos_token_id, V)
@@ -583,8 +589,12 @@ def generate(
     Args:
         model: from ``load_model`` (or ``medusa_kernels.demo.load()``).
         prompt: a string or a list of strings (encoded with the model's tokenizer.json), a
-            flat list of token ids (one sequence), a list of B id lists of any lengths, or a
-            [P] / [B, P] integer tensor.
+            flat list of token ids (one sequence), a list of B id lists of any lengths, a
+            [P] / [B, P] integer tensor, or chat messages: a list of ``{"role", "content"}``
+            dicts (or B such lists), rendered with the checkpoint's chat template as
+            transformers' ``apply_chat_template(..., add_generation_prompt=True)`` renders it
+            and encoded without adding special tokens (``chat``); the result's ``text`` is
+            then the reply.
         max_new_tokens, medusa, temperature, top_k, top_p, acceptance, posterior_threshold,
             posterior_alpha, tree, eos_token_id, seed, max_seq_len, cuda_graph: the
             ``GenerationConfig`` settings (see there; defaults 128, True, 0.0 = greedy, no

