@@ -147,36 +147,36 @@ def simulate_accept(heads: MedusaHeads, h: torch.Tensor, t: torch.Tensor, owner:
             "tree_nodes": len(tree) + 1}
 
 
-def train(args) -> None:
+def run_variant(args, base, train_rows, held_rows, out: str) -> dict:
+    """Train one kind of heads on ``train_rows`` and measure it on ``held_rows``; writes
+    ``out/heads`` and ``out/report.json``."""
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    base = load_base_model(args.model, torch.float32, "cpu")
-    h, t, owner, samples = load_rows(args.data, args.num_heads)
+    h, t, owner, samples = train_rows
+    hv, tv, ov, _ = held_rows
     n_samples = len(samples)
     if args.fraction < 1:  # the first fraction of the samples (the file's order is random)
-        keep = owner < math.ceil(args.fraction * n_samples)
-        h, t, owner = h[keep], t[keep], owner[keep]
-        samples = samples[:math.ceil(args.fraction * n_samples)]
+        cut = math.ceil(args.fraction * n_samples)
+        keep = owner < cut
+        h, t, owner, samples = h[keep], t[keep], owner[keep], samples[:cut]
     token_map = None
     if args.vocab:
         token_map = frequent_tokens(samples, base.cfg.vocab_size, args.vocab)
     heads = make_heads(args.heads, args.num_heads, args.layers, base, token_map)
     params = [p for p in heads.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
-    hv, tv, ov, _ = load_rows(args.heldout, args.num_heads)
     N = h.shape[0]
     steps = args.steps or max(1, math.ceil(args.epochs * N / args.batch))
     warm = math.ceil(0.1 * steps)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warm, 0.0))
     decay = torch.tensor([args.head_decay ** k for k in range(args.num_heads)])
-    print(f"{args.heads} heads, {args.layers} ResBlock(s), draft vocab {heads.draft_vocab}: "
-          f"{n_params} parameters; {len(samples)} samples, {N} positions; {steps} steps of "
-          f"{args.batch}", file=sys.stderr, flush=True)
-    fresh = accuracy(heads, base, hv, tv)
+    print(f"{out}: {args.heads} heads, {args.layers} ResBlock(s), draft vocab "
+          f"{heads.draft_vocab}: {n_params} parameters; {len(samples)} samples, {N} positions; "
+          f"{steps} steps of {args.batch}", file=sys.stderr, flush=True)
     g = torch.Generator().manual_seed(args.seed)
     perm, pos = torch.randperm(N, generator=g), 0
-    t_train = time.perf_counter()
+    t_train, c_train = time.perf_counter(), time.process_time()
     for step in range(steps):
         if pos + args.batch > N:
             perm, pos = torch.randperm(N, generator=g), 0
@@ -194,7 +194,7 @@ def train(args) -> None:
             print(f"step {step + 1}/{steps} loss {loss.item():.4f} CE "
                   f"{[round(x, 3) for x in ce]} {time.perf_counter() - t_train:.0f}s",
                   file=sys.stderr, flush=True)
-    train_s = time.perf_counter() - t_train
+    train_s, train_cpu = time.perf_counter() - t_train, time.process_time() - c_train
     heads.eval()
     acc = accuracy(heads, base, hv, tv)
     trees = {"mc_sim_7b_63": fit_choices(TREES["mc_sim_7b_63"], args.num_heads,
@@ -204,35 +204,70 @@ def train(args) -> None:
             c = json.load(f)
         trees[os.path.basename(extra)] = c["choices"] if isinstance(c, dict) else c
     sim = {name: simulate_accept(heads, hv, tv, ov, tree) for name, tree in trees.items()}
-    fresh_heads = make_heads(args.heads, args.num_heads, args.layers, base, token_map)
-    sim_fresh = simulate_accept(fresh_heads, hv, tv, ov, trees["mc_sim_7b_63"])
-    save_medusa_heads(heads, os.path.join(args.out, "heads"),
+    save_medusa_heads(heads, os.path.join(out, "heads"),
                       base_model_name_or_path=os.path.abspath(args.model), dtype=torch.float16)
-    heads.attach_lm_head(base.lm_head.weight.detach().float()) if heads.kind == "shared" \
-        else None
+    V, d = base.cfg.vocab_size, base.cfg.hidden_size
     report = {
         "heads": args.heads, "num_heads": args.num_heads, "layers": args.layers,
         "draft_vocab": heads.draft_vocab, "trained_parameters": n_params,
-        "projection_bytes_per_step_fp16": heads.projection_bytes() // 2
-        if heads.kind == "separate" else heads.draft_vocab * base.cfg.hidden_size * 2,
+        # what one decoding step's heads top-k reads (fp16 weights): the projection rows (K
+        # copies for separate heads, one shared pass for shared heads) and the ResBlocks
+        "projection_bytes_per_step_fp16": (args.num_heads if args.heads == "separate" else 1)
+        * heads.draft_vocab * d * 2,
         "resblock_bytes_per_step_fp16": heads.resblock_bytes() // 2,
+        "lm_head_bytes_fp16": V * d * 2,
         "samples": len(samples), "positions": N, "fraction": args.fraction, "steps": steps,
         "batch_positions": args.batch, "epochs": round(steps * args.batch / N, 3),
-        "lr": args.lr, "train_seconds": round(train_s, 1),
+        "lr": args.lr, "train_seconds": round(train_s, 1), "train_cpu_seconds": round(train_cpu, 1),
         "total_seconds": round(time.perf_counter() - t0, 1),
         "heldout_positions": int(hv.shape[0]), "heldout_prompts": int(ov.unique().numel()),
-        "accuracy": acc, "accuracy_fresh": fresh, "accept_sim": sim,
-        "accept_sim_fresh_mc_sim_7b_63": sim_fresh, "argv": sys.argv,
+        "accuracy": acc, "accept_sim": sim, "argv": sys.argv,
         "threads": torch.get_num_threads(),
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    print(json.dumps({k: report[k] for k in ("heads", "draft_vocab", "positions", "steps",
-                                             "train_seconds")}
-                     | {"top1": acc["top1"], "top5": acc["top5"],
-                        "accept": {k: v["mean_accepted"] for k, v in sim.items()},
-                        "fresh_accept": sim_fresh["mean_accepted"]}), flush=True)
+    print(json.dumps({"out": out, "positions": N, "steps": steps, "train_cpu_s": round(train_cpu),
+                      "top1": acc["top1"], "top5": acc["top5"],
+                      "accept": {k: v["mean_accepted"] for k, v in sim.items()}}), flush=True)
+    return report
+
+
+def fresh_report(args, base, held_rows, out: str) -> dict:
+    """The untrained heads (Medusa's initialisation: they repeat the base model's guess)."""
+    hv, tv, ov, _ = held_rows
+    heads = make_heads("shared", args.num_heads, 1, base, None)
+    tree = fit_choices(TREES["mc_sim_7b_63"], args.num_heads, heads.draft_vocab)
+    rep = {"accuracy": accuracy(heads, base, hv, tv),
+           "accept_sim": {"mc_sim_7b_63": simulate_accept(heads, hv, tv, ov, tree)}}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(rep, f, indent=1)
+    print(json.dumps({"out": out, "top1": rep["accuracy"]["top1"],
+                      "accept": rep["accept_sim"]["mc_sim_7b_63"]["mean_accepted"]}), flush=True)
+    return rep
+
+
+def train(args) -> None:
+    base = load_base_model(args.model, torch.float32, "cpu")
+    train_rows = load_rows(args.data, args.num_heads)
+    held_rows = load_rows(args.heldout, args.num_heads)
+    if not args.variant:
+        run_variant(args, base, train_rows, held_rows, args.out)
+        return
+    for spec in args.variant:  # name:kind:vocab:layers:fraction:epochs (vocab 0: all V)
+        name, kind, vocab, layers, fraction, epochs = spec.split(":")
+        out = os.path.join(args.out, name)
+        if os.path.isfile(os.path.join(out, "report.json")):
+            print(f"{out}: done already", file=sys.stderr)
+            continue
+        if kind == "fresh":
+            fresh_report(args, base, held_rows, out)
+            continue
+        v = argparse.Namespace(**vars(args))
+        v.heads, v.vocab, v.layers = kind, int(vocab) or None, int(layers)
+        v.fraction, v.epochs = float(fraction), float(epochs)
+        run_variant(v, base, train_rows, held_rows, out)
 
 
 def main() -> None:
@@ -256,6 +291,9 @@ def main() -> None:
     a.add_argument("--head-decay", type=float, default=0.8)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--tree", action="append", help="also simulate this tree JSON")
+    a.add_argument("--variant", action="append",
+                   help="name:kind:vocab:layers:fraction:epochs, run in turn into OUT/name "
+                        "(kind fresh: the untrained heads); skipped when its report exists")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.cmd == "train":
