@@ -39,8 +39,8 @@ _EXPORTS = {
     "TREES": "tree", "TreeBuffers": "tree", "build_tree": "tree",
 }  # fmt: skip
 _SUBMODULES = {"bench", "calibrate", "chat", "checkpoint", "decoding", "demo",
-               "generation_config", "gguf_loader", "heads", "model", "ops", "text", "training",
-               "tree"}
+               "generation_config", "gguf_loader", "heads", "model", "ops", "smollm2", "text",
+               "training", "tree"}
 
 __all__ = [
     "GenerationConfig", "GenerationResult", "GenerationStream", "MedusaHeads", "MedusaModel",

