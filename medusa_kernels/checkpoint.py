@@ -628,6 +628,7 @@ class MedusaModel:
     heads: MedusaHeads | None
     model_dir: str | None = None  # a GGUF model: the .gguf file
     gguf: Any = None  # gguf_loader.GGUFCheckpoint of a GGUF model: tokenizer, template, ids
+    heads_dir: str | None = None  # where the heads came from (their shipped trees live there)
 
     @property
     def device(self) -> torch.device:
@@ -761,4 +762,5 @@ def load_model(base_dir, medusa=None, dtype=None, device="cpu", tp=None) -> Medu
         if heads.kind == "shared":  # the base model's lm_head (this rank's rows)
             heads.attach_lm_head(base.lm_head.weight)
     sync_random_state(tp, device)
-    return MedusaModel(base, heads, str(base_dir), gguf=ckpt)
+    return MedusaModel(base, heads, str(base_dir), gguf=ckpt,
+                       heads_dir=None if heads_dir is None else str(heads_dir))

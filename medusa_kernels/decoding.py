@@ -330,12 +330,23 @@ class _Plan:
 _ONLINE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _tree_home(model: MedusaModel) -> str | None:
+    """Where the checkpoint's shipped trees and policy tables are looked for: the heads'
+    directory when it (or the one above it) ships one (trees are made for heads: the SmolLM2
+    heads shipped apart from their GGUF base), else the model's."""
+    home = model.heads_dir
+    if home is not None and (default_policy_file(model.device, home) is not None
+                             or os.path.isfile(default_tree(model.device, home))):
+        return home
+    return model.model_dir
+
+
 def _fixed(model: MedusaModel) -> tuple[FixedTreePolicy, str]:
     """The device's default tree (a checkpoint's calibrated tree, else small_7 on a CPU and
     mc_sim_7b_63 on a GPU), cut to the heads and the vocabulary."""
     num_heads = model.heads.num_heads if model.heads is not None else None
     V = model.heads.draft_vocab if model.heads is not None else model.base.cfg.vocab_size
-    source = default_tree(model.device, model.model_dir)
+    source = default_tree(model.device, _tree_home(model))
     choices = fit_choices(load_tree(source), num_heads, V)
     return FixedTreePolicy(choices), tree_label(source)
 
@@ -347,7 +358,7 @@ def online_policy(model: MedusaModel, **kwargs) -> OnlinePolicy:
     candidate; without them a generic prior. ``kwargs`` go to ``OnlinePolicy``."""
     if model.heads is None:
         raise ValueError("an online tree policy needs Medusa heads: load_model(..., medusa=DIR)")
-    device, model_dir = model.device, model.model_dir
+    device, model_dir = model.device, _tree_home(model)
     table_file = default_policy_file(device, model_dir)
     table = TreePolicy.load(table_file) if table_file is not None else None
     source = default_tree(device, model_dir)
@@ -372,7 +383,7 @@ def _policy(model: MedusaModel, config: GenerationConfig, propose=None) -> tuple
         return config.tree_policy, policy_label(config.tree_policy)
     name = "online" if config.tree is None else config.tree
     if name == "table":
-        shipped = default_policy_file(model.device, model.model_dir)
+        shipped = default_policy_file(model.device, _tree_home(model))
         if shipped is None:
             raise ValueError(f"tree='table': {model.model_dir} ships no tree policy table for "
                              f"{model.device.type} (tree calibrate --nodes auto --batches ... "

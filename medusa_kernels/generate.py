@@ -139,12 +139,7 @@ def _main(argv: list[str]) -> int:
         from . import smollm2
 
         args.model, heads = smollm2.path()
-        args.medusa = args.medusa or heads
-        if args.tree is None and not args.no_medusa:
-            import torch
-
-            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            args.tree = smollm2.default_tree(device)
+        args.medusa = args.medusa or heads  # their CPU tree: the online policy's prior
     config = config_from_args(args)
     if args.model is None:
         from .demo import path as demo_path

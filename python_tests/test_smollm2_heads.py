@@ -48,4 +48,15 @@ def test_cli_model_smollm2_chat():
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout  # the reply; the stats line (stderr) names the tree
-    assert "medusa, tree calibrated_tree_cpu.json" in out.stderr
+    assert "medusa, tree online" in out.stderr  # generate's default: the online policy
+
+
+@needs_wheel
+def test_online_policy_starts_from_the_shipped_cpu_tree():
+    """The heads ship apart from their GGUF base: their directory is where the CPU tree (and
+    its head accuracies, the online policy's prior) is found."""
+    from medusa_kernels import decoding
+
+    model = smollm2.load()
+    assert decoding._tree_home(model) == smollm2.HEADS
+    assert decoding._fixed(model)[1] == "calibrated_tree_cpu.json"

@@ -250,7 +250,7 @@ def fresh_report(args, base, held_rows, out: str) -> dict:
 
 def train(args) -> None:
     base = load_base_model(args.model, torch.float32, "cpu")
-    train_rows = load_rows(args.data, args.num_heads)
+    train_rows = load_rows(args.data, args.num_heads, args.samples)
     held_rows = load_rows(args.heldout, args.num_heads)
     if not args.variant:
         run_variant(args, base, train_rows, held_rows, args.out)
@@ -278,6 +278,8 @@ def main() -> None:
     a.add_argument("--model", default="/work/data/smollm2-hf")
     a.add_argument("--data", required=True)
     a.add_argument("--heldout", required=True)
+    a.add_argument("--samples", type=int, default=None,
+                   help="use only the first N samples of --data (the recorded runs: 528)")
     a.add_argument("--out", required=True)
     a.add_argument("--heads", choices=["separate", "shared"], default="shared")
     a.add_argument("--vocab", type=int, default=None)
