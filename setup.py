@@ -51,7 +51,7 @@ setup(
         "jinja2>=3.1.6",
     ],
     extras_require={
-        "test": ["pytest", "transformers", "hypothesis", "ruff"],
+        "test": ["pytest", "transformers", "accelerate", "hypothesis", "ruff"],
         "bench": ["matplotlib", "rich"],
         "gguf": ["gguf>=0.10"],
     },
