@@ -7,12 +7,8 @@ import re
 
 import pytest
 import torch
+from tiny_models import step_inputs
 from torch._inductor.utils import run_and_get_code
-
-from medusa_kernels.bench.e2e import SHAPES, random_model
-from medusa_kernels.decoding import medusa_step, plain_step
-from medusa_kernels.model import ModelConfig
-from medusa_kernels.tree import TREES, build_tree
 
 pytestmark = pytest.mark.slow  # about a minute per step on one CPU core
 
@@ -31,20 +27,7 @@ def cache_copies(code: str, cache) -> list[str]:
 
 @pytest.mark.parametrize("medusa", [False, True], ids=["plain", "medusa"])
 def test_inductor_step_same_tokens_no_cache_copy(medusa):
-    torch._dynamo.reset()
-    m = random_model(ModelConfig(**SHAPES["tiny"]), 4, torch.float32, "cpu", seed=5)
-    tb = build_tree(TREES["small_15"] if medusa else [], 4 if medusa else None)
-    step = medusa_step if medusa else plain_step
-    g = torch.Generator().manual_seed(1)
-    root, last_hidden = torch.randint(0, 512, (2,), generator=g), torch.randn(2, 128, generator=g)
-    running = torch.tensor([True, False])  # a finished row rides along, accepting nothing
-    caches = []
-    for _ in range(2):
-        cache = m.base.new_cache(2, 96)
-        cache.k.normal_(generator=torch.Generator().manual_seed(2))
-        cache.v.normal_(generator=torch.Generator().manual_seed(3))
-        cache.seqlens.copy_(torch.tensor([37, 50], dtype=torch.int32))
-        caches.append(cache)
+    m, tb, step, root, last_hidden, running, caches = step_inputs(medusa)
     with torch.inference_mode():
         eager = step(m, tb, caches[0], root, last_hidden, running)
         fn = torch.compile(lambda c: step(m, tb, c, root, last_hidden, running), fullgraph=True)

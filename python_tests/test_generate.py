@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import VOCAB, make_hf_model, save_random_heads
+from tiny_models import VOCAB, make_hf_model, save_random_heads, step_inputs
 
 from medusa_kernels import generate, load_model
 
@@ -173,26 +173,7 @@ def test_default_tree_cut_to_the_heads_named_tree_kept_whole(tmp_path):
 def test_step_compiles_whole_with_torch_compile(medusa):
     """The step is one graph for torch.compile (fullgraph: no graph break, no host value read
     while tracing) and computes what the eager step does: tokens, counts, cache and lengths."""
-    from medusa_kernels.bench.e2e import SHAPES, random_model
-    from medusa_kernels.decoding import medusa_step, plain_step
-    from medusa_kernels.model import ModelConfig
-    from medusa_kernels.tree import TREES as NAMED
-    from medusa_kernels.tree import build_tree
-
-    torch._dynamo.reset()
-    m = random_model(ModelConfig(**SHAPES["tiny"]), 4, torch.float32, "cpu", seed=5)
-    tb = build_tree(NAMED["small_15"] if medusa else [], 4 if medusa else None)
-    step = medusa_step if medusa else plain_step
-    g = torch.Generator().manual_seed(1)
-    root, last_hidden = torch.randint(0, 512, (2,), generator=g), torch.randn(2, 128, generator=g)
-    running = torch.tensor([True, False])  # a finished row rides along, accepting nothing
-    caches = []
-    for _ in range(2):
-        cache = m.base.new_cache(2, 96)
-        cache.k.normal_(generator=torch.Generator().manual_seed(2))
-        cache.v.normal_(generator=torch.Generator().manual_seed(3))
-        cache.seqlens.copy_(torch.tensor([37, 50], dtype=torch.int32))
-        caches.append(cache)
+    m, tb, step, root, last_hidden, running, caches = step_inputs(medusa)
     with torch.inference_mode():
         eager = step(m, tb, caches[0], root, last_hidden, running)
         compiled = torch.compile(lambda c: step(m, tb, c, root, last_hidden, running),

@@ -95,3 +95,29 @@ def save_random_heads(path, num_heads=5, num_layers=1, d=64, vocab=VOCAB, seed=0
         heads.b1.normal_(0, 0.05)
     save_medusa_heads(heads, path, base)
     return heads
+
+
+def step_inputs(medusa: bool):
+    """One decode step to compile: (model, tree buffers, step fn, root [2], last_hidden [2, d],
+    running [2], two equal caches with random contents at lengths 37 / 50), the tiny e2e model;
+    a finished row rides along."""
+    from medusa_kernels.bench.e2e import SHAPES, random_model
+    from medusa_kernels.decoding import medusa_step, plain_step
+    from medusa_kernels.model import ModelConfig
+    from medusa_kernels.tree import TREES, build_tree
+
+    torch._dynamo.reset()
+    m = random_model(ModelConfig(**SHAPES["tiny"]), 4, torch.float32, "cpu", seed=5)
+    tb = build_tree(TREES["small_15"] if medusa else [], 4 if medusa else None)
+    step = medusa_step if medusa else plain_step
+    g = torch.Generator().manual_seed(1)
+    root, last_hidden = torch.randint(0, 512, (2,), generator=g), torch.randn(2, 128, generator=g)
+    running = torch.tensor([True, False])  # a finished row rides along, accepting nothing
+    caches = []
+    for _ in range(2):
+        cache = m.base.new_cache(2, 96)
+        cache.k.normal_(generator=torch.Generator().manual_seed(2))
+        cache.v.normal_(generator=torch.Generator().manual_seed(3))
+        cache.seqlens.copy_(torch.tensor([37, 50], dtype=torch.int32))
+        caches.append(cache)
+    return m, tb, step, root, last_hidden, running, caches
