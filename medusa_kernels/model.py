@@ -57,6 +57,7 @@ from .ops import (
     unpack_tree_mask,
 )
 from .ops._backend import triton_interpreted
+from .ops._linear import linear, llc_bytes
 from .ops.activation import ACTIVATIONS, gated_act_ref
 from .ops.rms_norm import rms_norm_ref
 from .ops.rotary import apply_rope_ref
@@ -310,6 +311,7 @@ class Pass:
     cache: KVCache | None = None
     write_pos: torch.Tensor | None = None
     fast: bool = False  # the CPU's eager path (``cpu_fast``)
+    stream: bool | None = None  # fast path: the weights stream from memory (``ops._linear``)
     _full: dict | None = None  # fast path: per (rope kind, dtype) cos, sin [B, T, 1, R]
     _batch: torch.Tensor | None = None
 
@@ -400,7 +402,8 @@ class Attention(nn.Module):
         """The CPU's eager path of ``forward`` (the same math as plain PyTorch calls)."""
         B, T, _ = x.shape
         H, Hkv, cfg = self.num_heads, self.num_kv_heads, self.cfg
-        qkv = F.linear(x, self.wqkv.weight, self.wqkv.bias).view(B, T, H + 2 * Hkv, cfg.head_dim)
+        qkv = linear(x, self.wqkv.weight, self.wqkv.bias, p.stream)
+        qkv = qkv.view(B, T, H + 2 * Hkv, cfg.head_dim)
         cos, sin = p.rope_full(self.rope, qkv.dtype)
         if self.q_norm is None:  # q and k are adjacent in qkv: rotated together
             qk = _rotate(qkv[:, :, :H + Hkv], cos, sin)
@@ -411,7 +414,7 @@ class Attention(nn.Module):
         p.write(self.layer, k, qkv[:, :, H + Hkv:])
         out = p.attend(self, q)
         return row_parallel_linear(out.reshape(B, T, H * cfg.head_dim), self.wo.weight,
-                                   self.wo.bias, self.tp)  # fmt: skip
+                                   self.wo.bias, self.tp, p.stream)  # fmt: skip
 
 
 class MLP(nn.Module):
@@ -430,10 +433,10 @@ class MLP(nn.Module):
         act = gated_act_ref if _differentiable(gate_up) else gated_act
         return row_parallel_linear(act(gate_up, self.act), self.w2.weight, self.w2.bias, self.tp)
 
-    def fast(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = F.linear(x, self.w13.weight, self.w13.bias)
+    def fast(self, x: torch.Tensor, stream: bool | None = None) -> torch.Tensor:
+        gate_up = linear(x, self.w13.weight, self.w13.bias, stream)
         return row_parallel_linear(gated_act_ref(gate_up, self.act), self.w2.weight,
-                                   self.w2.bias, self.tp)  # fmt: skip
+                                   self.w2.bias, self.tp, stream)  # fmt: skip
 
 
 class Block(nn.Module):
@@ -476,7 +479,7 @@ class Block(nn.Module):
         if self.post_attention_norm is not None:
             h = self.post_attention_norm.fast(h)[0]
         h, residual = self.ffn_norm.fast(h, residual)
-        h = self.mlp.fast(h)
+        h = self.mlp.fast(h, p.stream)
         if self.post_ffn_norm is not None:
             h = self.post_ffn_norm.fast(h)[0]
         return h, residual
@@ -504,6 +507,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self._rope_tables()
+        self._stream: bool | None = None  # ``weights_stream``
         self._col_major = False  # ``_cpu_layout``
 
     def _rope_tables(self, device=None):
@@ -537,15 +541,17 @@ class Transformer(nn.Module):
                 self._embed_scales[dtype] = float(rounded)
 
     def _cpu_layout(self, fast: bool) -> None:
-        """The weight layout of the CPU's eager path: the fp32 CPU matrices with at least as
-        many rows as columns (q|k|v, o, gate|up, the lm_head, tied or not; not the down
-        projection) stored column-major (``w.t()`` contiguous, same shape and values) while the
-        fast path runs, row-major again before any other forward. At one token MKL reads a
-        column-major [N, K] weight through ``x @ w.t()`` at 1.2-2x the bandwidth of the
-        row-major one at these shapes (SmolLM2-135M's, 1 thread: gate|up 10.5 -> 18.6 GB/s,
-        lm_head 10.8 -> 21.8); the sums are the same products added in another order (fp32
-        rounding). Switched lazily by ``_run``: once per change of path, in place (each matrix
-        copied once); the custom ops (the embedding's contiguous rows) get the row-major one."""
+        """The weight layout of the CPU's eager path for weights that fit in the CPU's cache
+        (``weights_stream`` False; the demo's): the fp32 CPU matrices with at least as many
+        rows as columns (q|k|v, o, gate|up, the lm_head, tied or not; not the down projection)
+        stored column-major (``w.t()`` contiguous, same shape and values) while the fast path
+        runs, row-major again before any other forward. From the cache, MKL's one-token
+        ``x @ w.t()`` is faster on the column-major weight (the demo's plain step: 1.60 against
+        1.92 ms, paired runs in one process). Weights that stream from memory stay row-major:
+        ``ops._linear`` reads them faster that way, at one token and at a tree's few. The sums
+        are the same products added in another order (fp32 rounding). Switched lazily by
+        ``_run``: once per change of path, in place (each matrix copied once); the custom ops
+        (the embedding's contiguous rows) get the row-major one."""
         if fast == self._col_major:
             return
         with torch.inference_mode(False), torch.no_grad():
@@ -565,9 +571,19 @@ class Transformer(nn.Module):
         return [p for p in params if p.device.type == "cpu" and p.dtype == torch.float32
                 and p.dim() == 2 and p.shape[0] >= p.shape[1]]
 
+    def weights_stream(self) -> bool:
+        """Whether a step reads the layers' weights from memory rather than the CPU's cache:
+        their bytes over the last-level cache (``ops._linear``: the call that reads them
+        fastest depends on it)."""
+        if self._stream is None:
+            size = sum(p.numel() * p.element_size() for p in self.layers.parameters())
+            self._stream = size > llc_bytes()
+        return self._stream
+
     def _apply(self, fn, recurse=True):
         if getattr(self, "_col_major", False):  # moved or cast row-major (``_cpu_layout``)
             self._cpu_layout(False)
+        self._stream = None
         super()._apply(fn, recurse)  # .to(dtype) must not round the RoPE frequencies
         self._rope_tables(self.inv_freq.device)
         return self
@@ -635,7 +651,7 @@ class Transformer(nn.Module):
 
     def _run(self, tokens: torch.Tensor, p: Pass) -> torch.Tensor:
         if not torch.compiler.is_compiling():
-            self._cpu_layout(p.fast)
+            self._cpu_layout(p.fast and not self.weights_stream())
         x, residual = self.embed_tokens(tokens), None
         for layer in self.layers:
             x, residual = layer(x, residual, p)
@@ -704,7 +720,7 @@ class Transformer(nn.Module):
         rope = self._rope_split(*cs.chunk(2, dim=-1))
         if cpu_fast(tokens):
             attend = self._cpu_attend(cache, tree_mask, depths, T)
-            p = Pass(rope, attend, cache, write_pos, fast=True)
+            p = Pass(rope, attend, cache, write_pos, fast=True, stream=self.weights_stream())
             if B <= 4:  # slots seqlens + [0, T) of each row: slice copies
                 p.starts = cache.seqlens.tolist()
             return self._run(tokens, p)
@@ -764,7 +780,7 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> logits [..., V] (soft-capped where the config says so); under
         tensor parallelism each rank computes its vocabulary rows and gathers the rest."""
-        logits = self.lm_head(hidden)
+        logits = linear(hidden, self.lm_head.weight)
         cap = self.cfg.final_softcap
         logits = logits if cap is None else cap * torch.tanh(logits / cap)
         return gather_vocab(logits, self.tp, self.cfg.vocab_size) if self.tp.world > 1 else logits

@@ -6,6 +6,7 @@ suite runs under otherwise keeps it off), and it computes what the ops' path com
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_families import (  # noqa: F401 (the fixture and the tests, rerun here)
     fam,
     test_greedy_equals_transformers_argmax_loop,
@@ -13,9 +14,11 @@ from test_families import (  # noqa: F401 (the fixture and the tests, rerun here
     test_medusa_equals_plain_greedy,
 )
 from test_launch_budget import hf_family_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from medusa_kernels import model as model_module
 from medusa_kernels.decoding import medusa_step, plain_step
+from medusa_kernels.ops._linear import STREAM_FRACTION, linear, llc_bytes, skinny
 from medusa_kernels.tree import TREES, build_tree
 
 
@@ -61,10 +64,109 @@ def test_fast_path_equals_ops_path(arch, batch, monkeypatch):
     assert torch.equal(c1.seqlens, c0.seqlens)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("N,K", [(48, 32), (32, 48)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_float64(rows, N, K, bias):
+    """``ops._linear.linear`` (``w @ x.T`` at few rows on a CPU) is F.linear: against float64
+    on fresh inputs, leading dims kept, contiguous; and it takes the fast call where the rule
+    says (2 rows always, 3-4 where N >= K, one row sent as two)."""
+    g = torch.Generator().manual_seed(rows * 100 + N)
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    x = torch.randn(1, rows, K, generator=g)
+    out = linear(x, w, b, stream=True)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert out.shape == (1, rows, N) and out.dtype == torch.float32 and out.is_contiguous()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert skinny(rows, w, stream=True) == (rows <= 2 or (rows <= 4 and N >= K))
+    assert not skinny(rows, w, stream=False) and not skinny(rows, w)  # small: from the cache
+    torch.testing.assert_close(linear(x, w, b), out, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_judges_streaming_by_size():
+    """Without the caller's word, a matrix over 1/8 of the last-level cache streams."""
+    K = 256
+    N = int(STREAM_FRACTION * llc_bytes()) // (4 * K) + 1
+    big = torch.randn(N, K)
+    assert skinny(1, big) and not skinny(1, big[: N // 2])
+
+
+def test_linear_falls_back_where_it_should():
+    """fp16, autograd and a transposed weight get F.linear itself (same values; gradients)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 24, generator=g)
+    x = torch.randn(2, 24, generator=g)
+    assert not skinny(2, w.t().contiguous().t(), True) and not skinny(2, w.half(), True)
+    assert torch.equal(linear(x.half(), w.half(), stream=True), F.linear(x.half(), w.half()))
+    wg = w.clone().requires_grad_()
+    assert not skinny(2, wg, True)
+    linear(x, wg, stream=True).sum().backward()
+    torch.testing.assert_close(wg.grad, x.sum(0).expand(40, 24))
+    with torch.inference_mode():
+        assert skinny(2, wg, True)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("tree", [[], [[0]], [[0], [1], [0, 0]]])
+def test_fast_path_reads_weights_in_place(tree, stream, monkeypatch):
+    """A decode step on the fast path multiplies every weight matrix as stored (row-major: no
+    copy, no layout switch) and, where ``ops._linear``'s rule says (1-2 tokens; 3-4 where
+    N >= K), through ``w @ x.T`` (``aten.mm`` with the weight first), the call that reads it
+    once at the machine's streaming rate; elsewhere, and for weights that fit in the cache
+    (the tiny model's, unless the cache is said to be 0 bytes), through ``aten.linear``."""
+    monkeypatch.setattr(model_module, "llc_bytes", lambda: 0 if stream else 1 << 40)
+    model = hf_family_model("llama-gqa-llama3rope", dtype=torch.float32)
+    base = model.base
+    assert base.weights_stream() == stream
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, base.cfg.vocab_size, (1, 9), generator=g)
+    lengths = torch.tensor([9], dtype=torch.int32)
+    running = torch.ones(1, dtype=torch.bool)
+    cache = base.new_cache(1, 24)
+    with torch.inference_mode():
+        hidden = base.prefill(tokens, lengths, cache)
+        root, last = base.greedy(hidden[:, -1]), hidden[:, -1]
+        params = [*base.named_parameters("base"), *model.heads.named_parameters("heads")]
+        weights = {p.untyped_storage().data_ptr(): n for n, p in params if p.dim() >= 2}
+        tb = build_tree(tree, 3)
+        step = plain_step if not tree else medusa_step
+        calls = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                names = [weights.get(a.untyped_storage().data_ptr()) for a in args
+                         if isinstance(a, torch.Tensor)]
+                if any(names):
+                    calls.append((func, names, args))
+                return func(*args, **(kwargs or {}))
+
+        with Record():
+            step(model, tb, cache, root, last, running)
+    # the heads' and the lm_head's top-k are custom ops (their references call ``linear``)
+    aten = torch.ops.aten
+    products = [c for c in calls if c[0].overloadpacket in (
+        aten.mm, aten.matmul, aten.linear, aten.addmm, aten.bmm, aten.einsum, aten.baddbmm)]
+    for func, names, args in products:
+        if func == aten.linear.default:  # the rule's other side: more rows, or N < K at 3-4
+            x, w = args[:2]
+            assert names[1] is not None and not skinny(x.numel() // x.shape[-1], w, stream), \
+                names
+        else:
+            assert stream and func in (aten.mm.default, aten.matmul.default) and \
+                names[0] is not None, (func, names)
+    read = {n for _, names, _ in products for n in names if n}
+    for i in range(base.cfg.num_layers):
+        for name in ("attention.wqkv", "attention.wo", "mlp.w13", "mlp.w2"):
+            assert f"base.layers.{i}.{name}.weight" in read, read
+    assert all(p.is_contiguous() for _, p in params) or not stream  # streaming: row-major
+
+
 def test_column_major_layout_switches_and_restores(monkeypatch):
-    """The fast path stores q|k|v, o, gate|up and the (tied) lm_head column-major (same values,
-    the down projection untouched), the ops' path gets them row-major back, and so does a
-    cast; the tokens do not change across the switches."""
+    """For weights that fit in the cache (the tiny model's) the fast path stores q|k|v, o,
+    gate|up and the (tied) lm_head column-major (same values, the down projection untouched),
+    the ops' path gets them row-major back, and so does a cast; the tokens do not change
+    across the switches."""
     model = hf_family_model("llama-gqa-llama3rope", dtype=torch.float32)
     base = model.base
     base.lm_head.weight = base.embed.weight  # tied, as SmolLM2's

@@ -5,6 +5,7 @@ Medusa step of shared heads computes logits only over the draft rows."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 
@@ -14,6 +15,7 @@ from tiny_models import VOCAB, make_hf_model
 
 from medusa_kernels import MedusaHeads, generate, load_model, save_medusa_heads
 from medusa_kernels.checkpoint import load_medusa_heads
+from medusa_kernels.ops._linear import linear
 from medusa_kernels.parallel import TPGroup, vocab_range
 
 TMAP = torch.tensor(sorted(set(range(0, VOCAB, 3)) | {1, 2, 4, 5, 7}))  # 39 ids, ascending
@@ -127,14 +129,15 @@ def test_shared_step_computes_logits_over_the_draft_rows_only(model, monkeypatch
     if model.heads.kind != "shared":
         pytest.skip("shared heads only")
     shapes = []
-    matmul = torch.Tensor.__matmul__
 
-    def spy(a, b):
-        out = matmul(a, b)
+    def spy(x, w, b=None):  # every weight product of the references goes through ``linear``
+        out = linear(x, w, b)
         shapes.append(tuple(out.shape))
         return out
 
-    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    for name in ("heads_topk", "shared_heads_topk"):  # the modules (the package's names are
+        monkeypatch.setattr(importlib.import_module(f"medusa_kernels.ops.{name}"),  # the ops)
+                            "linear", spy)
     hidden = torch.randn(2, 64)
     model.heads.topk(hidden, 4)
     R = model.heads.draft_vocab

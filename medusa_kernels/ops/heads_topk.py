@@ -96,6 +96,7 @@ from ._backend import (
     pick_backend,
     sm_count,
 )
+from ._linear import linear
 
 if HAS_TRITON:
     import triton
@@ -146,11 +147,19 @@ def medusa_heads_topk_ref(
     """
     dtype = _compute_dtype(hidden)
     h = hidden.to(dtype)
-    z = torch.einsum("nd,ked->nke", h, w1.to(dtype)) + b1.to(dtype)
-    h_res = h[:, None, :] + torch.nn.functional.silu(z)  # [N, K, d]
-    logits = torch.einsum("nkd,kvd->nkv", h_res, w2.to(dtype))
+    h_res = resblocks_ref(h, w1.to(dtype), b1.to(dtype))  # [N, K, d]
+    w2 = w2.to(dtype)
+    logits = torch.stack([linear(h_res[:, i], w2[i]) for i in range(w2.shape[0])], 1)
     values, indices = topk_lower_index_first(logits, k)
     return values.float(), indices
+
+
+def resblocks_ref(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
+    """Each head's ResBlock on the same hidden: h [N, d], w1 [K, d, d], b1 [K, d] (h's dtype)
+    -> h + silu(h @ w1[k].T + b1[k]) [N, K, d] (head by head: ``linear``'s fast call on a
+    CPU at few rows)."""
+    z = torch.stack([linear(h, w1[i], b1[i]) for i in range(w1.shape[0])], 1)
+    return h[:, None, :] + torch.nn.functional.silu(z)
 
 
 def lm_head_topk_ref(
@@ -161,7 +170,7 @@ def lm_head_topk_ref(
     logits first as Gemma-2's ``final_logit_softcapping`` does in transformers: divide, tanh,
     multiply."""
     dtype = _compute_dtype(hidden)
-    logits = hidden.to(dtype) @ weight.to(dtype).T
+    logits = linear(hidden.to(dtype), weight.to(dtype))
     if softcap is not None:
         logits = logits / softcap
         logits = torch.tanh(logits)

@@ -35,11 +35,13 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, check_dim, check_tensor, check_values, pick_backend
+from ._linear import linear
 from .heads_topk import (
     _check_k,
     _check_triton_inputs,
     _compute_dtype,
     check_resblock_args,
+    resblocks_ref,
     topk_lower_index_first,
     triton_supports,
 )
@@ -63,10 +65,8 @@ def shared_heads_topk_ref(
     Returns (values [N, K, k] float32, indices [N, K, k] int64 token ids).
     """
     dtype = _compute_dtype(hidden)
-    h = hidden.to(dtype)
-    z = torch.einsum("nd,ked->nke", h, w1.to(dtype)) + b1.to(dtype)
-    h_res = h[:, None, :] + torch.nn.functional.silu(z)  # [N, K, d]
-    logits = h_res @ weight.to(dtype).T  # [N, K, R]
+    h_res = resblocks_ref(hidden.to(dtype), w1.to(dtype), b1.to(dtype))  # [N, K, d]
+    logits = linear(h_res, weight.to(dtype))  # [N, K, R]
     values, indices = topk_lower_index_first(logits, k)
     if token_map is not None:
         indices = token_map[indices]

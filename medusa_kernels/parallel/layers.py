@@ -9,18 +9,21 @@ held whole on every rank and added once, after the reduction.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..ops._linear import linear
 from .group import TPGroup
 
 
 def row_parallel_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tp: TPGroup
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tp: TPGroup,
+    stream: bool | None = None,
 ) -> torch.Tensor:
     """``x @ full_weight.T + bias`` from this rank's columns: x [*S, in / world] (this rank's
     part of the input features), weight [out, in / world], bias [out] (whole) or None ->
-    [*S, out], the same on every rank. World 1: ``F.linear(x, weight, bias)``, unchanged."""
+    [*S, out], the same on every rank. World 1: ``F.linear(x, weight, bias)``, unchanged (each
+    product through ``ops._linear.linear``: on a CPU, its fast call at a few rows; ``stream``
+    as there)."""
     if tp.world == 1:
-        return F.linear(x, weight, bias)
-    out = tp.all_reduce(F.linear(x, weight))
+        return linear(x, weight, bias, stream)
+    out = tp.all_reduce(linear(x, weight, stream=stream))
     return out if bias is None else out + bias
