@@ -616,16 +616,22 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
                 steps.clear()  # their graphs hold the old cache
             else:
                 rows.update_running(stop.done)
+            if timer is not None:  # a CPU times the rest of the iteration, host work included
+                timer.begin()
             context = max(len(plan.prompts[b]) + len(stop.tokens[b]) for b in rows.index
                           if not stop.done[b])
             tree = tuple(tuple(p) for p in plan.policy.choose(len(rows.index), context))
             first = tree not in steps
-            if first:  # buffers, and the graph's capture, before the step's timer starts
+            if first:  # buffers, and the graph's capture, not timed
+                if timer is not None:
+                    timer.pause()
                 steps[tree] = step_for(tree, rows)
+                if timer is not None:
+                    timer.resume()
             # an eager first call on CUDA compiles Triton kernels: not timed
             untimed = first and device.type == "cuda" and not use_graph
             if timer is not None:
-                timer.start()
+                timer.start()  # CUDA: the step's device time
             if propose is not None and tree:  # host code: eager, on the full batch
                 guesses = propose(*_full_batch(rows, B, stop))
                 guesses = _checked_guesses(guesses, B, buffers[tree], base.cfg.vocab_size,
@@ -649,6 +655,7 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
                 new[b], accepted[b] = row[:n], row[n]
             if observe is not None:
                 leaves = [row[n + 1] for row in host if row[n] > 0] if tree else None
+                timer.end()
                 observe(tree, len(rows.index), None if untimed else timer.seconds(), leaves)
             result.steps += 1
             result.accepted_per_step.append(accepted)
@@ -660,10 +667,13 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
 
 
 class _StepTimer:
-    """A step's time for the online policy, with no sync of its own: CUDA events around the
-    step on a GPU, read after the step's host copy (which has waited for them); on a CPU with
-    one torch thread the CPU time of this thread, which computes the step (other processes,
-    and other threads of this one, hardly change it), else the wall clock."""
+    """A step's cost for the online policy, with no sync of its own. On a GPU: CUDA events
+    around the step, read after the step's host copy (which has waited for them). On a CPU: the
+    whole loop iteration (``begin`` to ``end``: the row bookkeeping, the policy's choice, the
+    step, the host copy; not the first use of a tree, which builds its buffers), since the
+    host work a step brings is part of what a tree costs there (the demo: about 0.3 ms of a
+    1.6 ms plain step); with one torch thread in CPU time of this thread, which computes the
+    step (other processes, and other threads of this one, hardly change it), else wall time."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -671,17 +681,28 @@ class _StepTimer:
             self.events = (torch.cuda.Event(enable_timing=True),
                            torch.cuda.Event(enable_timing=True))
         self.clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+        self.t0 = self.t1 = self.paused = 0.0
+
+    def begin(self) -> None:
+        if not self.cuda:
+            self.t0 = self.clock()
+
+    def pause(self) -> None:
+        self.paused = self.clock()
+
+    def resume(self) -> None:
+        self.t0 += self.clock() - self.paused
 
     def start(self) -> None:
         if self.cuda:
             self.events[0].record()
-        else:
-            self.t0 = self.clock()
 
     def stop(self) -> None:
         if self.cuda:
             self.events[1].record()
-        else:
+
+    def end(self) -> None:
+        if not self.cuda:
             self.t1 = self.clock()
 
     def seconds(self) -> float:

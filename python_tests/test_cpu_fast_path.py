@@ -205,3 +205,22 @@ def test_column_major_layout_switches_and_restores(monkeypatch):
     assert decode() == fast and col_major(layer.mlp.w13.weight)
     base.double()  # a cast (or a move) gets the row-major layout
     assert all(p.is_contiguous() for p in base.parameters())
+
+
+def test_separate_heads_streaming_from_memory_take_linear():
+    """Separate heads whose projections stream (over 1/8 of the cache each) are projected head
+    by head through ``linear``: the same top-k as the float64 reference."""
+    from medusa_kernels.ops import medusa_heads_topk_ref
+
+    g = torch.Generator().manual_seed(3)
+    K, d = 2, 64
+    V = int(STREAM_FRACTION * llc_bytes()) // (4 * d) + 7
+    hidden, w1 = torch.randn(1, d, generator=g), torch.randn(K, d, d, generator=g) / d**0.5
+    b1, w2 = torch.randn(K, d, generator=g), torch.randn(K, V, d, generator=g)
+    assert skinny(1, w2[0])
+    with torch.inference_mode():
+        values, ids = medusa_heads_topk_ref(hidden, w1, b1, w2, 5)
+        ref_values, ref_ids = medusa_heads_topk_ref(hidden.double(), w1.double(), b1.double(),
+                                                    w2.double(), 5)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(values, ref_values.float(), atol=1e-4, rtol=1e-5)

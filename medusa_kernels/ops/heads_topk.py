@@ -96,7 +96,7 @@ from ._backend import (
     pick_backend,
     sm_count,
 )
-from ._linear import linear
+from ._linear import linear, skinny
 
 if HAS_TRITON:
     import triton
@@ -149,16 +149,19 @@ def medusa_heads_topk_ref(
     h = hidden.to(dtype)
     h_res = resblocks_ref(h, w1.to(dtype), b1.to(dtype))  # [N, K, d]
     w2 = w2.to(dtype)
-    logits = torch.stack([linear(h_res[:, i], w2[i]) for i in range(w2.shape[0])], 1)
+    if skinny(h.shape[0], w2[0]):  # heads streaming from memory: ``linear``'s call, per head
+        logits = torch.stack([linear(h_res[:, i], w2[i], stream=True)
+                              for i in range(w2.shape[0])], 1)
+    else:
+        logits = torch.einsum("nkd,kvd->nkv", h_res, w2)
     values, indices = topk_lower_index_first(logits, k)
     return values.float(), indices
 
 
 def resblocks_ref(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
     """Each head's ResBlock on the same hidden: h [N, d], w1 [K, d, d], b1 [K, d] (h's dtype)
-    -> h + silu(h @ w1[k].T + b1[k]) [N, K, d] (head by head: ``linear``'s fast call on a
-    CPU at few rows)."""
-    z = torch.stack([linear(h, w1[i], b1[i]) for i in range(w1.shape[0])], 1)
+    -> h + silu(h @ w1[k].T + b1[k]) [N, K, d]."""
+    z = torch.einsum("nd,ked->nke", h, w1) + b1
     return h[:, None, :] + torch.nn.functional.silu(z)
 
 
