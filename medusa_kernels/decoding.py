@@ -653,6 +653,7 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
             n = new_tokens.shape[1]
             for row, b in zip(host, rows.index, strict=True):
                 new[b], accepted[b] = row[:n], row[n]
+            step_out = emit(stop.take(new, accepted))  # the stop rules, the text
             if observe is not None:
                 leaves = [row[n + 1] for row in host if row[n] > 0] if tree else None
                 timer.end()
@@ -660,7 +661,7 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
             result.steps += 1
             result.accepted_per_step.append(accepted)
             result.step_trees.append(tree)
-            yield emit(stop.take(new, accepted))
+            yield step_out
     result.wall_time = time.perf_counter() - start
     if plan.tokenizer is not None:
         result.text = [plan.tokenizer.decode(t, skip_special_tokens=True) for t in stop.tokens]
@@ -669,11 +670,12 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
 class _StepTimer:
     """A step's cost for the online policy, with no sync of its own. On a GPU: CUDA events
     around the step, read after the step's host copy (which has waited for them). On a CPU: the
-    whole loop iteration (``begin`` to ``end``: the row bookkeeping, the policy's choice, the
-    step, the host copy; not the first use of a tree, which builds its buffers), since the
-    host work a step brings is part of what a tree costs there (the demo: about 0.3 ms of a
-    1.6 ms plain step); with one torch thread in CPU time of this thread, which computes the
-    step (other processes, and other threads of this one, hardly change it), else wall time."""
+    whole loop iteration (``begin`` to ``end``: the policy's choice, the step, the host copy,
+    the stop rules and the streamed text; not the first use of a tree, which builds its
+    buffers, nor dropping finished rows): the host work of a step is part of what a tree
+    costs there, and a small model's plain step is mostly host work; with one torch thread in
+    CPU time of this thread, which computes the step (other processes, and other threads of
+    this one, hardly change it), else wall time."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"

@@ -30,7 +30,10 @@ measures the machine's noise). On a CPU with one torch
 thread (the CPU mode) the same with the process's CPU time instead of wall-clock time
 (``tokens_per_cpu_s``, ``cpu_speedup``, ``cpu_vs_best``): other processes on a shared machine
 inflate wall-clock times, hardly CPU times. ``check``: the four outputs are identical (greedy
-decoding is lossless; in bf16/fp16 a difference is a note).
+decoding is lossless; in bf16/fp16 a difference is a note). On a CPU the section decodes on
+the CPU's eager path (``model.CPU_FAST_PATH`` "on"), which ``generate`` takes on a CPU: the
+bench's CPU mode runs under TRITON_INTERPRET=1 (to check the kernels), where "auto" would time
+the ops' path instead (until 2026-12-07 it did: plain decoding of the demo at half its speed).
 
 ``python -m medusa_kernels.bench.throughput --out DIR`` (``trace``): one long greedy generation
 of the demo with the online policy (B 16 by default, 512 new tokens), written as
@@ -47,6 +50,7 @@ from collections import Counter
 
 import torch
 
+from medusa_kernels import model as model_module
 from medusa_kernels.checkpoint import load_model
 from medusa_kernels.decoding import generate
 from medusa_kernels.policy import TreePolicy, is_table_file, policy_label
@@ -155,6 +159,16 @@ def _rounded(values: list[float]) -> list[float]:
 
 def run(ctx: BenchContext, batches: tuple[int, ...] | None = None) -> list[dict]:
     """The section's rows (module doc); ``batches`` replaces the batch sizes (tests)."""
+    saved = model_module.CPU_FAST_PATH
+    if not ctx.cuda:  # what generate runs on a CPU, also under the interpreter (module doc)
+        model_module.CPU_FAST_PATH = "on"
+    try:
+        return _run(ctx, batches)
+    finally:
+        model_module.CPU_FAST_PATH = saved
+
+
+def _run(ctx: BenchContext, batches: tuple[int, ...] | None) -> list[dict]:
     default_batches, max_new = _settings(ctx)
     batches = batches or default_batches
     model, label = _model(ctx)
