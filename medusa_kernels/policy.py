@@ -48,6 +48,7 @@ import bisect
 import json
 import math
 import os
+import statistics
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -324,6 +325,13 @@ class FixedTreePolicy:
 
 # tree sizes (paths besides the root) the online policy grows from its acceptance estimates
 ONLINE_SIZES = (1, 3, 7, 15, 31, 63)
+# exploration: every candidate is timed this many times at a batch before its estimate is
+# trusted; after that, a re-check (a plain step among Medusa ones, or the reverse) at most
+# once in this many steps
+MIN_TIMINGS, RECHECK_STEPS = 3, 20
+FIRST_TIMES = 5  # a step cost starts as the median of its first five times (observe)
+EXPLORE_RUN = 3  # an exploration runs its tree for this many steps (the first, a switch,
+# is not timed once the tree has a time: ``observe``)
 
 
 def grow(acc: Sequence[Sequence[float]], nodes: int) -> Tree:
@@ -373,9 +381,10 @@ class OnlinePolicy:
     - step cost per (tree, rows): the prior cost (the table's ``step_ms``, interpolated in
       nodes and batch; without a table a generic model, linear in rows x nodes) times the
       mean ratio measured / prior of the steps of its kind (plain or Medusa) timed so far,
-      weighed (``prior_weight`` steps' worth: 3 with a table's times, 0 without) against an
-      exponential average (weight ``alpha``; a time over 1.5x the average counts as 1.5x:
-      noise only slows) of the tree's own times at these rows, or at the nearest rows it
+      weighed (``prior_weight`` steps' worth: 3 with a table's times, 0 without) against
+      the tree's own times at these rows (noise only slows a step: the smaller of its first
+      two, the median of its first five, then an exponential average, weight ``alpha``, where
+      a time over 1.5x the average counts as 1.5x), or at the nearest rows it
       was timed at, scaled as its prior cost scales. The prior gives the shape, the
       measurements the scale, and the tree's own times the rest once there are enough.
 
@@ -384,12 +393,18 @@ class OnlinePolicy:
     does not flip trees); the table's tree for the batch, if a table is given, counts
     ``table_trust`` (5%) faster than estimated (it was measured with care: the online
     estimates, noisy, must beat it by that margin; heads that stop helping lose far more).
-    Exploration: the best candidate not yet timed within 25% of this
-    batch (else, while plain steps win, the best Medusa tree) is taken instead once the steps
-    since the last exploration have cost enough that its expected loss is at most
-    ``explore`` (2%) of that time: every tree gets timed, and speculation is
-    tried again now and then and taken up when it pays; a cheap tree is retried often, a
-    dear one seldom. The choice is deterministic given the observations (no random numbers).
+    Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times within
+    25% of this batch (else, at most once in ``RECHECK_STEPS`` (20) steps: while plain steps
+    win, the best Medusa tree; while a Medusa tree wins, a plain step) is taken instead once
+    the steps since the last exploration have cost enough that its expected loss is at most
+    ``explore`` (2%) of that time. It runs for ``EXPLORE_RUN`` (3) steps (one for a tree never
+    timed at this batch): a step that switches trees is dearer than the next ones (cold
+    caches, other buffers), and its time does not count once the tree has one. So every tree
+    gets timed a few times (and one slow first time does not condemn it: a cost starts as the
+    smaller of a tree's first two times, then the median of its first ``FIRST_TIMES`` (5)),
+    speculation is tried again now and then and taken up when it pays, and dropped when it
+    stops paying; a cheap tree is retried often, a dear one seldom. The choice is
+    deterministic given the observations (no random numbers).
 
     Exactness: the tree of a step depends only on what happened before it (earlier steps'
     accepted paths and times); it never reads the step's own draws, so exact sampling stays
@@ -494,8 +509,12 @@ class OnlinePolicy:
         self.cost: dict[tuple[int, int], float] = {}  # (candidate, rows) -> seconds
         self._timed: dict[int, set[int]] = {}  # candidate -> the rows it was timed at
         self._count: dict[tuple[int, int], int] = {}  # (candidate, rows) -> steps averaged
+        self._first: dict[tuple[int, int], list[float]] = {}  # its first FIRST_TIMES times
         self._ratio: dict[bool, float] = {}  # medusa? -> measured / prior cost
         self._idle = 0.0  # seconds of steps since the last exploration
+        self._steps_since = 0  # steps since the last exploration
+        self._burst: Tree = ()  # the tree an exploration runs, for EXPLORE_RUN steps
+        self._burst_left = 0
         self._explored = False  # choose returned an exploration step
         self._last: Tree | None = None
         # (rows, tree, seconds) of the latest steps (bounded: a server's policy lives long)
@@ -569,10 +588,13 @@ class OnlinePolicy:
             return None
         return min(timed, key=lambda r: abs(math.log(r / rows)))
 
-    def _timed_near(self, i: int, rows: int) -> bool:
-        """Whether candidate ``i`` was timed at rows within 25% of ``rows``."""
+    def _timings_near(self, i: int, rows: int) -> int:
+        """How many steps of candidate ``i`` were timed at rows within 25% of ``rows`` (at
+        the nearest such rows; counted up to ``1 / alpha``)."""
         near = self._nearest(i, rows)
-        return near is not None and abs(near - rows) <= 0.25 * rows
+        if near is None or abs(near - rows) > 0.25 * rows:
+            return 0
+        return self._count[(i, near)]
 
     def rate(self, tree: Tree, rows: int) -> float:
         """Expected tokens per second per row."""
@@ -583,6 +605,10 @@ class OnlinePolicy:
         _check_count(batch, "batch", 1)
         if context is not None:
             _check_count(context, "context", 0)
+        if self._burst_left > 0:  # an exploration goes on for EXPLORE_RUN steps
+            self._burst_left -= 1
+            self._explored = True
+            return self._burst
         n = len(self.candidates)
         rates = [self.rate(t, batch) for t in self.candidates]
         if self.table is not None:  # the table's tree: measured with care, beaten by a margin
@@ -601,21 +627,31 @@ class OnlinePolicy:
             best = min((i for i in range(n) if rates[i] >= near),
                        key=lambda i: len(self.candidates[i]))
         self._explored = False
-        if self.explore > 0:  # the best tree not yet timed near this batch, else (while plain
-            # steps win) the best Medusa tree, once the budget pays for its expected loss
-            pool = [i for i in range(n) if i != best and not self._timed_near(i, batch)]
-            if not pool and best == 0:
-                pool = list(range(1, n))
-            if pool:
-                j = max(pool, key=lambda i: (rates[i], -len(self.candidates[i])))
+        if self.explore > 0:
+            j = self._explore_pick(best, rates, batch)
+            if j is not None:
                 tree = self.candidates[j]
                 per_token = self.step_seconds(self.candidates[best], batch) / \
                     self.expected(self.candidates[best])
                 loss = self.step_seconds(tree, batch) - self.expected(tree) * per_token
-                if self.explore * self._idle >= loss:
-                    self._explored = True
+                # a tree never timed here runs one step (timed: its first), else EXPLORE_RUN
+                run = EXPLORE_RUN if self._timings_near(j, batch) else 1
+                if self.explore * self._idle >= run * loss:
+                    self._explored, self._burst, self._burst_left = True, tree, run - 1
                     return tree
         return self.candidates[best]
+
+    def _explore_pick(self, best: int, rates: list[float], batch: int) -> int | None:
+        """The candidate an exploration step would run (class doc), or None."""
+        n = len(self.candidates)
+        few = [i for i in range(n) if i != best and self._timings_near(i, batch) < MIN_TIMINGS]
+        if few:  # every candidate timed a few times at this batch first, the best-rated first
+            return max(few, key=lambda i: (rates[i], -len(self.candidates[i])))
+        if self._steps_since < RECHECK_STEPS:
+            return None
+        if best == 0:  # plain steps win: the best Medusa tree, to notice when it pays again
+            return max(range(1, n), key=lambda i: (rates[i], -len(self.candidates[i])))
+        return 0  # a Medusa tree wins: a plain step, to notice when speculation stops paying
 
     def observe(self, tree: Sequence[Sequence[int]], batch: int, seconds: float | None,
                 leaves: Sequence[int] | None = None) -> None:
@@ -628,23 +664,33 @@ class OnlinePolicy:
         if self.step_cost is not None:
             seconds = float(self.step_cost(tree, batch))
         self.log.append((batch, tree, seconds))
+        # a step that switches trees pays for it (cold caches, other buffers): its time does
+        # not count, except as a tree's first
+        switched = self._last is not None and tree != self._last
         self._last = tree
-        if seconds is not None and seconds > 0 and math.isfinite(seconds):
-            key = (i, batch)
-            old = self.cost.get(key)
-            if old is not None:  # noise only slows a step: an outlier counts as 1.5x
+        key = (i, batch)
+        if seconds is not None and seconds > 0 and math.isfinite(seconds) and not (
+                switched and key in self.cost):
+            old, n = self.cost.get(key), self._count.get(key, 0)
+            first = self._first.setdefault(key, [])
+            if len(first) < FIRST_TIMES:  # noise only slows: the smaller of the first two
+                first.append(seconds)  # times, then the median of the first five (a first
+                self.cost[key] = min(first) if len(first) <= 2 else statistics.median(first)
+            else:  # then an exponential average; an outlier counts as 1.5x the average
                 seconds = min(seconds, 1.5 * old)
-            self.cost[key] = seconds if old is None else old + self.alpha * (seconds - old)
-            self._count[key] = min(self._count.get(key, 0) + 1, round(1 / self.alpha))
+                self.cost[key] = old + self.alpha * (seconds - old)
+            self._count[key] = min(n + 1, round(1 / self.alpha))
             self._timed.setdefault(i, set()).add(batch)
             ratio = seconds / self.prior_cost(tree, batch)
             kind = bool(tree)
             old = self._ratio.get(kind)
             self._ratio[kind] = ratio if old is None else old + self.alpha * (ratio - old)
         if self._explored:  # the exploration budget is spent
-            self._idle, self._explored = 0.0, False
+            self._idle, self._explored, self._steps_since = 0.0, False, 0
+            self._burst_left = 0 if tree != self._burst else self._burst_left
         else:
             self._idle += seconds if seconds is not None else self.step_seconds(tree, batch)
+            self._steps_since += 1
         if not tree or not leaves:
             return
         kids = self._children[i]
