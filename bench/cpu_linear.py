@@ -4,6 +4,12 @@ column-major copy (the layout the CPU path kept until 2026-12-07) and ``ops._lin
 (``w @ x.T`` where its rule says, one row sent as two).
 
     python bench/cpu_linear.py --threads 1 --out RESULT.json
+    python bench/cpu_linear.py --model DIR --heads DIR --out RESULT.json   # whole steps
+
+With ``--model``: the decode step of a real checkpoint, plain and Medusa with chains of 1-3
+heads (2-4 nodes), the weights read as ``linear`` reads them (row-major, ``w @ x.T``) against
+the layout the CPU path used before (column-major, ``F.linear``), in turns in one process:
+milliseconds per step of ``generate`` (prefill left out), the median of ``--rounds``.
 
 Shapes: SmolLM2-135M's (q|k|v, o, gate|up, down, lm_head, 8192 draft rows) and a 1024-wide
 Llama's, each repeated over enough layers to leave the caches (as a decode step does). Medians
@@ -44,12 +50,60 @@ def _median_seconds(fn) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def steps(model_dir: str, heads: str, rounds: int) -> list[dict]:
+    """ms per step of plain and chain-tree decoding, streaming layout against the old one."""
+    import statistics
+
+    from medusa_kernels import generate, load_model
+
+    model = load_model(model_dir, medusa=heads, dtype=torch.float32)
+    base = model.base
+    prompt = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    trees = {"plain": None, "2 nodes": [[0]], "3 nodes": [[0], [0, 0]],
+             "4 nodes": [[0], [0, 0], [0, 0, 0]]}
+    times: dict[tuple[str, str], list[float]] = {}
+    for r in range(rounds):
+        layouts = ("linear", "column-major") if r % 2 == 0 else ("column-major", "linear")
+        for layout in layouts:
+            base._stream = layout == "linear"  # False: the column-major copy, F.linear
+            for name, tree in trees.items():
+                kw = dict(medusa=False) if tree is None else dict(tree=tree)
+                generate(model, prompt, max_new_tokens=2, eos_token_id=[], **kw)  # layout
+                res = generate(model, prompt, max_new_tokens=24, eos_token_id=[], **kw)
+                ms = (res.wall_time - res.prefill_time) / res.steps * 1e3
+                times.setdefault((layout, name), []).append(ms)
+    out = []
+    print("| step | linear (ms) | column-major, F.linear (ms) | ratio |")
+    print("| --- | --- | --- | --- |")
+    for name in trees:
+        new, old = (statistics.median(times[(lay, name)]) for lay in ("linear", "column-major"))
+        out.append({"step": name, "linear_ms": new, "column_major_ms": old,
+                    "runs": {lay: times[(lay, name)] for lay in ("linear", "column-major")}})
+        print(f"| {name} | {new:.1f} | {old:.1f} | {old / new:.2f}x |", flush=True)
+    base._stream = None
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model", default=None, help="a checkpoint: time its whole steps")
+    p.add_argument("--heads", default=None, help="its Medusa heads (with --model)")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.model:
+        with torch.inference_mode():
+            rows = steps(args.model, args.heads, args.rounds)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"machine": f"{platform.processor() or platform.machine()}, "
+                                      f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
+                           "threads": args.threads, "torch": torch.__version__,
+                           "model": args.model, "heads": args.heads, "steps": rows}, f,
+                          indent=1)
+        return
     g = torch.Generator().manual_seed(0)
     rows_out = []
     print("| shape | rows | F.linear | column-major x @ w.T | linear | linear / best other |")
@@ -61,11 +115,12 @@ def main() -> None:
         for rows in ROWS:
             x = torch.randn(rows, K, generator=g)
             with torch.inference_mode():
-                rates = {
-                    "F.linear": gb / _median_seconds(lambda: [F.linear(x, w) for w in ws]),
-                    "column-major": gb / _median_seconds(lambda: [x @ w.t() for w in cols]),
-                    "linear": gb / _median_seconds(lambda: [linear(x, w) for w in ws]),
+                calls = {  # the layers' weights stream: linear(..., stream=True), as a step
+                    "F.linear": lambda x=x, ws=ws: [F.linear(x, w) for w in ws],
+                    "column-major": lambda x=x, cols=cols: [x @ w.t() for w in cols],
+                    "linear": lambda x=x, ws=ws: [linear(x, w, stream=True) for w in ws],
                 }
+                rates = {k: gb / _median_seconds(fn) for k, fn in calls.items()}
             best_other = max(rates["F.linear"], rates["column-major"])
             rows_out.append({"shape": name, "N": N, "K": K, "rows": rows, "GB/s": rates})
             print(f"| {name} | {rows} | {rates['F.linear']:.1f} | {rates['column-major']:.1f} | "
