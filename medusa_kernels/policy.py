@@ -330,6 +330,9 @@ ONLINE_SIZES = (1, 3, 7, 15, 31, 63)
 # once in this many steps
 MIN_TIMINGS, RECHECK_STEPS = 3, 20
 FIRST_TIMES = 5  # a step cost starts as the median of its first five times (observe)
+# candidates first timed: those rated within this fraction of the best (with a table's step
+# times, without: a generic cost model is a rougher guess)
+EXPLORE_MARGIN = {True: 0.25, False: 0.5}
 EXPLORE_RUN = 3  # an exploration runs its tree for this many steps (the first, a switch,
 # is not timed once the tree has a time: ``observe``)
 
@@ -394,17 +397,18 @@ class OnlinePolicy:
     ``table_trust`` (5%) faster than estimated (it was measured with care: the online
     estimates, noisy, must beat it by that margin; heads that stop helping lose far more).
     Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times within
-    25% of this batch (else, at most once in ``RECHECK_STEPS`` (20) steps: while plain steps
-    win, the best Medusa tree; while a Medusa tree wins, a plain step) is taken instead once
-    the steps since the last exploration have cost enough that its expected loss is at most
-    ``explore`` (2%) of that time. It runs for ``EXPLORE_RUN`` (3) steps (one for a tree never
-    timed at this batch): a step that switches trees is dearer than the next ones (cold
-    caches, other buffers), and its time does not count once the tree has one. So every tree
-    gets timed a few times (and one slow first time does not condemn it: a cost starts as the
-    smaller of a tree's first two times, then the median of its first ``FIRST_TIMES`` (5)),
-    speculation is tried again now and then and taken up when it pays, and dropped when it
-    stops paying; a cheap tree is retried often, a dear one seldom. The choice is
-    deterministic given the observations (no random numbers).
+    25% of this batch among those rated within ``EXPLORE_MARGIN`` (25% with a table's step
+    times, 50% without) of the best (else, at most once in ``RECHECK_STEPS`` (20) steps:
+    while plain steps win, the best Medusa tree; while a Medusa tree wins, a plain step) is
+    taken instead once the steps since the last exploration have cost enough that its
+    expected loss is at most ``explore`` (2%) of that time. It runs for ``EXPLORE_RUN`` (3)
+    steps (one for a tree never timed at this batch): a step that switches trees is dearer
+    than the next ones (cold caches, other buffers), and its time does not count once the tree
+    has one. So the likely trees get timed a few times (and one slow first time does not
+    condemn one: a cost starts as the smaller of a tree's first two times, then the median of
+    its first ``FIRST_TIMES`` (5)), speculation is tried again now and then and taken up when
+    it pays, and dropped when it stops paying; a cheap tree is retried often, a dear one
+    seldom. The choice is deterministic given the observations (no random numbers).
 
     Exactness: the tree of a step depends only on what happened before it (earlier steps'
     accepted paths and times); it never reads the step's own draws, so exact sampling stays
@@ -644,7 +648,11 @@ class OnlinePolicy:
     def _explore_pick(self, best: int, rates: list[float], batch: int) -> int | None:
         """The candidate an exploration step would run (class doc), or None."""
         n = len(self.candidates)
-        few = [i for i in range(n) if i != best and self._timings_near(i, batch) < MIN_TIMINGS]
+        # worth timing: within the margin of the best (a table's times or measured ones make
+        # a far worse estimate unlikely to hide the best tree)
+        margin = EXPLORE_MARGIN[self._table_times]
+        few = [i for i in range(n) if i != best and rates[i] >= (1 - margin) * rates[best]
+               and self._timings_near(i, batch) < MIN_TIMINGS]
         if few:  # every candidate timed a few times at this batch first, the best-rated first
             return max(few, key=lambda i: (rates[i], -len(self.candidates[i])))
         if self._steps_since < RECHECK_STEPS:

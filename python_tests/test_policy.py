@@ -577,9 +577,13 @@ def test_one_slow_first_time_does_not_condemn_a_tree():
             return 1.6 * true
         return true
 
-    weak = [[0.3, 0.05], [0.2, 0.05], [0.1, 0.05]]  # plain is the best: 1 token per 1.0
+    weak = [[0.3, 0.05, 0.0], [0.2, 0.05, 0.0], [0.1, 0.05, 0.0]]  # plain is the best
     policy = OnlinePolicy(3, accuracies=ACC, step_cost=cost)
     chosen = simulate(policy, heads_like(weak), 600)
     assert chosen[0] != ()  # the prior says the heads help
-    late = chosen[-200:]
-    assert sum(1 for t in late if not t) >= 0.9 * len(late)
+    from medusa_kernels.calibrate import expected_accepted
+
+    late = chosen[-200:]  # mostly plain steps, and within 3% of plain decoding's cost
+    assert sum(1 for t in late if not t) >= 0.8 * len(late)
+    tokens = sum(expected_accepted(t, weak) if t else 1.0 for t in late)
+    assert sum(1.0 if not t else 1.3 + 0.1 * len(t) for t in late) <= 1.03 * tokens
