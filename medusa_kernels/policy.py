@@ -332,7 +332,7 @@ MIN_TIMINGS, RECHECK_STEPS = 3, 20
 FIRST_TIMES = 5  # a step cost starts as the median of its first five times (observe)
 # candidates first timed: those rated within this fraction of the best (with a table's step
 # times, without: a generic cost model is a rougher guess)
-EXPLORE_MARGIN = {True: 0.25, False: 0.5}
+EXPLORE_MARGIN = {True: 0.1, False: 0.5}
 EXPLORE_RUN = 3  # an exploration runs its tree for this many steps (the first, a switch,
 # is not timed once the tree has a time: ``observe``)
 
@@ -397,7 +397,7 @@ class OnlinePolicy:
     ``table_trust`` (5%) faster than estimated (it was measured with care: the online
     estimates, noisy, must beat it by that margin; heads that stop helping lose far more).
     Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times within
-    25% of this batch among those rated within ``EXPLORE_MARGIN`` (25% with a table's step
+    25% of this batch among those rated within ``EXPLORE_MARGIN`` (10% with a table's step
     times, 50% without) of the best (else, at most once in ``RECHECK_STEPS`` (20) steps:
     while plain steps win, the best Medusa tree; while a Medusa tree wins, a plain step) is
     taken instead once the steps since the last exploration have cost enough that its
