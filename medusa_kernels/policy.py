@@ -394,14 +394,14 @@ class OnlinePolicy:
     ``choose(batch)``: the candidate of highest expected tokens per second at ``batch`` rows,
     keeping the previous choice while it is within ``tolerance`` of the best (timing noise
     does not flip trees); the table's tree for the batch, if a table is given, counts
-    ``table_trust`` (5%) faster than estimated (it was measured with care: the online
+    ``table_trust`` (10%) faster than estimated (it was measured with care: the online
     estimates, noisy, must beat it by that margin; heads that stop helping lose far more).
     Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times within
     25% of this batch among those rated within ``EXPLORE_MARGIN`` (10% with a table's step
     times, 50% without) of the best (else, at most once in ``RECHECK_STEPS`` (20) steps:
     while plain steps win, the best Medusa tree; while a Medusa tree wins, a plain step) is
     taken instead once the steps since the last exploration have cost enough that its
-    expected loss is at most ``explore`` (2%) of that time. It runs for ``EXPLORE_RUN`` (3)
+    expected loss is at most ``explore`` (1%) of that time. It runs for ``EXPLORE_RUN`` (3)
     steps (one for a tree never timed at this batch): a step that switches trees is dearer
     than the next ones (cold caches, other buffers), and its time does not count once the tree
     has one. So the likely trees get timed a few times (and one slow first time does not
@@ -439,8 +439,8 @@ class OnlinePolicy:
         alpha: float = 0.1,
         prior_weight: float | None = None,
         tolerance: float = 0.03,
-        table_trust: float = 0.05,
-        explore: float = 0.02,
+        table_trust: float = 0.1,
+        explore: float = 0.01,
         step_cost=None,
         name: str = "online",
     ):
@@ -510,6 +510,9 @@ class OnlinePolicy:
             self._children.append(kids)
         self._index = {t: i for i, t in enumerate(cands)}
         self._expected: list[float] | None = None
+        # per batch, each candidate's rate (None: to compute): a plain step's outcome changes
+        # plain's only, a Medusa step's every Medusa tree's (acceptance, their cost ratio)
+        self._rates: dict[int, list[float | None]] = {}
         self.cost: dict[tuple[int, int], float] = {}  # (candidate, rows) -> seconds
         self._timed: dict[int, set[int]] = {}  # candidate -> the rows it was timed at
         self._count: dict[tuple[int, int], int] = {}  # (candidate, rows) -> steps averaged
@@ -614,7 +617,11 @@ class OnlinePolicy:
             self._explored = True
             return self._burst
         n = len(self.candidates)
-        rates = [self.rate(t, batch) for t in self.candidates]
+        rates = self._rates.setdefault(batch, [None] * n)  # kept until observe changes them
+        for i, r in enumerate(rates):
+            if r is None:
+                rates[i] = self.rate(self.candidates[i], batch)
+        rates = list(rates)
         if self.table is not None:  # the table's tree: measured with care, beaten by a margin
             if batch not in self._table_pick:
                 self._table_pick[batch] = self._index.get(self.table.choose(batch))
@@ -672,6 +679,11 @@ class OnlinePolicy:
         if self.step_cost is not None:
             seconds = float(self.step_cost(tree, batch))
         self.log.append((batch, tree, seconds))
+        for rates in self._rates.values():
+            if tree:
+                rates[1:] = [None] * (len(rates) - 1)
+            else:
+                rates[0] = None
         # a step that switches trees pays for it (cold caches, other buffers): its time does
         # not count, except as a tree's first
         switched = self._last is not None and tree != self._last

@@ -9,7 +9,8 @@ head dim 64, I 1536, V 49152, tied embeddings: deep and narrow, per-op cost matt
 ``generate(..., medusa=False)``; transformers' is ``LlamaForCausalLM.generate`` on the same
 weight values (``e2e.hf_twin``: its own row-major tensors where our CPU path keeps a weight
 column-major, ``Transformer._cpu_layout``, which it does only for weights that fit in the
-cache; these models' stream, and both read the very same row-major tensors), greedy, with its dynamic cache and its static cache.
+cache; these models' stream, and both read the very same row-major tensors), greedy, with
+its dynamic cache and its static cache.
 ``--model-dir``: a checkpoint instead (both load it themselves, fp32; EOS ignored by both). Each
 run decodes one random prompt with each peer in turn (ours, dynamic, static, ours, ...: load
 drift hits them alike); tokens/s count the tokens after the first decode step, over the process
