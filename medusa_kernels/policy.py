@@ -333,6 +333,7 @@ FIRST_TIMES = 5  # a step cost starts as the median of its first five times (obs
 # candidates first timed: those rated within this fraction of the best (with a table's step
 # times, without: a generic cost model is a rougher guess)
 EXPLORE_MARGIN = {True: 0.1, False: 0.5}
+SPEED_ALPHA = 0.2  # how fast the machine's speed follows the running tree's times
 EXPLORE_RUN = 3  # an exploration runs its tree for this many steps (the first, a switch,
 # is not timed once the tree has a time: ``observe``)
 
@@ -396,13 +397,14 @@ class OnlinePolicy:
     does not flip trees); the table's tree for the batch, if a table is given, counts
     ``table_trust`` (10%) faster than estimated (it was measured with care: the online
     estimates, noisy, must beat it by that margin; heads that stop helping lose far more).
-    Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times within
-    25% of this batch among those rated within ``EXPLORE_MARGIN`` (10% with a table's step
-    times, 50% without) of the best (else, at most once in ``RECHECK_STEPS`` (20) steps:
+    Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times (at any
+    batch) among those rated within ``EXPLORE_MARGIN`` (10% with a table's step times, 50%
+    without) of the best (else, at most once in ``RECHECK_STEPS`` (20) steps:
     while plain steps win, the best Medusa tree; while a Medusa tree wins, a plain step) is
     taken instead once the steps since the last exploration have cost enough that its
-    expected loss is at most ``explore`` (1%) of that time. It runs for ``EXPLORE_RUN`` (3)
-    steps (one for a tree never timed at this batch): a step that switches trees is dearer
+    expected loss is at most ``explore`` (0.5%: a switch of trees costs more than the
+    estimates say) of that time. It runs for ``EXPLORE_RUN`` (3) steps (one for a tree never
+    timed): a step that switches trees is dearer
     than the next ones (cold caches, other buffers), and its time does not count once the tree
     has one. So the likely trees get timed a few times (and one slow first time does not
     condemn one: a cost starts as the smaller of a tree's first two times, then the median of
@@ -440,7 +442,7 @@ class OnlinePolicy:
         prior_weight: float | None = None,
         tolerance: float = 0.03,
         table_trust: float = 0.1,
-        explore: float = 0.01,
+        explore: float = 0.005,
         step_cost=None,
         name: str = "online",
     ):
@@ -520,6 +522,7 @@ class OnlinePolicy:
         self._ratio: dict[bool, float] = {}  # medusa? -> measured / prior cost
         self._idle = 0.0  # seconds of steps since the last exploration
         self._steps_since = 0  # steps since the last exploration
+        self.speed = 1.0  # the machine's speed now against its usual (observe); costs in usual
         self._burst: Tree = ()  # the tree an exploration runs, for EXPLORE_RUN steps
         self._burst_left = 0
         self._explored = False  # choose returned an exploration step
@@ -595,13 +598,10 @@ class OnlinePolicy:
             return None
         return min(timed, key=lambda r: abs(math.log(r / rows)))
 
-    def _timings_near(self, i: int, rows: int) -> int:
-        """How many steps of candidate ``i`` were timed at rows within 25% of ``rows`` (at
-        the nearest such rows; counted up to ``1 / alpha``)."""
-        near = self._nearest(i, rows)
-        if near is None or abs(near - rows) > 0.25 * rows:
-            return 0
-        return self._count[(i, near)]
+    def _timings(self, i: int) -> int:
+        """How many steps of candidate ``i`` were timed, at any rows (each rows' count up to
+        ``1 / alpha``): its times at other rows carry over, scaled as the prior scales."""
+        return sum(self._count[(i, rows)] for rows in self._timed.get(i, ()))
 
     def rate(self, tree: Tree, rows: int) -> float:
         """Expected tokens per second per row."""
@@ -645,8 +645,8 @@ class OnlinePolicy:
                 per_token = self.step_seconds(self.candidates[best], batch) / \
                     self.expected(self.candidates[best])
                 loss = self.step_seconds(tree, batch) - self.expected(tree) * per_token
-                # a tree never timed here runs one step (timed: its first), else EXPLORE_RUN
-                run = EXPLORE_RUN if self._timings_near(j, batch) else 1
+                # a tree never timed runs one step (timed: its first), else EXPLORE_RUN
+                run = EXPLORE_RUN if self._timings(j) else 1
                 if self.explore * self._idle >= run * loss:
                     self._explored, self._burst, self._burst_left = True, tree, run - 1
                     return tree
@@ -659,7 +659,7 @@ class OnlinePolicy:
         # a far worse estimate unlikely to hide the best tree)
         margin = EXPLORE_MARGIN[self._table_times]
         few = [i for i in range(n) if i != best and rates[i] >= (1 - margin) * rates[best]
-               and self._timings_near(i, batch) < MIN_TIMINGS]
+               and self._timings(i) < MIN_TIMINGS]
         if few:  # every candidate timed a few times at this batch first, the best-rated first
             return max(few, key=lambda i: (rates[i], -len(self.candidates[i])))
         if self._steps_since < RECHECK_STEPS:
@@ -689,10 +689,16 @@ class OnlinePolicy:
         switched = self._last is not None and tree != self._last
         self._last = tree
         key = (i, batch)
-        if seconds is not None and seconds > 0 and math.isfinite(seconds) and not (
-                switched and key in self.cost):
+        valid = seconds is not None and seconds > 0 and math.isfinite(seconds)
+        normed = valid and not (switched and key in self.cost)
+        if normed:
             old, n = self.cost.get(key), self._count.get(key, 0)
             first = self._first.setdefault(key, [])
+            if len(first) >= FIRST_TIMES and not self._explored:  # the machine's speed: what
+                # the running tree takes against its estimate (a shared machine drifts)
+                f = min(max(seconds / (old * self.speed), 1 / 1.5), 1.5)
+                self.speed *= f**SPEED_ALPHA
+            seconds = seconds / self.speed  # costs are kept at the machine's usual speed
             if len(first) < FIRST_TIMES:  # noise only slows: the smaller of the first two
                 first.append(seconds)  # times, then the median of the first five (a first
                 self.cost[key] = min(first) if len(first) <= 2 else statistics.median(first)
@@ -709,7 +715,8 @@ class OnlinePolicy:
             self._idle, self._explored, self._steps_since = 0.0, False, 0
             self._burst_left = 0 if tree != self._burst else self._burst_left
         else:
-            self._idle += seconds if seconds is not None else self.step_seconds(tree, batch)
+            self._idle += self.step_seconds(tree, batch) if not valid else \
+                seconds if normed else seconds / self.speed
             self._steps_since += 1
         if not tree or not leaves:
             return

@@ -587,3 +587,22 @@ def test_one_slow_first_time_does_not_condemn_a_tree():
     assert sum(1 for t in late if not t) >= 0.8 * len(late)
     tokens = sum(expected_accepted(t, weak) if t else 1.0 for t in late)
     assert sum(1.0 if not t else 1.3 + 0.1 * len(t) for t in late) <= 1.03 * tokens
+
+
+def test_a_machine_that_slows_down_does_not_make_speculation_look_cheap():
+    """Every step 1.4x slower from step 200 on (a shared machine's load), while plain steps
+    run: the Medusa trees' costs, timed before, are not compared with plain's slowed ones
+    (the policy tracks the machine's speed); plain, the best throughout, stays chosen."""
+    def cost(tree, rows):
+        return (1.0 if not tree else 1.2 + 0.1 * len(tree)) * cost.slow
+
+    cost.slow = 1.0
+    weak = [[0.1, 0.02, 0.0], [0.1, 0.02, 0.0], [0.1, 0.02, 0.0]]
+    policy = OnlinePolicy(3, accuracies=ACC, step_cost=cost)
+    accept = heads_like(weak)
+    chosen = simulate(policy, accept, 200)
+    cost.slow = 1.4
+    chosen += simulate(policy, accept, 400)
+    late = chosen[200:]  # Medusa only to re-check now and then (without tracking the
+    assert sum(1 for t in late if t) <= 0.05 * len(late)  # speed: 36 of these 400 steps)
+    assert policy.speed == pytest.approx(1.4, rel=0.1)
