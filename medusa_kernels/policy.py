@@ -399,18 +399,18 @@ class OnlinePolicy:
     estimates, noisy, must beat it by that margin; heads that stop helping lose far more).
     Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times (at any
     batch) among those rated within ``EXPLORE_MARGIN`` (10% with a table's step times, 50%
-    without) of the best (else, at most once in ``RECHECK_STEPS`` (20) steps:
-    while plain steps win, the best Medusa tree; while a Medusa tree wins, a plain step) is
-    taken instead once the steps since the last exploration have cost enough that its
+    without) of the best (else, at most once in ``RECHECK_STEPS`` (20) steps: while plain
+    steps win, the best Medusa tree among those timed; while a Medusa tree wins, a plain step)
+    is taken instead once the steps since the last exploration have cost enough that its
     expected loss is at most ``explore`` (0.5%: a switch of trees costs more than the
     estimates say) of that time. It runs for ``EXPLORE_RUN`` (3) steps (one for a tree never
-    timed): a step that switches trees is dearer
-    than the next ones (cold caches, other buffers), and its time does not count once the tree
-    has one. So the likely trees get timed a few times (and one slow first time does not
-    condemn one: a cost starts as the smaller of a tree's first two times, then the median of
-    its first ``FIRST_TIMES`` (5)), speculation is tried again now and then and taken up when
-    it pays, and dropped when it stops paying; a cheap tree is retried often, a dear one
-    seldom. The choice is deterministic given the observations (no random numbers).
+    timed): a step that switches trees is dearer than the next ones (cold caches, other
+    buffers), and its time does not count once the tree has one. So the likely trees get
+    timed a few times (and one slow first time does not condemn one: a cost starts as the
+    smaller of a tree's first two times, then the median of its first ``FIRST_TIMES`` (5)),
+    speculation is tried again now and then and taken up when it pays, and dropped when it
+    stops paying; a cheap tree is retried often, a dear one seldom. The choice is
+    deterministic given the observations (no random numbers).
 
     Exactness: the tree of a step depends only on what happened before it (earlier steps'
     accepted paths and times); it never reads the step's own draws, so exact sampling stays
@@ -664,8 +664,11 @@ class OnlinePolicy:
             return max(few, key=lambda i: (rates[i], -len(self.candidates[i])))
         if self._steps_since < RECHECK_STEPS:
             return None
-        if best == 0:  # plain steps win: the best Medusa tree, to notice when it pays again
-            return max(range(1, n), key=lambda i: (rates[i], -len(self.candidates[i])))
+        if best == 0:  # plain steps win: the best Medusa tree timed a few times (its
+            # estimates are the ones to refresh), to notice when speculation pays again
+            timed = [i for i in range(1, n) if self._timings(i) >= MIN_TIMINGS] or \
+                list(range(1, n))
+            return max(timed, key=lambda i: (rates[i], -len(self.candidates[i])))
         return 0  # a Medusa tree wins: a plain step, to notice when speculation stops paying
 
     def observe(self, tree: Sequence[Sequence[int]], batch: int, seconds: float | None,
