@@ -513,7 +513,8 @@ class OnlinePolicy:
         self._index = {t: i for i, t in enumerate(cands)}
         self._expected: list[float] | None = None
         # per batch, each candidate's rate (None: to compute): a plain step's outcome changes
-        # plain's only, a Medusa step's every Medusa tree's (acceptance, their cost ratio)
+        # plain's only, a Medusa step's every Medusa tree's (acceptance, their cost ratio),
+        # either kind's the other's too while that one has no cost ratio of its own
         self._rates: dict[int, list[float | None]] = {}
         self.cost: dict[tuple[int, int], float] = {}  # (candidate, rows) -> seconds
         self._timed: dict[int, set[int]] = {}  # candidate -> the rows it was timed at
@@ -682,10 +683,12 @@ class OnlinePolicy:
         if self.step_cost is not None:
             seconds = float(self.step_cost(tree, batch))
         self.log.append((batch, tree, seconds))
+        # a kind not timed yet borrows the other's cost ratio (``step_seconds``): then both
+        both = (not tree) not in self._ratio
         for rates in self._rates.values():
-            if tree:
+            if tree or both:
                 rates[1:] = [None] * (len(rates) - 1)
-            else:
+            if not tree or both:
                 rates[0] = None
         # a step that switches trees pays for it (cold caches, other buffers): its time does
         # not count, except as a tree's first

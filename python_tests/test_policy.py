@@ -606,3 +606,18 @@ def test_a_machine_that_slows_down_does_not_make_speculation_look_cheap():
     late = chosen[200:]  # Medusa only to re-check now and then (without tracking the
     assert sum(1 for t in late if t) <= 0.05 * len(late)  # speed: 36 of these 400 steps)
     assert policy.speed == pytest.approx(1.4, rel=0.1)
+
+
+def test_heads_that_never_help_from_the_generic_prior_end_at_plain():
+    """No calibration at all (the generic prior: heads look good) and heads that never help,
+    SmolLM2-like costs (a 2-node step 1.3x a plain one): after the prior is unlearned, plain
+    steps, with Medusa re-checked now and then. (Plain, never timed, borrows the Medusa steps'
+    cost ratio: its rate must follow theirs.)"""
+    def cost(tree, rows):
+        return 0.036 + (0.012 if tree else 0.0) + 0.01 * max(len(tree) - 1, 0)
+
+    policy = OnlinePolicy(3, step_cost=cost)
+    chosen = simulate(policy, lambda i, tree: 0, 400)
+    late = chosen[100:]
+    assert sum(1 for t in late if not t) >= 0.9 * len(late)
+    assert sum(cost(t, 1) for t in late) <= 1.03 * len(late) * cost((), 1)
