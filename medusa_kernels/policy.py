@@ -661,7 +661,7 @@ class OnlinePolicy:
         margin = EXPLORE_MARGIN[self._table_times]
         few = [i for i in range(n) if i != best and rates[i] >= (1 - margin) * rates[best]
                and self._timings(i) < MIN_TIMINGS]
-        if few:  # every candidate timed a few times at this batch first, the best-rated first
+        if few:  # the likely candidates timed a few times first, the best-rated first
             return max(few, key=lambda i: (rates[i], -len(self.candidates[i])))
         if self._steps_since < RECHECK_STEPS:
             return None
