@@ -94,8 +94,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
-        with torch.inference_mode():
-            rows = steps(args.model, args.heads, args.rounds)
+        rows = steps(args.model, args.heads, args.rounds)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"machine": f"{platform.processor() or platform.machine()}, "

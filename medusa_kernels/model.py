@@ -554,6 +554,8 @@ class Transformer(nn.Module):
         (the embedding's contiguous rows) get the row-major one."""
         if fast == self._col_major:
             return
+        if fast and any(p.is_inference() for p in self._col_major_params()):
+            return  # made under torch.inference_mode: stays as it is (only a speed-up)
         with torch.inference_mode(False), torch.no_grad():
             seen = set()
             for p in self._col_major_params():

@@ -17,7 +17,7 @@ from test_launch_budget import hf_family_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from medusa_kernels import model as model_module
-from medusa_kernels.decoding import medusa_step, plain_step
+from medusa_kernels.decoding import generate, medusa_step, plain_step
 from medusa_kernels.ops._linear import STREAM_FRACTION, linear, llc_bytes, skinny
 from medusa_kernels.tree import TREES, build_tree
 
@@ -224,3 +224,15 @@ def test_separate_heads_streaming_from_memory_take_linear():
                                                     w2.double(), 5)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(values, ref_values.float(), atol=1e-4, rtol=1e-5)
+
+
+def test_a_model_loaded_under_inference_mode_decodes():
+    """Weights made under torch.inference_mode are inference tensors: the cache-resident
+    column-major switch leaves them as they are (it crashed: "Inference tensors do not track
+    version counter"), and the tokens are those of a model loaded normally."""
+    model = hf_family_model("llama-gqa-llama3rope", dtype=torch.float32)
+    with torch.inference_mode():
+        frozen = hf_family_model("llama-gqa-llama3rope", dtype=torch.float32)
+        assert frozen.base.lm_head.weight.is_inference()
+        got = generate(frozen, [[1, 2, 3, 4]], max_new_tokens=6, medusa=False).tokens
+    assert got == generate(model, [[1, 2, 3, 4]], max_new_tokens=6, medusa=False).tokens
