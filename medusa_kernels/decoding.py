@@ -519,9 +519,13 @@ class _Rows:
         """Drop every row but ``live`` (row numbers), copying their cache rows out once."""
         idx = torch.tensor(live, device=self.root.device)
         old = self.cache
-        self.cache = base.new_cache(len(live), old.capacity)
-        torch.index_select(old.k, 1, idx, out=self.cache.k)
-        torch.index_select(old.v, 1, idx, out=self.cache.v)
+        self.cache = base.new_cache(len(live), old.capacity, empty=True)
+        # the slots the kept rows hold, copied; the rest zeroed (attention reads slots past a
+        # row's length, masked: finite values only)
+        used = int(old.seqlens[idx].max())
+        for new, src in ((self.cache.k, old.k), (self.cache.v, old.v)):
+            new[:, :, :used] = src[:, idx, :used]
+            new[:, :, used:].zero_()
         self.cache.seqlens.copy_(old.seqlens[idx])
         self.root, self.last_hidden = self.root[idx], self.last_hidden[idx]
         self.keys = None if self.keys is None else self.keys[idx]

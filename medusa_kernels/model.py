@@ -257,11 +257,13 @@ class KVCache:
     parallelism Hkv is this rank's KV heads (``num_kv_heads``)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype, device,
-                 num_kv_heads: int | None = None):
+                 num_kv_heads: int | None = None, empty: bool = False):
+        """``empty``: leave k and v unset (the caller fills every slot); else zeros."""
         heads = cfg.num_kv_heads if num_kv_heads is None else num_kv_heads
         shape = (cfg.num_layers, batch, capacity, heads, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        alloc = torch.empty if empty else torch.zeros
+        self.k = alloc(shape, dtype=dtype, device=device)
+        self.v = alloc(shape, dtype=dtype, device=device)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
 
     @property
@@ -590,13 +592,14 @@ class Transformer(nn.Module):
         self._rope_tables(self.inv_freq.device)
         return self
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """A cache for this rank's KV heads (all of them for one process)."""
+    def new_cache(self, batch: int, capacity: int, empty: bool = False) -> KVCache:
+        """A cache for this rank's KV heads (all of them for one process); zeroed, or with
+        ``empty`` unset (the caller fills every slot)."""
         p = self.lm_head.weight
         if p.device.type != "meta":
             self.rope_rows(capacity)
         return KVCache(self.cfg, batch, capacity, p.dtype, p.device,
-                       self.cfg.num_kv_heads // self.tp.world)
+                       self.cfg.num_kv_heads // self.tp.world, empty=empty)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         w = self.embed.weight

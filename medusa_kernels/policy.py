@@ -49,7 +49,7 @@ import json
 import math
 import os
 import statistics
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -329,11 +329,15 @@ ONLINE_SIZES = (1, 3, 7, 15, 31, 63)
 # trusted; after that, a re-check (a plain step among Medusa ones, or the reverse) at most
 # once in this many steps
 MIN_TIMINGS, RECHECK_STEPS = 3, 20
+NEAR_ROWS = 2  # a tree is known at a batch once timed at rows within this factor of it
+DECIDE_EVERY = 4  # a clear choice holds this many steps at the same batch (choose's cost)
+MEDIAN_STEP = 0.02  # then a step cost moves at most 2% a step towards each time (observe)
 FIRST_TIMES = 5  # a step cost starts as the median of its first five times (observe)
 # candidates first timed: those rated within this fraction of the best (with a table's step
 # times, without: a generic cost model is a rougher guess)
 EXPLORE_MARGIN = {True: 0.1, False: 0.5}
-SPEED_ALPHA = 0.2  # how fast the machine's speed follows the running tree's times
+SPEED_AFTER = 10  # steps a tree's cost at some rows is timed before its times track the speed
+FIRST_EXPLORE = 10  # a tree never timed may cost this many times the exploration budget
 EXPLORE_RUN = 3  # an exploration runs its tree for this many steps (the first, a switch,
 # is not timed once the tree has a time: ``observe``)
 
@@ -369,8 +373,11 @@ class OnlinePolicy:
 
     Candidates (fixed when it is built, so the KV cache and the CUDA graphs are sized for
     them): the empty tree (a plain step), the trees grown from the prior accuracies at the
-    sizes ``ONLINE_SIZES`` (up to ``max_nodes``), and the ``trees`` given (a shipped table's,
-    the device's fixed tree), cut to the heads and the vocabulary.
+    sizes ``ONLINE_SIZES`` (up to ``max_nodes`` paths; by default the largest tree the table
+    timed, if a table with step times is given: its calibration pruned the bigger ones as
+    slower on the device, and every candidate's nodes are cache slots every step carries; else
+    63), and the ``trees`` given (a shipped table's, the device's fixed tree), cut to the heads
+    and the vocabulary.
 
     Estimates, updated by ``observe`` after every step:
 
@@ -382,32 +389,45 @@ class OnlinePolicy:
       that accepted path p tested, at each depth i <= len(p), every child of p[:i] in the tree:
       the one on p was a hit, the others misses. A tree's expected tokens per step: 1 + the sum
       over its paths of prod_i est[i][r_i] (heads independent, as calibration assumes).
-    - step cost per (tree, rows): the prior cost (the table's ``step_ms``, interpolated in
-      nodes and batch; without a table a generic model, linear in rows x nodes) times the
-      mean ratio measured / prior of the steps of its kind (plain or Medusa) timed so far,
-      weighed (``prior_weight`` steps' worth: 3 with a table's times, 0 without) against
-      the tree's own times at these rows (noise only slows a step: the smaller of its first
-      two, the median of its first five, then an exponential average, weight ``alpha``, where
-      a time over 1.5x the average counts as 1.5x), or at the nearest rows it
-      was timed at, scaled as its prior cost scales. The prior gives the shape, the
-      measurements the scale, and the tree's own times the rest once there are enough.
+    - step cost per (tree, rows), in the machine's usual speed (below): the prior cost (the
+      table's ``step_ms``, interpolated in nodes and batch; without a table a generic model,
+      linear in rows x nodes) times the mean ratio measured / prior of its kind of step
+      (plain or Medusa) at the nearest rows that kind was timed at within a factor
+      ``NEAR_ROWS`` (2), else the other kind's there (a step's host work is much the same
+      for both), else its own farther away; weighed (``prior_weight`` steps' worth: 3 with a
+      table's times, 0 without) against the tree's own times at these rows, or at the nearest
+      rows it was timed at, scaled as its kind's measured costs scale. The tree's own cost at
+      some rows: noise only slows a step, so the smaller of its first two times, the median
+      of its first ``FIRST_TIMES`` (5), then a median tracker (a step of at most
+      ``MEDIAN_STEP`` (2%) towards each time, doubling while the times stay on one side: a
+      stale estimate catches up within a few steps; a mean would follow the noise's spikes,
+      and only the running tree is timed every step). The machine's speed: once the running
+      tree's cost at these rows is established (``SPEED_AFTER`` (10) times), its times track
+      the speed instead (the same tracker), and every cost is kept in units of it, so a
+      shared machine's drift does not make the trees timed earlier look cheap or dear.
 
     ``choose(batch)``: the candidate of highest expected tokens per second at ``batch`` rows,
-    keeping the previous choice while it is within ``tolerance`` of the best (timing noise
-    does not flip trees); the table's tree for the batch, if a table is given, counts
+    keeping its previous choice while that is within ``tolerance`` of the best (timing noise
+    does not flip trees; a tree that merely ran since, an exploration, must win outright); a
+    clear choice (the others rated below it by twice the tolerance) holds ``DECIDE_EVERY``
+    (4) steps at the same batch before it is weighed again (the choice's Python work is part
+    of a small model's step). The table's tree for the batch, if a table is given, counts
     ``table_trust`` (10%) faster than estimated (it was measured with care: the online
     estimates, noisy, must beat it by that margin; heads that stop helping lose far more).
-    Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times (at any
-    batch) among those rated within ``EXPLORE_MARGIN`` (10% with a table's step times, 50%
-    without) of the best (else, at most once in ``RECHECK_STEPS`` (20) steps: while plain
-    steps win, the best Medusa tree among those timed; while a Medusa tree wins, a plain step)
-    is taken instead once the steps since the last exploration have cost enough that its
-    expected loss is at most ``explore`` (0.5%: a switch of trees costs more than the
-    estimates say) of that time. It runs for ``EXPLORE_RUN`` (3) steps (one for a tree never
-    timed): a step that switches trees is dearer than the next ones (cold caches, other
-    buffers), and its time does not count once the tree has one. So the likely trees get
-    timed a few times (and one slow first time does not condemn one: a cost starts as the
-    smaller of a tree's first two times, then the median of its first ``FIRST_TIMES`` (5)),
+    Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times near
+    this batch (within ``NEAR_ROWS``: times far away are only an estimate here) among those
+    rated within ``EXPLORE_MARGIN`` (10% with a table's step times, 50% without) of the best,
+    plain decoding always among them (the floor) (else, at most once in ``RECHECK_STEPS``
+    (20) steps: while plain steps win, the best Medusa tree among those timed; while a
+    Medusa tree wins, a plain step) is taken instead once the steps since the last
+    exploration have cost enough that its expected loss is at most ``explore`` (0.5%) of
+    that time (``FIRST_EXPLORE`` (10) times that for a tree never timed: only the prior prices
+    it, the roughest guess there is); the loss counts the two switches (into the tree and
+    back) at what switches have been measured to cost. It runs for ``EXPLORE_RUN`` (3) steps
+    (two for a tree never timed near this batch): a step that switches trees is dearer than
+    the next ones (cold caches, other buffers, a first use), and its time does not count once
+    the tree has one (it measures the switches' price instead). So the likely trees get
+    timed a few times at each load (and one slow first time does not condemn one),
     speculation is tried again now and then and taken up when it pays, and dropped when it
     stops paying; a cheap tree is retried often, a dear one seldom. The choice is
     deterministic given the observations (no random numbers).
@@ -433,7 +453,7 @@ class OnlinePolicy:
         table: TreePolicy | None = None,
         trees: Iterable[Sequence[Sequence[int]]] = (),
         sizes: Sequence[int] = ONLINE_SIZES,
-        max_nodes: int = 63,
+        max_nodes: int | None = None,
         vocab_size: int | None = None,
         device: str = "cpu",
         prior_strength: float | None = None,
@@ -484,6 +504,11 @@ class OnlinePolicy:
         # candidates: plain, grown sizes, the given trees (cut to the heads and vocabulary)
         cands: list[Tree] = [()]
         limit = sum(ranks**d for d in range(1, len(acc) + 1))
+        if max_nodes is None:  # a table's calibration timed trees up to a size (pruning the
+            # bigger ones, slower there): the grown candidates stop there too
+            timed = [len(r.tree) for r in table.rows if "step_ms" in r.info] if \
+                table is not None else []
+            max_nodes = max(timed) if timed else max(ONLINE_SIZES)
         for n in sizes:
             if n <= min(max_nodes, limit):
                 cands.append(grow(acc, n))
@@ -504,6 +529,10 @@ class OnlinePolicy:
         self.trials = [[s] * R for _ in self.prior]
         # per candidate: its paths, and per node its children's ranks
         self._paths = sorted({p for t in cands for p in t}, key=lambda p: (len(p), p))
+        at = {p: j for j, p in enumerate(self._paths)}
+        # per path: its parent's index (-1: the root), head, rank; per candidate: its paths'
+        self._path_meta = [(at.get(p[:-1], -1), len(p) - 1, p[-1]) for p in self._paths]
+        self._cand_paths = [[at[p] for p in t] for t in cands]
         self._children = []
         for t in cands:
             kids: dict[tuple[int, ...], list[int]] = {}
@@ -512,15 +541,29 @@ class OnlinePolicy:
             self._children.append(kids)
         self._index = {t: i for i, t in enumerate(cands)}
         self._expected: list[float] | None = None
-        # per batch, each candidate's rate (None: to compute): a plain step's outcome changes
-        # plain's only, a Medusa step's every Medusa tree's (acceptance, their cost ratio),
-        # either kind's the other's too while that one has no cost ratio of its own
-        self._rates: dict[int, list[float | None]] = {}
+        # per batch, each candidate's rate and the generations of plain's and the Medusa
+        # trees' estimates it was computed at: a plain step's outcome changes plain's only, a
+        # Medusa step's every Medusa tree's (acceptance, their cost ratio), either kind's the
+        # other's too while that one borrows its cost ratio
+        self._rates: dict[int, tuple[list[float], list[int]]] = {}
+        self._generation = [0, 0]  # plain's, the Medusa trees'
+        self._hold = 0  # steps the last choice holds before the next one (``DECIDE_EVERY``)
+        self._held: tuple[int, Tree] | None = None  # (batch, tree) of the last choice
+        self._pending: tuple[int, int, float] | None = None  # an exploration it found waiting
+        self._switch = 0.0  # a switch step's time over its tree's estimate (a mean fraction)
         self.cost: dict[tuple[int, int], float] = {}  # (candidate, rows) -> seconds
         self._timed: dict[int, set[int]] = {}  # candidate -> the rows it was timed at
         self._count: dict[tuple[int, int], int] = {}  # (candidate, rows) -> steps averaged
         self._first: dict[tuple[int, int], list[float]] = {}  # its first FIRST_TIMES times
-        self._ratio: dict[bool, float] = {}  # medusa? -> measured / prior cost
+        self._side: dict[tuple[int, int], int] = {}  # its times' run on one side (+: above)
+        # (medusa?, rows) -> measured / prior cost of that kind of step at those rows
+        self._ratio: dict[tuple[bool, int], float] = {}
+        self._borrowed: set[bool] = set()  # kinds priced with the other kind's ratio
+        # memos: the ratio entry a (kind, rows) reads, the nearest timed rows of a (candidate,
+        # rows), the (candidate, rows) timed at least MIN_TIMINGS times near there
+        self._ratio_src: dict[tuple[bool, int], tuple[bool, int] | None] = {}
+        self._near: dict[tuple[int, int], int | None] = {}
+        self._known: set[tuple[int, int]] = set()
         self._idle = 0.0  # seconds of steps since the last exploration
         self._steps_since = 0  # steps since the last exploration
         self.speed = 1.0  # the machine's speed now against its usual (observe); costs in usual
@@ -548,17 +591,20 @@ class OnlinePolicy:
 
     def expected(self, tree: Sequence[Sequence[int]]) -> float:
         """Expected tokens per step of ``tree`` (a candidate) from the current estimates."""
-        if self._expected is None:
-            value = {(): 1.0}
-            for p in self._paths:
-                value[p] = value[p[:-1]] * self.estimate(len(p) - 1, p[-1])
-            self._value = value
-            self._expected = [1.0 + sum(value[p] for p in t) for t in self.candidates]
+        if self._expected is None:  # each path's value: its parent's x its estimate
+            vals: list[float] = []
+            hits, trials, prior = self.hits, self.trials, self.prior
+            for parent, k, r in self._path_meta:
+                est = (hits[k][r] + 0.05 * prior[k][r]) / (trials[k][r] + 0.05)  # estimate()
+                vals.append(est if parent < 0 else vals[parent] * est)
+            self._vals = vals
+            self._expected = [1.0 + sum(map(vals.__getitem__, idx)) for idx in self._cand_paths]
         key = tuple(tuple(p) for p in tree)
         i = self._index.get(key)
         if i is not None:
             return self._expected[i]
-        return 1.0 + sum(self._value.get(p, 0.0) for p in key)
+        value = dict(zip(self._paths, self._vals, strict=True))
+        return 1.0 + sum(value.get(p, 0.0) for p in key)
 
     def prior_cost(self, tree: Tree, rows: int) -> float:
         """The prior's step cost (arbitrary units: only ratios between trees count)."""
@@ -579,30 +625,66 @@ class OnlinePolicy:
     def step_seconds(self, tree: Tree, rows: int) -> float:
         """Estimated seconds of a step of ``tree`` at ``rows`` rows (module doc)."""
         i = self._index[tree]
-        ratio = self._ratio.get(bool(tree), self._ratio.get(not tree, 1.0))
-        prior = self.prior_cost(tree, rows) * ratio
+        prior = self.prior_cost(tree, rows) * self.ratio(bool(tree), rows)
         near = self._nearest(i, rows)
         if near is None:
             return prior
-        # the tree's own times (at other rows: scaled as the prior scales), weighed against
-        # the prior by their count: ``prior_weight`` steps' worth for the prior
+        # the tree's own times (at other rows: scaled as its kind's measured costs scale),
+        # weighed against the prior by their count: ``prior_weight`` steps' worth for the prior
         own = self.cost[(i, near)]
         if near != rows:
-            own *= self.prior_cost(tree, rows) / self.prior_cost(tree, near)
+            own *= prior / (self.prior_cost(tree, near) * self.ratio(bool(tree), near))
         n = self._count[(i, near)]
         return (n * own + self.prior_weight * prior) / (n + self.prior_weight)
 
+    def ratio(self, kind: bool, rows: int) -> float:
+        """Measured / prior step cost of a kind of step (Medusa: True) near ``rows``: its own
+        ratio at the nearest rows it was timed at within ``NEAR_ROWS``, else the other kind's
+        there (the host work a step pays is much the same for both), else its own at the
+        nearest rows, else the other kind's, else 1."""
+        src = self._ratio_src.get((kind, rows), False)
+        if src is False:  # which entry to read: it changes only when a new one appears
+            def nearest(k: bool):
+                timed = [r for kk, r in self._ratio if kk == k]
+                if not timed:
+                    return None
+                r = min(timed, key=lambda r: (abs(math.log(r / rows)), r))
+                return abs(math.log(r / rows)), (k, r)
+
+            own, other = nearest(kind), nearest(not kind)
+            near = math.log(NEAR_ROWS) + 1e-9
+            if own is not None and (own[0] <= near or other is None or other[0] > near):
+                src = own[1]
+            else:
+                src = None if other is None else other[1]
+            self._ratio_src[(kind, rows)] = src
+        if src is None:
+            return 1.0
+        if src[0] != kind:
+            self._borrowed.add(kind)
+        return self._ratio[src]
+
     def _nearest(self, i: int, rows: int) -> int | None:
         """The rows candidate ``i`` was timed at closest to ``rows`` (in ratio), or None."""
-        timed = self._timed.get(i)
-        if not timed:
-            return None
-        return min(timed, key=lambda r: abs(math.log(r / rows)))
+        key = (i, rows)
+        if key not in self._near:  # changes only when ``i`` is timed at new rows
+            timed = self._timed.get(i)
+            self._near[key] = min(timed, key=lambda r: abs(math.log(r / rows))) if timed \
+                else None
+        return self._near[key]
 
-    def _timings(self, i: int) -> int:
-        """How many steps of candidate ``i`` were timed, at any rows (each rows' count up to
-        ``1 / alpha``): its times at other rows carry over, scaled as the prior scales."""
-        return sum(self._count[(i, rows)] for rows in self._timed.get(i, ()))
+    def _timings(self, i: int, rows: int) -> int:
+        """How many steps of candidate ``i`` were timed near ``rows`` (within a factor of
+        ``NEAR_ROWS``; each rows' count up to ``1 / alpha``). Times at rows farther away carry
+        over only as an estimate (scaled as the prior scales, which misses the host work a
+        step pays whatever its rows): they do not make a tree known at these rows."""
+        if (i, rows) in self._known:  # counts only grow
+            return MIN_TIMINGS
+        n = sum(self._count[(i, r)] for r in self._timed.get(i, ())
+                if r <= rows * NEAR_ROWS and rows <= r * NEAR_ROWS)
+        if n >= MIN_TIMINGS:
+            self._known.add((i, rows))
+        return n
 
     def rate(self, tree: Tree, rows: int) -> float:
         """Expected tokens per second per row."""
@@ -617,12 +699,24 @@ class OnlinePolicy:
             self._burst_left -= 1
             self._explored = True
             return self._burst
+        if self._hold > 0 and self._held == (batch, self._last):  # the last choice holds,
+            self._hold -= 1  # unless the exploration it found waiting can now be afforded
+            self._explored = False
+            if self._pending is None or not self._explore_now(*self._pending):
+                return self._last
+            return self._burst
         n = len(self.candidates)
-        rates = self._rates.setdefault(batch, [None] * n)  # kept until observe changes them
-        for i, r in enumerate(rates):
-            if r is None:
-                rates[i] = self.rate(self.candidates[i], batch)
-        rates = list(rates)
+        cached = self._rates.get(batch)
+        if cached is None:
+            cached = self._rates[batch] = ([0.0] * n, [-1, -1])
+        raw, seen = cached  # kept until observe changes them
+        if seen[0] != self._generation[0]:
+            raw[0] = self.rate(self.candidates[0], batch)
+            seen[0] = self._generation[0]
+        if seen[1] != self._generation[1]:
+            raw[1:] = [self.rate(t, batch) for t in self.candidates[1:]]
+            seen[1] = self._generation[1]
+        rates = list(raw)
         if self.table is not None:  # the table's tree: measured with care, beaten by a margin
             if batch not in self._table_pick:
                 self._table_pick[batch] = self._index.get(self.table.choose(batch))
@@ -630,28 +724,53 @@ class OnlinePolicy:
             if j is not None:
                 rates[j] *= 1 + self.table_trust
         best = max(range(n), key=lambda i: (rates[i], -len(self.candidates[i])))
-        # ties within the tolerance: keep the previous tree, else the smallest
+        # ties within the tolerance: keep the previous choice if a Medusa tree (not a tree
+        # just explored: it must win outright), else the smallest Medusa tree (a plain step
+        # learns nothing about the heads: while plain runs, their estimates only age), else
+        # plain decoding
         near = rates[best] * (1 - self.tolerance)
-        last = self._index.get(self._last) if self._last is not None else None
-        if last is not None and rates[last] >= near:
+        last = self._index.get(self._held[1]) if self._held is not None else None
+        tied = [i for i in range(n) if rates[i] >= near]
+        if last is not None and last != 0 and rates[last] >= near:
             best = last
+        elif len(tied) > 1 or tied[0] != 0:
+            best = min((i for i in tied if i != 0), key=lambda i: len(self.candidates[i]))
         else:
-            best = min((i for i in range(n) if rates[i] >= near),
-                       key=lambda i: len(self.candidates[i]))
-        self._explored = False
+            best = 0
+        self._explored, self._pending = False, None
         if self.explore > 0:
             j = self._explore_pick(best, rates, batch)
             if j is not None:
-                tree = self.candidates[j]
-                per_token = self.step_seconds(self.candidates[best], batch) / \
-                    self.expected(self.candidates[best])
-                loss = self.step_seconds(tree, batch) - self.expected(tree) * per_token
-                # a tree never timed runs one step (timed: its first), else EXPLORE_RUN
-                run = EXPLORE_RUN if self._timings(j) else 1
-                if self.explore * self._idle >= run * loss:
-                    self._explored, self._burst, self._burst_left = True, tree, run - 1
-                    return tree
+                # per step: its time less the time its tokens take with the best tree; and
+                # the two switches (into it, back to the best) cost what switches cost
+                ej, eb = self.expected(self.candidates[j]), self.expected(self.candidates[best])
+                loss = ej * (1 / raw[j] - 1 / raw[best])
+                switches = max(self._switch, 0.0) * (ej / raw[j] + eb / raw[best])
+                # a tree never timed here runs two steps (its first, a switch and often the
+                # first use of its buffers, is slow: the smaller of the two is its cost),
+                # else EXPLORE_RUN
+                run = EXPLORE_RUN if self._timings(j, batch) else 2
+                # a tree never timed at all is priced by the prior alone, the roughest guess
+                # there is: its first step is worth FIRST_EXPLORE times the budget
+                worth = 1.0 if self._timed.get(j) else FIRST_EXPLORE
+                self._pending = (j, run, (run * loss + switches) / worth)
+                if self._explore_now(*self._pending):
+                    return self._burst
+        # a clear choice (every other candidate rated below it by twice the tolerance)
+        # holds a few steps; a close one is weighed again at the next step
+        runner = max((rates[i] for i in range(n) if i != best), default=0.0)
+        clear = rates[best] * (1 - 2 * self.tolerance) >= runner
+        self._held, self._hold = (batch, self.candidates[best]), DECIDE_EVERY - 1 if clear else 0
         return self.candidates[best]
+
+    def _explore_now(self, j: int, run: int, loss: float) -> bool:
+        """Start exploring candidate ``j`` for ``run`` steps if the steps since the last
+        exploration have cost enough (``explore`` x their time >= its expected ``loss``)."""
+        if self.explore * self._idle < loss:
+            return False
+        self._explored, self._burst, self._burst_left = True, self.candidates[j], run - 1
+        self._hold, self._pending = 0, None
+        return True
 
     def _explore_pick(self, best: int, rates: list[float], batch: int) -> int | None:
         """The candidate an exploration step would run (class doc), or None."""
@@ -659,15 +778,18 @@ class OnlinePolicy:
         # worth timing: within the margin of the best (a table's times or measured ones make
         # a far worse estimate unlikely to hide the best tree)
         margin = EXPLORE_MARGIN[self._table_times]
-        few = [i for i in range(n) if i != best and rates[i] >= (1 - margin) * rates[best]
-               and self._timings(i) < MIN_TIMINGS]
+        # (a plain step too, whatever its estimate: the floor the policy must not fall below)
+        few = [i for i in range(n) if i != best and (rates[i] >= (1 - margin) * rates[best]
+               or i == 0) and self._timings(i, batch) < MIN_TIMINGS]
         if few:  # the likely candidates timed a few times first, the best-rated first
             return max(few, key=lambda i: (rates[i], -len(self.candidates[i])))
         if self._steps_since < RECHECK_STEPS:
             return None
+        if n == 1:  # plain decoding is the only candidate
+            return None
         if best == 0:  # plain steps win: the best Medusa tree timed a few times (its
             # estimates are the ones to refresh), to notice when speculation pays again
-            timed = [i for i in range(1, n) if self._timings(i) >= MIN_TIMINGS] or \
+            timed = [i for i in range(1, n) if self._timings(i, batch) >= MIN_TIMINGS] or \
                 list(range(1, n))
             return max(timed, key=lambda i: (rates[i], -len(self.candidates[i])))
         return 0  # a Medusa tree wins: a plain step, to notice when speculation stops paying
@@ -683,13 +805,15 @@ class OnlinePolicy:
         if self.step_cost is not None:
             seconds = float(self.step_cost(tree, batch))
         self.log.append((batch, tree, seconds))
-        # a kind not timed yet borrows the other's cost ratio (``step_seconds``): then both
-        both = (not tree) not in self._ratio
-        for rates in self._rates.values():
-            if tree or both:
-                rates[1:] = [None] * (len(rates) - 1)
-            if not tree or both:
-                rates[0] = None
+        # a kind priced with the other's cost ratio (``ratio``) changes with it, and a kind
+        # timed at new rows may become the one the other borrows from: then both
+        both = (not tree) in self._borrowed or (bool(tree), batch) not in self._ratio
+        if both:
+            self._borrowed.clear()  # the rates recomputed say again who borrows
+        if tree or both:
+            self._generation[1] += 1
+        if not tree or both:
+            self._generation[0] += 1
         # a step that switches trees pays for it (cold caches, other buffers): its time does
         # not count, except as a tree's first
         switched = self._last is not None and tree != self._last
@@ -697,26 +821,39 @@ class OnlinePolicy:
         key = (i, batch)
         valid = seconds is not None and seconds > 0 and math.isfinite(seconds)
         normed = valid and not (switched and key in self.cost)
+        if valid and not normed:  # what a switch costs, in the tree's steps
+            extra = min(max(seconds / self.speed / self.cost[key] - 1, -0.5), 2.0)
+            self._switch += self.alpha * (extra - self._switch)
         if normed:
             old, n = self.cost.get(key), self._count.get(key, 0)
             first = self._first.setdefault(key, [])
-            if len(first) >= FIRST_TIMES and not self._explored:  # the machine's speed: what
-                # the running tree takes against its estimate (a shared machine drifts)
-                f = min(max(seconds / (old * self.speed), 1 / 1.5), 1.5)
-                self.speed *= f**SPEED_ALPHA
-            seconds = seconds / self.speed  # costs are kept at the machine's usual speed
-            if len(first) < FIRST_TIMES:  # noise only slows: the smaller of the first two
-                first.append(seconds)  # times, then the median of the first five (a first
-                self.cost[key] = min(first) if len(first) <= 2 else statistics.median(first)
-            else:  # then an exponential average; an outlier counts as 1.5x the average
-                seconds = min(seconds, 1.5 * old)
-                self.cost[key] = old + self.alpha * (seconds - old)
+            if n >= SPEED_AFTER and not self._explored:  # the running tree, its cost here
+                # well established: what it takes against its estimate is the machine's speed
+                # (a shared machine drifts); its estimate stays, the others are kept in the
+                # same units (tracking both would split one signal two ways)
+                self.speed = self._track(("speed",), self.speed, seconds / old)
+                seconds = seconds / self.speed
+            else:
+                seconds = seconds / self.speed  # costs are kept at the machine's usual speed
+                if len(first) < FIRST_TIMES:  # noise only slows: the smaller of the first
+                    first.append(seconds)  # two times, then the median of the first five (a
+                    self.cost[key] = min(first) if len(first) <= 2 else \
+                        statistics.median(first)
+                else:  # then its median (a tree explored now and then: its estimate may be
+                    # stale, the machine drifted since)
+                    self.cost[key] = self._track(key, old, seconds)
             self._count[key] = min(n + 1, round(1 / self.alpha))
-            self._timed.setdefault(i, set()).add(batch)
+            timed = self._timed.setdefault(i, set())
+            if batch not in timed:
+                timed.add(batch)
+                self._near = {k: v for k, v in self._near.items() if k[0] != i}
             ratio = seconds / self.prior_cost(tree, batch)
             kind = bool(tree)
-            old = self._ratio.get(kind)
-            self._ratio[kind] = ratio if old is None else old + self.alpha * (ratio - old)
+            old = self._ratio.get((kind, batch))
+            if old is None:
+                self._ratio_src.clear()
+            self._ratio[(kind, batch)] = ratio if old is None else \
+                old + self.alpha * (ratio - old)
         if self._explored:  # the exploration budget is spent
             self._idle, self._explored, self._steps_since = 0.0, False, 0
             self._burst_left = 0 if tree != self._burst else self._burst_left
@@ -729,7 +866,7 @@ class OnlinePolicy:
         kids = self._children[i]
         hits: dict[tuple[int, int], float] = {}
         trials: dict[tuple[int, int], float] = {}
-        for leaf in leaves:
+        for leaf, count in Counter(leaves).items():  # rows mostly end at a few leaves
             if not 0 <= leaf <= len(tree):
                 raise ValueError(f"{self.name}: leaf {leaf} is not a node of a tree of "
                                  f"{len(tree) + 1} nodes")
@@ -737,14 +874,26 @@ class OnlinePolicy:
             for d in range(len(path) + 1):
                 on = path[d] if d < len(path) else None
                 for r in kids.get(path[:d], ()):
-                    trials[(d, r)] = trials.get((d, r), 0.0) + 1
+                    trials[(d, r)] = trials.get((d, r), 0.0) + count
                     if r == on:
-                        hits[(d, r)] = hits.get((d, r), 0.0) + 1
+                        hits[(d, r)] = hits.get((d, r), 0.0) + count
         for (d, r), n in trials.items():  # each observation decays the older ones
             g = self.decay**n
             self.hits[d][r] = g * self.hits[d][r] + hits.get((d, r), 0.0)
             self.trials[d][r] = g * self.trials[d][r] + n
         self._expected = None
+
+    def _track(self, key, old: float, value: float) -> float:
+        """A median tracker: ``old`` moved towards ``value`` by at most ``MEDIAN_STEP`` of it
+        (noise's spikes move it no more than any other time; a mean would follow them), the
+        step doubling while the values stay on one side (up to 8x: a drift is caught up within
+        a few steps)."""
+        side = 1 if value > old else -1
+        run = self._side.get(key, 0)
+        run = run + side if run * side > 0 else side
+        self._side[key] = run
+        step = MEDIAN_STEP * min(2 ** (abs(run) - 1), 8) * old
+        return old + min(max(value - old, -step), step)
 
     def trees(self) -> list[Tree]:
         return list(self.candidates)

@@ -11,6 +11,7 @@ from tiny_models import VOCAB, make_hf_model, save_random_heads
 
 from medusa_kernels import generate, load_model
 from medusa_kernels.policy import (
+    EXPLORE_MARGIN,
     RECHECK_STEPS,
     FixedTreePolicy,
     OnlinePolicy,
@@ -621,3 +622,172 @@ def test_heads_that_never_help_from_the_generic_prior_end_at_plain():
     late = chosen[100:]
     assert sum(1 for t in late if not t) >= 0.9 * len(late)
     assert sum(cost(t, 1) for t in late) <= 1.03 * len(late) * cost((), 1)
+
+
+def test_trees_known_at_other_rows_are_timed_again_near_these():
+    """Times at 1 row say little about 16 rows (the prior's scaling misses the host work
+    every step pays): after settling at 1 row, every candidate still likely at 16 rows (rated
+    within the exploration margin) runs there, not only the one first rated best."""
+    policy = OnlinePolicy(3, accuracies=ACC, step_cost=cpu_cost)
+    accept = heads_like(ACC)
+    simulate(policy, accept, 300, rows=1)
+    chosen = set(simulate(policy, accept, 300, rows=16))
+    best = max(policy.rate(t, 16) for t in policy.trees())
+    likely = {t for t in policy.trees()
+              if policy.rate(t, 16) >= (1 - EXPLORE_MARGIN[False]) * best}
+    assert len(likely) >= 3 and likely <= chosen, (sorted(map(len, likely)),
+                                                  sorted(map(len, chosen)))
+
+
+def test_costs_at_new_rows_follow_the_costs_measured_near_them():
+    """A kind of step (plain or Medusa) never timed near some rows is priced there with the
+    other kind's measured / prior ratio near them (the host work is much the same), not with
+    its own ratio far away; its own times elsewhere keep their shape."""
+    policy = OnlinePolicy(3, accuracies=ACC, sizes=(1, 3))
+    plain, tree = policy.trees()[0], policy.trees()[1]
+    for _ in range(3):
+        policy.observe(plain, 1, 2.0 * policy.prior_cost(plain, 1))
+    assert policy.step_seconds(plain, 16) == pytest.approx(2.0 * policy.prior_cost(plain, 16))
+    for _ in range(3):  # switches: the first step of each run is not timed again
+        policy.observe(tree, 16, 0.5 * policy.prior_cost(tree, 16), [0] * 16)
+    assert policy.step_seconds(plain, 16) == pytest.approx(0.5 * policy.prior_cost(plain, 16))
+    assert policy.step_seconds(plain, 1) == pytest.approx(2.0 * policy.prior_cost(plain, 1))
+    assert policy.step_seconds(tree, 1) == pytest.approx(2.0 * policy.prior_cost(tree, 1))
+
+
+def test_a_policy_with_plain_decoding_only_keeps_choosing_it():
+    tbl = TreePolicy([{"batch": 1, "tree": [], "speedup": 1.0, "step_ms": 2.0},
+                      {"batch": 1, "tree": SMALL, "speedup": 0.5, "step_ms": 9.0}])
+    policy = OnlinePolicy(3, accuracies=ACC, table=tbl, sizes=())
+    assert policy.trees() == [()]
+    assert simulate(policy, lambda i, tree: 0, 100) == [()] * 100
+
+
+def test_the_tolerance_keeps_the_previous_choice_not_a_tree_just_explored():
+    """Rates within the tolerance keep the tree the policy chose last; a tree that merely ran
+    since (an exploration) must win outright, or every exploration of a near tree would stay.
+    Between plain decoding and a Medusa tree within the tolerance, the Medusa tree: a plain
+    step learns nothing about the heads."""
+    acc = [[0.7], [0.7]]
+    chain1, chain2 = ((0,),), ((0,), (0, 0))
+
+    def cost(tree, rows):  # the 3-node chain 2% below the 2-node one, plain far below
+        e1, e2 = 1.7, 1 + 0.7 + 0.49
+        return {(): 1.0, chain1: e1 / 1.5, chain2: e2 / 1.5 / 0.98}[tree]
+
+    policy = OnlinePolicy(2, accuracies=acc, sizes=(1,), trees=[chain2], step_cost=cost,
+                          prior_strength=1e6, explore=0.0)
+    plain = ()
+    for tree in [plain] * 5 + [chain2] * 5 + [chain1] * 5:
+        policy.observe(tree, 1, None)
+    assert policy.rate(chain2, 1) == pytest.approx(0.98 * policy.rate(chain1, 1), rel=1e-3)
+    assert policy.choose(1) == chain1
+    policy.observe(chain2, 1, None)  # the loop ran the 3-node chain (an exploration)
+    assert policy.choose(1) == chain1
+
+    def near(tree, rows):  # now plain decoding 2% ahead of the 2-node chain
+        return 1.0 if not tree else 1.7 / 0.98
+
+    policy = OnlinePolicy(1, accuracies=[[0.7]], sizes=(1,), step_cost=near,
+                          prior_strength=1e6, explore=0.0)
+    for tree in [plain] * 5 + [chain1] * 5 + [plain] * 5:
+        policy.observe(tree, 1, None)
+    assert policy.rate(chain1, 1) == pytest.approx(0.98 * policy.rate(plain, 1), rel=1e-3)
+    assert policy.choose(1) == chain1
+
+
+def test_dropping_finished_rows_copies_only_the_kept_slots_and_never_reads_garbage(
+        model, monkeypatch):
+    """A drop allocates the smaller cache unset (here: NaN), copies the slots the kept rows
+    hold and zeroes the rest (attention reads slots past a row's length, masked: a NaN there
+    would still poison its weighted sum); decoding across drops stays plain greedy."""
+    import medusa_kernels.model as model_mod
+    from medusa_kernels.decoding import _Rows
+
+    real_empty, drops = torch.empty, []
+
+    def poisoned(*shape, **kw):
+        out = real_empty(*shape, **kw)
+        if out.is_floating_point() and out.dim() == 5:  # a cache's k or v
+            drops.append(shape)
+            out.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(model_mod.torch, "empty", poisoned)
+    base = model.base
+    cache = base.new_cache(4, 40)
+    cache.k.normal_(), cache.v.normal_()
+    cache.seqlens.copy_(torch.tensor([7, 30, 12, 19], dtype=torch.int32))
+    rows = _Rows(4, cache, torch.arange(4), torch.randn(4, base.cfg.hidden_size), None)
+    rows.keep(base, [0, 2, 3])
+    kept = torch.tensor([0, 2, 3])
+    assert rows.cache.seqlens.tolist() == [7, 12, 19] and drops
+    for new, old in ((rows.cache.k, cache.k), (rows.cache.v, cache.v)):
+        assert torch.equal(new[:, :, :19], old[:, kept, :19])  # every slot a kept row holds
+        assert torch.equal(new[:, :, 19:], torch.zeros_like(new[:, :, 19:]))
+
+    ids = ragged_prompts()
+    eos, plain = finishing_at_different_steps(model, ids, 24)
+    for tree in ("fixed", TreePolicy(BY_LOAD)):
+        drops.clear()
+        got = generate(model, ids, max_new_tokens=24, tree=tree, eos_token_id=eos)
+        assert got.tokens == plain.tokens
+        assert drops, "no rows were dropped: the test tests nothing"
+
+
+def test_dear_switches_make_explorations_rarer():
+    """A step that switches trees pays extra (cold caches, other buffers): the policy learns
+    what a switch costs and counts two (into the tree, back) in an exploration's price, so
+    where switches are dear it explores less often and stays as close to plain decoding."""
+    def run(penalty):
+        def cost(tree, rows):
+            base = 1.0 if not tree else 1.3 + 0.1 * len(tree)
+            switched, cost.last = tree != cost.last, tree
+            return base * (1 + penalty) if switched else base
+
+        cost.last = ()
+        weak = [[0.2, 0.05, 0.0], [0.1, 0.05, 0.0], [0.1, 0.05, 0.0]]  # plain is the best
+        policy = OnlinePolicy(3, accuracies=weak, prior_strength=50.0, step_cost=cost)
+        chosen = simulate(policy, heads_like(weak), 3000)[500:]
+        switches = sum(1 for a, b in zip(chosen, chosen[1:], strict=False) if a != b)
+        return sum(1 for t in chosen if t), switches
+
+    cheap, dear = run(0.0), run(1.5)
+    assert 0 < dear[0] <= 0.6 * cheap[0], (cheap, dear)
+    assert dear[1] <= 0.6 * cheap[1], (cheap, dear)
+
+
+def test_a_clear_choice_is_weighed_again_only_every_few_steps():
+    """The choice's Python work is part of a small model's step: once plain decoding clearly
+    wins, choose recomputes rates once in DECIDE_EVERY steps."""
+    from medusa_kernels.policy import DECIDE_EVERY
+
+    policy = OnlinePolicy(3, accuracies=ACC, trees=[SMALL], step_cost=cpu_cost)
+    simulate(policy, lambda i, tree: 0, 600)  # heads that never help: plain, clearly
+    calls = []
+    rate = policy.rate
+    policy.rate = lambda tree, rows: calls.append(tree) or rate(tree, rows)
+    chosen = simulate(policy, lambda i, tree: 0, 400)
+    plain_rates = sum(1 for t in calls if not t)
+    assert sum(1 for t in chosen if not t) >= 0.9 * len(chosen)
+    assert DECIDE_EVERY >= 3 and 0 < plain_rates <= 1.3 * len(chosen) / DECIDE_EVERY, plain_rates
+
+
+def test_a_tree_never_timed_is_tried_soon_when_the_prior_underrates_it():
+    """SmolLM2-like: the generic CPU cost model prices a 2-node step at 1.36x a plain one,
+    the heads' calibrated accuracy says 0.22; the step really costs 1.1x and the heads are
+    right 35% of the time. The first Medusa step comes within a few steps (a tree never timed
+    may cost FIRST_EXPLORE times the budget), and the 2-node tree then wins."""
+    from medusa_kernels.policy import FIRST_EXPLORE
+
+    def cost(tree, rows):
+        return 1.0 if not tree else 1.1 + 0.1 * (len(tree) - 1)
+
+    prior = [[0.22, 0.09], [0.1, 0.06], [0.08, 0.05]]
+    truth = [[0.35, 0.05], [0.1, 0.05], [0.05, 0.05]]
+    policy = OnlinePolicy(3, accuracies=prior, step_cost=cost)
+    assert policy.choose(1) == ()  # the prior says plain
+    chosen = simulate(policy, heads_like(truth), 300)
+    first = next(i for i, t in enumerate(chosen) if t)
+    assert FIRST_EXPLORE > 1 and first <= 8, first
+    assert sum(1 for t in chosen[-100:] if t == ((0,),)) >= 80
