@@ -522,7 +522,7 @@ class _Rows:
         self.cache = base.new_cache(len(live), old.capacity, empty=True)
         # the slots the kept rows hold, copied; the rest zeroed (attention reads slots past a
         # row's length, masked: finite values only)
-        used = int(old.seqlens[idx].max())
+        used = int(old.seqlens[idx].max())  # after the step's own host copy: waits on nothing
         for new, src in ((self.cache.k, old.k), (self.cache.v, old.v)):
             new[:, :, :used] = src[:, idx, :used]
             new[:, :, used:].zero_()

@@ -564,6 +564,10 @@ class OnlinePolicy:
         self._ratio_src: dict[tuple[bool, int], tuple[bool, int] | None] = {}
         self._near: dict[tuple[int, int], int | None] = {}
         self._known: set[tuple[int, int]] = set()
+        # a (tree, rows) cost's count of steps stops at 1 / alpha; its cost is established
+        # (the running tree's times then track the machine's speed) at SPEED_AFTER of them
+        self._max_count = round(1 / self.alpha)
+        self._established = min(SPEED_AFTER, self._max_count)
         self._idle = 0.0  # seconds of steps since the last exploration
         self._steps_since = 0  # steps since the last exploration
         self.speed = 1.0  # the machine's speed now against its usual (observe); costs in usual
@@ -593,9 +597,8 @@ class OnlinePolicy:
         """Expected tokens per step of ``tree`` (a candidate) from the current estimates."""
         if self._expected is None:  # each path's value: its parent's x its estimate
             vals: list[float] = []
-            hits, trials, prior = self.hits, self.trials, self.prior
             for parent, k, r in self._path_meta:
-                est = (hits[k][r] + 0.05 * prior[k][r]) / (trials[k][r] + 0.05)  # estimate()
+                est = self.estimate(k, r)
                 vals.append(est if parent < 0 else vals[parent] * est)
             self._vals = vals
             self._expected = [1.0 + sum(map(vals.__getitem__, idx)) for idx in self._cand_paths]
@@ -730,11 +733,11 @@ class OnlinePolicy:
         # plain decoding
         near = rates[best] * (1 - self.tolerance)
         last = self._index.get(self._held[1]) if self._held is not None else None
-        tied = [i for i in range(n) if rates[i] >= near]
-        if last is not None and last != 0 and rates[last] >= near:
+        tied = [i for i in range(1, n) if rates[i] >= near]  # the Medusa trees tied
+        if last in tied:
             best = last
-        elif len(tied) > 1 or tied[0] != 0:
-            best = min((i for i in tied if i != 0), key=lambda i: len(self.candidates[i]))
+        elif tied:
+            best = min(tied, key=lambda i: len(self.candidates[i]))
         else:
             best = 0
         self._explored, self._pending = False, None
@@ -821,33 +824,33 @@ class OnlinePolicy:
         key = (i, batch)
         valid = seconds is not None and seconds > 0 and math.isfinite(seconds)
         normed = valid and not (switched and key in self.cost)
+        usual = seconds / self.speed if valid else None  # the time at the usual speed
         if valid and not normed:  # what a switch costs, in the tree's steps
-            extra = min(max(seconds / self.speed / self.cost[key] - 1, -0.5), 2.0)
+            extra = min(max(usual / self.cost[key] - 1, -0.5), 2.0)
             self._switch += self.alpha * (extra - self._switch)
         if normed:
             old, n = self.cost.get(key), self._count.get(key, 0)
             first = self._first.setdefault(key, [])
-            if n >= SPEED_AFTER and not self._explored:  # the running tree, its cost here
-                # well established: what it takes against its estimate is the machine's speed
+            if n >= self._established and not self._explored:  # the running tree, its cost
+                # here well established: what it takes against its estimate is the speed
                 # (a shared machine drifts); its estimate stays, the others are kept in the
                 # same units (tracking both would split one signal two ways)
                 self.speed = self._track(("speed",), self.speed, seconds / old)
-                seconds = seconds / self.speed
-            else:
-                seconds = seconds / self.speed  # costs are kept at the machine's usual speed
+                usual = seconds / self.speed
+            else:  # costs are kept at the machine's usual speed
                 if len(first) < FIRST_TIMES:  # noise only slows: the smaller of the first
-                    first.append(seconds)  # two times, then the median of the first five (a
+                    first.append(usual)  # two times, then the median of the first five (a
                     self.cost[key] = min(first) if len(first) <= 2 else \
                         statistics.median(first)
                 else:  # then its median (a tree explored now and then: its estimate may be
                     # stale, the machine drifted since)
-                    self.cost[key] = self._track(key, old, seconds)
-            self._count[key] = min(n + 1, round(1 / self.alpha))
+                    self.cost[key] = self._track(key, old, usual)
+            self._count[key] = min(n + 1, self._max_count)
             timed = self._timed.setdefault(i, set())
             if batch not in timed:
                 timed.add(batch)
                 self._near = {k: v for k, v in self._near.items() if k[0] != i}
-            ratio = seconds / self.prior_cost(tree, batch)
+            ratio = usual / self.prior_cost(tree, batch)
             kind = bool(tree)
             old = self._ratio.get((kind, batch))
             if old is None:
@@ -858,8 +861,7 @@ class OnlinePolicy:
             self._idle, self._explored, self._steps_since = 0.0, False, 0
             self._burst_left = 0 if tree != self._burst else self._burst_left
         else:
-            self._idle += self.step_seconds(tree, batch) if not valid else \
-                seconds if normed else seconds / self.speed
+            self._idle += usual if valid else self.step_seconds(tree, batch)
             self._steps_since += 1
         if not tree or not leaves:
             return
