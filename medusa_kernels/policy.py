@@ -329,6 +329,9 @@ ONLINE_SIZES = (1, 3, 7, 15, 31, 63)
 # trusted; after that, a re-check (a plain step among Medusa ones, or the reverse) at most
 # once in this many steps
 MIN_TIMINGS, RECHECK_STEPS = 3, 20
+# each re-check at a load that leaves the choice there as it was doubles the wait before the
+# next one there, up to this many times RECHECK_STEPS (a change of choice resets it)
+RECHECK_BACKOFF = 16
 NEAR_ROWS = 2  # a tree is known at a batch once timed at rows within this factor of it
 DECIDE_EVERY = 4  # a clear choice holds this many steps at the same batch (choose's cost)
 MEDIAN_STEP = 0.02  # then a step cost moves at most 2% a step towards each time (observe)
@@ -338,6 +341,8 @@ FIRST_TIMES = 5  # a step cost starts as the median of its first five times (obs
 EXPLORE_MARGIN = {True: 0.1, False: 0.5}
 SPEED_AFTER = 10  # steps a tree's cost at some rows is timed before its times track the speed
 FIRST_EXPLORE = 10  # a tree never timed may cost this many times the exploration budget
+# an exploration's times are set against the running tree's last few times at the same rows
+REF_STEPS = 5
 EXPLORE_RUN = 3  # an exploration runs its tree for this many steps (the first, a switch,
 # is not timed once the tree has a time: ``observe``)
 
@@ -384,8 +389,9 @@ class OnlinePolicy:
     - acceptance per head k and rank r: the probability that head k's rank-r guess is accepted
       given that its parent path was; Beta-like counts (hits, trials) started at
       ``prior_strength`` (20 observations for a calibrated tree's ``accuracies``, 2 for
-      ``generic_accuracies``) x the prior accuracy, each observation decaying the older ones
-      by ``decay`` (0.99: the last ~100 observations count). A row
+      ``generic_accuracies``) x the prior accuracy, each step decaying the older counts by
+      ``decay`` (0.99: the last ~100 steps count, whatever their rows; a decay per row would
+      keep one or two steps at 64 rows, and the estimates would follow their noise). A row
       that accepted path p tested, at each depth i <= len(p), every child of p[:i] in the tree:
       the one on p was a hit, the others misses. A tree's expected tokens per step: 1 + the sum
       over its paths of prod_i est[i][r_i] (heads independent, as calibration assumes).
@@ -417,16 +423,20 @@ class OnlinePolicy:
     Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times near
     this batch (within ``NEAR_ROWS``: times far away are only an estimate here) among those
     rated within ``EXPLORE_MARGIN`` (10% with a table's step times, 50% without) of the best,
-    plain decoding always among them (the floor) (else, at most once in ``RECHECK_STEPS``
-    (20) steps: while plain steps win, the best Medusa tree among those timed; while a
-    Medusa tree wins, a plain step) is taken instead once the steps since the last
-    exploration have cost enough that its expected loss is at most ``explore`` (0.5%) of
-    that time (``FIRST_EXPLORE`` (10) times that for a tree never timed: only the prior prices
-    it, the roughest guess there is); the loss counts the two switches (into the tree and
-    back) at what switches have been measured to cost. It runs for ``EXPLORE_RUN`` (3) steps
-    (two for a tree never timed near this batch): a step that switches trees is dearer than
-    the next ones (cold caches, other buffers, a first use), and its time does not count once
-    the tree has one (it measures the switches' price instead). So the likely trees get
+    plain decoding always among them (the floor) (else a re-check: while plain steps win,
+    the best Medusa tree among those timed; while a Medusa tree wins, a plain step; at most
+    once in ``RECHECK_STEPS`` (20) steps, the wait doubling with each re-check at a load
+    (rows within a power of two) up to ``RECHECK_BACKOFF`` (16) times that, back to 20
+    once the choice at a batch there changes: a load whose choice stands pays for fewer and
+    fewer re-checks, a change is noticed within 320 steps) is taken instead once the steps
+    since the last exploration have cost enough that its expected loss is at most
+    ``explore`` (0.5%) of that time (``FIRST_EXPLORE`` (10) times that for a tree never
+    timed: only the prior prices it, the roughest guess there is); the loss counts the two
+    switches (into the tree and back) at what switches have been measured to cost. It runs
+    for ``EXPLORE_RUN`` (3) steps (two for a tree never timed near this batch): a step that
+    switches trees is dearer than the next ones (cold caches, other buffers, a first use),
+    and its time does not count once the tree has one (it measures the switches' price
+    instead). So the likely trees get
     timed a few times at each load (and one slow first time does not condemn one),
     speculation is tried again now and then and taken up when it pays, and dropped when it
     stops paying; a cheap tree is retried often, a dear one seldom. The choice is
@@ -549,7 +559,12 @@ class OnlinePolicy:
         self._generation = [0, 0]  # plain's, the Medusa trees'
         self._hold = 0  # steps the last choice holds before the next one (``DECIDE_EVERY``)
         self._held: tuple[int, Tree] | None = None  # (batch, tree) of the last choice
-        self._pending: tuple[int, int, float] | None = None  # an exploration it found waiting
+        # an exploration it found waiting: (candidate, steps, loss, band if a re-check)
+        self._pending: tuple[int, int, float, int | None] | None = None
+        # re-checks: the steps they wait per band of rows (rows' bit length: 1, 2-3, 4-7, ...),
+        # and the choice last made at each batch (a change resets its band's wait)
+        self._wait: dict[int, int] = {}
+        self._best_at: dict[int, int] = {}
         self._switch = 0.0  # a switch step's time over its tree's estimate (a mean fraction)
         self.cost: dict[tuple[int, int], float] = {}  # (candidate, rows) -> seconds
         self._timed: dict[int, set[int]] = {}  # candidate -> the rows it was timed at
@@ -571,6 +586,11 @@ class OnlinePolicy:
         self._idle = 0.0  # seconds of steps since the last exploration
         self._steps_since = 0  # steps since the last exploration
         self.speed = 1.0  # the machine's speed now against its usual (observe); costs in usual
+        # the running tree's last REF_STEPS times, its (candidate, rows), the step of the last
+        self._ref: deque[float] = deque(maxlen=REF_STEPS)
+        self._ref_key: tuple[int, int] | None = None
+        self._ref_at = 0
+        self._observed = 0  # steps observed
         self._burst: Tree = ()  # the tree an exploration runs, for EXPLORE_RUN steps
         self._burst_left = 0
         self._explored = False  # choose returned an exploration step
@@ -741,9 +761,13 @@ class OnlinePolicy:
         else:
             best = 0
         self._explored, self._pending = False, None
+        if self._best_at.get(batch) != best:  # the choice here changed: re-checks are due
+            self._best_at[batch] = best  # at the first wait again
+            self._wait.pop(batch.bit_length(), None)
         if self.explore > 0:
-            j = self._explore_pick(best, rates, batch)
-            if j is not None:
+            pick = self._explore_pick(best, rates, batch)
+            if pick is not None:
+                j, recheck = pick
                 # per step: its time less the time its tokens take with the best tree; and
                 # the two switches (into it, back to the best) cost what switches cost
                 ej, eb = self.expected(self.candidates[j]), self.expected(self.candidates[best])
@@ -756,7 +780,8 @@ class OnlinePolicy:
                 # a tree never timed at all is priced by the prior alone, the roughest guess
                 # there is: its first step is worth FIRST_EXPLORE times the budget
                 worth = 1.0 if self._timed.get(j) else FIRST_EXPLORE
-                self._pending = (j, run, (run * loss + switches) / worth)
+                self._pending = (j, run, (run * loss + switches) / worth,
+                                 batch.bit_length() if recheck else None)
                 if self._explore_now(*self._pending):
                     return self._burst
         # a clear choice (every other candidate rated below it by twice the tolerance)
@@ -766,17 +791,23 @@ class OnlinePolicy:
         self._held, self._hold = (batch, self.candidates[best]), DECIDE_EVERY - 1 if clear else 0
         return self.candidates[best]
 
-    def _explore_now(self, j: int, run: int, loss: float) -> bool:
+    def _explore_now(self, j: int, run: int, loss: float, band: int | None) -> bool:
         """Start exploring candidate ``j`` for ``run`` steps if the steps since the last
-        exploration have cost enough (``explore`` x their time >= its expected ``loss``)."""
+        exploration have cost enough (``explore`` x their time >= its expected ``loss``);
+        ``band``: the load's band (rows' bit length) of a re-check, whose wait then doubles."""
         if self.explore * self._idle < loss:
             return False
         self._explored, self._burst, self._burst_left = True, self.candidates[j], run - 1
         self._hold, self._pending = 0, None
+        if band is not None:
+            wait = self._wait.get(band, RECHECK_STEPS)
+            self._wait[band] = min(2 * wait, RECHECK_BACKOFF * RECHECK_STEPS)
         return True
 
-    def _explore_pick(self, best: int, rates: list[float], batch: int) -> int | None:
-        """The candidate an exploration step would run (class doc), or None."""
+    def _explore_pick(self, best: int, rates: list[float],
+                      batch: int) -> tuple[int, bool] | None:
+        """The candidate an exploration step would run (class doc) and whether it is a
+        re-check (not a first timing here), or None."""
         n = len(self.candidates)
         # worth timing: within the margin of the best (a table's times or measured ones make
         # a far worse estimate unlikely to hide the best tree)
@@ -785,8 +816,8 @@ class OnlinePolicy:
         few = [i for i in range(n) if i != best and (rates[i] >= (1 - margin) * rates[best]
                or i == 0) and self._timings(i, batch) < MIN_TIMINGS]
         if few:  # the likely candidates timed a few times first, the best-rated first
-            return max(few, key=lambda i: (rates[i], -len(self.candidates[i])))
-        if self._steps_since < RECHECK_STEPS:
+            return max(few, key=lambda i: (rates[i], -len(self.candidates[i]))), False
+        if self._steps_since < self._wait.get(batch.bit_length(), RECHECK_STEPS):
             return None
         if n == 1:  # plain decoding is the only candidate
             return None
@@ -794,8 +825,8 @@ class OnlinePolicy:
             # estimates are the ones to refresh), to notice when speculation pays again
             timed = [i for i in range(1, n) if self._timings(i, batch) >= MIN_TIMINGS] or \
                 list(range(1, n))
-            return max(timed, key=lambda i: (rates[i], -len(self.candidates[i])))
-        return 0  # a Medusa tree wins: a plain step, to notice when speculation stops paying
+            return max(timed, key=lambda i: (rates[i], -len(self.candidates[i]))), True
+        return 0, True  # a Medusa tree wins: a plain step, to notice when speculation stops paying
 
     def observe(self, tree: Sequence[Sequence[int]], batch: int, seconds: float | None,
                 leaves: Sequence[int] | None = None) -> None:
@@ -824,7 +855,16 @@ class OnlinePolicy:
         key = (i, batch)
         valid = seconds is not None and seconds > 0 and math.isfinite(seconds)
         normed = valid and not (switched and key in self.cost)
-        usual = seconds / self.speed if valid else None  # the time at the usual speed
+        self._observed += 1
+        # the machine's speed now: the running tree's last times at these rows against its
+        # established cost (a fair comparison: the same rows, a few tokens more context),
+        # else the speed tracker (which lags: a step's cost grows with the context, and the
+        # rows change as sequences finish)
+        speed = self.speed
+        if self._ref and self._ref_key[1] == batch and self._ref_key != key and \
+                self._observed - self._ref_at <= REF_STEPS:
+            speed = statistics.median(self._ref) / self.cost[self._ref_key]
+        usual = seconds / speed if valid else None  # the time at the usual speed
         if valid and not normed:  # what a switch costs, in the tree's steps
             extra = min(max(usual / self.cost[key] - 1, -0.5), 2.0)
             self._switch += self.alpha * (extra - self._switch)
@@ -837,6 +877,11 @@ class OnlinePolicy:
                 # same units (tracking both would split one signal two ways)
                 self.speed = self._track(("speed",), self.speed, seconds / old)
                 usual = seconds / self.speed
+                if self._ref_key != key:
+                    self._ref.clear()
+                    self._ref_key = key
+                self._ref.append(seconds)
+                self._ref_at = self._observed
             else:  # costs are kept at the machine's usual speed
                 if len(first) < FIRST_TIMES:  # noise only slows: the smaller of the first
                     first.append(usual)  # two times, then the median of the first five (a
@@ -879,8 +924,9 @@ class OnlinePolicy:
                     trials[(d, r)] = trials.get((d, r), 0.0) + count
                     if r == on:
                         hits[(d, r)] = hits.get((d, r), 0.0) + count
-        for (d, r), n in trials.items():  # each observation decays the older ones
-            g = self.decay**n
+        g = self.decay  # each step decays the older ones: at many rows, a decay per row
+        for (d, r), n in trials.items():  # would keep a step or two (at 64 rows the 4-node
+            # tree's estimate swung 2.0-2.8 tokens from one call to the next)
             self.hits[d][r] = g * self.hits[d][r] + hits.get((d, r), 0.0)
             self.trials[d][r] = g * self.trials[d][r] + n
         self._expected = None
@@ -890,11 +936,13 @@ class OnlinePolicy:
         (noise's spikes move it no more than any other time; a mean would follow them), the
         step doubling while the values stay on one side (up to 8x: a drift is caught up within
         a few steps)."""
+        if value == old:
+            return old
         side = 1 if value > old else -1
-        run = self._side.get(key, 0)
-        run = run + side if run * side > 0 else side
-        self._side[key] = run
-        step = MEDIAN_STEP * min(2 ** (abs(run) - 1), 8) * old
+        run = self._side.get(key, 0)  # the run on one side, its length capped where the step
+        run = min(abs(run) + 1, 4) * side if run * side > 0 else side  # stops doubling (a run
+        self._side[key] = run  # of a server's life on one side: no ever larger powers)
+        step = MEDIAN_STEP * (1 << (abs(run) - 1)) * old
         return old + min(max(value - old, -step), step)
 
     def trees(self) -> list[Tree]:

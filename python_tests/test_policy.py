@@ -437,11 +437,12 @@ def test_online_candidates_and_estimates_start_at_the_prior():
 
 def test_observations_move_the_node_estimates():
     """A row that accepted [0, 0] in SMALL tested head 0 rank 0 (hit) and head 1 rank 0
-    (hit); a row that accepted nothing tested head 0 rank 0 (miss)."""
+    (hit); a row that accepted nothing tested head 0 rank 0 (miss). A step decays the older
+    counts once, whatever its rows."""
     policy = OnlinePolicy(3, accuracies=ACC, trees=[SMALL], step_cost=cpu_cost, sizes=(),
                           prior_strength=2.0, decay=0.5)
     policy.observe(SMALL, 2, None, [2, 0])  # head 0 rank 0: 2 observations, head 1: 1
-    assert policy.hits[0][0] == pytest.approx(0.25 * 1.4 + 1) and policy.trials[0][0] == 2.5
+    assert policy.hits[0][0] == pytest.approx(0.5 * 1.4 + 1) and policy.trials[0][0] == 3.0
     assert policy.hits[1][0] == pytest.approx(0.5 * 1.2 + 1) and policy.trials[1][0] == 2.0
     assert policy.trials[0][1] == 2.0  # rank 1 is not in SMALL: untouched
     before = policy.expected(SMALL)
@@ -735,10 +736,12 @@ def test_dropping_finished_rows_copies_only_the_kept_slots_and_never_reads_garba
         assert drops, "no rows were dropped: the test tests nothing"
 
 
-def test_dear_switches_make_explorations_rarer():
+def test_dear_switches_make_explorations_rarer(monkeypatch):
     """A step that switches trees pays extra (cold caches, other buffers): the policy learns
     what a switch costs and counts two (into the tree, back) in an exploration's price, so
-    where switches are dear it explores less often and stays as close to plain decoding."""
+    where switches are dear it explores less often and stays as close to plain decoding.
+    (Re-checks at the first wait throughout: their back-off would space both runs' out.)"""
+    monkeypatch.setattr("medusa_kernels.policy.RECHECK_BACKOFF", 1)
     def run(penalty):
         def cost(tree, rows):
             base = 1.0 if not tree else 1.3 + 0.1 * len(tree)
