@@ -1,7 +1,10 @@
 """Side by side on a real model (SmolLM2-135M-Instruct, CPU, 1 thread): plain decoding, fixed
 trees and ``generate``'s default (the online tree policy), greedy, held-out chat prompts one at a
 time, each prompt decoded by every mode in turn (each first in turn: the machine's drift hits
-all alike), tokens per second of process CPU time per round and mode.
+all alike), tokens per second of process CPU time per round and mode, and per prompt the
+online policy over plain decoding (and over the faster of the others) paired: the modes of
+one prompt run back to back, so the median of these ratios shrugs off the shared machine's
+slow spells, which a round's totals carry into whichever mode they hit.
 
     OMP_NUM_THREADS=1 python bench/online_policy_cpu.py --model /work/data/smollm2-hf \\
         --heads fresh --rounds 3 --out RESULT.json
@@ -20,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -64,6 +68,9 @@ def main() -> None:
         modes[name] = dict(tree=CHAINS.get(name, name))
     modes["online"] = {}
     runs: dict[str, list[float]] = {m: [] for m in modes}
+    # per prompt: each mode's tokens per CPU-s, the modes run back to back (the same moment
+    # of the machine): online over plain, and over the faster of the others, per prompt
+    paired: dict[str, list[float]] = {"plain": [], "faster": []}
     info: dict[str, dict] = {}
     outputs: dict[str, list] = {}
     names = list(modes)
@@ -75,16 +82,22 @@ def main() -> None:
         out: dict[str, list] = {m: [] for m in names}
         for j, prompt in enumerate(prompts):
             k = (r * len(prompts) + j) % len(names)
+            rate = {}
             for name in names[k:] + names[:k]:
                 t0 = time.process_time()
                 res = generate(model, [prompt], max_new_tokens=args.max_new_tokens,
                                eos_token_id=[], **modes[name])
-                cpu[name] += time.process_time() - t0  # the whole call, prefill too
+                dt = time.process_time() - t0
+                cpu[name] += dt  # the whole call, prefill too
+                rate[name] = res.num_tokens / dt
                 tokens[name] += res.num_tokens
                 steps[name] += res.steps
                 for n, c in res.tree_steps.items():
                     trees[name][n] = trees[name].get(n, 0) + c
                 out[name].append(res.tokens[0])
+            paired["plain"].append(rate["online"] / rate["plain"])
+            paired["faster"].append(rate["online"] / max(v for m, v in rate.items()
+                                                         if m != "online"))
         for name in names:
             runs[name].append(tokens[name] / cpu[name])
             info.setdefault(name, {})[f"round{r}"] = {"steps": steps[name], "trees": trees[name]}
@@ -109,14 +122,35 @@ def main() -> None:
         "online_vs_faster_per_round": [
             runs["online"][r] / max(runs[m][r] for m in names if m != "online")
             for r in range(args.rounds)],
+        # per prompt, paired (module doc): the median and quartiles of all rounds' prompts,
+        # and each round's median
+        "online_vs_plain_paired": _spread(paired["plain"]),
+        "online_vs_faster_paired": _spread(paired["faster"]),
+        "online_vs_plain_paired_per_round": [
+            statistics.median(paired["plain"][r * len(prompts):(r + 1) * len(prompts)])
+            for r in range(args.rounds)],
+        "online_vs_faster_paired_per_round": [
+            statistics.median(paired["faster"][r * len(prompts):(r + 1) * len(prompts)])
+            for r in range(args.rounds)],
     }
     print(json.dumps({k: summary[k] for k in ("best", "identical", "online_vs_plain_best",
                                                "online_vs_faster_best",
                                                "online_vs_plain_per_round",
-                                               "online_vs_faster_per_round")}, indent=1))
+                                               "online_vs_faster_per_round",
+                                               "online_vs_plain_paired",
+                                               "online_vs_faster_paired",
+                                               "online_vs_plain_paired_per_round",
+                                               "online_vs_faster_paired_per_round")},
+                     indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)
+
+
+def _spread(values: list[float]) -> dict:
+    """The median and quartiles of paired ratios."""
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return {"median": statistics.median(values), "q25": q[0], "q75": q[2], "n": len(values)}
 
 
 if __name__ == "__main__":

@@ -591,6 +591,7 @@ class OnlinePolicy:
         self._ref_key: tuple[int, int] | None = None
         self._ref_at = 0
         self._observed = 0  # steps observed
+        self._timed_at: dict[tuple[int, int], int] = {}  # (candidate, band) -> last timed
         self._burst: Tree = ()  # the tree an exploration runs, for EXPLORE_RUN steps
         self._burst_left = 0
         self._explored = False  # choose returned an exploration step
@@ -821,12 +822,18 @@ class OnlinePolicy:
             return None
         if n == 1:  # plain decoding is the only candidate
             return None
-        if best == 0:  # plain steps win: the best Medusa tree timed a few times (its
-            # estimates are the ones to refresh), to notice when speculation pays again
-            timed = [i for i in range(1, n) if self._timings(i, batch) >= MIN_TIMINGS] or \
-                list(range(1, n))
-            return max(timed, key=lambda i: (rates[i], -len(self.candidates[i]))), True
-        return 0, True  # a Medusa tree wins: a plain step, to notice when speculation stops paying
+        # a re-check: of the likely candidates (plain always among them: the floor), the one
+        # timed here least recently (a slow spell when one was timed, its first steps paging
+        # the heads in, say, would otherwise price it for good: SmolLM2's 2-node tree, at
+        # 1.5x a plain step for 1.1x, was never timed again while the 4-node one was
+        # re-checked); ties: the best-rated
+        band = batch.bit_length()
+        likely = [i for i in range(n) if i != best
+                  and (i == 0 or rates[i] >= (1 - margin) * rates[best])]
+        if not likely:
+            return None
+        return min(likely, key=lambda i: (self._timed_at.get((i, band), -1),
+                                          -rates[i])), True
 
     def observe(self, tree: Sequence[Sequence[int]], batch: int, seconds: float | None,
                 leaves: Sequence[int] | None = None) -> None:
@@ -891,6 +898,7 @@ class OnlinePolicy:
                     # stale, the machine drifted since)
                     self.cost[key] = self._track(key, old, usual)
             self._count[key] = min(n + 1, self._max_count)
+            self._timed_at[(i, batch.bit_length())] = self._observed
             timed = self._timed.setdefault(i, set())
             if batch not in timed:
                 timed.add(batch)
