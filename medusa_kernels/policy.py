@@ -410,7 +410,10 @@ class OnlinePolicy:
       and only the running tree is timed every step). The machine's speed: once the running
       tree's cost at these rows is established (``SPEED_AFTER`` (10) times), its times track
       the speed instead (the same tracker), and every cost is kept in units of it, so a
-      shared machine's drift does not make the trees timed earlier look cheap or dear.
+      shared machine's drift does not make the trees timed earlier look cheap or dear. A
+      tree explored at the rows the running tree runs at is set against that tree's last
+      ``REF_STEPS`` (5) times there (the same rows, a few tokens more context: a fair pair;
+      the tracker lags behind the context's growth and the rows' changes).
 
     ``choose(batch)``: the candidate of highest expected tokens per second at ``batch`` rows,
     keeping its previous choice while that is within ``tolerance`` of the best (timing noise
@@ -423,8 +426,9 @@ class OnlinePolicy:
     Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times near
     this batch (within ``NEAR_ROWS``: times far away are only an estimate here) among those
     rated within ``EXPLORE_MARGIN`` (10% with a table's step times, 50% without) of the best,
-    plain decoding always among them (the floor) (else a re-check: while plain steps win,
-    the best Medusa tree among those timed; while a Medusa tree wins, a plain step; at most
+    plain decoding always among them (the floor) (else a re-check: of those rated within
+    that margin, and plain decoding, the one timed least recently at this load, so a tree
+    priced in a slow spell is timed again and a plain step comes among Medusa ones; at most
     once in ``RECHECK_STEPS`` (20) steps, the wait doubling with each re-check at a load
     (rows within a power of two) up to ``RECHECK_BACKOFF`` (16) times that, back to 20
     once the choice at a batch there changes: a load whose choice stands pays for fewer and

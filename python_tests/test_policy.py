@@ -834,3 +834,4 @@ def test_an_explored_tree_is_priced_against_the_steps_just_before_it():
     policy.observe(SMALL, 4, 3.0, [0, 0, 0, 0])
     i = policy.trees().index(canon(SMALL))
     assert policy.cost[(i, 4)] == pytest.approx(1.5)
+
