@@ -421,7 +421,7 @@ class OnlinePolicy:
     clear choice (the others rated below it by twice the tolerance) holds ``DECIDE_EVERY``
     (4) steps at the same batch before it is weighed again (the choice's Python work is part
     of a small model's step). The table's tree for the batch, if a table is given, counts
-    ``table_trust`` (20%) faster than estimated (it was measured with care: the online
+    ``table_trust`` (10%) faster than estimated (it was measured with care: the online
     estimates, noisy, must beat it by that margin; heads that stop helping lose far more).
     Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times near
     this batch (within ``NEAR_ROWS``: times far away are only an estimate here) among those
@@ -475,7 +475,7 @@ class OnlinePolicy:
         alpha: float = 0.1,
         prior_weight: float | None = None,
         tolerance: float = 0.03,
-        table_trust: float = 0.2,
+        table_trust: float = 0.1,
         explore: float = 0.005,
         step_cost=None,
         name: str = "online",
