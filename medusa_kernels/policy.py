@@ -772,7 +772,7 @@ class OnlinePolicy:
         if self.explore > 0:
             pick = self._explore_pick(best, rates, batch)
             if pick is not None:
-                j, recheck = pick
+                j, band = pick
                 # per step: its time less the time its tokens take with the best tree; and
                 # the two switches (into it, back to the best) cost what switches cost
                 ej, eb = self.expected(self.candidates[j]), self.expected(self.candidates[best])
@@ -785,8 +785,7 @@ class OnlinePolicy:
                 # a tree never timed at all is priced by the prior alone, the roughest guess
                 # there is: its first step is worth FIRST_EXPLORE times the budget
                 worth = 1.0 if self._timed.get(j) else FIRST_EXPLORE
-                self._pending = (j, run, (run * loss + switches) / worth,
-                                 batch.bit_length() if recheck else None)
+                self._pending = (j, run, (run * loss + switches) / worth, band)
                 if self._explore_now(*self._pending):
                     return self._burst
         # a clear choice (every other candidate rated below it by twice the tolerance)
@@ -810,34 +809,26 @@ class OnlinePolicy:
         return True
 
     def _explore_pick(self, best: int, rates: list[float],
-                      batch: int) -> tuple[int, bool] | None:
-        """The candidate an exploration step would run (class doc) and whether it is a
-        re-check (not a first timing here), or None."""
-        n = len(self.candidates)
+                      batch: int) -> tuple[int, int | None] | None:
+        """The candidate an exploration step would run (class doc) and, for a re-check (not
+        a first timing here), the load's band whose wait it doubles; or None."""
         # worth timing: within the margin of the best (a table's times or measured ones make
-        # a far worse estimate unlikely to hide the best tree)
+        # a far worse estimate unlikely to hide the best tree), and a plain step whatever its
+        # estimate (the floor the policy must not fall below)
         margin = EXPLORE_MARGIN[self._table_times]
-        # (a plain step too, whatever its estimate: the floor the policy must not fall below)
-        few = [i for i in range(n) if i != best and (rates[i] >= (1 - margin) * rates[best]
-               or i == 0) and self._timings(i, batch) < MIN_TIMINGS]
-        if few:  # the likely candidates timed a few times first, the best-rated first
-            return max(few, key=lambda i: (rates[i], -len(self.candidates[i]))), False
-        if self._steps_since < self._wait.get(batch.bit_length(), RECHECK_STEPS):
-            return None
-        if n == 1:  # plain decoding is the only candidate
-            return None
-        # a re-check: of the likely candidates (plain always among them: the floor), the one
-        # timed here least recently (a slow spell when one was timed, its first steps paging
-        # the heads in, say, would otherwise price it for good: SmolLM2's 2-node tree, at
-        # 1.5x a plain step for 1.1x, was never timed again while the 4-node one was
-        # re-checked); ties: the best-rated
-        band = batch.bit_length()
-        likely = [i for i in range(n) if i != best
+        likely = [i for i in range(len(self.candidates)) if i != best
                   and (i == 0 or rates[i] >= (1 - margin) * rates[best])]
-        if not likely:
+        few = [i for i in likely if self._timings(i, batch) < MIN_TIMINGS]
+        if few:  # the likely candidates timed a few times first, the best-rated first
+            return max(few, key=lambda i: (rates[i], -len(self.candidates[i]))), None
+        band = batch.bit_length()
+        if not likely or self._steps_since < self._wait.get(band, RECHECK_STEPS):
             return None
-        return min(likely, key=lambda i: (self._timed_at.get((i, band), -1),
-                                          -rates[i])), True
+        # a re-check: of the likely candidates, the one timed here least recently (a slow
+        # spell when one was timed, its first steps paging the heads in, say, would otherwise
+        # price it for good: SmolLM2's 2-node tree, at 1.5x a plain step for 1.1x, was never
+        # timed again while the 4-node one was re-checked); ties: the best-rated
+        return min(likely, key=lambda i: (self._timed_at.get((i, band), -1), -rates[i])), band
 
     def observe(self, tree: Sequence[Sequence[int]], batch: int, seconds: float | None,
                 leaves: Sequence[int] | None = None) -> None:
