@@ -427,16 +427,22 @@ class OnlinePolicy:
     this batch (within ``NEAR_ROWS``: times far away are only an estimate here) among those
     rated within ``EXPLORE_MARGIN`` (10% with a table's step times, 50% without) of the best,
     plain decoding always among them (the floor) (else a re-check: of those rated within
-    that margin, and plain decoding, the one timed least recently at this load, so a tree
-    priced in a slow spell is timed again and a plain step comes among Medusa ones; at most
+    that margin, plain decoding, and while plain decoding wins the best-rated Medusa tree
+    whatever its estimate, the one timed least recently at this load, so a tree priced in a
+    slow spell is timed again, a plain step comes among Medusa ones and a Medusa step among
+    plain ones (the heads' estimates move only on Medusa steps: a tree rated below the
+    margin would otherwise never run again there); at most
     once in ``RECHECK_STEPS`` (20) steps, the wait doubling with each re-check at a load
     (rows within a power of two) up to ``RECHECK_BACKOFF`` (16) times that, back to 20
     once the choice at a batch there changes: a load whose choice stands pays for fewer and
     fewer re-checks, a change is noticed within 320 steps) is taken instead once the steps
-    since the last exploration have cost enough that its expected loss is at most
-    ``explore`` (0.5%) of that time (``FIRST_EXPLORE`` (10) times that for a tree never
-    timed: only the prior prices it, the roughest guess there is); the loss counts the two
-    switches (into the tree and back) at what switches have been measured to cost. It runs
+    at this load since the last exploration there have cost enough that its expected loss
+    is at most ``explore`` (0.5%) of that time (each load its own budget: the tail's cheap
+    re-checks at a few rows would otherwise spend the full batch's, whose dear re-check, of
+    a tree priced in a slow spell, would then never come; ``FIRST_EXPLORE`` (10) times that
+    for a tree never timed: only the prior prices it, the roughest guess there is); the
+    loss counts the two switches (into the tree and back) at what switches have been
+    measured to cost. It runs
     for ``EXPLORE_RUN`` (3) steps (two for a tree never timed near this batch): a step that
     switches trees is dearer than the next ones (cold caches, other buffers, a first use),
     and its time does not count once the tree has one (it measures the switches' price
@@ -564,7 +570,7 @@ class OnlinePolicy:
         self._hold = 0  # steps the last choice holds before the next one (``DECIDE_EVERY``)
         self._held: tuple[int, Tree] | None = None  # (batch, tree) of the last choice
         # an exploration it found waiting: (candidate, steps, loss, band if a re-check)
-        self._pending: tuple[int, int, float, int | None] | None = None
+        self._pending: tuple[int, int, float, int, bool] | None = None
         # re-checks: the steps they wait per band of rows (rows' bit length: 1, 2-3, 4-7, ...),
         # and the choice last made at each batch (a change resets its band's wait)
         self._wait: dict[int, int] = {}
@@ -587,8 +593,12 @@ class OnlinePolicy:
         # (the running tree's times then track the machine's speed) at SPEED_AFTER of them
         self._max_count = round(1 / self.alpha)
         self._established = min(SPEED_AFTER, self._max_count)
-        self._idle = 0.0  # seconds of steps since the last exploration
-        self._steps_since = 0  # steps since the last exploration
+        # per load (rows' bit length, as the re-checks' waits): seconds and steps of its steps
+        # since the last exploration there (explorations at the tail's few rows would otherwise
+        # spend the budget of the full batch's dearer ones: demo, B 4, plain priced at 2.5x its
+        # cost after a slow first timing was never timed again)
+        self._idle: dict[int, float] = {}
+        self._steps_since: dict[int, int] = {}
         self.speed = 1.0  # the machine's speed now against its usual (observe); costs in usual
         # the running tree's last REF_STEPS times, its (candidate, rows), the step of the last
         self._ref: deque[float] = deque(maxlen=REF_STEPS)
@@ -772,7 +782,7 @@ class OnlinePolicy:
         if self.explore > 0:
             pick = self._explore_pick(best, rates, batch)
             if pick is not None:
-                j, band = pick
+                j, recheck = pick
                 # per step: its time less the time its tokens take with the best tree; and
                 # the two switches (into it, back to the best) cost what switches cost
                 ej, eb = self.expected(self.candidates[j]), self.expected(self.candidates[best])
@@ -785,7 +795,8 @@ class OnlinePolicy:
                 # a tree never timed at all is priced by the prior alone, the roughest guess
                 # there is: its first step is worth FIRST_EXPLORE times the budget
                 worth = 1.0 if self._timed.get(j) else FIRST_EXPLORE
-                self._pending = (j, run, (run * loss + switches) / worth, band)
+                self._pending = (j, run, (run * loss + switches) / worth,
+                                 batch.bit_length(), recheck)
                 if self._explore_now(*self._pending):
                     return self._burst
         # a clear choice (every other candidate rated below it by twice the tolerance)
@@ -795,23 +806,24 @@ class OnlinePolicy:
         self._held, self._hold = (batch, self.candidates[best]), DECIDE_EVERY - 1 if clear else 0
         return self.candidates[best]
 
-    def _explore_now(self, j: int, run: int, loss: float, band: int | None) -> bool:
-        """Start exploring candidate ``j`` for ``run`` steps if the steps since the last
-        exploration have cost enough (``explore`` x their time >= its expected ``loss``);
-        ``band``: the load's band (rows' bit length) of a re-check, whose wait then doubles."""
-        if self.explore * self._idle < loss:
+    def _explore_now(self, j: int, run: int, loss: float, band: int, recheck: bool) -> bool:
+        """Start exploring candidate ``j`` for ``run`` steps if the steps at this load
+        (``band``: the rows' bit length) since its last exploration have cost enough
+        (``explore`` x their time >= its expected ``loss``); a ``recheck`` (not a first
+        timing) doubles the load's wait."""
+        if self.explore * self._idle.get(band, 0.0) < loss:
             return False
         self._explored, self._burst, self._burst_left = True, self.candidates[j], run - 1
         self._hold, self._pending = 0, None
-        if band is not None:
+        if recheck:
             wait = self._wait.get(band, RECHECK_STEPS)
             self._wait[band] = min(2 * wait, RECHECK_BACKOFF * RECHECK_STEPS)
         return True
 
     def _explore_pick(self, best: int, rates: list[float],
-                      batch: int) -> tuple[int, int | None] | None:
-        """The candidate an exploration step would run (class doc) and, for a re-check (not
-        a first timing here), the load's band whose wait it doubles; or None."""
+                      batch: int) -> tuple[int, bool] | None:
+        """The candidate an exploration step would run (class doc) and whether it is a
+        re-check (not a first timing here); or None."""
         # worth timing: within the margin of the best (a table's times or measured ones make
         # a far worse estimate unlikely to hide the best tree), and a plain step whatever its
         # estimate (the floor the policy must not fall below)
@@ -820,15 +832,23 @@ class OnlinePolicy:
                   and (i == 0 or rates[i] >= (1 - margin) * rates[best])]
         few = [i for i in likely if self._timings(i, batch) < MIN_TIMINGS]
         if few:  # the likely candidates timed a few times first, the best-rated first
-            return max(few, key=lambda i: (rates[i], -len(self.candidates[i]))), None
+            return max(few, key=lambda i: (rates[i], -len(self.candidates[i]))), False
         band = batch.bit_length()
-        if not likely or self._steps_since < self._wait.get(band, RECHECK_STEPS):
+        if best == 0 and len(rates) > 1:  # while plain decoding wins, the best-rated Medusa
+            # tree is re-checked whatever its estimate (a Medusa step among plain ones now and
+            # then): the heads' estimates only move on Medusa steps, so a tree once rated
+            # below the margin would never be timed again at this load (demo, B 4: the 4-node
+            # tree, 1.13x plain, stayed out for 130 calls)
+            medusa = max(range(1, len(rates)), key=lambda i: (rates[i],
+                                                              -len(self.candidates[i])))
+            likely += [] if medusa in likely else [medusa]
+        if not likely or self._steps_since.get(band, 0) < self._wait.get(band, RECHECK_STEPS):
             return None
         # a re-check: of the likely candidates, the one timed here least recently (a slow
         # spell when one was timed, its first steps paging the heads in, say, would otherwise
         # price it for good: SmolLM2's 2-node tree, at 1.5x a plain step for 1.1x, was never
         # timed again while the 4-node one was re-checked); ties: the best-rated
-        return min(likely, key=lambda i: (self._timed_at.get((i, band), -1), -rates[i])), band
+        return min(likely, key=lambda i: (self._timed_at.get((i, band), -1), -rates[i])), True
 
     def observe(self, tree: Sequence[Sequence[int]], batch: int, seconds: float | None,
                 leaves: Sequence[int] | None = None) -> None:
@@ -854,7 +874,7 @@ class OnlinePolicy:
         # not count, except as a tree's first
         switched = self._last is not None and tree != self._last
         self._last = tree
-        key = (i, batch)
+        key, band = (i, batch), batch.bit_length()
         valid = seconds is not None and seconds > 0 and math.isfinite(seconds)
         normed = valid and not (switched and key in self.cost)
         self._observed += 1
@@ -893,7 +913,7 @@ class OnlinePolicy:
                     # stale, the machine drifted since)
                     self.cost[key] = self._track(key, old, usual)
             self._count[key] = min(n + 1, self._max_count)
-            self._timed_at[(i, batch.bit_length())] = self._observed
+            self._timed_at[(i, band)] = self._observed
             timed = self._timed.setdefault(i, set())
             if batch not in timed:
                 timed.add(batch)
@@ -906,11 +926,12 @@ class OnlinePolicy:
             self._ratio[(kind, batch)] = ratio if old is None else \
                 old + self.alpha * (ratio - old)
         if self._explored:  # the exploration budget is spent
-            self._idle, self._explored, self._steps_since = 0.0, False, 0
+            self._idle[band], self._explored, self._steps_since[band] = 0.0, False, 0
             self._burst_left = 0 if tree != self._burst else self._burst_left
         else:
-            self._idle += usual if valid else self.step_seconds(tree, batch)
-            self._steps_since += 1
+            self._idle[band] = self._idle.get(band, 0.0) + (
+                usual if valid else self.step_seconds(tree, batch))
+            self._steps_since[band] = self._steps_since.get(band, 0) + 1
         if not tree or not leaves:
             return
         kids = self._children[i]

@@ -12,6 +12,7 @@ from tiny_models import VOCAB, make_hf_model, save_random_heads
 from medusa_kernels import generate, load_model
 from medusa_kernels.policy import (
     EXPLORE_MARGIN,
+    RECHECK_BACKOFF,
     RECHECK_STEPS,
     FixedTreePolicy,
     OnlinePolicy,
@@ -801,8 +802,6 @@ def test_a_standing_choice_pays_for_fewer_and_fewer_rechecks(monkeypatch):
     cheap, so the loss budget does not space them out): each re-check at a load whose choice
     stands doubles the wait before the next (up to RECHECK_BACKOFF x RECHECK_STEPS), so they
     grow rare; once the heads start hitting, speculation is still taken up within that wait."""
-    from medusa_kernels.policy import RECHECK_BACKOFF
-
     def cost(tree, rows):
         return 1.0 if not tree else 1.05 + 0.05 * len(tree)
 
@@ -835,3 +834,44 @@ def test_an_explored_tree_is_priced_against_the_steps_just_before_it():
     i = policy.trees().index(canon(SMALL))
     assert policy.cost[(i, 4)] == pytest.approx(1.5)
 
+
+
+def test_a_medusa_step_comes_among_plain_ones_however_far_below_its_estimate_fell():
+    """With a table's step times, first timings and re-checks take the trees rated within 10%
+    of the best; the heads' estimates move only on Medusa steps. Heads that miss for 1500
+    steps push every tree far below plain decoding; once they hit again, a Medusa tree must
+    still come now and then (the best-rated one, whatever its estimate), and the policy must
+    take speculation up again (without it: plain for good, as the demo's 4-node tree at B 4
+    stayed out for 130 calls)."""
+    rows = [{"batch": 4, "tree": [], "speedup": 1.0, "step_ms": 1.0},
+            {"batch": 4, "tree": SMALL, "speedup": 1.4, "step_ms": 1.5}]
+    policy = OnlinePolicy(3, accuracies=ACC, table=TreePolicy(rows), sizes=(),
+                          step_cost=lambda t, r: 1.0 + 0.25 * len(t))
+    chosen = simulate(policy, lambda i, tree: 0 if i < 1500 else deepest_on_rank0(tree),
+                      4000, rows=4)
+    assert sum(1 for t in chosen[1000:1500] if t) < 25  # plain while the heads miss
+    taken = next((i for i in range(1500, 4000) if all(chosen[i:i + 50])), None)
+    assert taken is not None and taken <= 1500 + RECHECK_BACKOFF * RECHECK_STEPS + 200, taken
+
+
+def test_explorations_at_the_tails_few_rows_do_not_spend_the_full_batchs_budget():
+    """Calls of 80 steps at 8 rows, then 40 at 1 row (the finished rows dropped). Plain
+    decoding's first two times at 8 rows are 3x its cost (a slow spell), so a plain re-check
+    there is dear by its estimate and waits for 0.5% of the steps at that load to pay for it;
+    the cheap re-checks at 1 row must not use that budget up, or plain's estimate at 8 rows
+    stays wrong for good."""
+    slow = {"left": 2}
+
+    def cost(tree, rows):
+        base = 1.0 + (0.3 if tree else 0.0) + 0.02 * rows * (len(tree) + 1)
+        if not tree and rows == 8 and slow["left"]:
+            slow["left"] -= 1
+            return 3 * base
+        return base
+
+    policy = OnlinePolicy(3, accuracies=ACC, trees=[SMALL], step_cost=cost)
+    for _ in range(60):
+        for rows, steps in ((8, 80), (1, 40)):
+            simulate(policy, lambda i, tree: deepest_on_rank0(tree), steps, rows=rows)
+    assert slow["left"] == 0
+    assert policy.cost[(0, 8)] == pytest.approx(cost((), 8), rel=0.1), policy.cost[(0, 8)]
