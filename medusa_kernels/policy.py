@@ -422,7 +422,11 @@ class OnlinePolicy:
     (4) steps at the same batch before it is weighed again (the choice's Python work is part
     of a small model's step). The table's tree for the batch, if a table is given, counts
     ``table_trust`` (10%) faster than estimated (it was measured with care: the online
-    estimates, noisy, must beat it by that margin; heads that stop helping lose far more).
+    estimates, noisy, must beat it by that margin; heads that stop helping lose far more),
+    and within the tolerance of the best it is taken before the previous choice (a step's
+    estimate overrates a bigger tree in a batch: it spreads the rows' ends, and the tail's
+    steps serve few rows, those the heads serve worst; the calibration broke its near-ties
+    toward the smaller tree).
     Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times near
     this batch (within ``NEAR_ROWS``: times far away are only an estimate here) among those
     rated within ``EXPLORE_MARGIN`` (10% with a table's step times, 50% without) of the best,
@@ -762,14 +766,22 @@ class OnlinePolicy:
             if j is not None:
                 rates[j] *= 1 + self.table_trust
         best = max(range(n), key=lambda i: (rates[i], -len(self.candidates[i])))
-        # ties within the tolerance: keep the previous choice if a Medusa tree (not a tree
+        # ties within the tolerance: the table's tree if it is among them (timed with care,
+        # its near-ties broken toward the smaller tree; a step's estimate overrates a bigger
+        # tree in a batch: it spreads the rows' ends, and the tail's steps serve few rows,
+        # those the heads serve worst: the demo's B 16 held B 4's 4-node tree, 2% behind the
+        # table's 2-node tree per full-batch step, 7% per call), else the previous choice
+        # if a Medusa tree (not a tree
         # just explored: it must win outright), else the smallest Medusa tree (a plain step
         # learns nothing about the heads: while plain runs, their estimates only age), else
         # plain decoding
         near = rates[best] * (1 - self.tolerance)
         last = self._index.get(self._held[1]) if self._held is not None else None
         tied = [i for i in range(1, n) if rates[i] >= near]  # the Medusa trees tied
-        if last in tied:
+        table = self._table_pick.get(batch) if self.table is not None else None
+        if table is not None and rates[table] >= near:
+            best = table
+        elif last in tied:
             best = last
         elif tied:
             best = min(tied, key=lambda i: len(self.candidates[i]))
