@@ -427,34 +427,30 @@ class OnlinePolicy:
     estimate overrates a bigger tree in a batch: it spreads the rows' ends, and the tail's
     steps serve few rows, those the heads serve worst; the calibration broke its near-ties
     toward the smaller tree).
-    Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times near
-    this batch (within ``NEAR_ROWS``: times far away are only an estimate here) among those
-    rated within ``EXPLORE_MARGIN`` (10% with a table's step times, 50% without) of the best,
-    plain decoding always among them (the floor) (else a re-check: of those rated within
-    that margin, plain decoding, and while plain decoding wins the best-rated Medusa tree
-    whatever its estimate, the one timed least recently at this load, so a tree priced in a
-    slow spell is timed again, a plain step comes among Medusa ones and a Medusa step among
-    plain ones (the heads' estimates move only on Medusa steps: a tree rated below the
-    margin would otherwise never run again there); at most
-    once in ``RECHECK_STEPS`` (20) steps, the wait doubling with each re-check at a load
-    (rows within a power of two) up to ``RECHECK_BACKOFF`` (16) times that, back to 20
-    once the choice at a batch there changes: a load whose choice stands pays for fewer and
-    fewer re-checks, a change is noticed within 320 steps) is taken instead once the steps
-    at this load since the last exploration there have cost enough that its expected loss
-    is at most ``explore`` (0.5%) of that time (each load its own budget: the tail's cheap
-    re-checks at a few rows would otherwise spend the full batch's, whose dear re-check, of
-    a tree priced in a slow spell, would then never come; ``FIRST_EXPLORE`` (10) times that
-    for a tree never timed: only the prior prices it, the roughest guess there is); the
-    loss counts the two switches (into the tree and back) at what switches have been
-    measured to cost. It runs
-    for ``EXPLORE_RUN`` (3) steps (two for a tree never timed near this batch): a step that
-    switches trees is dearer than the next ones (cold caches, other buffers, a first use),
-    and its time does not count once the tree has one (it measures the switches' price
-    instead). So the likely trees get
-    timed a few times at each load (and one slow first time does not condemn one),
-    speculation is tried again now and then and taken up when it pays, and dropped when it
-    stops paying; a cheap tree is retried often, a dear one seldom. The choice is
-    deterministic given the observations (no random numbers).
+    Exploration: the best-rated candidate timed fewer than ``MIN_TIMINGS`` (3) times near this
+    batch (within ``NEAR_ROWS``: times far away are only an estimate here) among those rated
+    within ``EXPLORE_MARGIN`` (10% with a table's step times, 50% without) of the best, plain
+    decoding (the floor) and the table's tree for the batch (the starting point) always among
+    them (else a re-check: of the same candidates, the one timed least recently at this load, so
+    a tree priced in a slow spell is timed again, a plain step comes among Medusa ones, and the
+    table's tree, whatever its estimate, runs again at its load; at most once in
+    ``RECHECK_STEPS`` (20) steps, the wait doubling with each re-check at a load (rows within a
+    power of two) up to ``RECHECK_BACKOFF`` (16) times that, back to 20 once the choice at a
+    batch there changes: a load whose choice stands pays for fewer and fewer re-checks, a change
+    is noticed within 320 steps) is taken instead once the steps at this load since the last
+    exploration there have cost enough that its expected loss is at most ``explore`` (0.5%) of
+    that time (each load its own budget: the tail's cheap re-checks at a few rows would
+    otherwise spend the full batch's, whose dear re-check, of a tree priced in a slow spell,
+    would then never come; ``FIRST_EXPLORE`` (10) times that for a tree never timed: only the
+    prior prices it, the roughest guess there is); the loss counts the two switches (into the
+    tree and back) at what switches have been measured to cost. It runs for ``EXPLORE_RUN`` (3)
+    steps (two for a tree never timed near this batch): a step that switches trees is dearer
+    than the next ones (cold caches, other buffers, a first use), and its time does not count
+    once the tree has one (it measures the switches' price instead). So the likely trees get
+    timed a few times at each load (and one slow first time does not condemn one), speculation
+    is tried again now and then and taken up when it pays, and dropped when it stops paying; a
+    cheap tree is retried often, a dear one seldom. The choice is deterministic given the
+    observations (no random numbers).
 
     Exactness: the tree of a step depends only on what happened before it (earlier steps'
     accepted paths and times); it never reads the step's own draws, so exact sampling stays
@@ -573,7 +569,7 @@ class OnlinePolicy:
         self._generation = [0, 0]  # plain's, the Medusa trees'
         self._hold = 0  # steps the last choice holds before the next one (``DECIDE_EVERY``)
         self._held: tuple[int, Tree] | None = None  # (batch, tree) of the last choice
-        # an exploration it found waiting: (candidate, steps, loss, band if a re-check)
+        # an exploration it found waiting: (candidate, steps, loss, load's band, re-check?)
         self._pending: tuple[int, int, float, int, bool] | None = None
         # re-checks: the steps they wait per band of rows (rows' bit length: 1, 2-3, 4-7, ...),
         # and the choice last made at each batch (a change resets its band's wait)
@@ -771,10 +767,9 @@ class OnlinePolicy:
         # tree in a batch: it spreads the rows' ends, and the tail's steps serve few rows,
         # those the heads serve worst: the demo's B 16 held B 4's 4-node tree, 2% behind the
         # table's 2-node tree per full-batch step, 7% per call), else the previous choice
-        # if a Medusa tree (not a tree
-        # just explored: it must win outright), else the smallest Medusa tree (a plain step
-        # learns nothing about the heads: while plain runs, their estimates only age), else
-        # plain decoding
+        # if a Medusa tree (not a tree just explored: it must win outright), else the
+        # smallest Medusa tree (a plain step learns nothing about the heads: while plain
+        # runs, their estimates only age), else plain decoding
         near = rates[best] * (1 - self.tolerance)
         last = self._index.get(self._held[1]) if self._held is not None else None
         tied = [i for i in range(1, n) if rates[i] >= near]  # the Medusa trees tied
@@ -837,23 +832,18 @@ class OnlinePolicy:
         """The candidate an exploration step would run (class doc) and whether it is a
         re-check (not a first timing here); or None."""
         # worth timing: within the margin of the best (a table's times or measured ones make
-        # a far worse estimate unlikely to hide the best tree), and a plain step whatever its
-        # estimate (the floor the policy must not fall below)
+        # a far worse estimate unlikely to hide the best tree), and whatever their estimates
+        # a plain step (the floor the policy must not fall below) and the table's tree for the
+        # batch (its starting point: the demo's B 16 never timed the table's 2-node tree at
+        # 16 rows, rated below the margin from its times elsewhere: 0.917x the table)
         margin = EXPLORE_MARGIN[self._table_times]
+        table = self._table_pick.get(batch) if self.table is not None else None
         likely = [i for i in range(len(self.candidates)) if i != best
-                  and (i == 0 or rates[i] >= (1 - margin) * rates[best])]
+                  and (i in (0, table) or rates[i] >= (1 - margin) * rates[best])]
         few = [i for i in likely if self._timings(i, batch) < MIN_TIMINGS]
         if few:  # the likely candidates timed a few times first, the best-rated first
             return max(few, key=lambda i: (rates[i], -len(self.candidates[i]))), False
         band = batch.bit_length()
-        if best == 0 and len(rates) > 1:  # while plain decoding wins, the best-rated Medusa
-            # tree is re-checked whatever its estimate (a Medusa step among plain ones now and
-            # then): the heads' estimates only move on Medusa steps, so a tree once rated
-            # below the margin would never be timed again at this load (demo, B 4: the 4-node
-            # tree, 1.13x plain, stayed out for 130 calls)
-            medusa = max(range(1, len(rates)), key=lambda i: (rates[i],
-                                                              -len(self.candidates[i])))
-            likely += [] if medusa in likely else [medusa]
         if not likely or self._steps_since.get(band, 0) < self._wait.get(band, RECHECK_STEPS):
             return None
         # a re-check: of the likely candidates, the one timed here least recently (a slow
