@@ -755,12 +755,13 @@ class OnlinePolicy:
             raw[1:] = [self.rate(t, batch) for t in self.candidates[1:]]
             seen[1] = self._generation[1]
         rates = list(raw)
-        if self.table is not None:  # the table's tree: measured with care, beaten by a margin
+        table = None  # the table's tree: measured with care, beaten by a margin
+        if self.table is not None:
             if batch not in self._table_pick:
                 self._table_pick[batch] = self._index.get(self.table.choose(batch))
-            j = self._table_pick[batch]
-            if j is not None:
-                rates[j] *= 1 + self.table_trust
+            table = self._table_pick[batch]
+            if table is not None:
+                rates[table] *= 1 + self.table_trust
         best = max(range(n), key=lambda i: (rates[i], -len(self.candidates[i])))
         # ties within the tolerance: the table's tree if it is among them (timed with care,
         # its near-ties broken toward the smaller tree; a step's estimate overrates a bigger
@@ -773,7 +774,6 @@ class OnlinePolicy:
         near = rates[best] * (1 - self.tolerance)
         last = self._index.get(self._held[1]) if self._held is not None else None
         tied = [i for i in range(1, n) if rates[i] >= near]  # the Medusa trees tied
-        table = self._table_pick.get(batch) if self.table is not None else None
         if table is not None and rates[table] >= near:
             best = table
         elif last in tied:
@@ -787,7 +787,7 @@ class OnlinePolicy:
             self._best_at[batch] = best  # at the first wait again
             self._wait.pop(batch.bit_length(), None)
         if self.explore > 0:
-            pick = self._explore_pick(best, rates, batch)
+            pick = self._explore_pick(best, rates, batch, table)
             if pick is not None:
                 j, recheck = pick
                 # per step: its time less the time its tokens take with the best tree; and
@@ -827,17 +827,17 @@ class OnlinePolicy:
             self._wait[band] = min(2 * wait, RECHECK_BACKOFF * RECHECK_STEPS)
         return True
 
-    def _explore_pick(self, best: int, rates: list[float],
-                      batch: int) -> tuple[int, bool] | None:
+    def _explore_pick(self, best: int, rates: list[float], batch: int,
+                      table: int | None) -> tuple[int, bool] | None:
         """The candidate an exploration step would run (class doc) and whether it is a
-        re-check (not a first timing here); or None."""
+        re-check (not a first timing here); or None. ``table``: the table's tree for the
+        batch (a candidate's index), if any."""
         # worth timing: within the margin of the best (a table's times or measured ones make
         # a far worse estimate unlikely to hide the best tree), and whatever their estimates
         # a plain step (the floor the policy must not fall below) and the table's tree for the
         # batch (its starting point: the demo's B 16 never timed the table's 2-node tree at
         # 16 rows, rated below the margin from its times elsewhere: 0.917x the table)
         margin = EXPLORE_MARGIN[self._table_times]
-        table = self._table_pick.get(batch) if self.table is not None else None
         likely = [i for i in range(len(self.candidates)) if i != best
                   and (i in (0, table) or rates[i] >= (1 - margin) * rates[best])]
         few = [i for i in likely if self._timings(i, batch) < MIN_TIMINGS]
