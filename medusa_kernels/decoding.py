@@ -39,6 +39,7 @@ depends on the model: prompt ids, EOS, trees, positions), then runs ``_decode``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -581,6 +582,7 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
     # an online policy learns from each step: its time and each row's accepted tree node
     observe = getattr(plan.policy, "observe", None)
     timer = _StepTimer(device) if observe is not None else None
+    observe_context = observe is not None and "context" in inspect.signature(observe).parameters
 
     def step_for(tree: Tree, rows: _Rows):
         if tree not in plan.trees:  # the cache is sized for plan.trees only
@@ -661,7 +663,8 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
             if observe is not None:
                 leaves = [row[n + 1] for row in host if row[n] > 0] if tree else None
                 timer.end()
-                observe(tree, len(rows.index), None if untimed else timer.seconds(), leaves)
+                observe(tree, len(rows.index), None if untimed else timer.seconds(), leaves,
+                        **({"context": context} if observe_context else {}))
             result.steps += 1
             result.accepted_per_step.append(accepted)
             result.step_trees.append(tree)

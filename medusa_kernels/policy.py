@@ -343,6 +343,8 @@ SPEED_AFTER = 10  # steps a tree's cost at some rows is timed before its times t
 FIRST_EXPLORE = 10  # a tree never timed may cost this many times the exploration budget
 # an exploration's times are set against the running tree's last few times at the same rows
 REF_STEPS = 5
+# the machine's speed is tracked per band of contexts, this many bands a doubling (observe)
+CONTEXT_BANDS = 8
 EXPLORE_RUN = 3  # an exploration runs its tree for this many steps (the first, a switch,
 # is not timed once the tree has a time: ``observe``)
 
@@ -604,11 +606,19 @@ class OnlinePolicy:
         self._ref: deque[float] = deque(maxlen=REF_STEPS)
         self._ref_key: tuple[int, int] | None = None
         self._ref_at = 0
+        self._ref_ctx: int | None = None  # the context of the last of them
+        # the speed per band of contexts (``CONTEXT_BANDS`` a doubling): a step's cost grows
+        # with the context (the demo's 2-node step at 16 rows: 8.0 ms at 30 tokens, 9.8 at
+        # 130), and a call starts short again; one speed, tracked through the calls, was the
+        # last call's end at the next one's start (1.45x: plain timed there at 6.5 ms for 7)
+        self._speeds: dict[int, float] = {}
         self._observed = 0  # steps observed
         self._timed_at: dict[tuple[int, int], int] = {}  # (candidate, band) -> last timed
         self._burst: Tree = ()  # the tree an exploration runs, for EXPLORE_RUN steps
         self._burst_left = 0
         self._explored = False  # choose returned an exploration step
+        # an exploration's (candidate, rows) and its estimate there before it, then its times
+        self._recheck: tuple[tuple[int, int] | None, list[float]] = (None, [])
         self._last: Tree | None = None
         # (rows, tree, seconds) of the latest steps (bounded: a server's policy lives long)
         self.log: deque[tuple[int, Tree, float | None]] = deque(maxlen=1 << 16)
@@ -821,6 +831,7 @@ class OnlinePolicy:
         if self.explore * self._idle.get(band, 0.0) < loss:
             return False
         self._explored, self._burst, self._burst_left = True, self.candidates[j], run - 1
+        self._recheck = (None, [])
         self._hold, self._pending = 0, None
         if recheck:
             wait = self._wait.get(band, RECHECK_STEPS)
@@ -853,8 +864,9 @@ class OnlinePolicy:
         return min(likely, key=lambda i: (self._timed_at.get((i, band), -1), -rates[i])), True
 
     def observe(self, tree: Sequence[Sequence[int]], batch: int, seconds: float | None,
-                leaves: Sequence[int] | None = None) -> None:
-        """One step's outcome (class doc). ``tree`` must be a candidate."""
+                leaves: Sequence[int] | None = None, context: int | None = None) -> None:
+        """One step's outcome (class doc). ``tree`` must be a candidate; ``context``: the
+        step's longest sequence (None: one speed for every context)."""
         tree = tuple(tuple(p) for p in tree)
         i = self._index.get(tree)
         if i is None:
@@ -884,9 +896,14 @@ class OnlinePolicy:
         # established cost (a fair comparison: the same rows, a few tokens more context),
         # else the speed tracker (which lags: a step's cost grows with the context, and the
         # rows change as sequences finish)
-        speed = self.speed
+        if context is not None:
+            _check_count(context, "context", 0)
+        at = None if context is None else int(CONTEXT_BANDS * math.log2(context + 1))
+        speed = self._speed_at(at)
         if self._ref and self._ref_key[1] == batch and self._ref_key != key and \
-                self._observed - self._ref_at <= REF_STEPS:
+                self._observed - self._ref_at <= REF_STEPS and \
+                (context is None or self._ref_ctx is None or context >= self._ref_ctx):
+            # (a shorter context: a new call, whose steps are cheaper; not a fair pair)
             speed = statistics.median(self._ref) / self.cost[self._ref_key]
         usual = seconds / speed if valid else None  # the time at the usual speed
         if valid and not normed:  # what a switch costs, in the tree's steps
@@ -899,20 +916,31 @@ class OnlinePolicy:
                 # here well established: what it takes against its estimate is the speed
                 # (a shared machine drifts); its estimate stays, the others are kept in the
                 # same units (tracking both would split one signal two ways)
-                self.speed = self._track(("speed",), self.speed, seconds / old)
+                self.speed = self._track(("speed", at), self._speed_at(at), seconds / old)
+                if at is not None:
+                    self._speeds[at] = self.speed
                 usual = seconds / self.speed
-                if self._ref_key != key:
+                if self._ref_key != key or (context is not None and self._ref_ctx is not None
+                                            and context < self._ref_ctx):
                     self._ref.clear()
                     self._ref_key = key
                 self._ref.append(seconds)
-                self._ref_at = self._observed
+                self._ref_at, self._ref_ctx = self._observed, context
             else:  # costs are kept at the machine's usual speed
                 if len(first) < FIRST_TIMES:  # noise only slows: the smaller of the first
                     first.append(usual)  # two times, then the median of the first five (a
                     self.cost[key] = min(first) if len(first) <= 2 else \
                         statistics.median(first)
-                else:  # then its median (a tree explored now and then: its estimate may be
-                    # stale, the machine drifted since)
+                elif self._explored:  # a re-check: the median of its times and the estimate
+                    # before it (the demo's B 16 set its 2-node tree's cost at 1.3x in a slow
+                    # first call; re-checks moving it 2% a time left a 4-node tree ahead for
+                    # ever); one slow time moves it halfway, two agreeing times all the way
+                    if self._recheck[0] != key:
+                        self._recheck = (key, [old])
+                    self._recheck[1].append(usual)
+                    self.cost[key] = statistics.median(self._recheck[1])
+                else:  # then its median (a tree running: its estimate may be stale, the
+                    # machine drifted since)
                     self.cost[key] = self._track(key, old, usual)
             self._count[key] = min(n + 1, self._max_count)
             self._timed_at[(i, band)] = self._observed
@@ -956,6 +984,16 @@ class OnlinePolicy:
             self.hits[d][r] = g * self.hits[d][r] + hits.get((d, r), 0.0)
             self.trials[d][r] = g * self.trials[d][r] + n
         self._expected = None
+
+    def _speed_at(self, at: int | None) -> float:
+        """The machine's speed at a band of contexts (``at``; None: the latest speed): its
+        own, else the nearest band's, else the latest."""
+        if at is None or not self._speeds:
+            return self.speed
+        speed = self._speeds.get(at)
+        if speed is None:
+            speed = self._speeds[min(self._speeds, key=lambda b: (abs(b - at), b))]
+        return speed
 
     def _track(self, key, old: float, value: float) -> float:
         """A median tracker: ``old`` moved towards ``value`` by at most ``MEDIAN_STEP`` of it
