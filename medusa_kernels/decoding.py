@@ -24,8 +24,9 @@ Which tree: a policy (``policy.py``) picks it before each step from the rows the
 and the longest context; the empty tree is a plain decoding step. An online policy (one with
 ``observe``: the default, ``OnlinePolicy``) is told after each step what it cost (CUDA events
 around the step, read after the step's own host copy, so no extra sync; on a CPU the thread's
-CPU time with one torch thread) and the tree node each running row's accepted path ended at
-(one more column in that copy); buffers and captures are made before the timer starts.
+CPU time with one torch thread), the tree node each running row's accepted path ended at
+(one more column in that copy) and, if its ``observe`` takes a ``context``, the step's longest
+context; buffers and captures are made before the timer starts.
 Finished sequences ride along (accepting nothing) until at most ``KEEP_FRACTION`` of the rows
 still run (90%; 50% with CUDA graphs, where a smaller batch means new captures); then their
 rows are dropped from the batch

@@ -406,15 +406,20 @@ class OnlinePolicy:
       table's times, 0 without) against the tree's own times at these rows, or at the nearest
       rows it was timed at, scaled as its kind's measured costs scale. The tree's own cost at
       some rows: noise only slows a step, so the smaller of its first two times, the median
-      of its first ``FIRST_TIMES`` (5), then a median tracker (a step of at most
+      of its first ``FIRST_TIMES`` (5); then, running, a median tracker (a step of at most
       ``MEDIAN_STEP`` (2%) towards each time, doubling while the times stay on one side: a
-      stale estimate catches up within a few steps; a mean would follow the noise's spikes,
-      and only the running tree is timed every step). The machine's speed: once the running
+      stale estimate catches up within a few steps; a mean would follow the noise's spikes),
+      and re-checked (an exploration), the median of the re-check's times and the estimate
+      before it (one slow time moves it halfway, two agreeing ones all the way: a cost set
+      in a slow spell is mended by the next re-check). The machine's speed: once the running
       tree's cost at these rows is established (``SPEED_AFTER`` (10) times), its times track
       the speed instead (the same tracker), and every cost is kept in units of it, so a
-      shared machine's drift does not make the trees timed earlier look cheap or dear. A
-      tree explored at the rows the running tree runs at is set against that tree's last
-      ``REF_STEPS`` (5) times there (the same rows, a few tokens more context: a fair pair;
+      shared machine's drift does not make the trees timed earlier look cheap or dear. The
+      speed is kept per band of contexts (the step's longest sequence; ``CONTEXT_BANDS`` (8)
+      bands a doubling, a band never seen reads the nearest): a step's cost grows with the
+      context, and each call starts short again. A tree explored at the rows the running
+      tree runs at is set against that tree's last ``REF_STEPS`` (5) times there, if no
+      shorter context came since (the same rows, a few tokens more context: a fair pair;
       the tracker lags behind the context's growth and the rows' changes).
 
     ``choose(batch)``: the candidate of highest expected tokens per second at ``batch`` rows,
@@ -461,10 +466,11 @@ class OnlinePolicy:
     (``(tree, rows) -> seconds``) replaces the measured times by a model, making the choices
     deterministic (tests, simulations).
 
-    The loop (``decoding._decode``) calls ``observe(tree, rows, seconds, leaves)`` after each
-    step: ``seconds`` the step's time (None: not timed, e.g. an eager first call on CUDA,
-    which compiles kernels), ``leaves`` the node index (0 = the root, i + 1 = the tree's path
-    i) each running row's accepted path ended at (None for a plain step).
+    The loop (``decoding._decode``) calls ``observe(tree, rows, seconds, leaves, context=)``
+    after each step: ``seconds`` the step's time (None: not timed, e.g. an eager first call on
+    CUDA, which compiles kernels), ``leaves`` the node index (0 = the root, i + 1 = the tree's
+    path i) each running row's accepted path ended at (None for a plain step), ``context``
+    the step's longest sequence (the one ``choose`` got).
     """
 
     def __init__(
