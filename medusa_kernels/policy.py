@@ -451,9 +451,11 @@ class OnlinePolicy:
     would then never come; ``FIRST_EXPLORE`` (10) times that for a tree never timed: only the
     prior prices it, the roughest guess there is); the loss counts the two switches (into the
     tree and back) at what switches have been measured to cost. It runs for ``EXPLORE_RUN`` (3)
-    steps (two for a tree never timed near this batch): a step that switches trees is dearer
-    than the next ones (cold caches, other buffers, a first use), and its time does not count
-    once the tree has one (it measures the switches' price instead). So the likely trees get
+    steps (two for a tree never timed near this batch) while the rows stay as they were (a
+    burst begun at a call's last row does not run into the next call's full batch): a step
+    that switches trees is dearer than the next ones (cold caches, other buffers, a first
+    use), and its time does not count once the tree has one (it measures the switches' price
+    instead). So the likely trees get
     timed a few times at each load (and one slow first time does not condemn one), speculation
     is tried again now and then and taken up when it pays, and dropped when it stops paying; a
     cheap tree is retried often, a dear one seldom. The choice is deterministic given the
@@ -622,6 +624,7 @@ class OnlinePolicy:
         self._timed_at: dict[tuple[int, int], int] = {}  # (candidate, band) -> last timed
         self._burst: Tree = ()  # the tree an exploration runs, for EXPLORE_RUN steps
         self._burst_left = 0
+        self._rows = 0  # the rows of the last choice
         self._explored = False  # choose returned an exploration step
         # an exploration's (candidate, rows) and its estimate there before it, then its times
         self._recheck: tuple[tuple[int, int] | None, list[float]] = (None, [])
@@ -749,10 +752,12 @@ class OnlinePolicy:
         _check_count(batch, "batch", 1)
         if context is not None:
             _check_count(context, "context", 0)
-        if self._burst_left > 0:  # an exploration goes on for EXPLORE_RUN steps
-            self._burst_left -= 1
-            self._explored = True
+        rows, self._rows = self._rows, batch
+        if self._burst_left > 0 and batch == rows:  # an exploration goes on for EXPLORE_RUN
+            self._burst_left -= 1  # steps at its rows (not into the next call: the demo's
+            self._explored = True  # B 16 ran a 16-node tree begun at 1 row at 16, 4x dearer)
             return self._burst
+        self._burst_left = 0
         if self._hold > 0 and self._held == (batch, self._last):  # the last choice holds,
             self._hold -= 1  # unless the exploration it found waiting can now be afforded
             self._explored = False
