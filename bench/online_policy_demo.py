@@ -47,6 +47,14 @@ def paired(online: list[float], table: list[float]) -> tuple[float, float, float
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
+def quarters(ratios: list[float]) -> list[float]:
+    """The geometric mean of the paired ratios in each quarter of the rounds, in order: the
+    online policy learns a new batch size in its first calls."""
+    q = len(ratios) / 4
+    parts = [ratios[round(i * q):round((i + 1) * q)] for i in range(4)]
+    return [math.exp(statistics.mean(map(math.log, p))) for p in parts if p]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="1,4,16,64")
@@ -96,6 +104,7 @@ def main() -> None:
                "online_vs_table_sums": sum(cpu["table"]) / sum(cpu["online"]),
                "online_vs_plain": paired(rate["online"], rate["plain"])[0],
                "table_vs_plain": paired(rate["table"], rate["plain"])[0],
+               "online_vs_table_quarters": quarters(ratios),
                "trees": {m: dict(sorted(trees[m].items())) for m in MODES},
                "identical": all(outputs[m] == outputs["plain"] for m in MODES)}
         results.append(row)
