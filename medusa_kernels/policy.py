@@ -878,6 +878,8 @@ class OnlinePolicy:
                 leaves: Sequence[int] | None = None, context: int | None = None) -> None:
         """One step's outcome (class doc). ``tree`` must be a candidate; ``context``: the
         step's longest sequence (None: one speed for every context)."""
+        if context is not None:
+            _check_count(context, "context", 0)
         tree = tuple(tuple(p) for p in tree)
         i = self._index.get(tree)
         if i is None:
@@ -907,8 +909,6 @@ class OnlinePolicy:
         # established cost (a fair comparison: the same rows, a few tokens more context),
         # else the speed tracker (which lags: a step's cost grows with the context, and the
         # rows change as sequences finish)
-        if context is not None:
-            _check_count(context, "context", 0)
         at = None if context is None else int(CONTEXT_BANDS * math.log2(context + 1))
         speed = self._speed_at(at)
         if self._ref and self._ref_key[1] == batch and self._ref_key != key and \

@@ -426,6 +426,9 @@ def test_online_candidates_and_estimates_start_at_the_prior():
         policy.observe([[5]], 1, 0.1, [0])
     with pytest.raises(ValueError, match="leaf 9 is not a node"):
         policy.observe(SMALL, 1, 0.1, [9])
+    for bad in (-1, 2.5, "7"):
+        with pytest.raises(ValueError, match="context must be an int >= 0"):
+            policy.observe(SMALL, 1, 0.1, [0], context=bad)
     for kwargs, match in [(dict(decay=0), "decay must be"), (dict(explore=1.0), "explore must"),
                           (dict(step_cost=3), "step_cost must be"),
                           (dict(accuracies=[[1.5]]), "accuracies must be"),
