@@ -910,11 +910,12 @@ class OnlinePolicy:
         # else the speed tracker (which lags: a step's cost grows with the context, and the
         # rows change as sequences finish)
         at = None if context is None else int(CONTEXT_BANDS * math.log2(context + 1))
-        speed = self._speed_at(at)
+        speed = band_speed = self._speed_at(at)
+        # a shorter context than the running tree's last times: a new call, whose steps are
+        # cheaper (not a fair pair; those times are dropped once the running tree runs again)
+        shorter = context is not None and self._ref_ctx is not None and context < self._ref_ctx
         if self._ref and self._ref_key[1] == batch and self._ref_key != key and \
-                self._observed - self._ref_at <= REF_STEPS and \
-                (context is None or self._ref_ctx is None or context >= self._ref_ctx):
-            # (a shorter context: a new call, whose steps are cheaper; not a fair pair)
+                self._observed - self._ref_at <= REF_STEPS and not shorter:
             speed = statistics.median(self._ref) / self.cost[self._ref_key]
         usual = seconds / speed if valid else None  # the time at the usual speed
         if valid and not normed:  # what a switch costs, in the tree's steps
@@ -927,12 +928,11 @@ class OnlinePolicy:
                 # here well established: what it takes against its estimate is the speed
                 # (a shared machine drifts); its estimate stays, the others are kept in the
                 # same units (tracking both would split one signal two ways)
-                self.speed = self._track(("speed", at), self._speed_at(at), seconds / old)
+                self.speed = self._track(("speed", at), band_speed, seconds / old)
                 if at is not None:
                     self._speeds[at] = self.speed
                 usual = seconds / self.speed
-                if self._ref_key != key or (context is not None and self._ref_ctx is not None
-                                            and context < self._ref_ctx):
+                if self._ref_key != key or shorter:
                     self._ref.clear()
                     self._ref_key = key
                 self._ref.append(seconds)
