@@ -780,6 +780,75 @@ def test_a_clear_choice_is_weighed_again_only_every_few_steps():
     assert DECIDE_EVERY >= 3 and 0 < plain_rates <= 1.3 * len(chosen) / DECIDE_EVERY, plain_rates
 
 
+def test_a_close_choice_holds_as_a_clear_one_does():
+    """Two trees rated within the tolerance of each other: the choice is still weighed only
+    once in DECIDE_EVERY steps (weighing it every step was 1% of the demo's B 16 step)."""
+    from medusa_kernels.policy import DECIDE_EVERY
+
+    e = 1 + 0.7 + 0.42  # SMALL's expected tokens at the prior, which the rows keep to
+
+    def cost(tree, rows):
+        return 1.0 if not tree else e * 1.01  # SMALL 1% behind plain: close, not clear
+
+    policy = OnlinePolicy(3, accuracies=ACC, trees=[SMALL], sizes=(), step_cost=cost,
+                          explore=0.0, prior_strength=1e6)
+    rows = [0] * 15 + [1] * 14 + [2] * 21  # head 0 right 70% of the time, head 1 60%: ACC
+    for _ in range(5):  # both timed
+        policy.observe((), len(rows), None)
+        policy.observe(canon(SMALL), len(rows), None, rows)
+    calls = []
+    rate = policy.rate
+    policy.rate = lambda tree, rows: calls.append(tree) or rate(tree, rows)
+    chosen = []
+    for _ in range(400):
+        chosen.append(policy.choose(len(rows)))
+        policy.observe(chosen[-1], len(rows), None, rows if chosen[-1] else None)
+    assert set(chosen) == {canon(SMALL)}  # within the tolerance: the Medusa tree, held
+    medusa_rates = sum(1 for t in calls if t)  # its rate changes with every step it runs
+    assert DECIDE_EVERY >= 3 and 0 < medusa_rates <= 1.3 * len(chosen) / DECIDE_EVERY, \
+        medusa_rates
+
+
+def test_an_untested_node_decays_so_that_an_exploration_corrects_it():
+    """Head 1 was right on every row for 200 steps (other prompts); then 300 steps of a tree
+    without it. Its counts decay to STALE_TRIALS meanwhile, so one 3-step exploration at 16
+    rows in which it misses every time takes it below one half (the demo's B 16 kept B 4's
+    deeper acceptance for 4x the trials an exploration brings)."""
+    from medusa_kernels.policy import STALE_TRIALS
+
+    chain, one = canon(SMALL), ((0,),)
+    policy = OnlinePolicy(3, accuracies=ACC, trees=[SMALL], sizes=(1,), step_cost=cpu_cost)
+    assert one in policy.trees() and chain in policy.trees()
+    for _ in range(200):
+        policy.observe(chain, 4, None, [2] * 4)  # both heads right
+    assert policy.estimate(1, 0) > 0.95 and policy.trials[1][0] > 10 * STALE_TRIALS
+    for _ in range(300):
+        policy.observe(one, 4, None, [1] * 4)
+    assert policy.trials[1][0] == pytest.approx(STALE_TRIALS)
+    assert policy.estimate(0, 0) > 0.95  # a node the steps test keeps its counts
+    for _ in range(3):
+        policy.observe(chain, 16, None, [1] * 16)  # head 0 right, head 1 wrong
+    assert policy.estimate(1, 0) < 0.5
+
+
+def test_a_trees_own_steps_correct_its_expected_tokens():
+    """The node estimates come mostly from the 1-node tree's steps, where head 0 is right
+    80% of the time; in the chain's own steps it is right half the time (a bigger tree's
+    steps start more often past a hard token). Its expected tokens follow what it realized,
+    not the estimates alone (the demo's 4-node chain: 2.65 realized, 2.8 estimated)."""
+    chain, one = canon(SMALL), ((0,),)
+    policy = OnlinePolicy(3, accuracies=ACC, trees=[SMALL], sizes=(1,), step_cost=cpu_cost)
+    for _ in range(30):
+        for _ in range(10):
+            policy.observe(one, 10, None, [1] * 8 + [0] * 2)
+        for _ in range(3):
+            policy.observe(chain, 10, None, [2] * 5 + [0] * 5)  # 2 tokens a row, on average
+    model = 1 + policy._model_of(policy.trees().index(chain))
+    assert model > 2.3  # head 0 at ~0.75 in the estimates, head 1 at ~1
+    assert policy.expected(chain) == pytest.approx(2.0, abs=0.08)
+    assert policy.expected(one) == pytest.approx(1.8, abs=0.03)  # its estimates are its own
+
+
 def test_a_tree_never_timed_is_tried_soon_when_the_prior_underrates_it():
     """SmolLM2-like: the generic CPU cost model prices a 2-node step at 1.36x a plain one,
     the heads' calibrated accuracy says 0.22; the step really costs 1.1x and the heads are
