@@ -371,6 +371,7 @@ def online_policy(model: MedusaModel, **kwargs) -> OnlinePolicy:
         if isinstance(data, dict) and isinstance(data.get("accuracies"), list):
             accuracies = data["accuracies"]
     fixed, _ = _fixed(model)
+    kwargs.setdefault("defer", True)  # the loop flushes it at the end of each call
     return OnlinePolicy(model.heads.num_heads, accuracies=accuracies, table=table,
                         trees=[fixed.tree], vocab_size=model.heads.draft_vocab,
                         device=device.type, **kwargs)
@@ -671,6 +672,9 @@ def _decode(model: MedusaModel, plan: _Plan, config: GenerationConfig, propose: 
             result.step_trees.append(tree)
             yield step_out
     result.wall_time = time.perf_counter() - start
+    flush = getattr(plan.policy, "flush", None)
+    if flush is not None:  # observations a policy kept back: its estimates up to date
+        flush()
     if plan.tokenizer is not None:
         result.text = [plan.tokenizer.decode(t, skip_special_tokens=True) for t in stop.tokens]
 

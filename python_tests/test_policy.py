@@ -849,6 +849,35 @@ def test_a_trees_own_steps_correct_its_expected_tokens():
     assert policy.expected(one) == pytest.approx(1.8, abs=0.03)  # its estimates are its own
 
 
+def test_deferred_observations_change_nothing():
+    """``defer`` (the loop's policy: observations applied when choose next needs them) makes
+    the same choices and ends in the same state as applying each at once: rows that change
+    (a batch's tail, new calls), noisy times, explorations and held choices."""
+    import random
+
+    def run(defer):
+        rng = random.Random(7)
+        policy = OnlinePolicy(3, accuracies=ACC, trees=[SMALL], defer=defer)
+        accept = heads_like([[0.8, 0.1, 0.05], [0.6, 0.1, 0.05], [0.5, 0.1, 0.05]], seed=3)
+        chosen = []
+        for _call in range(40):
+            for step in range(60):
+                rows = max(1, 16 - max(0, step - 40))  # a tail: rows finish
+                tree = policy.choose(rows, 20 + 2 * step)
+                chosen.append(tree)
+                seconds = cpu_cost(tree, rows) * 1e-3 * rng.uniform(0.9, 1.3)
+                leaves = [accept(step, tree) for _ in range(rows)] if tree else None
+                policy.observe(tree, rows, seconds, leaves, context=20 + 2 * step)
+        policy.flush()
+        return chosen, policy
+
+    (a, pa), (b, pb) = run(False), run(True)
+    assert a == b and len(set(a)) > 2  # the same choices, and the policy did switch trees
+    for name in ("cost", "hits", "trials", "speed", "_speeds", "_bias", "_idle", "_count"):
+        assert getattr(pa, name) == getattr(pb, name), name
+    assert list(pa.log) == list(pb.log) and not pb._queue
+
+
 def test_a_tree_never_timed_is_tried_soon_when_the_prior_underrates_it():
     """SmolLM2-like: the generic CPU cost model prices a 2-node step at 1.36x a plain one,
     the heads' calibrated accuracy says 0.22; the step really costs 1.1x and the heads are
@@ -1054,6 +1083,14 @@ def test_the_loop_tells_observe_the_steps_context(model):
     older = Older()
     got = generate(model, ids, max_new_tokens=12, tree=older, eos_token_id=[])
     assert older.steps == got.steps > 0
+
+    # a deferring policy (the default one's setting) has every step applied once a call ends
+    deferring = OnlinePolicy(4, trees=[SMALL], step_cost=cpu_cost, vocab_size=VOCAB, defer=True)
+    got = generate(model, ids, max_new_tokens=12, tree=deferring, eos_token_id=[])
+    assert not deferring._queue and len(deferring.log) == got.steps
+    from medusa_kernels.decoding import online_policy
+
+    assert online_policy(model).defer and not OnlinePolicy(4).defer
 
 
 def test_an_exploration_ends_when_the_rows_change():
