@@ -345,7 +345,7 @@ FIRST_EXPLORE = 10  # a tree never timed may cost this many times the exploratio
 REF_STEPS = 5
 # the machine's speed is tracked per band of contexts, this many bands a doubling (observe)
 CONTEXT_BANDS = 8
-BIAS_PRIOR = 20.0  # tokens: a tree's own accepted tokens correct the model's beyond these
+BIAS_PRIOR = 100.0  # tokens: a tree's own accepted tokens correct the model's beyond these
 STALE_TRIALS = 20.0  # a node's counts decay to this many trials while it is not tested
 EXPLORE_RUN = 3  # an exploration runs its tree for this many steps (the first, a switch,
 # is not timed once the tree has a time: ``observe``)
@@ -403,8 +403,9 @@ class OnlinePolicy:
     - expected tokens per step of a tree: 1 + the sum over its paths of prod_i est[i][r_i]
       (heads independent, as calibration assumes), the sum scaled by what the tree's own rows
       accepted beyond the root against what the estimates expected of them at those steps
-      (both decayed as the counts, by the tree's own steps; ``BIAS_PRIOR`` (20) tokens of
-      each added: a tree never run is taken at the estimates' word). The estimates miss what
+      (both decayed as the counts, by the tree's own steps; ``BIAS_PRIOR`` (100) tokens of
+      each added, so that the estimates' lag behind a hard prompt hardly moves it, and a tree
+      never run is taken at the estimates' word). The estimates miss what
       a tree's own steps select: a bigger tree, accepting more, starts its steps more often
       just past a hard token, where the heads are weaker (the demo's B 16: head 0's rank 0 hit
       77% of the time in the 2-node tree's steps, 72% in the 4-node chain's; the chain
@@ -484,7 +485,13 @@ class OnlinePolicy:
     after each step: ``seconds`` the step's time (None: not timed, e.g. an eager first call on
     CUDA, which compiles kernels), ``leaves`` the node index (0 = the root, i + 1 = the tree's
     path i) each running row's accepted path ended at (None for a plain step), ``context``
-    the step's longest sequence (the one ``choose`` got).
+    the step's longest sequence (the one ``choose`` got), and ``flush()`` at each call's end.
+    With ``defer`` (``decoding.online_policy`` sets it), ``observe`` checks its arguments and
+    keeps the step back; ``choose`` applies what it kept, in order, before any choice that
+    reads the estimates (a held choice with no exploration waiting reads none): the same
+    choices and state as applying each step at once, for half the policy's cost in place
+    (a step's Python runs cold after the model's; a few steps applied together run warm).
+    Until then (or ``flush()``) its attributes lag by up to ``DECIDE_EVERY`` steps.
     """
 
     def __init__(
@@ -1055,7 +1062,10 @@ class OnlinePolicy:
                     if r == on:
                         hits[(d, r)] = hits.get((d, r), 0.0) + count
         g = self.decay  # each step decays the older ones: at many rows, a decay per row
-        bias = self._bias[i]
+        bias = self._bias[i]  # a strong prior: the estimates lag a hard prompt (the realized
+        # tokens fall first), and the record must not follow that (with 20 tokens of prior,
+        # SmolLM2's 2-node tree at 1 row swung 0.81-1.08; a longer memory kept the prior's
+        # start instead)
         bias[0] = g * bias[0] + got
         bias[1] = g * bias[1] + len(leaves) * want
         # would keep a step or two (at 64 rows the 4-node tree's estimate swung 2.0-2.8 tokens
