@@ -345,7 +345,6 @@ FIRST_EXPLORE = 10  # a tree never timed may cost this many times the exploratio
 REF_STEPS = 5
 # the machine's speed is tracked per band of contexts, this many bands a doubling (observe)
 CONTEXT_BANDS = 8
-BIAS_PRIOR = 100.0  # tokens: a tree's own accepted tokens correct the model's beyond these
 STALE_TRIALS = 20.0  # a node's counts decay to this many trials while it is not tested
 EXPLORE_RUN = 3  # an exploration runs its tree for this many steps (the first, a switch,
 # is not timed once the tree has a time: ``observe``)
@@ -401,16 +400,14 @@ class OnlinePolicy:
       that accepted path p tested, at each depth i <= len(p), every child of p[:i] in the tree:
       the one on p was a hit, the others misses.
     - expected tokens per step of a tree: 1 + the sum over its paths of prod_i est[i][r_i]
-      (heads independent, as calibration assumes), the sum scaled by what the tree's own rows
-      accepted beyond the root against what the estimates expected of them at those steps
-      (both decayed as the counts, by the tree's own steps; ``BIAS_PRIOR`` (100) tokens of
-      each added, so that the estimates' lag behind a hard prompt hardly moves it, and a tree
-      never run is taken at the estimates' word). The estimates miss what
-      a tree's own steps select: a bigger tree, accepting more, starts its steps more often
-      just past a hard token, where the heads are weaker (the demo's B 16: head 0's rank 0 hit
-      77% of the time in the 2-node tree's steps, 72% in the 4-node chain's; the chain
-      realized 2.65 tokens a step where the estimates said 2.8, and ran 12 steps a call at
-      16 rows where the table's 2-node tree was faster).
+      (heads independent, as calibration assumes). The estimates miss what a tree's own steps
+      select: a bigger tree, accepting more, starts its steps more often just past a hard
+      token, where the heads are weaker (the demo's B 16: head 0's rank 0 right 77% of the
+      time in the 2-node tree's steps, 72% in the 4-node chain's; the chain realized 2.65
+      tokens a step where estimates made in the 2-node tree's steps said 2.8). Scaling a
+      tree's sum by its own record corrected that there, but tipped SmolLM2's trained heads
+      (1 row, near-tied trees, costs known to +-10%) to the 4-node tree at 0.82-0.89x the
+      2-node one; the table's trust (below) is what holds B 16 to its tree.
     - step cost per (tree, rows), in the machine's usual speed (below): the prior cost (the
       table's ``step_ms``, interpolated in nodes and batch; without a table a generic model,
       linear in rows x nodes) times the mean ratio measured / prior of its kind of step
@@ -587,7 +584,6 @@ class OnlinePolicy:
         # per path: its parent's index (-1: the root), head, rank; per candidate: its paths'
         self._path_meta = [(at.get(p[:-1], -1), len(p) - 1, p[-1]) for p in self._paths]
         self._cand_paths = [[at[p] for p in t] for t in cands]
-        self._cand_sorted = [sorted(idx) for idx in self._cand_paths]
         self._used = sorted({(k, r) for _, k, r in self._path_meta})  # the paths' (head, rank)
         self._children = []
         for t in cands:
@@ -597,9 +593,6 @@ class OnlinePolicy:
             self._children.append(kids)
         self._index = {t: i for i, t in enumerate(cands)}
         self._expected: list[float] | None = None
-        # per candidate: the tokens beyond the root its rows accepted and the node estimates'
-        # expectation of them at those steps (both decayed as the node counts, by its own steps)
-        self._bias = [[0.0, 0.0] for _ in cands]
         # per batch, each candidate's rate and the generations of plain's and the Medusa
         # trees' estimates it was computed at: a plain step's outcome changes plain's only, a
         # Medusa step's every Medusa tree's (acceptance, their cost ratio), either kind's the
@@ -684,24 +677,13 @@ class OnlinePolicy:
                 est = self.estimate(k, r)
                 vals.append(est if parent < 0 else vals[parent] * est)
             self._vals = vals
-            self._model = [sum(map(vals.__getitem__, idx)) for idx in self._cand_paths]
-            self._expected = [1.0 + m * (got + BIAS_PRIOR) / (want + BIAS_PRIOR)
-                              for m, (got, want) in zip(self._model, self._bias, strict=True)]
+            self._expected = [1.0 + sum(map(vals.__getitem__, idx)) for idx in self._cand_paths]
         key = tuple(tuple(p) for p in tree)
         i = self._index.get(key)
         if i is not None:
             return self._expected[i]
         value = dict(zip(self._paths, self._vals, strict=True))
-        return 1.0 + sum(value.get(p, 0.0) for p in key)  # a tree never run: the model alone
-
-    def _model_of(self, i: int) -> float:
-        """The node estimates' expected tokens beyond the root of candidate ``i`` (one tree's
-        share of ``expected``'s work: observe needs it every step)."""
-        vals: dict[int, float] = {}
-        for j in self._cand_sorted[i]:  # parents first
-            parent, k, r = self._path_meta[j]
-            vals[j] = self.estimate(k, r) * (vals[parent] if parent >= 0 else 1.0)
-        return sum(vals.values())
+        return 1.0 + sum(value.get(p, 0.0) for p in key)
 
     def prior_cost(self, tree: Tree, rows: int) -> float:
         """The prior's step cost (arbitrary units: only ratios between trees count)."""
@@ -1051,10 +1033,8 @@ class OnlinePolicy:
         kids = self._children[i]
         hits: dict[tuple[int, int], float] = {}
         trials: dict[tuple[int, int], float] = {}
-        got, want = 0, self._model[i] if self._expected is not None else self._model_of(i)
         for leaf, count in Counter(leaves).items():  # rows mostly end at a few leaves
             path = tree[leaf - 1] if leaf else ()
-            got += count * len(path)
             for d in range(len(path) + 1):
                 on = path[d] if d < len(path) else None
                 for r in kids.get(path[:d], ()):
@@ -1062,12 +1042,6 @@ class OnlinePolicy:
                     if r == on:
                         hits[(d, r)] = hits.get((d, r), 0.0) + count
         g = self.decay  # each step decays the older ones: at many rows, a decay per row
-        bias = self._bias[i]  # a strong prior: the estimates lag a hard prompt (the realized
-        # tokens fall first), and the record must not follow that (with 20 tokens of prior,
-        # SmolLM2's 2-node tree at 1 row swung 0.81-1.08; a longer memory kept the prior's
-        # start instead)
-        bias[0] = g * bias[0] + got
-        bias[1] = g * bias[1] + len(leaves) * want
         # would keep a step or two (at 64 rows the 4-node tree's estimate swung 2.0-2.8 tokens
         # from one call to the next); the nodes this step did not test too, down to
         # STALE_TRIALS: their counts came from other steps, often other prompts, and the next
