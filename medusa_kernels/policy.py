@@ -1046,8 +1046,8 @@ class OnlinePolicy:
         # from one call to the next); the nodes this step did not test too, down to
         # STALE_TRIALS: their counts came from other steps, often other prompts, and the next
         # exploration must be able to correct them (the demo's B 16 kept B 4's deeper
-        # acceptance, 0.77 and 0.94 for 0.72 and 0.82, for 4x as many trials as an
-        # exploration brings: its 4-node tree rated 7% dearer than it was)
+        # acceptance, 0.77 and 0.94 for 0.72 and 0.82, with several times the trials an
+        # exploration brings: its 4-node tree's tokens rated 5-7% above what it realized)
         for d, r in self._used:
             t = self.trials[d][r]
             if t > STALE_TRIALS or (d, r) in trials:
