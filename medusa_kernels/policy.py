@@ -776,25 +776,21 @@ class OnlinePolicy:
         if context is not None and (type(context) is not int or context < 0):
             _check_count(context, "context", 0)
         rows, self._rows = self._rows, batch
-        if self._queue:  # deferred observations: a held choice with no exploration waiting
-            # needs none of them (the last tree aside); anything else sees them applied
-            if self._burst_left or not self._hold or self._pending is not None or \
-                    self._held != (batch, self._queue[-1][0]):
-                self.flush()
-            else:
-                self._hold -= 1
-                self._explored = False
-                return self._queue[-1][0]
+        last = self._queue[-1][0] if self._queue else self._last  # the last tree observed
+        if self._queue and (self._burst_left or not self._hold or self._pending is not None
+                            or self._held != (batch, last)):
+            self.flush()  # deferred observations: only a held choice with no exploration
+            # waiting needs none of them
         if self._burst_left > 0 and batch == rows:  # an exploration goes on for EXPLORE_RUN
             self._burst_left -= 1  # steps at its rows (not into the next call: the demo's
             self._explored = True  # B 16 ran a 16-node tree begun at 1 row at 16, 4x dearer)
             return self._burst
         self._burst_left = 0
-        if self._hold > 0 and self._held == (batch, self._last):  # the last choice holds,
-            self._hold -= 1  # unless the exploration it found waiting can now be afforded
+        if self._hold > 0 and self._held == (batch, last):  # the last choice holds, unless
+            self._hold -= 1  # the exploration it found waiting can now be afforded
             self._explored = False
             if self._pending is None or not self._explore_now(*self._pending):
-                return self._last
+                return last
             return self._burst
         n = len(self.candidates)
         cached = self._rates.get(batch)
@@ -1049,11 +1045,12 @@ class OnlinePolicy:
         # acceptance, 0.77 and 0.94 for 0.72 and 0.82, with several times the trials an
         # exploration brings: its 4-node tree's tokens rated 5-7% above what it realized)
         for d, r in self._used:
-            t = self.trials[d][r]
-            if t > STALE_TRIALS or (d, r) in trials:
-                f = g if (d, r) in trials else max(g, STALE_TRIALS / t)
-                self.hits[d][r] = f * self.hits[d][r] + hits.get((d, r), 0.0)
-                self.trials[d][r] = f * t + trials.get((d, r), 0.0)
+            t, n = self.trials[d][r], trials.get((d, r))
+            if n is None and t <= STALE_TRIALS:
+                continue
+            f = g if n is not None else max(g, STALE_TRIALS / t)
+            self.hits[d][r] = f * self.hits[d][r] + hits.get((d, r), 0.0)
+            self.trials[d][r] = f * t + (n or 0.0)
         self._expected = None
 
     def _speed_at(self, at: int | None) -> float:
